@@ -1,0 +1,21 @@
+"""kedit: locate, edit, erase and explain knowledge inside transformer language models."""
+
+from kedit.api import apply, edit, list_methods, load
+from kedit.edits import Edit, WeightDelta
+from kedit.eval.runner import evaluate
+from kedit.lm import LM
+from kedit.requests import EditRequest, Probe
+
+__all__ = [
+    "LM",
+    "Edit",
+    "EditRequest",
+    "Probe",
+    "WeightDelta",
+    "apply",
+    "edit",
+    "evaluate",
+    "list_methods",
+    "load",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,58 @@
+"""The top-level functions: load a model, edit it, evaluate an edit, apply a saved edit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kedit.edits import Edit, apply_edit_file, compute_in_sequence
+from kedit.lm import LM, load
+from kedit.methods.registry import HyperParams, get_method, list_methods, resolve_hparams
+from kedit.requests import EditRequest, as_requests
+
+__all__ = ["apply", "edit", "list_methods", "load"]
+
+
+def edit(
+    lm: LM,
+    requests: EditRequest | Iterable[EditRequest],
+    method: str = "rome",
+    hparams: dict[str, Any] | HyperParams | None = None,
+    batch_size: int | None = None,
+) -> Edit:
+    """Edit `lm` in place so that each request's prompt continues with its `target_new`.
+
+    `hparams` overrides the method's defaults for this model (EasyEdit key names are accepted).
+    Batchable methods edit up to `batch_size` requests per update (all at once by default);
+    the others edit one request after another. Returns an applied `Edit`; if the method
+    fails, the model is left exactly as it was.
+    """
+    if not isinstance(lm, LM):
+        raise TypeError(f"lm: expected a kedit.LM (from kedit.load), got {type(lm).__name__}")
+    items = as_requests(requests)
+    spec = get_method(method)
+    params = resolve_hparams(spec.name, lm, hparams)
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if batch_size is not None and not spec.batchable and batch_size > 1:
+        raise ValueError(f"batch_size: method {spec.name!r} edits one request at a time")
+    size = batch_size or len(items)
+    chunks = [items[start : start + size] for start in range(0, len(items), size)]
+    infos: list[dict[str, Any]] = []
+
+    def compute(chunk: list[EditRequest]) -> list:
+        result = spec.fn(lm, chunk, params)
+        infos.append(result.info)
+        return result.deltas
+
+    deltas = compute_in_sequence(lm.model, chunks, compute)
+    info = infos[0] if len(infos) == 1 else {"batches": infos}
+    return Edit(lm, spec.name, params.to_dict(), items, deltas, info).apply()
+
+
+def apply(lm: LM, path: str | Path) -> Edit:
+    """Re-apply an edit saved with `Edit.save` to `lm` (same model, checked by fingerprint)."""
+    return apply_edit_file(lm, path)
+
+

@@ -1,0 +1,261 @@
+"""Edits are values: what a method changed, undone bit-exactly, saved and re-applied."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kedit.lm import LM
+from kedit.requests import EditRequest
+
+FORMAT_VERSION = 1
+
+
+class ModelMismatchError(ValueError):
+    """An edit file was made on another model than the one it is applied to."""
+
+
+@dataclass
+class WeightDelta:
+    """An additive change to one parameter, in the parameter's own shape.
+
+    Dense (`dense`), or low-rank as `left @ right` (a rank-one ROME edit stores two vectors).
+    """
+
+    param: str
+    dense: torch.Tensor | None = None
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.dense is None) == (self.left is None or self.right is None):
+            raise ValueError(f"WeightDelta({self.param}): give either dense or left and right")
+
+    @classmethod
+    def low_rank(cls, param: str, left: torch.Tensor, right: torch.Tensor) -> WeightDelta:
+        left = left.unsqueeze(1) if left.dim() == 1 else left
+        right = right.unsqueeze(0) if right.dim() == 1 else right
+        return cls(param, left=left.detach().float().cpu(), right=right.detach().float().cpu())
+
+    @classmethod
+    def from_dense(cls, param: str, dense: torch.Tensor) -> WeightDelta:
+        return cls(param, dense=dense.detach().float().cpu())
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.left is None else self.left.shape[1]
+
+    def tensor(self, device: torch.device | None = None) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense.to(device)
+        return self.left.to(device) @ self.right.to(device)
+
+    def is_finite(self) -> bool:
+        parts = [self.dense] if self.dense is not None else [self.left, self.right]
+        return all(bool(torch.isfinite(p).all()) for p in parts)
+
+
+def _parameter(model: nn.Module, name: str) -> nn.Parameter:
+    try:
+        return model.get_parameter(name)
+    except AttributeError as exc:
+        raise ValueError(f"param: the model has no parameter {name!r}") from exc
+
+
+@contextmanager
+def preserved(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
+    """Restore the named parameters bit-exactly if the block raises."""
+    saved = {name: _parameter(model, name).detach().clone() for name in names}
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for name, value in saved.items():
+                _parameter(model, name).copy_(value)
+        raise
+
+
+def apply_deltas(model: nn.Module, deltas: list[WeightDelta]) -> dict[str, torch.Tensor]:
+    """Add the deltas to the model; return the original values of the touched parameters.
+
+    A non-finite delta or result leaves the model exactly as it was and raises.
+    """
+    originals: dict[str, torch.Tensor] = {}
+    for delta in deltas:
+        if not delta.is_finite():
+            raise FloatingPointError(f"edit produced a non-finite update for {delta.param}")
+    with preserved(model, {d.param for d in deltas}), torch.no_grad():
+        for delta in deltas:
+            param = _parameter(model, delta.param)
+            update = delta.tensor(param.device)
+            if update.shape != param.shape:
+                raise ValueError(
+                    f"delta for {delta.param} has shape {tuple(update.shape)}, the parameter "
+                    f"{tuple(param.shape)}"
+                )
+            originals.setdefault(delta.param, param.detach().clone())
+            new = (param.float() + update).to(param.dtype)
+            if not torch.isfinite(new).all():
+                raise FloatingPointError(f"edit made {delta.param} non-finite")
+            param.copy_(new)
+    return originals
+
+
+def compute_in_sequence(
+    model: nn.Module, items: Iterable[Any], compute: Callable[[Any], list[WeightDelta]]
+) -> list[WeightDelta]:
+    """Compute deltas item by item, each on the model as the earlier ones left it.
+
+    Every item's deltas are applied before the next item is computed; at the end (and on an
+    exception) the model is restored bit-exactly. Applying the returned deltas in order
+    reproduces the final weights exactly.
+    """
+    deltas: list[WeightDelta] = []
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        for item in items:
+            step = compute(item)
+            for name, value in apply_deltas(model, step).items():
+                originals.setdefault(name, value)
+            deltas.extend(step)
+    finally:
+        with torch.no_grad():
+            for name, value in originals.items():
+                _parameter(model, name).copy_(value)
+    return deltas
+
+
+class Edit:
+    """What one call to `kedit.edit` changed in a model.
+
+    `undo()` restores the original weights bit-exactly; `save(path)` writes a single
+    `.kedit` file (safetensors with JSON metadata) that `kedit.apply` re-applies to a fresh
+    load of the same model.
+    """
+
+    def __init__(
+        self,
+        lm: LM,
+        method: str,
+        hparams: dict[str, Any],
+        requests: list[EditRequest],
+        deltas: list[WeightDelta],
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.lm = lm
+        self.method = method
+        self.hparams = hparams
+        self.requests = requests
+        self.deltas = deltas
+        self.info = info or {}
+        self.fingerprint = lm.fingerprint
+        self._originals: dict[str, torch.Tensor] | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self._originals is not None
+
+    def apply(self) -> Edit:
+        """Write the deltas into the model (done by `kedit.edit`; again after `undo`)."""
+        if self.applied:
+            raise RuntimeError("this edit is already applied")
+        self._originals = apply_deltas(self.lm.model, self.deltas)
+        return self
+
+    def undo(self) -> None:
+        """Restore every touched parameter to its value before the edit, bit-exactly."""
+        if not self.applied:
+            raise RuntimeError("this edit is not applied; nothing to undo")
+        with torch.no_grad():
+            for name, value in self._originals.items():
+                _parameter(self.lm.model, name).copy_(value)
+        self._originals = None
+
+    def __enter__(self) -> Edit:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.applied:
+            self.undo()
+
+    def __repr__(self) -> str:
+        state = "applied" if self.applied else "undone"
+        return f"Edit({self.method}, {len(self.requests)} request(s), {state})"
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": "kedit-edit",
+            "version": FORMAT_VERSION,
+            "method": self.method,
+            "hparams": self.hparams,
+            "model": self.lm.name,
+            "model_fingerprint": self.fingerprint,
+            "requests": [r.to_dict() for r in self.requests],
+            "deltas": [{"param": d.param, "rank": d.rank} for d in self.deltas],
+            "info": self.info,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the edit to one safetensors file with its metadata as JSON."""
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        for index, delta in enumerate(self.deltas):
+            if delta.dense is not None:
+                tensors[f"{index}.dense"] = delta.dense.contiguous()
+            else:
+                tensors[f"{index}.left"] = delta.left.contiguous()
+                tensors[f"{index}.right"] = delta.right.contiguous()
+        meta = json.dumps(self.metadata(), default=str)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"kedit": meta})
+        return path
+
+
+def read_edit_file(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
+    """The metadata and deltas stored in a `.kedit` file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"edit file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("kedit")
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise ValueError(f"{str(path)!r} is not a kedit edit file: {exc}") from exc
+    if raw is None:
+        raise ValueError(f"{str(path)!r} is a safetensors file without kedit metadata")
+    meta = json.loads(raw)
+    deltas = []
+    for index, info in enumerate(meta["deltas"]):
+        if f"{index}.dense" in tensors:
+            deltas.append(WeightDelta(info["param"], dense=tensors[f"{index}.dense"]))
+        else:
+            deltas.append(
+                WeightDelta(
+                    info["param"], left=tensors[f"{index}.left"], right=tensors[f"{index}.right"]
+                )
+            )
+    return meta, deltas
+
+
+def apply_edit_file(lm: LM, path: str | Path) -> Edit:
+    """Re-apply a saved edit to `lm`; refuses a model with another fingerprint."""
+    meta, deltas = read_edit_file(path)
+    if meta["model_fingerprint"] != lm.fingerprint:
+        raise ModelMismatchError(
+            f"{str(path)!r} was made on model {meta['model']!r} (fingerprint "
+            f"{meta['model_fingerprint']}), not on {lm.name!r} (fingerprint {lm.fingerprint})"
+        )
+    requests = [EditRequest.from_dict(r) for r in meta["requests"]]
+    edit = Edit(lm, meta["method"], meta["hparams"], requests, deltas, meta.get("info"))
+    return edit.apply()

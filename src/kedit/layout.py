@@ -1,0 +1,164 @@
+"""Where things are inside each supported architecture family.
+
+Methods never dispatch on model names: they ask a `Layout` for the module that plays a role
+(the blocks, an MLP's output projection, the final norm, the unembedding). Supporting a new
+family is one entry in `FAMILIES` plus a test on a tiny random model of that family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+class UnsupportedArchitectureError(ValueError):
+    """Raised for a model whose `config.model_type` has no `Layout`."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Module paths of one architecture family.
+
+    Paths inside a block are relative to that block; the others are relative to the model.
+    `conv1d` is true where weights are stored (in, out) as in GPT-2's `Conv1D`, instead of
+    `nn.Linear`'s (out, in).
+    """
+
+    family: str
+    blocks: str
+    mlp_in: str
+    mlp_out: str
+    attn: str
+    attn_out: str
+    final_norm: str
+    unembed: str
+    embed: str
+    mlp: str | None = "mlp"
+    conv1d: bool = False
+
+    def block(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}"
+
+    def mlp_out_name(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}.{self.mlp_out}"
+
+    def mlp_in_name(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}.{self.mlp_in}"
+
+    def attn_name(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}.{self.attn}"
+
+    def attn_out_name(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}.{self.attn_out}"
+
+    def mlp_name(self, layer: int) -> str:
+        """The whole MLP of a block (its output projection where the family has no MLP module)."""
+        if self.mlp is None:
+            return self.mlp_out_name(layer)
+        return f"{self.blocks}.{layer}.{self.mlp}"
+
+    def n_layers(self, model: nn.Module) -> int:
+        return len(model.get_submodule(self.blocks))
+
+
+def _llama_like(family: str) -> Layout:
+    return Layout(
+        family=family,
+        blocks="model.layers",
+        mlp_in="mlp.up_proj",
+        mlp_out="mlp.down_proj",
+        attn="self_attn",
+        attn_out="self_attn.o_proj",
+        final_norm="model.norm",
+        unembed="lm_head",
+        embed="model.embed_tokens",
+    )
+
+
+FAMILIES: dict[str, Layout] = {
+    "gpt2": Layout(
+        family="gpt2",
+        blocks="transformer.h",
+        mlp_in="mlp.c_fc",
+        mlp_out="mlp.c_proj",
+        attn="attn",
+        attn_out="attn.c_proj",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        embed="transformer.wte",
+        conv1d=True,
+    ),
+    "gptj": Layout(
+        family="gptj",
+        blocks="transformer.h",
+        mlp_in="mlp.fc_in",
+        mlp_out="mlp.fc_out",
+        attn="attn",
+        attn_out="attn.out_proj",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        embed="transformer.wte",
+    ),
+    "gpt_neox": Layout(
+        family="gpt_neox",
+        blocks="gpt_neox.layers",
+        mlp_in="mlp.dense_h_to_4h",
+        mlp_out="mlp.dense_4h_to_h",
+        attn="attention",
+        attn_out="attention.dense",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="embed_out",
+        embed="gpt_neox.embed_in",
+    ),
+    "opt": Layout(
+        family="opt",
+        blocks="model.decoder.layers",
+        mlp_in="fc1",
+        mlp_out="fc2",
+        attn="self_attn",
+        attn_out="self_attn.out_proj",
+        final_norm="model.decoder.final_layer_norm",
+        unembed="lm_head",
+        embed="model.decoder.embed_tokens",
+        mlp=None,
+    ),
+    "phi": Layout(
+        family="phi",
+        blocks="model.layers",
+        mlp_in="mlp.fc1",
+        mlp_out="mlp.fc2",
+        attn="self_attn",
+        attn_out="self_attn.dense",
+        final_norm="model.final_layernorm",
+        unembed="lm_head",
+        embed="model.embed_tokens",
+    ),
+    **{name: _llama_like(name) for name in ("llama", "mistral", "qwen2", "qwen3", "gemma")},
+}
+
+
+def supported_families() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def layout_for(model: nn.Module) -> Layout:
+    """The `Layout` of a transformers model, from its `config.model_type`."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    layout = FAMILIES.get(model_type)
+    if layout is None:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} is not supported; supported families: "
+            f"{', '.join(supported_families())}. To add one, add a Layout entry to "
+            "kedit.layout.FAMILIES (module paths of its blocks, MLP projections, attention "
+            "output, final norm, unembedding) and a test on a tiny random model of that family."
+        )
+    for path in (layout.blocks, layout.final_norm, layout.unembed, layout.embed):
+        try:
+            model.get_submodule(path)
+        except AttributeError as exc:
+            raise UnsupportedArchitectureError(
+                f"model_type {model_type!r}: expected module {path!r} is missing; the model "
+                f"class {type(model).__name__} does not match the {layout.family} Layout"
+            ) from exc
+    return layout

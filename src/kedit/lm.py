@@ -1,0 +1,144 @@
+"""`LM`: a transformers causal LM, its tokenizer and its `Layout`, plus tokenisation helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kedit.layout import Layout, layout_for
+
+FULL_HASH_LIMIT_BYTES = 512 * 2**20
+SAMPLED_BYTES_PER_TENSOR = 2**16
+
+
+@dataclass(eq=False)
+class LM:
+    """A causal LM ready for editing: `.model`, `.tokenizer`, `.layout` and a `.name`.
+
+    `.cache` holds work derived from the unedited model that does not depend on any edit
+    (context prefixes, inverse covariances), so it is computed once per model.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    layout: Layout = field(init=False)
+    name: str = "model"
+    cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.layout = layout_for(self.model)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        self.model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def n_layers(self) -> int:
+        return self.layout.n_layers(self.model)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of the config and the weights as loaded; identifies the model in caches and edits.
+
+        Computed on first use, so call it before editing (`load` does). Models above
+        FULL_HASH_LIMIT_BYTES hash a strided sample of each tensor instead of every byte.
+        """
+        return model_fingerprint(self.model)
+
+    def check_layer(self, layer: int, field_name: str = "layers") -> int:
+        """Validate a layer index against the model's depth."""
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ValueError(
+                f"{field_name}: layer {layer!r} is out of range; {self.name} has layers "
+                f"0..{self.n_layers - 1}"
+            )
+        return layer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad token id lists into `(input_ids, attention_mask)` on the model's device."""
+        width = max(len(s) for s in sequences)
+        pad_id = self.tokenizer.pad_token_id
+        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def subject_last_token(self, prompt: str, subject: str) -> int:
+        """Index of the last token of the first occurrence of `subject` in `prompt`."""
+        start = prompt.find(subject)
+        if start < 0:
+            raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r}")
+        return len(self.encode(prompt[: start + len(subject)])) - 1
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the config (without paths) and the parameters' bytes."""
+    digest = hashlib.sha256()
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        config.pop(volatile, None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    state = model.state_dict()
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    for name in sorted(state):
+        tensor = state[name].detach()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        flat = tensor.reshape(-1)
+        if total > FULL_HASH_LIMIT_BYTES:
+            step = max(1, flat.numel() * flat.element_size() // SAMPLED_BYTES_PER_TENSOR)
+            flat = flat[::step]
+        digest.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A bundled model's folder, a local folder, or the hub id unchanged."""
+    from kedit import zoo
+
+    if name_or_path in zoo.list_models():
+        return str(zoo.model_path(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {str(path)!r} has no config.json")
+        return str(path)
+    return name_or_path
+
+
+def load(
+    name_or_path: str,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LM:
+    """Load a bundled model (`kedit zoo list`), a local Hugging Face folder or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"model: expected a model name, folder or hub id, got {name_or_path!r}")
+    source = resolve_model_path(name_or_path)
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype: {dtype!r} is not a torch dtype (e.g. 'float32')")
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+    if device is not None:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    lm = LM(model=model, tokenizer=tokenizer, name=name_or_path)
+    _ = lm.fingerprint
+    return lm

@@ -1,0 +1,211 @@
+"""What the locate-then-edit family shares: context prefixes, keys, and the value optimisation.
+
+Notation follows ROME (Meng et al., 2022): a key k is the input of an MLP output projection
+W at the subject's last token; a value v is that projection's output there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kedit.hooks import capture, replace_output, start_at_block, stop_after
+from kedit.lm import LM
+from kedit.requests import EditRequest
+
+
+def context_prefixes(
+    lm: LM, lengths: list[list[int]], seed_words: list[str], seed: int = 0
+) -> list[str]:
+    """Short texts sampled from the model, put before a prompt when computing keys and values.
+
+    ROME averages over such prefixes so that the edit holds after any preceding text. The
+    first prefix is empty. Sampled once per model and cached on `lm.cache`.
+    """
+    key = ("context_prefixes", tuple(map(tuple, lengths)), tuple(seed_words), seed)
+    if key in lm.cache:
+        return lm.cache[key]
+    prefixes = [""]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for length, count in lengths:
+            for index in range(count):
+                word = seed_words[index % len(seed_words)]
+                ids = torch.tensor([lm.encode(word)], device=lm.device)
+                out = lm.model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=True,
+                    top_k=5,
+                    max_new_tokens=length,
+                    pad_token_id=lm.tokenizer.pad_token_id,
+                )
+                text = lm.tokenizer.decode(out[0], skip_special_tokens=True)
+                text = text.replace("{", " ").replace("}", " ").strip()
+                prefixes.append(f"{text}. ")
+    lm.cache[key] = prefixes
+    return prefixes
+
+
+def subject_end_index(lm: LM, prefix: str, text: str, subject: str) -> int:
+    """Token index of the subject's last token in `prefix + text` (the subject is in `text`)."""
+    start = text.find(subject)
+    if start < 0:
+        raise ValueError(f"subject {subject!r} does not occur in prompt {text!r}")
+    return len(lm.encode(prefix + text[: start + len(subject)])) - 1
+
+
+@torch.no_grad()
+def keys_at_subject(
+    lm: LM, layer: int, prefixes: list[str], request: EditRequest
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys (inputs of the MLP output projection) at the subject's last token.
+
+    Returns `(keys, outputs)`: one row per prefix, the key and the projection's output.
+    """
+    texts = [prefix + request.text for prefix in prefixes]
+    positions = torch.tensor(
+        [subject_end_index(lm, prefix, request.text, request.subject) for prefix in prefixes]
+    )
+    ids, mask = lm.pad([lm.encode(text) for text in texts])
+    name = lm.layout.mlp_out_name(layer)
+    with capture(lm.model, [name], "input") as keys, capture(lm.model, [name]) as outs:
+        with stop_after(lm.model, name):
+            lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    rows = torch.arange(len(texts))
+    return keys[name][rows, positions].float(), outs[name][rows, positions].float()
+
+
+@dataclass
+class ValueResult:
+    """The residual delta that makes the target likely, and how the optimisation went."""
+
+    delta: torch.Tensor
+    initial_output: torch.Tensor
+    steps: int
+    target_nll: float
+
+
+def optimize_value(
+    lm: LM,
+    request: EditRequest,
+    layer: int,
+    prefixes: list[str],
+    *,
+    steps: int,
+    lr: float,
+    kl_factor: float,
+    weight_decay: float,
+    clamp_norm_factor: float,
+    stop_nll: float,
+    essence_prompt: str = "{} is a",
+) -> ValueResult:
+    """Find a vector delta that, added to the MLP output at the subject's last token of `layer`,
+    makes `target_new` likely after every prefix (ROME Eq. 4).
+
+    Loss = mean NLL of the target tokens + kl_factor * KL(new || old) of the next-token
+    distribution after `essence_prompt` (keeps what the subject "is") + weight decay on the
+    delta relative to the output norm. The delta is clamped to clamp_norm_factor times the
+    unedited output's norm. The optimisation stops once every prompt's mean target NLL is below
+    `stop_nll`. Blocks below `layer` are run once, not at every step.
+    """
+    model, layout = lm.model, lm.layout
+    target_ids = lm.encode(request.target_new)
+    rows, lookup, target_spans = [], [], []
+    for prefix in prefixes:
+        prompt_ids = lm.encode(prefix + request.text)
+        rows.append(prompt_ids + target_ids[:-1])
+        lookup.append(subject_end_index(lm, prefix, request.text, request.subject))
+        target_spans.append(len(prompt_ids) - 1)
+    essence = essence_prompt.replace("{}", request.subject)
+    rows.append(lm.encode(essence))
+    lookup.append(subject_end_index(lm, "", essence, request.subject))
+    n_rewrite = len(prefixes)
+
+    ids, mask = lm.pad(rows)
+    lookup_t = torch.tensor(lookup, device=lm.device)
+    batch = torch.arange(len(rows), device=lm.device)
+    positions = torch.tensor(target_spans, device=lm.device)[:, None] + torch.arange(
+        len(target_ids), device=lm.device
+    )
+    target_t = torch.tensor(target_ids, device=lm.device).expand(n_rewrite, -1)
+    rewrite_rows = batch[:n_rewrite, None]
+
+    block = layout.block(layer)
+    mlp_out = layout.mlp_out_name(layer)
+    with torch.no_grad(), capture(model, [block], "input") as seen, capture(model, [mlp_out]) as out:
+        with stop_after(model, mlp_out):
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    hidden = seen[block]
+    initial_output = out[mlp_out][0, lookup[0]].float()
+
+    delta = torch.zeros_like(initial_output, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=lr)
+    max_norm = clamp_norm_factor * initial_output.norm()
+    init_essence_logp = None
+
+    def add_delta(output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        output[batch, lookup_t] = output[batch, lookup_t] + delta.to(output.dtype)
+        return output
+
+    needs_grad = [p for p in model.parameters() if p.requires_grad]
+    for p in needs_grad:
+        p.requires_grad_(False)
+    step, nll_value = 0, float("inf")
+    try:
+        with start_at_block(model, layout.blocks, layer, hidden), replace_output(
+            model, mlp_out, add_delta
+        ):
+            for step in range(steps + 1):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                rewrite_logp = torch.log_softmax(logits[rewrite_rows, positions].float(), dim=-1)
+                token_logp = rewrite_logp.gather(2, target_t[..., None]).squeeze(-1)
+                nll_per_prompt = -token_logp.mean(dim=1)
+                nll_value = float(nll_per_prompt.detach().mean())
+                essence_logits = logits[batch[n_rewrite:], lookup_t[n_rewrite:]]
+                essence_logp = torch.log_softmax(essence_logits.float(), dim=-1)
+                if init_essence_logp is None:
+                    init_essence_logp = essence_logp.detach()
+                if step == steps or float(nll_per_prompt.max()) < stop_nll:
+                    break
+                kl = F.kl_div(init_essence_logp, essence_logp, log_target=True, reduction="batchmean")
+                decay = weight_decay * delta.norm() ** 2 / initial_output.norm() ** 2
+                loss = nll_per_prompt.mean() + kl_factor * kl + decay
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    norm = delta.norm()
+                    if norm > max_norm:
+                        delta.mul_(max_norm / norm)
+    finally:
+        for p in needs_grad:
+            p.requires_grad_(True)
+    return ValueResult(delta.detach(), initial_output, step, nll_value)
+
+
+def weight_out_in(lm: LM, layer: int) -> torch.Tensor:
+    """The MLP output projection's weight as (out, in), whatever its storage orientation."""
+    weight = lm.model.get_submodule(lm.layout.mlp_out_name(layer)).weight
+    return weight.T if lm.layout.conv1d else weight
+
+
+def mlp_out_param(lm: LM, layer: int) -> str:
+    return f"{lm.layout.mlp_out_name(layer)}.weight"
+
+
+def as_param_factors(
+    lm: LM, left: torch.Tensor, right: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of an (out, in) update `left @ right` in the parameter's storage orientation.
+
+    Vectors are taken as a rank-one update `left ⊗ right`.
+    """
+    left = left[:, None] if left.dim() == 1 else left
+    right = right[None, :] if right.dim() == 1 else right
+    if lm.layout.conv1d:
+        return right.T, left.T
+    return left, right

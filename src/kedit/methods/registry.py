@@ -1,0 +1,212 @@
+"""Methods registered by name, their typed hyper-parameters and the YAML defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from kedit.edits import WeightDelta
+from kedit.lm import LM
+from kedit.requests import EditRequest
+
+
+def hp(default: Any, help: str, **kwargs: Any) -> Any:
+    """A hyper-parameter field: a default and the one-line help shown by the CLI and docs."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class HyperParams:
+    """Base of every method's hyper-parameters.
+
+    `ALIASES` maps EasyEdit's key names onto ours where they mean the same thing;
+    `IGNORED` lists EasyEdit keys that describe things kedit finds by itself (module paths,
+    which the Layout knows) and are accepted without effect.
+    """
+
+    ALIASES: typing.ClassVar[dict[str, str]] = {}
+    IGNORED: typing.ClassVar[frozenset[str]] = frozenset(
+        {
+            "alg_name",
+            "model_name",
+            "device",
+            "model_parallel",
+            "rewrite_module_tmp",
+            "layer_module_tmp",
+            "mlp_module_tmp",
+            "attn_module_tmp",
+            "ln_f_module",
+            "lm_head_module",
+            "stats_dir",
+            "fp16",
+            "max_length",
+        }
+    )
+
+    @classmethod
+    def field_help(cls) -> dict[str, tuple[Any, str]]:
+        """Each field's default and help text, for the CLI and the docs."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[f.name] = (default, f.metadata.get("help", ""))
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], method: str = "") -> HyperParams:
+        """Build from a dict, accepting EasyEdit key names; unknown keys raise a clear error."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = cls.ALIASES.get(key, key)
+            if name in known:
+                kwargs[name] = _coerce(method, name, value, known[name].type)
+            elif key not in cls.IGNORED:
+                raise ValueError(
+                    f"{method or cls.__name__}: unknown hyper-parameter {key!r}; known: "
+                    f"{', '.join(sorted(known))}"
+                )
+        params = cls(**kwargs)
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        """Check value ranges; subclasses extend."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(method: str, name: str, value: Any, annotation: Any) -> Any:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    options = [part.strip() for part in text.split("|")]
+    if value is None and "None" in options:
+        return None
+    base = options[0]
+    where = f"{method}.{name}" if method else name
+    try:
+        if base == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if base == "bool":
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if base.startswith("list[int]"):
+            items = [value] if isinstance(value, int) else list(value)
+            if any(isinstance(v, bool) or int(v) != v for v in items):
+                raise TypeError
+            return [int(v) for v in items]
+        if base == "str":
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected {text}, got {value!r}") from None
+    return value
+
+
+@dataclass
+class MethodResult:
+    """What a method computed; `kedit.edit` turns it into an `Edit`."""
+
+    deltas: list[WeightDelta]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+MethodFn = Callable[[LM, list[EditRequest], HyperParams], MethodResult]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: MethodFn
+    hparams: type[HyperParams]
+    summary: str
+    batchable: bool
+    defaults: str
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register(
+    name: str,
+    hparams: type[HyperParams],
+    summary: str,
+    batchable: bool = False,
+    defaults: str | None = None,
+) -> Callable[[MethodFn], MethodFn]:
+    """Register a method function under `name` (lower case, e.g. "rome").
+
+    `batchable` methods edit many requests in one update; `defaults` names the YAML file of
+    default hyper-parameters (`hparams/<defaults>.yaml`, the method's name by default).
+    """
+
+    def decorator(fn: MethodFn) -> MethodFn:
+        _METHODS[name] = MethodSpec(name, fn, hparams, summary, batchable, defaults or name)
+        return fn
+
+    return decorator
+
+
+def _load_builtin_methods() -> None:
+    from kedit.methods import ft, rome  # noqa: F401  (registration happens on import)
+
+
+def list_methods() -> list[str]:
+    """Names of the registered editing methods."""
+    _load_builtin_methods()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    _load_builtin_methods()
+    key = name.lower().replace("_", "-") if isinstance(name, str) else name
+    if key not in _METHODS:
+        raise ValueError(f"method: unknown method {name!r}; available: {', '.join(list_methods())}")
+    return _METHODS[key]
+
+
+def default_hparams(method: str, lm: LM) -> dict[str, Any]:
+    """The method's YAML defaults: `default`, then the model's family, then its exact name."""
+    spec = get_method(method)
+    text = resources.files("kedit").joinpath(f"hparams/{spec.defaults}.yaml").read_text()
+    table = yaml.safe_load(text) or {}
+    values = dict(table.get("default") or {})
+    values.update((table.get("families") or {}).get(lm.layout.family) or {})
+    values.update((table.get("models") or {}).get(lm.name) or {})
+    return values
+
+
+def resolve_hparams(
+    method: str, lm: LM, overrides: dict[str, Any] | HyperParams | None = None
+) -> HyperParams:
+    """Defaults for this model, updated by the user's overrides, validated."""
+    spec = get_method(method)
+    if isinstance(overrides, HyperParams):
+        if not isinstance(overrides, spec.hparams):
+            raise ValueError(
+                f"hparams: {type(overrides).__name__} given for method {spec.name!r}, "
+                f"expected {spec.hparams.__name__}"
+            )
+        overrides.validate()
+        return overrides
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f"hparams: expected a dict or {spec.hparams.__name__}, got {overrides!r}")
+    values = default_hparams(spec.name, lm)
+    values.update(overrides or {})
+    return spec.hparams.from_dict(values, spec.name)
