@@ -54,5 +54,3 @@ def edit(
 def apply(lm: LM, path: str | Path) -> Edit:
     """Re-apply an edit saved with `Edit.save` to `lm` (same model, checked by fingerprint)."""
     return apply_edit_file(lm, path)
-
-

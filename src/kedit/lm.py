@@ -142,3 +142,12 @@ def load(
     lm = LM(model=model, tokenizer=tokenizer, name=name_or_path)
     _ = lm.fingerprint
     return lm
+
+
+@torch.no_grad()
+def top_next_tokens(lm: LM, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+    """The `k` most likely next tokens after `prompt`, with their probabilities."""
+    ids = torch.tensor([lm.encode(prompt)], device=lm.device)
+    probs = torch.softmax(lm.model(input_ids=ids, use_cache=False).logits[0, -1].float(), dim=-1)
+    values, indices = probs.topk(k)
+    return [(lm.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, indices, strict=True)]

@@ -131,5 +131,7 @@ def as_requests(requests: EditRequest | Iterable[EditRequest]) -> list[EditReque
         raise ValueError("requests: expected at least one EditRequest, got none")
     for index, item in enumerate(items):
         if not isinstance(item, EditRequest):
-            raise TypeError(f"requests[{index}]: expected an EditRequest, got {type(item).__name__}")
+            raise TypeError(
+                f"requests[{index}]: expected an EditRequest, got {type(item).__name__}"
+            )
     return items

@@ -72,7 +72,9 @@ class StatsKey:
     dtype: str
 
     def path(self) -> Path:
-        stem = f"{self.module}__{self.corpus}__n{self.n_samples}__len{self.max_length}__{self.dtype}"
+        stem = (
+            f"{self.module}__{self.corpus}__n{self.n_samples}__len{self.max_length}__{self.dtype}"
+        )
         return cache_dir() / self.model_fingerprint / f"{stem}.safetensors"
 
 
@@ -99,7 +101,9 @@ def second_moments(
         )
         for layer in layers
     }
-    result = {layer: load_file(str(k.path()))["mom2"] for layer, k in keys.items() if k.path().exists()}
+    result = {
+        layer: load_file(str(k.path()))["mom2"] for layer, k in keys.items() if k.path().exists()
+    }
     missing = [layer for layer in layers if layer not in result]
     if missing:
         computed = _collect(lm, missing, docs, max_length, DTYPES[dtype], batch_tokens, progress)

@@ -135,7 +135,11 @@ def optimize_value(
 
     block = layout.block(layer)
     mlp_out = layout.mlp_out_name(layer)
-    with torch.no_grad(), capture(model, [block], "input") as seen, capture(model, [mlp_out]) as out:
+    with (
+        torch.no_grad(),
+        capture(model, [block], "input") as seen,
+        capture(model, [mlp_out]) as out,
+    ):
         with stop_after(model, mlp_out):
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     hidden = seen[block]
@@ -156,8 +160,9 @@ def optimize_value(
         p.requires_grad_(False)
     step, nll_value = 0, float("inf")
     try:
-        with start_at_block(model, layout.blocks, layer, hidden), replace_output(
-            model, mlp_out, add_delta
+        with (
+            start_at_block(model, layout.blocks, layer, hidden),
+            replace_output(model, mlp_out, add_delta),
         ):
             for step in range(steps + 1):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -171,7 +176,9 @@ def optimize_value(
                     init_essence_logp = essence_logp.detach()
                 if step == steps or float(nll_per_prompt.max()) < stop_nll:
                     break
-                kl = F.kl_div(init_essence_logp, essence_logp, log_target=True, reduction="batchmean")
+                kl = F.kl_div(
+                    init_essence_logp, essence_logp, log_target=True, reduction="batchmean"
+                )
                 decay = weight_decay * delta.norm() ** 2 / initial_output.norm() ** 2
                 loss = nll_per_prompt.mean() + kl_factor * kl + decay
                 optimizer.zero_grad()

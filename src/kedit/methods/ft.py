@@ -41,8 +41,9 @@ class FTHyperParams(HyperParams):
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
         if self.norm_constraint is not None and not self.norm_constraint > 0:
-            raise ValueError(f"norm_constraint: expected a positive number or None, got "
-                             f"{self.norm_constraint!r}")
+            raise ValueError(
+                f"norm_constraint: expected a positive number or None, got {self.norm_constraint!r}"
+            )
 
 
 def _batch(lm: LM, requests: list[EditRequest], last_token: bool):

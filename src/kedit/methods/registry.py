@@ -56,7 +56,9 @@ class HyperParams:
         """Each field's default and help text, for the CLI and the docs."""
         out = {}
         for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            )
             out[f.name] = (default, f.metadata.get("help", ""))
         return out
 

@@ -65,10 +65,14 @@ class ROMEHyperParams(HyperParams):
         if len(self.layers) != 1:
             raise ValueError(f"layers: ROME edits exactly one layer, got {self.layers!r}")
         if self.fact_token != "subject_last":
-            raise ValueError(f"fact_token: only 'subject_last' is supported, got {self.fact_token!r}")
+            raise ValueError(
+                f"fact_token: only 'subject_last' is supported, got {self.fact_token!r}"
+            )
         for name in ("v_steps", "mom2_n_samples", "mom2_max_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name}: expected a positive integer, got {getattr(self, name)!r}"
+                )
         for name in ("v_lr", "clamp_norm_factor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")

@@ -1,0 +1,54 @@
+"""Quality per method on the tinyworld benchmark and both bundled models; prints JSON.
+
+Independent editing (edit, evaluate, undo, per case) under the teacher-forced protocol;
+per-case results go to runs/quality/<model>/<method>/ and resume if interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+METHODS = ["rome", "r-rome", "ft-m", "ft-l"]
+MODELS = ["tiny-gpt2", "tiny-llama"]
+
+
+def main() -> None:
+    import kedit
+    from kedit.data import load_requests
+    from kedit.eval.bench import run_independent
+    from kedit.zoo import benchmark_path
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    args = parser.parse_args()
+    data = benchmark_path("knowedit")
+    requests = load_requests(data, n=args.n)
+    results = []
+    for model in args.models:
+        lm = kedit.load(model)
+        for method in args.methods:
+            summary = run_independent(
+                lm, requests, method, args.out / model / method, data=str(data.name)
+            )
+            post = summary["metrics"]["post"]["teacher_forced"]
+            results.append(
+                {
+                    "model": model,
+                    "method": method,
+                    "cases": len(requests),
+                    "protocol": "teacher_forced",
+                    **{name: round(value, 4) for name, value in post.items()},
+                    "edit_seconds_median": round(summary["edit_seconds_median"], 4),
+                }
+            )
+            print(json.dumps(results[-1]), flush=True)
+    print(json.dumps({"benchmark": "quality", "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The `kedit` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Locate, edit, erase and explain knowledge inside transformer language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(help="The bundled tiny models.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+console = Console()
+
+DEMO_MODEL = "tiny-gpt2"
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    FileNotFoundError,
+    json.JSONDecodeError,
+    yaml.YAMLError,
+)
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """Turn bad input into one clear line on stderr and exit code 2, without a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def parse_hparams(pairs: list[str] | None, path: Path | None) -> dict[str, Any]:
+    """Hyper-parameters from a YAML file and `key=value` pairs (values parsed as YAML)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"--hparams-file: {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--hparams-file: {str(path)!r} must hold a mapping of keys to values")
+        values.update(loaded)
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--hparam: expected key=value, got {pair!r}")
+        values[key.strip()] = yaml.safe_load(raw)
+    return values
+
+
+def show_predictions(lm: Any, prompt: str, title: str) -> None:
+    from kedit.lm import top_next_tokens
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("next token")
+    table.add_column("probability", justify="right")
+    for token, prob in top_next_tokens(lm, prompt):
+        table.add_row(repr(token), f"{prob:.3f}")
+    console.print(table)
+
+
+def show_metrics(result: dict[str, Any]) -> None:
+    table = Table(title="Metrics", title_justify="left")
+    for column in ("stage", "protocol", "metric", "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for stage in ("pre", "post"):
+        for protocol, metrics in (result.get(stage) or {}).items():
+            for name, value in metrics.items():
+                shown = f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
+                table.add_row(stage, protocol, name, shown)
+    console.print(table)
+
+
+def _edit_and_show(lm: Any, request: Any, method: str, hparams: dict[str, Any]) -> Any:
+    import kedit
+
+    console.print(f"[bold]{request.text}[/bold] -> {request.target_new!r} ({method}, {lm.name})")
+    show_predictions(lm, request.text, "Before the edit")
+    started = time.perf_counter()
+    edit = kedit.edit(lm, request, method=method, hparams=hparams)
+    seconds = time.perf_counter() - started
+    show_predictions(lm, request.text, f"After the edit ({seconds:.2f} s)")
+    show_metrics(kedit.evaluate(lm, request, edit=edit))
+    return edit
+
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled name, folder or hub id.")]
+MethodOpt = Annotated[str, typer.Option("--method", help="Editing method (`kedit methods`).")]
+HparamOpt = Annotated[
+    list[str] | None, typer.Option("--hparam", "-p", help="Override a hyper-parameter: key=value.")
+]
+HparamFileOpt = Annotated[
+    Path | None, typer.Option("--hparams-file", help="YAML file of hyper-parameters.")
+]
+
+
+@app.command()
+@friendly_errors
+def demo(model: ModelOpt = DEMO_MODEL, method: MethodOpt = "rome", case: int = 0) -> None:
+    """Edit one fact of the bundled tinyworld benchmark and show before/after."""
+    import kedit
+    from kedit.data import load_requests
+    from kedit.zoo import benchmark_path
+
+    requests = load_requests(benchmark_path("knowedit"))
+    if not 0 <= case < len(requests):
+        raise ValueError(f"--case: {case} is out of range 0..{len(requests) - 1}")
+    lm = kedit.load(model)
+    edit = _edit_and_show(lm, requests[case], method, {})
+    edit.undo()
+    console.print("Edit undone; the model is as it was.")
+
+
+@app.command("edit")
+@friendly_errors
+def edit_command(
+    prompt: Annotated[str, typer.Option(help="Prompt, with {} for the subject or containing it.")],
+    subject: Annotated[str, typer.Option(help="The subject whose fact changes.")],
+    target: Annotated[str, typer.Option(help="The new target, e.g. ' Lisbon'.")],
+    model: ModelOpt = DEMO_MODEL,
+    method: MethodOpt = "rome",
+    hparam: HparamOpt = None,
+    hparams_file: HparamFileOpt = None,
+    save: Annotated[Path | None, typer.Option(help="Write the edit to this .kedit file.")] = None,
+) -> None:
+    """Edit one fact and print the top predictions before and after."""
+    import kedit
+
+    request = kedit.EditRequest(prompt=prompt, subject=subject, target_new=target)
+    hparams = parse_hparams(hparam, hparams_file)
+    lm = kedit.load(model)
+    edit = _edit_and_show(lm, request, method, hparams)
+    if save is not None:
+        console.print(f"Saved the edit to {edit.save(save)}")
+
+
+@app.command()
+@friendly_errors
+def bench(
+    data: Annotated[Path, typer.Option(help="Benchmark file (CounterFact or KnowEdit JSON).")],
+    out: Annotated[Path, typer.Option(help="Output folder; an interrupted run resumes here.")],
+    model: ModelOpt = DEMO_MODEL,
+    method: MethodOpt = "rome",
+    n: Annotated[int | None, typer.Option(help="Use the first N cases.")] = None,
+    protocol: Annotated[
+        list[str] | None, typer.Option(help="teacher_forced, probability or generation.")
+    ] = None,
+    hparam: HparamOpt = None,
+    hparams_file: HparamFileOpt = None,
+) -> None:
+    """Independent editing over a benchmark: edit, evaluate, undo, per case."""
+    from rich.progress import Progress
+
+    import kedit
+    from kedit.data import load_requests
+    from kedit.eval.bench import run_independent
+
+    if not data.is_file():
+        raise FileNotFoundError(f"--data: {str(data)!r} does not exist")
+    if n is not None and n < 1:
+        raise ValueError(f"--n: expected a positive number of cases, got {n}")
+    requests = load_requests(data, n=n)
+    hparams = parse_hparams(hparam, hparams_file)
+    lm = kedit.load(model)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"{method} on {data.name}", total=len(requests))
+        summary = run_independent(
+            lm,
+            requests,
+            method,
+            out,
+            hparams=hparams,
+            protocols=tuple(protocol or ["teacher_forced"]),
+            data=str(data),
+            on_case=lambda _: bar.advance(task),
+        )
+        bar.update(task, completed=len(requests))
+    table = Table(title=f"{method} on {lm.name}, {len(requests)} cases", title_justify="left")
+    for column in ("stage", "protocol", "metric", "mean"):
+        table.add_column(column)
+    for stage, protocols in summary["metrics"].items():
+        for name, metrics in protocols.items():
+            for metric, value in metrics.items():
+                table.add_row(stage, name, metric, f"{value:.3f}")
+    console.print(table)
+    console.print(
+        f"median edit {summary['edit_seconds_median']:.3f} s, "
+        f"evaluation {summary['eval_seconds_median']:.3f} s per case; results in {out}"
+    )
+
+
+@app.command()
+@friendly_errors
+def methods(name: Annotated[str | None, typer.Argument(help="Show this method's hparams.")] = None):
+    """List the editing methods, or one method's hyper-parameters."""
+    from kedit.methods.registry import get_method, list_methods
+
+    if name is None:
+        table = Table("method", "batchable", "summary")
+        for method in list_methods():
+            spec = get_method(method)
+            table.add_row(method, "yes" if spec.batchable else "no", spec.summary)
+    else:
+        spec = get_method(name)
+        table = Table("hyper-parameter", "default", "help", title=spec.name, title_justify="left")
+        for field, (default, help_text) in spec.hparams.field_help().items():
+            table.add_row(field, json.dumps(default), help_text)
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
+def stats(
+    layers: Annotated[str, typer.Option(help="Comma-separated layer indices, e.g. 1,2,3.")],
+    model: ModelOpt = DEMO_MODEL,
+    corpus: Annotated[str, typer.Option(help="'tinyworld', or a .txt/.jsonl file.")] = "tinyworld",
+    n: Annotated[int, typer.Option(help="Maximum number of documents.")] = 100_000,
+    max_length: Annotated[int, typer.Option(help="Token cap per document.")] = 256,
+    dtype: Annotated[str, typer.Option(help="float64 or float32.")] = "float64",
+) -> None:
+    """Collect (or find cached) second moments of MLP keys for the given layers."""
+    import kedit
+    from kedit.stats import second_moments
+
+    try:
+        indices = [int(part) for part in layers.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--layers: expected comma-separated integers, got {layers!r}") from None
+    lm = kedit.load(model)
+    started = time.perf_counter()
+    moments = second_moments(
+        lm, indices, corpus=corpus, n_samples=n, max_length=max_length, dtype=dtype
+    )
+    for layer, moment in moments.items():
+        console.print(f"layer {layer}: {tuple(moment.shape)} {moment.dtype}")
+    console.print(f"done in {time.perf_counter() - started:.2f} s")
+
+
+@zoo_app.command("list")
+@friendly_errors
+def zoo_list() -> None:
+    """List the bundled models and their measured fact accuracy."""
+    from kedit import zoo
+
+    table = Table("model", "training facts", "held-out paraphrases", "path")
+    for name in zoo.list_models():
+        info = zoo.model_info(name)
+        table.add_row(
+            name,
+            f"{info.get('train_accuracy', float('nan')):.3f}",
+            f"{info.get('heldout_accuracy', float('nan')):.3f}",
+            str(zoo.model_path(name)),
+        )
+    console.print(table)
+
+
+@zoo_app.command("train")
+@friendly_errors
+def zoo_train(
+    name: Annotated[str, typer.Argument(help="A bundled model's recipe, e.g. tiny-gpt2.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the model to.")],
+    seed: int = 0,
+) -> None:
+    """Retrain a bundled model from its recipe (same seed, same machine: same weights)."""
+    from kedit import zoo
+
+    console.print(f"Trained {name} into {zoo.train_model(name, out, seed=seed)}")

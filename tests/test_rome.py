@@ -1,0 +1,82 @@
+import torch
+
+import kedit
+from kedit.methods.registry import resolve_hparams
+from kedit.methods.rome import ROMEHyperParams, compute_rank_one, rank_one_update
+
+
+def _request(index=0):
+    from kedit.data import load_requests
+    from kedit.zoo import benchmark_path
+
+    return load_requests(benchmark_path("knowedit"), n=index + 1)[index]
+
+
+def _mlp_out(lm, layer, key):
+    module = lm.model.get_submodule(lm.layout.mlp_out_name(layer))
+    with torch.no_grad():
+        return module(key.to(module.weight.dtype)[None])[0].double()
+
+
+def test_rank_one_update_maps_key_to_value_exactly():
+    torch.manual_seed(0)
+    w = torch.randn(6, 10, dtype=torch.float64)
+    a = torch.randn(10, 40, dtype=torch.float64)
+    inverse = torch.linalg.inv(a @ a.T / 40)
+    key, k_star, delta = torch.randn(10), torch.randn(10), torch.randn(6)
+    left, right = rank_one_update(delta, key, k_star, inverse)
+    updated = w + torch.outer(left, right)
+    assert torch.allclose(updated @ key.double(), w @ key.double() + delta.double(), atol=1e-10)
+    assert torch.linalg.matrix_rank(torch.outer(left, right)) == 1
+
+
+def test_mismatched_denominator_blows_up_where_corrected_update_does_not():
+    # ROME's reference code divides by uᵀk₀ (bare-prompt key) while u = C⁻¹k*: when k₀ is
+    # nearly orthogonal to u the update explodes. r-ROME divides by uᵀk*, which is positive.
+    torch.manual_seed(1)
+    inverse = torch.eye(8, dtype=torch.float64)
+    k_star = torch.randn(8)
+    k_bare = torch.randn(8)
+    k_bare = k_bare - (k_bare @ k_star) / (k_star @ k_star) * k_star + 1e-4 * k_star
+    delta = torch.randn(4)
+    rome_left, rome_right = rank_one_update(delta, k_bare, k_star, inverse)
+    r_left, r_right = rank_one_update(delta, k_star, k_star, inverse)
+    rome_norm = torch.outer(rome_left, rome_right).norm()
+    r_rome_norm = torch.outer(r_left, r_right).norm()
+    assert rome_norm > 1000 * r_rome_norm
+
+
+def test_r_rome_edited_weight_maps_k_star_to_v_star(tiny_gpt2):
+    lm = tiny_gpt2
+    params = resolve_hparams("r-rome", lm)
+    layer = params.layers[0]
+    update = compute_rank_one(lm, _request(), params, corrected=True)
+    with kedit.edit(lm, _request(), method="r-rome") as edit:
+        assert edit.deltas[0].rank == 1
+        mapped = _mlp_out(lm, layer, update.k_star)
+    assert torch.allclose(mapped, update.value.double(), atol=1e-4 * update.value.norm())
+
+
+def test_rome_edited_weight_maps_its_denominator_key_to_v_star(tiny_gpt2):
+    lm = tiny_gpt2
+    params = resolve_hparams("rome", lm)
+    layer = params.layers[0]
+    update = compute_rank_one(lm, _request(), params, corrected=False)
+    assert not torch.equal(update.key, update.k_star)
+    with kedit.edit(lm, _request(), method="rome"):
+        mapped = _mlp_out(lm, layer, update.key)
+    assert torch.allclose(mapped, update.value.double(), atol=1e-4 * update.value.norm())
+
+
+def test_hparams_accept_easyedit_names_and_refuse_unknown_keys(tiny_gpt2):
+    import pytest
+
+    params = resolve_hparams("rome", tiny_gpt2, {"v_num_grad_steps": 7, "mom2_dataset": "x.txt"})
+    assert isinstance(params, ROMEHyperParams)
+    assert (params.v_steps, params.mom2_corpus) == (7, "x.txt")
+    with pytest.raises(ValueError, match="unknown hyper-parameter 'v_stepz'"):
+        resolve_hparams("rome", tiny_gpt2, {"v_stepz": 3})
+    with pytest.raises(ValueError, match="v_lr: expected float"):
+        resolve_hparams("rome", tiny_gpt2, {"v_lr": "fast"})
+    with pytest.raises(ValueError, match="out of range"):
+        kedit.edit(tiny_gpt2, _request(), method="rome", hparams={"layers": [99]})
