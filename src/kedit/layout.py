@@ -7,7 +7,7 @@ family is one entry in `FAMILIES` plus a test on a tiny random model of that fam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -108,7 +108,7 @@ FAMILIES: dict[str, Layout] = {
         attn="attention",
         attn_out="attention.dense",
         final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out",
+        unembed="lm_head",  # `embed_out` before transformers 5: found by `layout_for`
         embed="gpt_neox.embed_in",
     ),
     "opt": Layout(
@@ -153,6 +153,7 @@ def layout_for(model: nn.Module) -> Layout:
             "kedit.layout.FAMILIES (module paths of its blocks, MLP projections, attention "
             "output, final norm, unembedding) and a test on a tiny random model of that family."
         )
+    layout = _follow_output_embeddings(model, layout)
     for path in (layout.blocks, layout.final_norm, layout.unembed, layout.embed):
         try:
             model.get_submodule(path)
@@ -161,4 +162,21 @@ def layout_for(model: nn.Module) -> Layout:
                 f"model_type {model_type!r}: expected module {path!r} is missing; the model "
                 f"class {type(model).__name__} does not match the {layout.family} Layout"
             ) from exc
+    return layout
+
+
+def _follow_output_embeddings(model: nn.Module, layout: Layout) -> Layout:
+    """The layout with `unembed` set to the model's own output embeddings where its path is
+    missing: transformers renames them across versions (GPT-NeoX: `embed_out` -> `lm_head`)."""
+    try:
+        model.get_submodule(layout.unembed)
+        return layout
+    except AttributeError:
+        pass
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is not None:
+        for name, module in model.named_modules():
+            if module is head and name:
+                return replace(layout, unembed=name)
     return layout

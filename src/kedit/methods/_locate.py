@@ -13,23 +13,88 @@ import torch.nn.functional as F
 
 from kedit.hooks import capture, replace_output, start_at_block, stop_after
 from kedit.lm import LM
+from kedit.methods.registry import HyperParams, hp
 from kedit.requests import EditRequest
+from kedit.stats import second_moment
 
 
-def context_prefixes(
-    lm: LM, lengths: list[list[int]], seed_words: list[str], seed: int = 0
-) -> list[str]:
+@dataclass
+class LocateHyperParams(HyperParams):
+    """What ROME, MEMIT and their relatives share: the value optimisation, the statistics and
+    the context prefixes."""
+
+    layers: list[int] = hp([5], "Layers whose MLP output projection is edited.")
+    v_steps: int = hp(25, "Maximum gradient steps of the value optimisation.")
+    v_lr: float = hp(0.5, "Adam learning rate of the value optimisation.")
+    v_weight_decay: float = hp(0.5, "Weight decay on the value delta, relative to the output norm.")
+    kl_factor: float = hp(0.0625, "Weight of the KL term that keeps '{subject} is a' unchanged.")
+    clamp_norm_factor: float = hp(4.0, "Clamp ‖δ‖ to this multiple of the unedited output's norm.")
+    v_stop_nll: float = hp(0.05, "Stop once every prompt's mean target NLL is below this.")
+    mom2_corpus: str = hp("tinyworld", "Corpus of the second moment: 'tinyworld' or a file.")
+    mom2_n_samples: int = hp(100000, "Maximum number of corpus documents for the second moment.")
+    mom2_max_length: int = hp(256, "Token cap per document for the second moment.")
+    mom2_dtype: str = hp("float64", "Accumulation dtype of the second moment.")
+    prefix_lengths: list[list[int]] = hp(
+        [[5, 10], [10, 10]], "Context prefixes as [length in tokens, count] pairs."
+    )
+    prefix_seed_words: list[str] = hp(
+        ["The", "Therefore", "Because", "I", "You"], "Words the context prefixes start from."
+    )
+    prefix_seed: int = hp(0, "Random seed of the context prefixes.")
+    fact_token: str = hp("subject_last", "Token whose key is edited (only 'subject_last').")
+
+    ALIASES = {
+        "v_num_grad_steps": "v_steps",
+        "mom2_dataset": "mom2_corpus",
+        "context_template_length_params": "prefix_lengths",
+    }
+    IGNORED = HyperParams.IGNORED | {"v_loss_layer"}
+
+    def validate(self) -> None:
+        if not self.layers:
+            raise ValueError("layers: expected at least one layer, got []")
+        if self.fact_token != "subject_last":
+            raise ValueError(
+                f"fact_token: only 'subject_last' is supported, got {self.fact_token!r}"
+            )
+        for name in ("v_steps", "mom2_n_samples", "mom2_max_length"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        for name in ("v_lr", "clamp_norm_factor"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name}: expected a positive number, got {value!r}")
+
+    def stats_key(self) -> tuple:
+        return (self.mom2_corpus, self.mom2_n_samples, self.mom2_max_length, self.mom2_dtype)
+
+
+def layer_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> torch.Tensor:
+    """C = E[k kᵀ] of a layer's keys in float64, kept on `lm.cache` after the first use."""
+    key = ("mom2", layer, hparams.stats_key())
+    if key not in lm.cache:
+        corpus, n_samples, max_length, dtype = hparams.stats_key()
+        moment = second_moment(
+            lm, layer, corpus=corpus, n_samples=n_samples, max_length=max_length, dtype=dtype
+        )
+        lm.cache[key] = moment.double()
+    return lm.cache[key]
+
+
+def context_prefixes(lm: LM, hparams: LocateHyperParams) -> list[str]:
     """Short texts sampled from the model, put before a prompt when computing keys and values.
 
     ROME averages over such prefixes so that the edit holds after any preceding text. The
     first prefix is empty. Sampled once per model and cached on `lm.cache`.
     """
-    key = ("context_prefixes", tuple(map(tuple, lengths)), tuple(seed_words), seed)
+    lengths, seed_words = hparams.prefix_lengths, hparams.prefix_seed_words
+    key = ("context_prefixes", tuple(map(tuple, lengths)), tuple(seed_words), hparams.prefix_seed)
     if key in lm.cache:
         return lm.cache[key]
     prefixes = [""]
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
+        torch.manual_seed(hparams.prefix_seed)
         for length, count in lengths:
             for index in range(count):
                 word = seed_words[index % len(seed_words)]
@@ -93,24 +158,20 @@ def optimize_value(
     request: EditRequest,
     layer: int,
     prefixes: list[str],
-    *,
-    steps: int,
-    lr: float,
-    kl_factor: float,
-    weight_decay: float,
-    clamp_norm_factor: float,
-    stop_nll: float,
+    hparams: LocateHyperParams,
+    site: str,
     essence_prompt: str = "{} is a",
 ) -> ValueResult:
-    """Find a vector delta that, added to the MLP output at the subject's last token of `layer`,
-    makes `target_new` likely after every prefix (ROME Eq. 4).
+    """Find a vector delta that, added to the output of module `site` (in block `layer`) at the
+    subject's last token, makes `target_new` likely after every prefix (ROME Eq. 4).
 
     Loss = mean NLL of the target tokens + kl_factor * KL(new || old) of the next-token
     distribution after `essence_prompt` (keeps what the subject "is") + weight decay on the
     delta relative to the output norm. The delta is clamped to clamp_norm_factor times the
     unedited output's norm. The optimisation stops once every prompt's mean target NLL is below
-    `stop_nll`. Blocks below `layer` are run once, not at every step.
+    `v_stop_nll`. Blocks below `layer` are run once, not at every step.
     """
+    steps, stop_nll = hparams.v_steps, hparams.v_stop_nll
     model, layout = lm.model, lm.layout
     target_ids = lm.encode(request.target_new)
     rows, lookup, target_spans = [], [], []
@@ -134,20 +195,19 @@ def optimize_value(
     rewrite_rows = batch[:n_rewrite, None]
 
     block = layout.block(layer)
-    mlp_out = layout.mlp_out_name(layer)
     with (
         torch.no_grad(),
         capture(model, [block], "input") as seen,
-        capture(model, [mlp_out]) as out,
+        capture(model, [site]) as out,
     ):
-        with stop_after(model, mlp_out):
+        with stop_after(model, site):
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     hidden = seen[block]
-    initial_output = out[mlp_out][0, lookup[0]].float()
+    initial_output = out[site][0, lookup[0]].float()
 
     delta = torch.zeros_like(initial_output, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=lr)
-    max_norm = clamp_norm_factor * initial_output.norm()
+    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
+    max_norm = hparams.clamp_norm_factor * initial_output.norm()
     init_essence_logp = None
 
     def add_delta(output: torch.Tensor) -> torch.Tensor:
@@ -162,7 +222,7 @@ def optimize_value(
     try:
         with (
             start_at_block(model, layout.blocks, layer, hidden),
-            replace_output(model, mlp_out, add_delta),
+            replace_output(model, site, add_delta),
         ):
             for step in range(steps + 1):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -174,13 +234,13 @@ def optimize_value(
                 essence_logp = torch.log_softmax(essence_logits.float(), dim=-1)
                 if init_essence_logp is None:
                     init_essence_logp = essence_logp.detach()
-                if step == steps or float(nll_per_prompt.max()) < stop_nll:
+                if step == steps or float(nll_per_prompt.detach().max()) < stop_nll:
                     break
                 kl = F.kl_div(
                     init_essence_logp, essence_logp, log_target=True, reduction="batchmean"
                 )
-                decay = weight_decay * delta.norm() ** 2 / initial_output.norm() ** 2
-                loss = nll_per_prompt.mean() + kl_factor * kl + decay
+                decay = hparams.v_weight_decay * delta.norm() ** 2 / initial_output.norm() ** 2
+                loss = nll_per_prompt.mean() + hparams.kl_factor * kl + decay
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -192,12 +252,6 @@ def optimize_value(
         for p in needs_grad:
             p.requires_grad_(True)
     return ValueResult(delta.detach(), initial_output, step, nll_value)
-
-
-def weight_out_in(lm: LM, layer: int) -> torch.Tensor:
-    """The MLP output projection's weight as (out, in), whatever its storage orientation."""
-    weight = lm.model.get_submodule(lm.layout.mlp_out_name(layer)).weight
-    return weight.T if lm.layout.conv1d else weight
 
 
 def mlp_out_param(lm: LM, layer: int) -> str:

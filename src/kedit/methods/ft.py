@@ -102,7 +102,7 @@ def fine_tune(
                 logp = torch.log_softmax(logits[rows, positions].float(), dim=-1)
                 token_logp = logp.gather(2, targets[..., None]).squeeze(-1) * valid
                 nll = -token_logp.sum(1) / valid.sum(1)
-                if step == hparams.steps or float(nll.max()) < hparams.stop_nll:
+                if step == hparams.steps or float(nll.detach().max()) < hparams.stop_nll:
                     break
                 optimizer.zero_grad()
                 nll.mean().backward()
@@ -122,7 +122,7 @@ def fine_tune(
         with torch.no_grad():
             for p, original in zip(params, originals, strict=True):
                 p.copy_(original)
-    return MethodResult(deltas, {"steps": step, "final_nll": float(nll.max())})
+    return MethodResult(deltas, {"steps": step, "final_nll": float(nll.detach().max())})
 
 
 @register(

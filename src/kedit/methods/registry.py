@@ -166,7 +166,7 @@ def register(
 
 
 def _load_builtin_methods() -> None:
-    from kedit.methods import ft, rome  # noqa: F401  (registration happens on import)
+    from kedit.methods import ft, memit, rome  # noqa: F401  (registration happens on import)
 
 
 def list_methods() -> list[str]:

@@ -20,62 +20,29 @@ import torch
 from kedit.edits import WeightDelta, compute_in_sequence
 from kedit.lm import LM
 from kedit.methods._locate import (
+    LocateHyperParams,
     as_param_factors,
     context_prefixes,
     keys_at_subject,
+    layer_second_moment,
     mlp_out_param,
     optimize_value,
 )
-from kedit.methods.registry import HyperParams, MethodResult, hp, register
+from kedit.methods.registry import MethodResult, hp, register
 from kedit.requests import EditRequest
-from kedit.stats import second_moment
 
 
 @dataclass
-class ROMEHyperParams(HyperParams):
+class ROMEHyperParams(LocateHyperParams):
     layers: list[int] = hp([5], "The one layer whose MLP output projection is edited.")
-    v_steps: int = hp(25, "Maximum gradient steps of the value optimisation.")
-    v_lr: float = hp(0.5, "Adam learning rate of the value optimisation.")
-    v_weight_decay: float = hp(0.5, "Weight decay on the value delta, relative to the output norm.")
-    kl_factor: float = hp(0.0625, "Weight of the KL term that keeps '{subject} is a' unchanged.")
-    clamp_norm_factor: float = hp(4.0, "Clamp ‖δ‖ to this multiple of the unedited output's norm.")
-    v_stop_nll: float = hp(0.05, "Stop once every prompt's mean target NLL is below this.")
     mom2_adjustment: bool = hp(True, "Use C⁻¹k* (covariance adjustment) instead of k*.")
-    mom2_corpus: str = hp("tinyworld", "Corpus of the second moment: 'tinyworld' or a file.")
-    mom2_n_samples: int = hp(100000, "Maximum number of corpus documents for the second moment.")
-    mom2_max_length: int = hp(256, "Token cap per document for the second moment.")
-    mom2_dtype: str = hp("float64", "Accumulation dtype of the second moment.")
-    prefix_lengths: list[list[int]] = hp(
-        [[5, 10], [10, 10]], "Context prefixes as [length in tokens, count] pairs."
-    )
-    prefix_seed_words: list[str] = hp(
-        ["The", "Therefore", "Because", "I", "You"], "Words the context prefixes start from."
-    )
-    prefix_seed: int = hp(0, "Random seed of the context prefixes.")
-    fact_token: str = hp("subject_last", "Token whose key is edited (only 'subject_last').")
 
-    ALIASES = {
-        "v_num_grad_steps": "v_steps",
-        "mom2_dataset": "mom2_corpus",
-        "context_template_length_params": "prefix_lengths",
-    }
-    IGNORED = HyperParams.IGNORED | {"v_loss_layer", "mom2_update_weight"}
+    IGNORED = LocateHyperParams.IGNORED | {"mom2_update_weight"}
 
     def validate(self) -> None:
+        super().validate()
         if len(self.layers) != 1:
             raise ValueError(f"layers: ROME edits exactly one layer, got {self.layers!r}")
-        if self.fact_token != "subject_last":
-            raise ValueError(
-                f"fact_token: only 'subject_last' is supported, got {self.fact_token!r}"
-            )
-        for name in ("v_steps", "mom2_n_samples", "mom2_max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"{name}: expected a positive integer, got {getattr(self, name)!r}"
-                )
-        for name in ("v_lr", "clamp_norm_factor"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -91,26 +58,11 @@ class RankOneUpdate:
     target_nll: float
 
 
-def inverse_second_moment(lm: LM, hparams: ROMEHyperParams, layer: int) -> torch.Tensor:
+def inverse_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> torch.Tensor:
     """C⁻¹ for a layer, computed once per model and statistics and kept on `lm.cache`."""
-    key = (
-        "inverse_mom2",
-        layer,
-        hparams.mom2_corpus,
-        hparams.mom2_n_samples,
-        hparams.mom2_max_length,
-        hparams.mom2_dtype,
-    )
+    key = ("inverse_mom2", layer, hparams.stats_key())
     if key not in lm.cache:
-        moment = second_moment(
-            lm,
-            layer,
-            corpus=hparams.mom2_corpus,
-            n_samples=hparams.mom2_n_samples,
-            max_length=hparams.mom2_max_length,
-            dtype=hparams.mom2_dtype,
-        )
-        lm.cache[key] = torch.linalg.inv(moment.double())
+        lm.cache[key] = torch.linalg.inv(layer_second_moment(lm, hparams, layer))
     return lm.cache[key]
 
 
@@ -131,23 +83,10 @@ def compute_rank_one(
 ) -> RankOneUpdate:
     """The ROME (corrected=False) or r-ROME (corrected=True) update for one request."""
     layer = lm.check_layer(hparams.layers[0])
-    prefixes = context_prefixes(
-        lm, hparams.prefix_lengths, hparams.prefix_seed_words, hparams.prefix_seed
-    )
+    prefixes = context_prefixes(lm, hparams)
     keys, outputs = keys_at_subject(lm, layer, prefixes, request)
     k_star = keys.mean(dim=0)
-    found = optimize_value(
-        lm,
-        request,
-        layer,
-        prefixes,
-        steps=hparams.v_steps,
-        lr=hparams.v_lr,
-        kl_factor=hparams.kl_factor,
-        weight_decay=hparams.v_weight_decay,
-        clamp_norm_factor=hparams.clamp_norm_factor,
-        stop_nll=hparams.v_stop_nll,
-    )
+    found = optimize_value(lm, request, layer, prefixes, hparams, lm.layout.mlp_out_name(layer))
     inverse = inverse_second_moment(lm, hparams, layer) if hparams.mom2_adjustment else None
     if corrected:
         module = lm.model.get_submodule(lm.layout.mlp_out_name(layer))

@@ -1,0 +1,137 @@
+"""MEMIT (Meng et al., 2023): many facts at once, spread over several MLP layers.
+
+For each fact i a target residual z_i at the last edited layer L is found by gradient steps
+(the ROME value optimisation, with the delta added to block L's output). Then, layer by layer
+from the lowest, each layer l takes its share of what is still missing,
+
+    R = (Z - H_L) / (number of layers left)                                  (MEMIT Eq. 14-15)
+    ΔW_l = R Kᵀ (λ C + K Kᵀ)⁻¹                                              (MEMIT Eq. 14)
+
+with K the facts' keys at layer l (averaged over context prefixes), H_L the current residuals at
+layer L, C = E[k kᵀ] and λ = mom2_update_weight. ΔW is stored as the rank-n product
+Rᵀ-by-(solved keys), so a batch of n edits saves as 2·n vectors per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kedit.edits import WeightDelta, compute_in_sequence
+from kedit.hooks import capture, stop_after
+from kedit.lm import LM
+from kedit.methods._locate import (
+    LocateHyperParams,
+    as_param_factors,
+    context_prefixes,
+    keys_at_subject,
+    layer_second_moment,
+    mlp_out_param,
+    optimize_value,
+    subject_end_index,
+)
+from kedit.methods.registry import MethodResult, hp, register
+from kedit.requests import EditRequest
+
+
+@dataclass
+class MEMITHyperParams(LocateHyperParams):
+    layers: list[int] = hp([3, 4, 5, 6, 7, 8], "Layers whose MLP output projections are edited.")
+    clamp_norm_factor: float = hp(0.75, "Clamp ‖δ‖ to this multiple of the residual's norm.")
+    mom2_update_weight: float = hp(15000.0, "λ: weight of the preserved statistics C.")
+
+    def validate(self) -> None:
+        super().validate()
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers: repeated layer in {self.layers!r}")
+        if not self.mom2_update_weight >= 0:
+            raise ValueError(
+                f"mom2_update_weight: expected a number >= 0, got {self.mom2_update_weight!r}"
+            )
+
+
+def least_squares_update(
+    residuals: torch.Tensor, keys: torch.Tensor, moment: torch.Tensor, weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(left, right)` with ΔW = left @ right solving ΔW (λC + KᵀK) = Rᵀ K (rows of K, R = facts).
+
+    left = Rᵀ (out × n), right = Kᵀ-solved (n × in); MEMIT Eq. 14 in row-per-fact notation.
+    """
+    keys, residuals = keys.double(), residuals.double()
+    system = weight * moment + keys.T @ keys
+    right = torch.linalg.solve(system, keys.T).T
+    return residuals.T, right
+
+
+@torch.no_grad()
+def residuals_at_subject(lm: LM, layer: int, requests: list[EditRequest]) -> torch.Tensor:
+    """Block `layer`'s output at each request's subject last token, bare prompt (n × hidden)."""
+    ids, mask = lm.pad([lm.encode(r.text) for r in requests])
+    positions = torch.tensor([subject_end_index(lm, "", r.text, r.subject) for r in requests])
+    block = lm.layout.block(layer)
+    with capture(lm.model, [block]) as seen, stop_after(lm.model, block):
+        lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return seen[block][torch.arange(len(requests)), positions].double()
+
+
+def memit_targets(
+    lm: LM, requests: list[EditRequest], hparams: LocateHyperParams, layer: int
+) -> tuple[torch.Tensor, list[int]]:
+    """Target residuals z_i at block `layer` (n × hidden) and the optimisation steps taken."""
+    prefixes = context_prefixes(lm, hparams)
+    targets, steps = [], []
+    for request in requests:
+        found = optimize_value(lm, request, layer, prefixes, hparams, lm.layout.block(layer))
+        targets.append(found.initial_output.double() + found.delta.double())
+        steps.append(found.steps)
+    return torch.stack(targets), steps
+
+
+def mean_keys(lm: LM, layer: int, requests: list[EditRequest], prefixes: list[str]) -> torch.Tensor:
+    """Each request's key at `layer`, averaged over the context prefixes (n × in)."""
+    return torch.stack(
+        [keys_at_subject(lm, layer, prefixes, request)[0].mean(dim=0) for request in requests]
+    ).double()
+
+
+def spread_over_layers(
+    lm: LM,
+    requests: list[EditRequest],
+    hparams: LocateHyperParams,
+    targets: torch.Tensor,
+    solve: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> list[WeightDelta]:
+    """Distribute the residual change over the layers, lowest first (MEMIT Alg. 1).
+
+    `solve(layer, residuals, keys)` returns the `(left, right)` factors of one layer's update;
+    each layer's update is applied before the next layer's keys and residuals are measured.
+    """
+    layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
+    prefixes = context_prefixes(lm, hparams)
+
+    def compute(index: int) -> list[WeightDelta]:
+        layer = layers[index]
+        keys = mean_keys(lm, layer, requests, prefixes)
+        current = residuals_at_subject(lm, layers[-1], requests)
+        residuals = (targets - current) / (len(layers) - index)
+        left, right = solve(layer, residuals, keys)
+        return [WeightDelta.low_rank(mlp_out_param(lm, layer), *as_param_factors(lm, left, right))]
+
+    return compute_in_sequence(lm.model, range(len(layers)), compute)
+
+
+@register(
+    "memit", MEMITHyperParams, "Mass-editing memory in a transformer (Meng et al., 2023)", True
+)
+def memit(lm: LM, requests: list[EditRequest], hparams: MEMITHyperParams) -> MethodResult:
+    top = max(lm.check_layer(layer) for layer in hparams.layers)
+    targets, steps = memit_targets(lm, requests, hparams, top)
+
+    def solve(layer: int, residuals: torch.Tensor, keys: torch.Tensor):
+        moment = layer_second_moment(lm, hparams, layer)
+        return least_squares_update(residuals, keys, moment, hparams.mom2_update_weight)
+
+    deltas = spread_over_layers(lm, requests, hparams, targets, solve)
+    return MethodResult(deltas, {"value_steps": steps})
