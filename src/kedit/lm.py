@@ -64,8 +64,18 @@ class LM:
             )
         return layer
 
+    @cached_property
+    def start_ids(self) -> list[int]:
+        """Special tokens the tokenizer puts before a text (LLaMA's BOS; none for GPT-2)."""
+        return self.tokenizer("")["input_ids"]
+
     def encode(self, text: str) -> list[int]:
+        """Token ids of a text that continues a sequence (no special tokens)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a text that starts a sequence, with the tokenizer's start tokens."""
+        return self.start_ids + self.encode(text)
 
     def pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad token id lists into `(input_ids, attention_mask)` on the model's device."""
@@ -77,13 +87,6 @@ class LM:
             ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
         return ids.to(self.device), mask.to(self.device)
-
-    def subject_last_token(self, prompt: str, subject: str) -> int:
-        """Index of the last token of the first occurrence of `subject` in `prompt`."""
-        start = prompt.find(subject)
-        if start < 0:
-            raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r}")
-        return len(self.encode(prompt[: start + len(subject)])) - 1
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -147,7 +150,7 @@ def load(
 @torch.no_grad()
 def top_next_tokens(lm: LM, prompt: str, k: int = 5) -> list[tuple[str, float]]:
     """The `k` most likely next tokens after `prompt`, with their probabilities."""
-    ids = torch.tensor([lm.encode(prompt)], device=lm.device)
+    ids = torch.tensor([lm.encode_prompt(prompt)], device=lm.device)
     probs = torch.softmax(lm.model(input_ids=ids, use_cache=False).logits[0, -1].float(), dim=-1)
     values, indices = probs.topk(k)
     return [(lm.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, indices, strict=True)]

@@ -136,7 +136,7 @@ def _collect(
 
     names = {layer: lm.layout.mlp_out_name(layer) for layer in layers}
     deepest = names[max(layers)]
-    encoded = [lm.encode(doc)[:max_length] for doc in docs]
+    encoded = [lm.encode_prompt(doc)[:max_length] for doc in docs]
     encoded = [ids for ids in encoded if ids]
     sums: dict[int, torch.Tensor] = {}
     count = 0

@@ -98,7 +98,7 @@ def context_prefixes(lm: LM, hparams: LocateHyperParams) -> list[str]:
         for length, count in lengths:
             for index in range(count):
                 word = seed_words[index % len(seed_words)]
-                ids = torch.tensor([lm.encode(word)], device=lm.device)
+                ids = torch.tensor([lm.encode_prompt(word)], device=lm.device)
                 out = lm.model.generate(
                     ids,
                     attention_mask=torch.ones_like(ids),
@@ -119,7 +119,7 @@ def subject_end_index(lm: LM, prefix: str, text: str, subject: str) -> int:
     start = text.find(subject)
     if start < 0:
         raise ValueError(f"subject {subject!r} does not occur in prompt {text!r}")
-    return len(lm.encode(prefix + text[: start + len(subject)])) - 1
+    return len(lm.encode_prompt(prefix + text[: start + len(subject)])) - 1
 
 
 @torch.no_grad()
@@ -134,7 +134,7 @@ def keys_at_subject(
     positions = torch.tensor(
         [subject_end_index(lm, prefix, request.text, request.subject) for prefix in prefixes]
     )
-    ids, mask = lm.pad([lm.encode(text) for text in texts])
+    ids, mask = lm.pad([lm.encode_prompt(text) for text in texts])
     name = lm.layout.mlp_out_name(layer)
     with capture(lm.model, [name], "input") as keys, capture(lm.model, [name]) as outs:
         with stop_after(lm.model, name):
@@ -176,12 +176,12 @@ def optimize_value(
     target_ids = lm.encode(request.target_new)
     rows, lookup, target_spans = [], [], []
     for prefix in prefixes:
-        prompt_ids = lm.encode(prefix + request.text)
+        prompt_ids = lm.encode_prompt(prefix + request.text)
         rows.append(prompt_ids + target_ids[:-1])
         lookup.append(subject_end_index(lm, prefix, request.text, request.subject))
         target_spans.append(len(prompt_ids) - 1)
     essence = essence_prompt.replace("{}", request.subject)
-    rows.append(lm.encode(essence))
+    rows.append(lm.encode_prompt(essence))
     lookup.append(subject_end_index(lm, "", essence, request.subject))
     n_rewrite = len(prefixes)
 

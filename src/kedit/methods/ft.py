@@ -50,7 +50,7 @@ def _batch(lm: LM, requests: list[EditRequest], last_token: bool):
     """Token ids, and for each row the positions and ids of the target tokens to score."""
     rows, positions, targets = [], [], []
     for request in requests:
-        prompt_ids, target_ids = lm.encode(request.text), lm.encode(request.target_new)
+        prompt_ids, target_ids = lm.encode_prompt(request.text), lm.encode(request.target_new)
         if last_token:
             rows.append(prompt_ids)
             positions.append([len(prompt_ids) - 1] * len(target_ids))

@@ -68,7 +68,7 @@ def least_squares_update(
 @torch.no_grad()
 def residuals_at_subject(lm: LM, layer: int, requests: list[EditRequest]) -> torch.Tensor:
     """Block `layer`'s output at each request's subject last token, bare prompt (n × hidden)."""
-    ids, mask = lm.pad([lm.encode(r.text) for r in requests])
+    ids, mask = lm.pad([lm.encode_prompt(r.text) for r in requests])
     positions = torch.tensor([subject_end_index(lm, "", r.text, r.subject) for r in requests])
     block = lm.layout.block(layer)
     with capture(lm.model, [block]) as seen, stop_after(lm.model, block):
