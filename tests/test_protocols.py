@@ -164,7 +164,7 @@ def test_evaluate_without_an_edit_reports_pre_only(random_gpt2):
     assert set(result) == {"case_id", "pre"}
     assert result["case_id"] == "7"
     # Absent probes are left out; teacher-forced locality needs a post-edit model.
-    assert set(result["pre"]["teacher_forced"]) == {"reliability"}
+    assert set(result["pre"]["teacher_forced"]) == {"reliability", "robustness"}
 
 
 def test_evaluate_batches_all_requests_together(random_gpt2):
@@ -241,3 +241,17 @@ def test_summarize_averages_per_stage_protocol_and_metric():
     }
     with pytest.raises(ValueError, match="results"):
         summarize([])
+
+
+def test_robustness_contexts_are_unrelated_stable_and_optional(random_gpt2):
+    from kedit.eval.runner import with_contexts
+
+    req = request(rephrase=[], portability=[])
+    first = with_contexts([req], k=3)[0].extra["robustness_contexts"]
+    assert len(first) == 3 and len(set(first)) == 3
+    assert all(req.subject not in sentence for sentence in first)
+    assert with_contexts([req], k=3)[0].extra["robustness_contexts"] == first
+    bare = evaluate(random_gpt2, req, protocols="teacher_forced", contexts=0)
+    assert "robustness" not in bare["pre"]["teacher_forced"]
+    with pytest.raises(ValueError, match="contexts"):
+        evaluate(random_gpt2, req, contexts=-1)

@@ -20,9 +20,12 @@ Metrics per protocol (a metric whose probes are absent is left out):
 
 from __future__ import annotations
 
+import random
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
+from dataclasses import replace
+from functools import lru_cache, partial
 from statistics import mean
 from typing import Any
 
@@ -49,17 +52,68 @@ from kedit.eval.protocols import (
 from kedit.lm import LM
 from kedit.requests import EditRequest, as_requests
 
-__all__ = ["evaluate", "summarize"]
+__all__ = ["assemble", "evaluate", "measure", "summarize"]
 
-PROBES = ("reliability", "generalization", "locality", "portability")
+PROBES = ("reliability", "robustness", "generalization", "locality", "portability")
+DEFAULT_CONTEXTS = 3
 STAGES = ("pre", "post")
 Raw = dict[str, list[dict[str, list[Any]]]]
+
+
+@lru_cache(maxsize=4)
+def context_sentences(corpus: str | None = None) -> tuple[str, ...]:
+    """Sentences of a corpus (the bundled tinyworld corpus by default), to put before prompts."""
+    from kedit.stats import read_corpus
+
+    _, docs = read_corpus(corpus)
+    sentences = (part.strip() for doc in docs for part in doc.split(". "))
+    return tuple(sorted({s if s.endswith(".") else s + "." for s in sentences if len(s) > 3}))
+
+
+def pick_contexts(request: EditRequest, sentences: Sequence[str], k: int, seed: int) -> list[str]:
+    """`k` sentences that do not mention the subject, the same for a request at every call."""
+    if k == 0:
+        return []
+    rng = random.Random(zlib.crc32(f"{seed}|{request.text}".encode()))
+    picked: list[str] = []
+    for _ in range(50 * k):
+        sentence = rng.choice(sentences)
+        if request.subject not in sentence and sentence not in picked:
+            picked.append(sentence)
+            if len(picked) == k:
+                break
+    return picked
+
+
+def with_contexts(
+    requests: list[EditRequest], k: int = DEFAULT_CONTEXTS, seed: int = 0, corpus: str | None = None
+) -> list[EditRequest]:
+    """Requests carrying `k` unrelated preceding sentences each, for the robustness metric
+    (reliability asked after unrelated context); requests that already carry some keep them."""
+    if not isinstance(k, int) or k < 0:
+        raise ValueError(f"contexts: expected a number of sentences >= 0, got {k!r}")
+    if k == 0:
+        return requests
+    sentences = context_sentences(corpus)
+    return [
+        r
+        if "robustness_contexts" in r.extra
+        else replace(
+            r, extra={**r.extra, "robustness_contexts": pick_contexts(r, sentences, k, seed)}
+        )
+        for r in requests
+    ]
+
+
+def _contexts(request: EditRequest) -> list[str]:
+    return list(request.extra.get("robustness_contexts", ()))
 
 
 def _pairs(request: EditRequest) -> dict[str, list[tuple[str, str]]]:
     """Each probe set of a request as (prompt, expected answer) pairs."""
     return {
         "reliability": [(request.text, request.target_new)],
+        "robustness": [(f"{c} {request.text}", request.target_new) for c in _contexts(request)],
         "generalization": [(prompt, request.target_new) for prompt in request.rephrase],
         "locality": [(p.prompt, p.answer) for p in request.locality],
         "portability": [(p.prompt, p.answer) for p in request.portability],
@@ -72,6 +126,7 @@ def _candidates(request: EditRequest) -> dict[str, list[tuple[str, tuple[str, ..
     contrast = () if request.target_true is None else (request.target_true,)
     return {
         "reliability": [(request.text, (new, *contrast))],
+        "robustness": [(f"{c} {request.text}", (new, *contrast)) for c in _contexts(request)],
         "generalization": [(prompt, (new, *contrast)) for prompt in request.rephrase],
         "locality": [(p.prompt, (p.answer, new)) for p in request.locality],
         "portability": [(p.prompt, (p.answer,)) for p in request.portability],
@@ -149,12 +204,12 @@ def _probability(
     request: EditRequest, scores: dict[str, list], pre: dict[str, list] | None
 ) -> dict[str, float]:
     out = {}
-    for name in ("reliability", "generalization"):
+    for name in ("reliability", "robustness", "generalization"):
         if scores[name] and request.target_true is not None:
             out[name] = _mean(more_likely(new, than=true) for new, true in scores[name])
     if scores["locality"]:
         out["locality"] = _mean(more_likely(answer, than=new) for answer, new in scores["locality"])
-    for name in ("reliability", "generalization", "portability"):
+    for name in ("reliability", "robustness", "generalization", "portability"):
         if scores[name]:
             out[f"{name}_nll"] = _mean(nlls[0] for nlls in scores[name])
     return out
@@ -229,6 +284,39 @@ def _check_protocols(protocols: str | Iterable[str]) -> list[str]:
     return list(dict.fromkeys(check_protocol(name) for name in names))
 
 
+def measure(
+    lm: LM,
+    requests: list[EditRequest],
+    protocols: str | Sequence[str] = (TEACHER_FORCED,),
+    batch_size: int = 64,
+    fluency: bool = False,
+    seed: int = 0,
+) -> Raw:
+    """Raw per-probe scores of the model as it is now (for `assemble`); one call scores every
+    request's probes together, in batches."""
+    check_batch_size(batch_size)
+    return _measure(lm, requests, _check_protocols(protocols), batch_size, fluency, seed)
+
+
+def assemble(
+    requests: list[EditRequest], pre: Raw, post: Raw | None = None
+) -> list[dict[str, Any]]:
+    """Per-request metrics from raw scores of the unedited (`pre`) and edited (`post`) model."""
+    results = []
+    for index, request in enumerate(requests):
+        case: dict[str, Any] = {"case_id": request.case_id}
+        case["pre"] = _stage(request, index, pre, None)
+        if post is not None:
+            case["post"] = _stage(request, index, post, pre)
+        if PROBABILITY in pre and request.target_true is None:
+            case["notes"] = [
+                "probability: reliability and generalization (ROME's efficacy and paraphrase "
+                "scores) compare target_new with target_true, which this request lacks"
+            ]
+        results.append(case)
+    return results
+
+
 def evaluate(
     lm: LM,
     requests: EditRequest | Iterable[EditRequest],
@@ -237,8 +325,12 @@ def evaluate(
     batch_size: int = 64,
     fluency: bool = False,
     seed: int = 0,
+    contexts: int = DEFAULT_CONTEXTS,
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """Pre- and post-edit metrics of each request, every number under its protocol.
+
+    `robustness` asks the edit prompt after each of `contexts` unrelated sentences from the
+    tinyworld corpus (an edit that holds only on the bare prompt is not a working edit).
 
     With an `edit`, "post" is measured with it applied and "pre" with it undone (both
     bit-exact); the edit is left applied or not as it was found. Without one, only "pre" is
@@ -248,7 +340,7 @@ def evaluate(
     """
     if not isinstance(lm, LM):
         raise TypeError(f"lm: expected a kedit.LM (from kedit.load), got {type(lm).__name__}")
-    items = as_requests(requests)
+    items = with_contexts(as_requests(requests), contexts, seed)
     names = _check_protocols(protocols)
     check_batch_size(batch_size)
     if edit is not None and not isinstance(edit, Edit):
@@ -256,30 +348,18 @@ def evaluate(
     if edit is not None and edit.lm is not lm:
         raise ValueError(f"edit: it was made on another model object than lm ({lm.name!r})")
 
-    def measure() -> Raw:
+    def run() -> Raw:
         return _measure(lm, items, names, batch_size, fluency, seed)
 
-    raw: dict[str, Raw] = {}
+    post = None
     if edit is None:
-        raw["pre"] = measure()
+        pre = run()
     else:
         with _edit_state(edit, applied=True):
-            raw["post"] = measure()
+            post = run()
         with _edit_state(edit, applied=False):
-            raw["pre"] = measure()
-
-    results = []
-    for index, request in enumerate(items):
-        case: dict[str, Any] = {"case_id": request.case_id}
-        case["pre"] = _stage(request, index, raw["pre"], None)
-        if "post" in raw:
-            case["post"] = _stage(request, index, raw["post"], raw["pre"])
-        if PROBABILITY in names and request.target_true is None:
-            case["notes"] = [
-                "probability: reliability and generalization (ROME's efficacy and paraphrase "
-                "scores) compare target_new with target_true, which this request lacks"
-            ]
-        results.append(case)
+            pre = run()
+    results = assemble(items, pre, post)
     return results[0] if isinstance(requests, EditRequest) else results
 
 
