@@ -17,7 +17,7 @@ MODELS = ["tiny-gpt2", "tiny-llama"]
 def main() -> None:
     import kedit
     from kedit.data import load_requests
-    from kedit.eval.bench import run_independent
+    from kedit.eval.bench import BenchConfig, run_bench
     from kedit.zoo import benchmark_path
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -32,9 +32,8 @@ def main() -> None:
     for model in args.models:
         lm = kedit.load(model)
         for method in args.methods:
-            summary = run_independent(
-                lm, requests, method, args.out / model / method, data=str(data.name)
-            )
+            config = BenchConfig(method=method, data=data.name)
+            summary = run_bench(lm, requests, config, args.out / model / method)
             post = summary["metrics"]["post"]["teacher_forced"]
             results.append(
                 {

@@ -161,51 +161,73 @@ def bench(
     model: ModelOpt = DEMO_MODEL,
     method: MethodOpt = "rome",
     n: Annotated[int | None, typer.Option(help="Use the first N cases.")] = None,
+    mode: Annotated[str, typer.Option(help="independent, batch or sequential.")] = "independent",
+    batch_size: Annotated[int, typer.Option(help="Cases per edit (batch, sequential).")] = 1,
+    schedule: Annotated[
+        str, typer.Option(help="Sequential evaluation: after-each or after-all.")
+    ] = "after-each",
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Sequential: re-evaluate everything every K edits (0: never).")
+    ] = 0,
     protocol: Annotated[
         list[str] | None, typer.Option(help="teacher_forced, probability or generation.")
     ] = None,
+    contexts: Annotated[
+        int, typer.Option(help="Unrelated sentences per case for the robustness metric.")
+    ] = 3,
+    seed: int = 0,
     hparam: HparamOpt = None,
     hparams_file: HparamFileOpt = None,
 ) -> None:
-    """Independent editing over a benchmark: edit, evaluate, undo, per case."""
+    """Run a benchmark: edit, evaluate (pre and post), undo; results stream to --out."""
     from rich.progress import Progress
 
     import kedit
     from kedit.data import load_requests
-    from kedit.eval.bench import run_independent
+    from kedit.eval.bench import BenchConfig, run_bench
+    from kedit.eval.runner import context_sentences
 
     if not data.is_file():
         raise FileNotFoundError(f"--data: {str(data)!r} does not exist")
     if n is not None and n < 1:
         raise ValueError(f"--n: expected a positive number of cases, got {n}")
+    config = BenchConfig(
+        method=method,
+        mode=mode,
+        batch_size=batch_size,
+        schedule=schedule,
+        checkpoint_every=checkpoint_every,
+        protocols=protocol or ["teacher_forced"],
+        hparams=parse_hparams(hparam, hparams_file),
+        contexts=contexts,
+        seed=seed,
+        data=str(data),
+    )
+    config.validate()
     requests = load_requests(data, n=n)
-    hparams = parse_hparams(hparam, hparams_file)
     lm = kedit.load(model)
+    heldout = list(context_sentences()[:200]) if checkpoint_every else None
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"{method} on {data.name}", total=len(requests))
-        summary = run_independent(
-            lm,
-            requests,
-            method,
-            out,
-            hparams=hparams,
-            protocols=tuple(protocol or ["teacher_forced"]),
-            data=str(data),
-            on_case=lambda _: bar.advance(task),
+        summary = run_bench(
+            lm, requests, config, out, on_case=lambda _: bar.advance(task), heldout_texts=heldout
         )
-        bar.update(task, completed=len(requests))
-    table = Table(title=f"{method} on {lm.name}, {len(requests)} cases", title_justify="left")
-    for column in ("stage", "protocol", "metric", "mean"):
-        table.add_column(column)
-    for stage, protocols in summary["metrics"].items():
-        for name, metrics in protocols.items():
-            for metric, value in metrics.items():
-                table.add_row(stage, name, metric, f"{value:.3f}")
-    console.print(table)
+    show_summary(summary, f"{method} ({mode}) on {lm.name}, {len(requests)} cases")
     console.print(
         f"median edit {summary['edit_seconds_median']:.3f} s, "
         f"evaluation {summary['eval_seconds_median']:.3f} s per case; results in {out}"
     )
+
+
+def show_summary(summary: dict[str, Any], title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in ("stage", "protocol", "metric", "mean"):
+        table.add_column(column)
+    for stage in ("pre", "post"):
+        for name, metrics in (summary["metrics"].get(stage) or {}).items():
+            for metric, value in metrics.items():
+                table.add_row(stage, name, metric, f"{value:.3f}")
+    console.print(table)
 
 
 @app.command()

@@ -1,7 +1,15 @@
-"""Independent-editing benchmark loop: edit, evaluate, undo, one case at a time.
+"""Benchmark loops: independent, batch and sequential editing, streamed to JSONL.
 
-Each case's result is appended to `cases.jsonl` as soon as it is known, so an interrupted run
-resumes where it stopped; `summary.json` is written at the end.
+- `independent`: every case is edited on the unedited model, evaluated, and undone.
+- `batch`: cases are edited `batch_size` at a time, evaluated, and undone.
+- `sequential`: edits (of `batch_size` cases each) pile up on one model. With the `after-each`
+  schedule each edit's cases are evaluated right after it is applied; with `after-all` every
+  case is evaluated after the last edit. Every `checkpoint_every` edits all cases edited so far
+  are re-evaluated and a held-out perplexity is measured, to see collapse as it happens.
+
+The unedited model's scores ("pre") do not depend on any edit, so they are measured once for
+all cases, in batches. Each case's result is appended to `cases.jsonl` as soon as it is known;
+an interrupted run resumes where it stopped (a sequential run re-applies its saved edits).
 """
 
 from __future__ import annotations
@@ -9,21 +17,55 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
 from typing import Any
 
-from kedit.api import edit as edit_model
-from kedit.eval.runner import evaluate, summarize
+from kedit.eval.runner import Raw, assemble, measure, summarize, with_contexts
 from kedit.lm import LM
 from kedit.requests import EditRequest
 
 CASES_FILE = "cases.jsonl"
+CHECKPOINTS_FILE = "checkpoints.jsonl"
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+EDITS_DIR = "edits"
+MODES = ("independent", "batch", "sequential")
+SCHEDULES = ("after-each", "after-all")
 
 
-def _done_cases(path: Path) -> list[dict[str, Any]]:
+@dataclass
+class BenchConfig:
+    """Everything that determines a benchmark run; stored in `config.json` beside the results."""
+
+    method: str
+    mode: str = "independent"
+    batch_size: int = 1
+    schedule: str = "after-each"
+    checkpoint_every: int = 0
+    protocols: list[str] = field(default_factory=lambda: ["teacher_forced"])
+    hparams: dict[str, Any] = field(default_factory=dict)
+    contexts: int = 3
+    seed: int = 0
+    data: str = ""
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode: {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError(
+                f"checkpoint_every: expected an integer >= 0, got {self.checkpoint_every!r}"
+            )
+        if self.mode == "independent" and self.batch_size != 1:
+            raise ValueError("batch_size: independent mode edits one case at a time; use batch")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Complete records of an earlier run; a line cut off by an interruption is dropped."""
     if not path.exists():
         return []
@@ -37,69 +79,183 @@ def _done_cases(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def run_independent(
+def _pick(raw: Raw, indices: list[int]) -> Raw:
+    return {protocol: [per_request[i] for i in indices] for protocol, per_request in raw.items()}
+
+
+class _Run:
+    """State of one benchmark run: its folder, the pre scores, and the records so far."""
+
+    def __init__(self, lm: LM, requests: list[EditRequest], config: BenchConfig, out: Path):
+        self.lm, self.config, self.out = lm, config, out
+        self.requests = with_contexts(requests, config.contexts, config.seed)
+        self.ids = [r.case_id if r.case_id is not None else str(i) for i, r in enumerate(requests)]
+        self.cases = _read_jsonl(out / CASES_FILE)
+        self.checkpoints = _read_jsonl(out / CHECKPOINTS_FILE)
+        self.done = {r["case_id"] for r in self.cases}
+        self._pre: Raw | None = None
+
+    def measure(self, indices: list[int]) -> Raw:
+        c = self.config
+        return measure(self.lm, [self.requests[i] for i in indices], c.protocols, seed=c.seed)
+
+    def pre(self, indices: list[int]) -> Raw:
+        if self._pre is None:
+            self._pre = self.measure(list(range(len(self.requests))))
+        return _pick(self._pre, indices)
+
+    def record(self, indices: list[int], post: Raw, extra: dict[str, Any]) -> list[dict[str, Any]]:
+        results = assemble([self.requests[i] for i in indices], self.pre(indices), post)
+        records = []
+        with (self.out / CASES_FILE).open("a") as sink:
+            for index, result in zip(indices, results, strict=True):
+                record = {"case_id": self.ids[index], "result": result, **extra}
+                sink.write(json.dumps(record) + "\n")
+                records.append(record)
+        self.cases.extend(records)
+        self.done.update(r["case_id"] for r in records)
+        return records
+
+
+def run_bench(
     lm: LM,
     requests: list[EditRequest],
-    method: str,
+    config: BenchConfig,
     out_dir: str | Path,
-    hparams: dict[str, Any] | None = None,
-    protocols: tuple[str, ...] = ("teacher_forced",),
-    data: str = "",
     on_case: Callable[[dict[str, Any]], None] | None = None,
+    heldout_texts: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run every request as its own edit on the unedited model; returns the summary."""
+    """Run a benchmark into `out_dir` (resuming what is there); returns the summary."""
+    config.validate()
+    if not requests:
+        raise ValueError("requests: the benchmark has no cases")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = {
-        "mode": "independent",
-        "model": lm.name,
-        "model_fingerprint": lm.fingerprint,
-        "method": method,
-        "hparams": hparams or {},
-        "protocols": list(protocols),
-        "data": data,
-        "n_cases": len(requests),
-    }
+    header = {"model": lm.name, "model_fingerprint": lm.fingerprint, "n_cases": len(requests)}
+    header.update(asdict(config))
     config_path = out / CONFIG_FILE
     if config_path.exists():
         earlier = json.loads(config_path.read_text())
-        if earlier != config:
-            changed = sorted(k for k in config if earlier.get(k) != config[k])
+        changed = sorted(k for k in header if earlier.get(k) != header[k])
+        if changed:
             raise ValueError(
                 f"out: {str(out)!r} holds a run with other settings ({', '.join(changed)}); "
                 "use another folder or delete it"
             )
-    config_path.write_text(json.dumps(config, indent=2))
-    cases_path = out / CASES_FILE
-    records = _done_cases(cases_path)
-    done = {r["case_id"] for r in records}
-    with cases_path.open("a") as sink:
-        for index, request in enumerate(requests):
-            case_id = request.case_id if request.case_id is not None else str(index)
-            if case_id in done:
-                continue
-            started = time.perf_counter()
-            edit = edit_model(lm, request, method=method, hparams=hparams)
-            edited = time.perf_counter()
-            result = evaluate(lm, request, edit=edit, protocols=protocols)
-            evaluated = time.perf_counter()
-            edit.undo()
-            record = {
-                "case_id": case_id,
-                "result": result,
-                "edit_seconds": edited - started,
-                "eval_seconds": evaluated - edited,
-            }
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
-            records.append(record)
-            if on_case is not None:
-                on_case(record)
+    config_path.write_text(json.dumps(header, indent=2))
+    run = _Run(lm, requests, config, out)
+    notify = on_case or (lambda record: None)
+    for record in run.cases:
+        notify(record)
+    chunks = [
+        list(range(start, min(start + config.batch_size, len(requests))))
+        for start in range(0, len(requests), config.batch_size)
+    ]
+    if config.mode == "sequential":
+        _sequential(run, chunks, notify, heldout_texts)
+    else:
+        _independent(run, chunks, notify)
     summary = {
-        **config,
-        "metrics": summarize([r["result"] for r in records]),
-        "edit_seconds_median": median(r["edit_seconds"] for r in records) if records else None,
-        "eval_seconds_median": median(r["eval_seconds"] for r in records) if records else None,
+        **header,
+        "metrics": summarize([r["result"] for r in run.cases]),
+        "edit_seconds_median": median(r["edit_seconds"] for r in run.cases),
+        "eval_seconds_median": median(r["eval_seconds"] for r in run.cases),
     }
+    if run.checkpoints:
+        summary["checkpoints"] = run.checkpoints
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _independent(run: _Run, chunks: list[list[int]], notify: Callable) -> None:
+    from kedit.api import edit as edit_model
+
+    config = run.config
+    for chunk in chunks:
+        todo = [i for i in chunk if run.ids[i] not in run.done]
+        if not todo:
+            continue
+        run.pre(todo)
+        started = time.perf_counter()
+        edit = edit_model(
+            run.lm, [run.requests[i] for i in todo], method=config.method, hparams=config.hparams
+        )
+        edited = time.perf_counter()
+        try:
+            post = run.measure(todo)
+        finally:
+            edit.undo()
+        timing = {"edit_seconds": edited - started, "eval_seconds": time.perf_counter() - edited}
+        for record in run.record(todo, post, timing):
+            notify(record)
+
+
+def _sequential(
+    run: _Run, chunks: list[list[int]], notify: Callable, heldout: list[str] | None
+) -> None:
+    from kedit.api import apply as apply_edit
+    from kedit.eval.protocols import perplexity
+    from kedit.session import Session
+
+    config = run.config
+    edits_dir = run.out / EDITS_DIR
+    edits_dir.mkdir(exist_ok=True)
+    session = Session(run.lm, config.method, config.hparams)
+    heldout = heldout or []
+    base_ppl = perplexity(run.lm, heldout) if heldout else None
+    applied: list[int] = []
+    edit_seconds: dict[int, float] = {}
+    try:
+        for step, chunk in enumerate(chunks):
+            path = edits_dir / f"{step:06d}.kedit"
+            started = time.perf_counter()
+            if path.exists():
+                edit = session.adopt(apply_edit(run.lm, path))
+            else:
+                edit = session.edit([run.requests[i] for i in chunk])
+                edit.save(path)
+            edited = time.perf_counter()
+            applied.extend(chunk)
+            edit_seconds.update((i, edited - started) for i in chunk)
+            if config.schedule == "after-each" and any(run.ids[i] not in run.done for i in chunk):
+                post = run.measure(chunk)
+                timing = {
+                    "edit_seconds": edited - started,
+                    "eval_seconds": time.perf_counter() - edited,
+                    "edits_applied": step + 1,
+                }
+                for record in run.record(chunk, post, timing):
+                    notify(record)
+            at_checkpoint = config.checkpoint_every and (step + 1) % config.checkpoint_every == 0
+            if at_checkpoint and len(run.checkpoints) < (step + 1) // config.checkpoint_every:
+                _checkpoint(run, applied, step + 1, heldout, base_ppl, perplexity)
+        if config.schedule == "after-all":
+            todo = [i for i in applied if run.ids[i] not in run.done]
+            if todo:
+                started = time.perf_counter()
+                post = run.measure(todo)
+                seconds = (time.perf_counter() - started) / len(todo)
+                for index in todo:
+                    timing = {"edit_seconds": edit_seconds[index], "eval_seconds": seconds}
+                    for record in run.record([index], _pick(post, [todo.index(index)]), timing):
+                        notify(record)
+    finally:
+        session.undo()
+
+
+def _checkpoint(
+    run: _Run,
+    applied: list[int],
+    edits: int,
+    heldout: list[str],
+    base_ppl: float | None,
+    perplexity: Callable[[LM, list[str]], float],
+) -> None:
+    results = assemble([run.requests[i] for i in applied], run.pre(applied), run.measure(applied))
+    point: dict[str, Any] = {"edits": edits, "cases": len(applied), **summarize(results)}
+    if heldout:
+        point["heldout_perplexity"] = perplexity(run.lm, heldout)
+        point["heldout_perplexity_unedited"] = base_ppl
+    with (run.out / CHECKPOINTS_FILE).open("a") as sink:
+        sink.write(json.dumps(point) + "\n")
+    run.checkpoints.append(point)

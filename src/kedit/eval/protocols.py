@@ -192,3 +192,21 @@ def sample_continuations(
                 lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
             )
     return continuations
+
+
+@torch.no_grad()
+def perplexity(lm: LM, texts: Sequence[str], batch_size: int = 32) -> float:
+    """exp of the mean NLL per predicted token over `texts` (each text scored on its own)."""
+    check_batch_size(batch_size)
+    if not texts:
+        raise ValueError("texts: expected at least one text for perplexity, got none")
+    total, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        ids, mask = lm.pad([lm.encode_prompt(t) for t in texts[start : start + batch_size]])
+        logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        token_logp = logp.gather(2, ids[:, 1:, None]).squeeze(-1)
+        real = mask[:, 1:].bool()
+        total -= float(token_logp[real].sum())
+        count += int(real.sum())
+    return float(torch.exp(torch.tensor(total / max(count, 1))))
