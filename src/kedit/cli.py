@@ -153,11 +153,21 @@ def edit_command(
         console.print(f"Saved the edit to {edit.save(save)}")
 
 
-@app.command()
+bench_app = typer.Typer(help="Run benchmarks; `kedit bench merge` combines shards.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback(invoke_without_command=True)
 @friendly_errors
 def bench(
-    data: Annotated[Path, typer.Option(help="Benchmark file (CounterFact or KnowEdit JSON).")],
-    out: Annotated[Path, typer.Option(help="Output folder; an interrupted run resumes here.")],
+    ctx: typer.Context,
+    data: Annotated[
+        Path | None, typer.Option(help="Benchmark file (any supported format).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder; re-running resumes.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML plan: models x methods x datasets ...")
+    ] = None,
     model: ModelOpt = DEMO_MODEL,
     method: MethodOpt = "rome",
     n: Annotated[int | None, typer.Option(help="Use the first N cases.")] = None,
@@ -175,58 +185,90 @@ def bench(
     contexts: Annotated[
         int, typer.Option(help="Unrelated sentences per case for the robustness metric.")
     ] = 3,
-    seed: int = 0,
+    seeds: Annotated[int, typer.Option(help="Seeds to run; numbers report mean [min, max].")] = 3,
+    shard: Annotated[str, typer.Option(help="Run only shard i of n, written i/n.")] = "0/1",
     hparam: HparamOpt = None,
     hparams_file: HparamFileOpt = None,
 ) -> None:
     """Run a benchmark: edit, evaluate (pre and post), undo; results stream to --out."""
     from rich.progress import Progress
 
-    import kedit
-    from kedit.data import load_requests
-    from kedit.eval.bench import BenchConfig, run_bench
-    from kedit.eval.runner import context_sentences
+    from kedit.eval.plan import Plan, load_plan, run_plan
 
-    if not data.is_file():
-        raise FileNotFoundError(f"--data: {str(data)!r} does not exist")
-    if n is not None and n < 1:
-        raise ValueError(f"--n: expected a positive number of cases, got {n}")
-    config = BenchConfig(
-        method=method,
-        mode=mode,
-        batch_size=batch_size,
-        schedule=schedule,
-        checkpoint_every=checkpoint_every,
-        protocols=protocol or ["teacher_forced"],
-        hparams=parse_hparams(hparam, hparams_file),
-        contexts=contexts,
-        seed=seed,
-        data=str(data),
-    )
-    config.validate()
-    requests = load_requests(data, n=n)
-    lm = kedit.load(model)
-    heldout = list(context_sentences()[:200]) if checkpoint_every else None
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"{method} on {data.name}", total=len(requests))
-        summary = run_bench(
-            lm, requests, config, out, on_case=lambda _: bar.advance(task), heldout_texts=heldout
+    if ctx.invoked_subcommand is not None:
+        return
+    if out is None:
+        raise ValueError("--out: give the output folder of the run")
+    if config is not None:
+        plan = load_plan(config)
+    else:
+        if data is None:
+            raise ValueError("--data: give a benchmark file, or a plan with --config")
+        if not data.is_file():
+            raise FileNotFoundError(f"--data: {str(data)!r} does not exist")
+        plan = Plan(
+            models=[model],
+            methods=[method],
+            datasets=[str(data)],
+            modes=[
+                {
+                    "mode": mode,
+                    "batch_size": batch_size,
+                    "schedule": schedule,
+                    "checkpoint_every": checkpoint_every,
+                }
+            ],
+            protocols=protocol or ["teacher_forced"],
+            hparams={method: parse_hparams(hparam, hparams_file)},
+            n=n,
+            seeds=seeds,
+            contexts=contexts,
         )
-    show_summary(summary, f"{method} ({mode}) on {lm.name}, {len(requests)} cases")
-    console.print(
-        f"median edit {summary['edit_seconds_median']:.3f} s, "
-        f"evaluation {summary['eval_seconds_median']:.3f} s per case; results in {out}"
-    )
+    plan.configs(shard)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("benchmark", total=None)
+        aggregate = run_plan(
+            plan,
+            out,
+            shard=shard,
+            on_case=lambda _: bar.advance(task),
+            on_run=lambda label: bar.update(task, description=label),
+        )
+    for run in aggregate["runs"]:
+        title = f"{run['model']} / {run['method']} / {run['dataset']} / {run['mode']}"
+        show_summary(run["metrics"], f"{title}, {run['seeds']} seed(s)")
+    console.print(f"report: {out / 'report.md'}; per-case results under {out}")
+
+
+@bench_app.command("merge")
+@friendly_errors
+def bench_merge(
+    folders: Annotated[list[Path], typer.Argument(help="Output folders of the shards.")],
+    out: Annotated[Path, typer.Option(help="Folder for the merged run.")],
+) -> None:
+    """Combine the shards of one benchmark run (`--shard i/n`) into one."""
+    from kedit.eval.bench import merge_runs
+
+    summary = merge_runs(folders, out)
+    show_summary({"metrics": summary["metrics"]}, f"merged {len(folders)} shards")
 
 
 def show_summary(summary: dict[str, Any], title: str) -> None:
+    """Means per stage, protocol and metric; with several seeds, [min, max] beside them."""
     table = Table(title=title, title_justify="left")
     for column in ("stage", "protocol", "metric", "mean"):
         table.add_column(column)
+    metrics_by_stage = summary.get("metrics", summary)
     for stage in ("pre", "post"):
-        for name, metrics in (summary["metrics"].get(stage) or {}).items():
+        for name, metrics in (metrics_by_stage.get(stage) or {}).items():
             for metric, value in metrics.items():
-                table.add_row(stage, name, metric, f"{value:.3f}")
+                if isinstance(value, dict):
+                    shown = f"{value['mean']:.3f}"
+                    if value["n"] > 1:
+                        shown += f" [{value['min']:.3f}, {value['max']:.3f}]"
+                else:
+                    shown = f"{value:.3f}"
+                table.add_row(stage, name, metric, shown)
     console.print(table)
 
 

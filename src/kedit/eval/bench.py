@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -49,6 +49,7 @@ class BenchConfig:
     contexts: int = 3
     seed: int = 0
     data: str = ""
+    shard: str = "0/1"
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -63,6 +64,40 @@ class BenchConfig:
             )
         if self.mode == "independent" and self.batch_size != 1:
             raise ValueError("batch_size: independent mode edits one case at a time; use batch")
+        self.shard_index()
+
+    def shard_index(self) -> tuple[int, int]:
+        """`(i, n)` of a shard written "i/n": this run takes cases i, i+n, i+2n, ..."""
+        index, _, count = self.shard.partition("/")
+        try:
+            i, n = int(index), int(count)
+        except ValueError:
+            i, n = -1, 0
+        if not 0 <= i < n:
+            raise ValueError(f"shard: expected 'i/n' with 0 <= i < n, got {self.shard!r}")
+        return i, n
+
+    def seeded_hparams(self) -> dict[str, Any]:
+        """The user's hparams, with the context-prefix seed following the run's seed."""
+        from kedit.methods.registry import get_method
+
+        fields = get_method(self.method).hparams.field_help()
+        if "prefix_seed" in fields and "prefix_seed" not in self.hparams:
+            return {**self.hparams, "prefix_seed": self.seed}
+        return dict(self.hparams)
+
+
+def select_cases(requests: list[EditRequest], config: BenchConfig) -> list[EditRequest]:
+    """This shard's cases; a sequential run takes them in an order shuffled by the seed."""
+    import random
+
+    index, count = config.shard_index()
+    cases = [
+        r if r.case_id is not None else replace(r, case_id=str(i)) for i, r in enumerate(requests)
+    ][index::count]
+    if config.mode == "sequential":
+        random.Random(config.seed).shuffle(cases)
+    return cases
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -89,7 +124,7 @@ class _Run:
     def __init__(self, lm: LM, requests: list[EditRequest], config: BenchConfig, out: Path):
         self.lm, self.config, self.out = lm, config, out
         self.requests = with_contexts(requests, config.contexts, config.seed)
-        self.ids = [r.case_id if r.case_id is not None else str(i) for i, r in enumerate(requests)]
+        self.ids = [r.case_id for r in requests]
         self.cases = _read_jsonl(out / CASES_FILE)
         self.checkpoints = _read_jsonl(out / CHECKPOINTS_FILE)
         self.done = {r["case_id"] for r in self.cases}
@@ -143,7 +178,7 @@ def run_bench(
                 "use another folder or delete it"
             )
     config_path.write_text(json.dumps(header, indent=2))
-    run = _Run(lm, requests, config, out)
+    run = _Run(lm, select_cases(requests, config), config, out)
     notify = on_case or (lambda record: None)
     for record in run.cases:
         notify(record)
@@ -155,14 +190,20 @@ def run_bench(
         _sequential(run, chunks, notify, heldout_texts)
     else:
         _independent(run, chunks, notify)
+    return _write_summary(out, header, run.cases, run.checkpoints)
+
+
+def _write_summary(
+    out: Path, header: dict[str, Any], cases: list[dict], checkpoints: list[dict]
+) -> dict[str, Any]:
     summary = {
         **header,
-        "metrics": summarize([r["result"] for r in run.cases]),
-        "edit_seconds_median": median(r["edit_seconds"] for r in run.cases),
-        "eval_seconds_median": median(r["eval_seconds"] for r in run.cases),
+        "metrics": summarize([r["result"] for r in cases]),
+        "edit_seconds_median": median(r["edit_seconds"] for r in cases),
+        "eval_seconds_median": median(r["eval_seconds"] for r in cases),
     }
-    if run.checkpoints:
-        summary["checkpoints"] = run.checkpoints
+    if checkpoints:
+        summary["checkpoints"] = checkpoints
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -177,9 +218,8 @@ def _independent(run: _Run, chunks: list[list[int]], notify: Callable) -> None:
             continue
         run.pre(todo)
         started = time.perf_counter()
-        edit = edit_model(
-            run.lm, [run.requests[i] for i in todo], method=config.method, hparams=config.hparams
-        )
+        requests = [run.requests[i] for i in todo]
+        edit = edit_model(run.lm, requests, method=config.method, hparams=config.seeded_hparams())
         edited = time.perf_counter()
         try:
             post = run.measure(todo)
@@ -200,7 +240,7 @@ def _sequential(
     config = run.config
     edits_dir = run.out / EDITS_DIR
     edits_dir.mkdir(exist_ok=True)
-    session = Session(run.lm, config.method, config.hparams)
+    session = Session(run.lm, config.method, config.seeded_hparams())
     heldout = heldout or []
     base_ppl = perplexity(run.lm, heldout) if heldout else None
     applied: list[int] = []
@@ -259,3 +299,26 @@ def _checkpoint(
     with (run.out / CHECKPOINTS_FILE).open("a") as sink:
         sink.write(json.dumps(point) + "\n")
     run.checkpoints.append(point)
+
+
+def merge_runs(folders: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """Combine the shards of one benchmark (same settings but the shard) into `out_dir`."""
+    if not folders:
+        raise ValueError("folders: expected the output folders of the shards to merge")
+    configs, records = [], {}
+    for folder in map(Path, folders):
+        path = folder / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(folder)!r} is not a benchmark output folder")
+        configs.append({k: v for k, v in json.loads(path.read_text()).items() if k != "shard"})
+        for record in _read_jsonl(folder / CASES_FILE):
+            records.setdefault(record["case_id"], record)
+    if any(config != configs[0] for config in configs):
+        raise ValueError("folders: the shards were run with different settings")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    header = {**configs[0], "shard": "merged", "merged_from": [str(f) for f in folders]}
+    (out / CONFIG_FILE).write_text(json.dumps(header, indent=2))
+    cases = list(records.values())
+    (out / CASES_FILE).write_text("".join(json.dumps(r) + "\n" for r in cases))
+    return _write_summary(out, header, cases, [])

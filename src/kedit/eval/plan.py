@@ -1,0 +1,188 @@
+"""A benchmark plan: models × methods × datasets × modes × seeds, run into one folder.
+
+Each combination runs with `run_bench` into `<out>/<model>/<method>/<dataset>/<mode>/seed-<k>`
+(so everything resumes), then the seeds are aggregated (mean, min, max) into `summary.json`,
+a Markdown report with the KnowEdit-style and CounterFact tables, and bar plots.
+
+A plan file is YAML:
+
+    models: [tiny-gpt2, tiny-llama]
+    methods: [rome, ft-m]
+    datasets: [src/kedit/zoo/data/tinyworld_knowedit.json]
+    modes: [independent, {mode: sequential, batch_size: 10, schedule: after-all}]
+    protocols: [teacher_forced, probability]
+    hparams: {rome: {v_lr: 0.3}}
+    n: 100
+    seeds: 3
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kedit.eval.bench import BenchConfig, run_bench
+from kedit.eval.report import (
+    COUNTERFACT_COLUMNS,
+    KNOWEDIT_COLUMNS,
+    markdown,
+    plot_bars,
+    plot_curves,
+    spread,
+)
+
+DEFAULT_SEEDS = 3
+MODE_KEYS = {"mode", "batch_size", "schedule", "checkpoint_every"}
+
+
+@dataclass
+class Plan:
+    models: list[str]
+    methods: list[str]
+    datasets: list[str]
+    modes: list[dict[str, Any]] = field(default_factory=lambda: [{"mode": "independent"}])
+    protocols: list[str] = field(default_factory=lambda: ["teacher_forced"])
+    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    n: int | None = None
+    seeds: int = DEFAULT_SEEDS
+    contexts: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("models", "methods", "datasets"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif not value:
+                raise ValueError(f"{name}: expected at least one entry, got {value!r}")
+        self.modes = [{"mode": m} if isinstance(m, str) else dict(m) for m in self.modes]
+        for index, mode in enumerate(self.modes):
+            unknown = set(mode) - MODE_KEYS
+            if unknown or "mode" not in mode:
+                raise ValueError(
+                    f"modes[{index}]: expected a mode name or a mapping with 'mode' and some of "
+                    f"{sorted(MODE_KEYS - {'mode'})}, got {mode!r}"
+                )
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds: expected a positive number of seeds, got {self.seeds!r}")
+        if self.n is not None and (not isinstance(self.n, int) or self.n < 1):
+            raise ValueError(f"n: expected a positive number of cases, got {self.n!r}")
+        for method in self.hparams:
+            if method not in self.methods:
+                raise ValueError(f"hparams: {method!r} is not one of the plan's methods")
+
+    def configs(self, shard: str = "0/1") -> list[tuple[str, str, dict[str, Any], BenchConfig]]:
+        """`(model, dataset, mode, config)` for every run of the plan, validated."""
+        runs = []
+        for model in self.models:
+            for dataset in self.datasets:
+                for method in self.methods:
+                    for mode in self.modes:
+                        for seed in range(self.seeds):
+                            config = BenchConfig(
+                                method=method,
+                                protocols=list(self.protocols),
+                                hparams=dict(self.hparams.get(method, {})),
+                                contexts=self.contexts,
+                                seed=seed,
+                                data=str(dataset),
+                                shard=shard,
+                                **mode,
+                            )
+                            config.validate()
+                            runs.append((model, dataset, mode, config))
+        return runs
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan from YAML; unknown keys are an error that names them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"plan: {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"plan: {str(path)!r} must hold a mapping")
+    known = {f.name for f in fields(Plan)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"plan: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    return Plan(**data)
+
+
+def _label(mode: dict[str, Any]) -> str:
+    extra = [f"{k}={v}" for k, v in sorted(mode.items()) if k != "mode"]
+    return mode["mode"] + (f"[{','.join(extra)}]" if extra else "")
+
+
+def run_plan(
+    plan: Plan,
+    out_dir: str | Path,
+    shard: str = "0/1",
+    on_case: Callable[[dict[str, Any]], None] | None = None,
+    on_run: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run every combination of the plan; returns the aggregate written to `summary.json`."""
+    import kedit
+    from kedit.data import load_requests
+    from kedit.eval.runner import context_sentences
+
+    out = Path(out_dir)
+    runs = plan.configs(shard)
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    loaded: dict[str, Any] = {}
+    data: dict[str, list] = {}
+    for model, dataset, mode, config in runs:
+        if model not in loaded:
+            loaded.clear()
+            loaded[model] = kedit.load(model)
+        if dataset not in data:
+            data[dataset] = load_requests(dataset, n=plan.n)
+        folder = out / model / config.method / Path(dataset).stem / _label(mode)
+        if on_run is not None:
+            on_run(
+                f"{model} {config.method} {Path(dataset).name} {_label(mode)} seed {config.seed}"
+            )
+        heldout = list(context_sentences()[:200]) if config.checkpoint_every else None
+        summary = run_bench(
+            loaded[model],
+            data[dataset],
+            config,
+            folder / f"seed-{config.seed}",
+            on_case=on_case,
+            heldout_texts=heldout,
+        )
+        if summary.get("checkpoints"):
+            curves = folder / f"curves-seed-{config.seed}.png"
+            plot_curves(summary["checkpoints"], plan.protocols[0], curves, config.method)
+        key = (model, config.method, Path(dataset).stem, _label(mode))
+        groups.setdefault(key, []).append(summary)
+    aggregate = {
+        "runs": [
+            {
+                "model": model,
+                "method": method,
+                "dataset": dataset,
+                "mode": mode,
+                "seeds": len(summaries),
+                "metrics": spread(summaries),
+                "edit_seconds_median": [s["edit_seconds_median"] for s in summaries],
+            }
+            for (model, method, dataset, mode), summaries in groups.items()
+        ]
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(aggregate, indent=2))
+    rows = [
+        (f"{r['model']} / {r['method']} / {r['dataset']} / {r['mode']}", r["metrics"])
+        for r in aggregate["runs"]
+    ]
+    report = markdown("KnowEdit-style table", rows, KNOWEDIT_COLUMNS)
+    report += "\n" + markdown("CounterFact table (ROME's columns)", rows, COUNTERFACT_COLUMNS)
+    (out / "report.md").write_text(report)
+    for protocol in plan.protocols:
+        plot_bars(rows, protocol, out / f"bars_{protocol}.png")
+    return aggregate

@@ -1,0 +1,145 @@
+"""Reports as the field prints them: spread over seeds, KnowEdit and CounterFact tables, plots.
+
+Every table names the protocol of its numbers; numbers of different protocols never share a
+column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+# (column title, stage, protocol, metric) of the two tables the field prints.
+KNOWEDIT_COLUMNS = [
+    ("Edit Succ.", "post", "teacher_forced", "reliability"),
+    ("Robustness", "post", "teacher_forced", "robustness"),
+    ("Generalization", "post", "teacher_forced", "generalization"),
+    ("Portability", "post", "teacher_forced", "portability"),
+    ("Locality", "post", "teacher_forced", "locality"),
+    ("Fluency", "post", "sampling", "fluency"),
+]
+COUNTERFACT_COLUMNS = [
+    ("Efficacy Score", "post", "probability", "reliability"),
+    ("Paraphrase Score", "post", "probability", "generalization"),
+    ("Neighborhood Score", "post", "probability", "locality"),
+    ("Generation Entropy", "post", "sampling", "fluency"),
+]
+
+
+def spread(summaries: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, min and max over runs (seeds) of each (stage, protocol, metric) mean.
+
+    Takes `summarize` outputs (or bench summaries' "metrics"); returns the same nesting with
+    `{"mean", "min", "max", "n"}` leaves.
+    """
+    runs = [s.get("metrics", s) for s in summaries]
+    if not runs:
+        raise ValueError("summaries: expected at least one run to aggregate, got none")
+    values: dict[tuple[str, str, str], list[float]] = {}
+    for run in runs:
+        for stage in ("pre", "post"):
+            for protocol, metrics in (run.get(stage) or {}).items():
+                for metric, value in metrics.items():
+                    values.setdefault((stage, protocol, metric), []).append(value)
+    out: dict[str, Any] = {"n_runs": len(runs)}
+    for (stage, protocol, metric), found in values.items():
+        leaf = {"mean": mean(found), "min": min(found), "max": max(found), "n": len(found)}
+        out.setdefault(stage, {}).setdefault(protocol, {})[metric] = leaf
+    return out
+
+
+def _cell(metrics: dict[str, Any], stage: str, protocol: str, metric: str) -> str:
+    value = metrics.get(stage, {}).get(protocol, {}).get(metric)
+    if value is None:
+        return "–"
+    if isinstance(value, dict):
+        if value["n"] > 1:
+            return f"{value['mean']:.3f} [{value['min']:.3f}, {value['max']:.3f}]"
+        value = value["mean"]
+    return f"{value:.3f}"
+
+
+def table(
+    rows: list[tuple[str, dict[str, Any]]], columns: list[tuple[str, str, str, str]]
+) -> list[list[str]]:
+    """Rows of cells: a label, then each column's number (mean [min, max] over seeds)."""
+    return [[label, *(_cell(metrics, *spec[1:]) for spec in columns)] for label, metrics in rows]
+
+
+def markdown(
+    title: str, rows: list[tuple[str, dict[str, Any]]], columns: list[tuple[str, str, str, str]]
+) -> str:
+    """A Markdown table whose header names each column's protocol."""
+    header = ["run", *(f"{name} ({protocol})" for name, _, protocol, _ in columns)]
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join(["---"] * len(header)) + "|")
+    lines += ["| " + " | ".join(cells) + " |" for cells in table(rows, columns)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_bars(rows: list[tuple[str, dict[str, Any]]], protocol: str, path: str | Path) -> Path:
+    """One bar group per run, one bar per post-edit metric of `protocol`; error bars show the
+    min-max spread over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = sorted({m for _, run in rows for m in run.get("post", {}).get(protocol, {})})
+    metrics = [m for m in metrics if not m.endswith("_nll")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(rows) * max(1, len(metrics)) / 3), 4))
+    width = 0.8 / max(1, len(metrics))
+    for k, metric in enumerate(metrics):
+        heights, lows, highs = [], [], []
+        for _, run in rows:
+            leaf = run.get("post", {}).get(protocol, {}).get(metric)
+            leaf = leaf if isinstance(leaf, dict) else {"mean": leaf, "min": leaf, "max": leaf}
+            value = leaf["mean"] if leaf["mean"] is not None else 0.0
+            heights.append(value)
+            lows.append(value - (leaf["min"] if leaf["min"] is not None else value))
+            highs.append((leaf["max"] if leaf["max"] is not None else value) - value)
+        positions = [i + k * width for i in range(len(rows))]
+        ax.bar(positions, heights, width, yerr=[lows, highs], label=metric, capsize=2)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [label for label, _ in rows])
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"post-edit metrics ({protocol})")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(
+    checkpoints: list[dict[str, Any]], protocol: str, path: str | Path, title: str = ""
+) -> Path:
+    """Sequential editing: each post-edit metric and held-out perplexity vs number of edits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edits = [point["edits"] for point in checkpoints]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = sorted({m for p in checkpoints for m in p.get("post", {}).get(protocol, {})})
+    for metric in (m for m in names if not m.endswith("_nll")):
+        left.plot(edits, [p["post"][protocol].get(metric) for p in checkpoints], label=metric)
+    left.set_xlabel("edits")
+    left.set_ylim(0, 1.05)
+    left.set_title(f"{title} ({protocol})")
+    left.legend(fontsize="small")
+    if any("heldout_perplexity" in p for p in checkpoints):
+        right.plot(edits, [p.get("heldout_perplexity") for p in checkpoints], label="edited")
+        right.axhline(checkpoints[0].get("heldout_perplexity_unedited"), ls="--", label="unedited")
+        right.set_yscale("log")
+        right.legend(fontsize="small")
+    right.set_xlabel("edits")
+    right.set_title("held-out perplexity")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

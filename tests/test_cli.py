@@ -1,0 +1,111 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kedit.cli import app
+from kedit.zoo import DATA_DIR
+
+runner = CliRunner()
+KNOWEDIT = str(DATA_DIR / "tinyworld_knowedit.json")
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_methods_lists_and_describes():
+    result = run("methods")
+    assert result.exit_code == 0 and "r-rome" in result.output
+    result = run("methods", "rome")
+    assert result.exit_code == 0 and "clamp_norm_factor" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["methods", "nope"], "unknown method 'nope'"),
+        (["edit", "--prompt", "x", "--subject", "y", "--target", " z"], "prompt"),
+        (["bench", "--data", "missing.json", "--out", "o"], "missing.json"),
+        (
+            ["edit", "--prompt", "{} is", "--subject", "y", "--target", " z", "-p", "v_stepz=1"],
+            "v_stepz",
+        ),
+        (["edit", "--prompt", "{} is", "--subject", "y", "--target", " z", "-p", "nokey"], "key"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_malformed_record_names_its_index(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"subject": "A B", "prompt": "A B is", "target_new": "x"}, {}]))
+    result = run("bench", "--data", str(bad), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2
+    assert "record 1" in result.output and "Traceback" not in result.output
+
+
+def test_edit_shows_before_after_and_saves(tmp_path):
+    path = tmp_path / "e.kedit"
+    result = run(
+        "edit",
+        "--model",
+        "tiny-gpt2",
+        "--method",
+        "r-rome",
+        "--prompt",
+        "{} lives in",
+        "--subject",
+        "Wim Dunmont",
+        "--target",
+        " Lisbon",
+        "--save",
+        str(path),
+    )
+    assert result.exit_code == 0, result.output
+    assert "Before the edit" in result.output and "After the edit" in result.output
+    assert path.stat().st_size > 0
+
+
+def test_bench_writes_jsonl_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = ["bench", "--data", KNOWEDIT, "--out", str(out), "--method", "ft-m", "--n", "3"]
+    first = run(*args, "--seeds", "1")
+    assert first.exit_code == 0, first.output
+    folder = out / "tiny-gpt2" / "ft-m" / "tinyworld_knowedit" / "independent" / "seed-0"
+    lines = (folder / "cases.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["metrics"]["n_cases"] == 3
+    assert "reliability" in summary["metrics"]["post"]["teacher_forced"]
+    assert "Edit Succ. (teacher_forced)" in (out / "report.md").read_text()
+    (folder / "cases.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])
+    again = run(*args, "--seeds", "1")
+    assert again.exit_code == 0, again.output
+    records = [json.loads(line) for line in (folder / "cases.jsonl").read_text().splitlines()]
+    assert [r["case_id"] for r in records] == [json.loads(line)["case_id"] for line in lines]
+    changed = run(*args, "--seeds", "1", "--contexts", "1")
+    assert changed.exit_code == 2 and "other settings" in changed.output
+
+
+def test_bench_shards_merge_to_the_whole_run(tmp_path):
+    base = ["bench", "--data", KNOWEDIT, "--method", "ft-m", "--n", "4", "--seeds", "1"]
+    for index in range(2):
+        result = run(*base, "--shard", f"{index}/2", "--out", str(tmp_path / f"s{index}"))
+        assert result.exit_code == 0, result.output
+    leaf = ("tiny-gpt2", "ft-m", "tinyworld_knowedit", "independent", "seed-0")
+    folders = [str(tmp_path.joinpath(f"s{i}", *leaf)) for i in range(2)]
+    merged = run("bench", "merge", *folders, "--out", str(tmp_path / "all"))
+    assert merged.exit_code == 0, merged.output
+    summary = json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert summary["metrics"]["n_cases"] == 4
+
+
+def test_zoo_list_shows_bundled_models():
+    result = run("zoo", "list")
+    assert result.exit_code == 0
+    assert "tiny-gpt2" in result.output and "tiny-llama" in result.output

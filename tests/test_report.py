@@ -1,0 +1,62 @@
+import pytest
+
+from kedit.eval.plan import Plan, load_plan
+from kedit.eval.report import KNOWEDIT_COLUMNS, markdown, plot_bars, plot_curves, spread
+
+
+def _summary(reliability, locality):
+    return {
+        "n_cases": 2,
+        "post": {"teacher_forced": {"reliability": reliability, "locality": locality}},
+    }
+
+
+def test_spread_reports_mean_min_max_per_protocol_metric():
+    result = spread([_summary(1.0, 0.9), _summary(0.8, 0.7), _summary(0.9, 0.8)])
+    leaf = result["post"]["teacher_forced"]["reliability"]
+    assert leaf["mean"] == pytest.approx(0.9)
+    assert (leaf["min"], leaf["max"], leaf["n"]) == (0.8, 1.0, 3)
+    with pytest.raises(ValueError, match="at least one run"):
+        spread([])
+
+
+def test_markdown_names_protocols_and_marks_missing_metrics():
+    text = markdown(
+        "t", [("rome", spread([_summary(1.0, 0.5), _summary(0.5, 0.5)]))], KNOWEDIT_COLUMNS
+    )
+    assert "Edit Succ. (teacher_forced)" in text and "Fluency (sampling)" in text
+    assert "0.750 [0.500, 1.000]" in text
+    assert "–" in text
+
+
+def test_plots_are_written(tmp_path):
+    rows = [("a", spread([_summary(1.0, 0.9)])), ("b", spread([_summary(0.5, 0.6)]))]
+    assert plot_bars(rows, "teacher_forced", tmp_path / "bars.png").stat().st_size > 0
+    points = [
+        {
+            "edits": k,
+            "post": {"teacher_forced": {"reliability": 1 - k / 10}},
+            "heldout_perplexity": 2.0 + k,
+            "heldout_perplexity_unedited": 2.0,
+        }
+        for k in (1, 2, 3)
+    ]
+    assert plot_curves(points, "teacher_forced", tmp_path / "c.png").stat().st_size > 0
+
+
+def test_plan_validation_names_fields(tmp_path):
+    with pytest.raises(ValueError, match="seeds"):
+        Plan(models=["m"], methods=["rome"], datasets=["d"], seeds=0)
+    with pytest.raises(ValueError, match=r"modes\[0\]"):
+        Plan(models=["m"], methods=["rome"], datasets=["d"], modes=[{"batch_size": 3}])
+    with pytest.raises(ValueError, match="hparams"):
+        Plan(models=["m"], methods=["rome"], datasets=["d"], hparams={"memit": {}})
+    path = tmp_path / "plan.yaml"
+    path.write_text("models: [m]\nmethods: [rome]\ndatasets: [d]\ncolour: red\n")
+    with pytest.raises(ValueError, match="colour"):
+        load_plan(path)
+    path.write_text("models: m\nmethods: [rome, ft-m]\ndatasets: [d]\nmodes: [independent]\n")
+    plan = load_plan(path)
+    assert len(plan.configs()) == 2 * 3
+    with pytest.raises(ValueError, match="shard"):
+        plan.configs("2/2")
