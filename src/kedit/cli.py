@@ -272,12 +272,31 @@ def show_summary(summary: dict[str, Any], title: str) -> None:
     console.print(table)
 
 
+def hparams_markdown(method: str) -> str:
+    """A method's hyper-parameters as a Markdown table, generated from its dataclass."""
+    from kedit.methods.registry import get_method
+
+    spec = get_method(method)
+    lines = [f"### `{spec.name}`: {spec.summary}", "", "| hyper-parameter | default | help |"]
+    lines.append("|---|---|---|")
+    for field, (default, help_text) in spec.hparams.field_help().items():
+        lines.append(f"| `{field}` | `{json.dumps(default)}` | {help_text} |")
+    return "\n".join(lines) + "\n"
+
+
 @app.command()
 @friendly_errors
-def methods(name: Annotated[str | None, typer.Argument(help="Show this method's hparams.")] = None):
+def methods(
+    name: Annotated[str | None, typer.Argument(help="Show this method's hparams.")] = None,
+    markdown: Annotated[bool, typer.Option(help="Print Markdown (for the docs).")] = False,
+) -> None:
     """List the editing methods, or one method's hyper-parameters."""
     from kedit.methods.registry import get_method, list_methods
 
+    if markdown:
+        names = [name] if name else list_methods()
+        typer.echo("\n".join(hparams_markdown(method) for method in names))
+        return
     if name is None:
         table = Table("method", "batchable", "summary")
         for method in list_methods():
