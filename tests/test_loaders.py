@@ -240,8 +240,8 @@ def test_load_requests_detects_the_format(tmp_path):
 
 
 def test_load_requests_errors(tmp_path):
-    with pytest.raises(ValueError, match="format: unknown format 'zsre'.*counterfact"):
-        load_requests(write(tmp_path, COUNTERFACT), format="zsre")
+    with pytest.raises(ValueError, match="format: unknown format 'zsre-v9'.*counterfact"):
+        load_requests(write(tmp_path, COUNTERFACT), format="zsre-v9")
     with pytest.raises(ValueError, match="cannot tell the benchmark format"):
         load_requests(write(tmp_path, [{"question": "?"}]))
     with pytest.raises(ValueError, match="cannot tell the benchmark format"):

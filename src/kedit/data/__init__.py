@@ -1,124 +1,134 @@
-"""Benchmark loaders: one module per file format, each returning `list[EditRequest]`.
+"""Benchmark loaders: one module per benchmark, each reading the benchmark's own file format
+into `EditRequest`s.
 
-`load_requests` reads a local JSON file, tells its format from the first record and
-dispatches; the helpers below are what the format modules share.
+`load_requests` reads a local JSON/JSONL file (or a Hugging Face hub dataset id, with the
+optional `datasets` package), tells its format from its content unless `format=` is given,
+and returns a `Loaded` list of requests.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 from pathlib import Path
 from typing import Any
 
-from kedit.requests import EditRequest
+from kedit.data._common import HUB_ID, Loaded, as_list, read_hub, read_json
+from kedit.data.counterfact import counterfact_requests, easyedit_counterfact_requests
+from kedit.data.knowedit import (
+    SANITATION_KEYS,
+    convsent_requests,
+    knowedit_requests,
+    sanitation_requests,
+    wikibio_requests,
+)
+from kedit.data.mquake import MultiHopCase, load_mquake, mquake_cases, mquake_requests
+from kedit.data.wikibigedit import wikibigedit_requests
+from kedit.data.zsre import zsre_requests
 
-__all__ = ["FORMATS", "load_requests"]
+__all__ = [
+    "FORMATS",
+    "Loaded",
+    "MultiHopCase",
+    "detect_format",
+    "load_mquake",
+    "load_requests",
+    "mquake_cases",
+]
 
-FORMATS = ("counterfact", "knowedit")
-_MISSING = object()
-
-
-def read_records(path: str | Path) -> tuple[str, list[Any]]:
-    """The file's name (for error messages) and its top-level JSON list."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not a valid JSON file: {exc}") from exc
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    return str(path), records
-
-
-def limit(records: list[Any], n: int | None) -> list[Any]:
-    """The first `n` records (all with `n=None`)."""
-    if n is None:
-        return records
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive integer or None, got {n!r}")
-    return records[:n]
-
-
-def with_space(text: str, add_space: bool) -> str:
-    """Prefix a space unless the text starts with whitespace, as the benchmarks' own code does."""
-    return text if not add_space or text[:1].isspace() else " " + text
-
-
-class Record:
-    """One record of a benchmark file; its errors name the file, the record and the field."""
-
-    def __init__(self, source: str, index: int, data: Any) -> None:
-        self.source, self.index, self.data = source, index, data
-        if not isinstance(data, dict):
-            raise self.error("record", f"expected a JSON object, got {type(data).__name__}")
-
-    def error(self, field: str, problem: str) -> ValueError:
-        return ValueError(f"{self.source}: record {self.index}: {field}: {problem}")
-
-    def get(self, path: str, kind: type | tuple[type, ...] = str, default: Any = _MISSING) -> Any:
-        """The value at a dotted path; a missing field is an error unless `default` is given."""
-        value = self.data
-        for key in path.split("."):
-            if not isinstance(value, dict) or key not in value:
-                if default is _MISSING:
-                    raise self.error(path, "missing")
-                return default
-            value = value[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-            raise self.error(path, f"expected {names}, got {value!r:.80}")
-        return self.text(path, value) if isinstance(value, str) else value
-
-    def text(self, path: str, value: Any) -> str:
-        """`value` if it is a non-empty string, else an error naming `path`."""
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(path, f"expected a non-empty string, got {value!r:.80}")
-        return value
-
-    def strings(self, path: str) -> list[str]:
-        """An optional list of non-empty strings (a single string counts as a list of one)."""
-        value = self.get(path, (list, str), default=[])
-        items = [value] if isinstance(value, str) else value
-        return [self.text(f"{path}[{position}]", item) for position, item in enumerate(items)]
-
-    def request(self, **fields: Any) -> EditRequest:
-        """Build the EditRequest, naming this record in any error it raises."""
-        try:
-            return EditRequest(**fields)
-        except ValueError as exc:
-            raise ValueError(f"{self.source}: record {self.index}: {exc}") from exc
+FORMATS = {
+    "counterfact": counterfact_requests,
+    "counterfact-easyedit": easyedit_counterfact_requests,
+    "knowedit": knowedit_requests,
+    "wikibio": wikibio_requests,
+    "convsent": convsent_requests,
+    "sanitation": sanitation_requests,
+    "zsre": zsre_requests,
+    "mquake": mquake_requests,
+    "wikibigedit": wikibigedit_requests,
+}
+# Fields that identify a format by the first record, tried in order (the first match wins).
+SIGNATURES = (
+    ("zsre", {"src", "alt"}),
+    ("wikibigedit", {"update", "ans"}),
+    ("wikibio", {"text", "labels", "concept"}),
+    ("convsent", {"ent", "pos", "neg"}),
+    ("sanitation", {"question", "target_new"}),
+    ("counterfact-easyedit", {"prompt", "target_new", "locality_prompt"}),
+    ("knowedit", {"prompt", "target_new"}),
+)
+DETECT_RECORDS = 20
+COMMON_OPTIONS = {"records", "data", "source", "n", "add_space", "skip_bad"}
 
 
-def detect_format(records: list[Any], source: str) -> str:
-    """Tell a benchmark format from the first record's fields."""
-    first = records[0] if records else None
-    if isinstance(first, dict) and "requested_rewrite" in first:
+def _signature(record: Any) -> str | None:
+    """The format a record's fields identify, if any."""
+    if not isinstance(record, dict):
+        return None
+    rewrite = record.get("requested_rewrite")
+    if isinstance(rewrite, list):
+        return "mquake"
+    if isinstance(rewrite, dict):
         return "counterfact"
-    if isinstance(first, dict) and {"prompt", "target_new"} <= first.keys():
-        return "knowedit"
-    raise ValueError(
-        f"{source}: cannot tell the benchmark format from its first record; pass format= "
-        f"one of {list(FORMATS)}"
-    )
+    return next((name for name, fields in SIGNATURES if fields <= record.keys()), None)
+
+
+def detect_format(data: Any, source: str = "<records>") -> str:
+    """Tell a benchmark format from a file's parsed content: the fields of its first record
+    that has a known layout (among the first DETECT_RECORDS, so a malformed first record can
+    be skipped)."""
+    if isinstance(data, dict) and any(keys[0] in data for keys in SANITATION_KEYS):
+        return "sanitation"
+    found = (_signature(record) for record in as_list(data, source)[:DETECT_RECORDS])
+    name = next((name for name in found if name is not None), None)
+    if name is None:
+        raise ValueError(
+            f"{source}: cannot tell the benchmark format from its first records; pass format= "
+            f"one of {list(FORMATS)}"
+        )
+    return name
+
+
+def _read(path: str | Path, split: str | None) -> tuple[str, Any]:
+    """A local file's content, or a hub dataset's rows when `path` is a hub id and no file."""
+    local = Path(path).expanduser()
+    if (
+        isinstance(path, str)
+        and not local.exists()
+        and HUB_ID.fullmatch(path)
+        and local.suffix not in {".json", ".jsonl"}
+    ):
+        return read_hub(path, split)
+    if split is not None:
+        raise ValueError(f"split: only for Hugging Face hub datasets, got {split!r} for {path}")
+    return read_json(path)
 
 
 def load_requests(
-    path: str | Path, format: str | None = None, n: int | None = None, add_space: bool = True
-) -> list[EditRequest]:
-    """Load a local benchmark file (format detected by content unless given) as EditRequests.
+    path: str | Path,
+    format: str | None = None,
+    n: int | None = None,
+    add_space: bool = True,
+    skip_bad: bool = False,
+    split: str | None = None,
+    **options: Any,
+) -> Loaded:
+    """Load a benchmark file (format detected from its content unless given) as EditRequests.
 
-    `n` keeps the first n records; `add_space` prefixes a space to targets and answers that
-    lack one.
+    `n` keeps the first n records (cases); `add_space` prefixes a space to targets and answers
+    that lack one, as the benchmarks' evaluation code does; `skip_bad` skips malformed records
+    instead of raising, and lists them in the result's `.skipped`. `path` may be a Hugging
+    Face hub dataset id (read with `split`, "train" by default) when `datasets` is installed.
+    Other `options` go to the format's parser (e.g. `seed` for "convsent", `template` for
+    "sanitation").
     """
-    # Imported here: the format modules import this package's helpers.
-    from kedit.data.counterfact import counterfact_requests
-    from kedit.data.knowedit import knowedit_requests
-
-    parsers = {"counterfact": counterfact_requests, "knowedit": knowedit_requests}
-    if format is not None and format not in parsers:
+    if format is not None and format not in FORMATS:
         raise ValueError(f"format: unknown format {format!r}; expected one of {list(FORMATS)}")
-    source, records = read_records(path)
-    parse = parsers[format or detect_format(records, source)]
-    return parse(records, source=source, n=n, add_space=add_space)
+    source, data = _read(path, split)
+    name = format or detect_format(data, source)
+    parse = FORMATS[name]
+    extra_options = set(inspect.signature(parse).parameters) - COMMON_OPTIONS
+    for key in options:
+        if key not in extra_options:
+            known = ", ".join(sorted(extra_options)) or "none"
+            raise ValueError(f"{key}: not an option of format {name!r}; its options: {known}")
+    return parse(data, source=source, n=n, add_space=add_space, skip_bad=skip_bad, **options)

@@ -101,3 +101,27 @@ def fluency_entropy(texts: Sequence[str]) -> float:
         for text in texts
     ]
     return sum(per_text) / len(per_text)
+
+
+def multi_hop_accuracy(
+    predictions: Sequence[Sequence[str]], answers: Sequence[Sequence[str]]
+) -> float:
+    """MQuAKE's multi-hop accuracy: the fraction of cases in which at least one of the case's
+    questions is answered with one of its accepted answers.
+
+    `predictions[i]` holds the model's continuations of case `i`'s questions, `answers[i]` the
+    answers accepted for it (the new answer and its aliases); a continuation counts when it
+    starts with an accepted answer (`prefix_exact_match`).
+    """
+    if isinstance(predictions, str) or isinstance(answers, str):
+        raise ValueError("predictions, answers: expected one list of strings per case")
+    if not predictions or len(predictions) != len(answers):
+        raise ValueError(
+            f"predictions, answers: expected one entry per case in each, at least one case; got "
+            f"{len(predictions)} and {len(answers)}"
+        )
+    hits = [
+        any(prefix_exact_match(text, answer) for text in texts for answer in accepted)
+        for texts, accepted in zip(predictions, answers, strict=True)
+    ]
+    return sum(hits) / len(hits)

@@ -1,0 +1,325 @@
+"""EasyEdit compatibility: its hyper-parameter files, and its editor API on kedit."""
+
+import json
+import runpy
+
+import pytest
+import torch
+
+import kedit
+import kedit.compat as compat
+from kedit.compat import BaseEditor, FTHyperParams, MEMITHyperParams, ROMEHyperParams
+from kedit.methods.registry import default_hparams
+from kedit.zoo import DATA_DIR
+
+# EasyEdit's hparams/ROME/gpt2-xl.yaml, pointed at the bundled model and its corpus (fewer
+# context prefixes and corpus samples, to keep the test fast).
+ROME_YAML = """\
+alg_name: "ROME"
+model_name: "tiny-gpt2"
+stats_dir: "./data/stats"
+device: 0
+layers: [LAYER]
+fact_token: "subject_last"
+v_num_grad_steps: 20
+v_lr: 5e-1
+v_loss_layer: 5
+v_weight_decay: 0.5
+clamp_norm_factor: CLAMP
+kl_factor: 0.0625
+mom2_adjustment: true
+context_template_length_params: [[5, 5]]
+rewrite_module_tmp: "transformer.h.{}.mlp.c_proj"
+layer_module_tmp: "transformer.h.{}"
+mlp_module_tmp: "transformer.h.{}.mlp"
+attn_module_tmp: "transformer.h.{}.attn"
+ln_f_module: "transformer.ln_f"
+lm_head_module: "transformer.wte"
+mom2_dataset: "tinyworld"
+mom2_n_samples: 1000
+mom2_dtype: "float32"
+"""
+MEMIT_YAML = """\
+alg_name: "MEMIT"
+model_name: "tiny-gpt2"
+device: 0
+layers: [1, 2]
+clamp_norm_factor: 4
+layer_selection: "all"
+fact_token: "subject_last"
+v_num_grad_steps: 20
+v_lr: 5e-1
+v_loss_layer: 5
+v_weight_decay: 0.5
+kl_factor: 0.0625
+mom2_adjustment: true
+mom2_update_weight: 20000
+rewrite_module_tmp: "transformer.h.{}.mlp.c_proj"
+mom2_dataset: "tinyworld"
+mom2_n_samples: 100000
+mom2_dtype: "float32"
+batch_size: 4
+"""
+FT_YAML = """\
+alg_name: "FT"
+model_name: "./hugging_cache/llama-2-7b"
+device: 0
+layers: [21]
+num_steps: 25
+batch_size: 1
+max_length: 30
+lr: 5e-4
+weight_decay: 0
+kl_factor: 0
+norm_constraint: false
+objective_optimization: "target_new"
+rewrite_module_tmp: "model.layers.{}.mlp.down_proj.weight"
+layer_module_tmp: "model.layers.{}"
+mlp_module_tmp: "model.layers.{}.mlp"
+attn_module_tmp: "model.layers.{}.self_attn"
+ln_f_module: "model.norm"
+lm_head_module: "lm_head"
+model_parallel: false
+"""
+
+# What an EasyEdit user's KnowEdit script does, with only the import changed.
+SCRIPT = """\
+import json
+
+from kedit.compat import BaseEditor, ROMEHyperParams
+
+datas = json.load(open(DATA_FILE))
+datas = [d for d in datas if d["portability"]["Reasoning"]][:2]
+prompts = [d["prompt"] for d in datas]
+subjects = [d["subject"] for d in datas]
+target_new = [d["target_new"] for d in datas]
+ground_truth = [d["ground_truth"] for d in datas]
+rephrase_prompts = [d["rephrase"][0] for d in datas]
+locality_inputs = {
+    "Relation_Specificity": {
+        "prompt": [[x["prompt"] for x in d["locality"]["Relation_Specificity"]] for d in datas],
+        "ground_truth": [
+            [x["ground_truth"] for x in d["locality"]["Relation_Specificity"]] for d in datas
+        ],
+    }
+}
+portability_inputs = {
+    "reasoning": {
+        "prompt": [d["portability"]["Reasoning"][0]["prompt"] for d in datas],
+        "ground_truth": [d["portability"]["Reasoning"][0]["ground_truth"] for d in datas],
+    }
+}
+
+hparams = ROMEHyperParams.from_hparams(HPARAMS_DIR)
+editor = BaseEditor.from_hparams(hparams)
+metrics, edited_model, _ = editor.edit(
+    prompts=prompts,
+    ground_truth=ground_truth,
+    target_new=target_new,
+    subject=subjects,
+    rephrase_prompts=rephrase_prompts,
+    locality_inputs=locality_inputs,
+    portability_inputs=portability_inputs,
+    train_ds=None,
+    keep_original_weight=True,
+    sequential_edit=False,
+)
+json.dump(metrics, open(OUT_FILE, "w"), indent=4)
+"""
+
+
+def write(tmp_path, name, text, layer=1, clamp=10):
+    path = tmp_path / name
+    text = text.replace("LAYER", str(layer)).replace("CLAMP", str(clamp))
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def test_an_easyedit_script_runs_with_only_its_import_changed(tiny_gpt2, tmp_path):
+    defaults = default_hparams("rome", tiny_gpt2)  # the layer kedit edits in this model
+    write(
+        tmp_path, "rome-tiny.yaml", ROME_YAML, defaults["layers"][0], defaults["clamp_norm_factor"]
+    )
+    script = write(tmp_path, "run_knowedit.py", SCRIPT)
+    out = tmp_path / "ROME_results.json"
+    scope = runpy.run_path(
+        str(script),
+        init_globals={
+            "DATA_FILE": str(DATA_DIR / "tinyworld_knowedit.json"),
+            "HPARAMS_DIR": str(tmp_path / "rome-tiny"),  # EasyEdit scripts omit ".yaml"
+            "OUT_FILE": str(out),
+        },
+    )
+    metrics = json.loads(out.read_text())
+    assert [case["case_id"] for case in metrics] == [0, 1]
+    for case in metrics:
+        assert set(case) == {"case_id", "requested_rewrite", "time", "pre", "post"}
+        assert case["time"] > 0
+        assert set(case["pre"]) == {"rewrite_acc", "rephrase_acc", "portability"}
+        assert set(case["post"]) == {"rewrite_acc", "rephrase_acc", "locality", "portability"}
+        assert set(case["post"]["portability"]) == {"reasoning_acc"}
+        assert len(case["post"]["locality"]["Relation_Specificity_acc"]) == 3
+        assert set(case["requested_rewrite"]) >= {"prompt", "target_new", "subject", "locality"}
+    post = mean([case["post"]["rewrite_acc"][0] for case in metrics])
+    assert post >= mean([case["pre"]["rewrite_acc"][0] for case in metrics])
+
+    # The numbers are kedit's teacher-forced metrics of the same edits.
+    editor = scope["editor"]
+    for case, made in zip(metrics, editor.edits, strict=True):
+        assert not made.applied  # each edit was undone after it was measured
+        native = kedit.evaluate(editor.lm, made.requests[0], edit=made)
+        for stage in ("pre", "post"):
+            expected = native[stage]["teacher_forced"]
+            assert case[stage]["rewrite_acc"] == [expected["reliability"]]
+            assert case[stage]["rephrase_acc"] == [expected["generalization"]]
+            assert case[stage]["portability"]["reasoning_acc"] == [expected["portability"]]
+        locality = case["post"]["locality"]["Relation_Specificity_acc"]
+        assert mean(locality) == pytest.approx(native["post"]["teacher_forced"]["locality"])
+
+
+def test_hyperparameter_files_map_onto_kedit(tmp_path):
+    rome = ROMEHyperParams.from_hparams(write(tmp_path, "rome.yaml", ROME_YAML))
+    assert rome.method == "rome"
+    assert rome.v_lr == 0.5  # YAML reads "5e-1" as a string; EasyEdit makes it a float
+    assert rome.layers == [1]
+
+    memit = MEMITHyperParams.from_hparams(write(tmp_path, "memit.yaml", MEMIT_YAML))
+    assert (memit.method, memit.batch_size) == ("memit", 4)
+
+    ft = FTHyperParams.from_hparams(write(tmp_path, "ft.yaml", FT_YAML))
+    assert ft.method == "ft-m"
+    assert ft.kedit_values()["norm_constraint"] is None
+    ft.objective_optimization = "prompt_last"
+    assert ft.method == "ft-l"
+
+    assert compat.R_ROMEHyperParams(**{**rome.config, "alg_name": "R-ROME"}).method == "r-rome"
+    ft_m = compat.FT_MHyperParams(**{**ft.config, "alg_name": "FT-M"})  # found by method name
+    assert ft_m.method == "ft-m"
+    with pytest.raises(AttributeError):
+        compat.NoSuchMethodHyperParams  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"v_sample": 3}, r"unknown hyper-parameter 'v_sample'"),
+        ({"alg_name": "MEMIT"}, r"alg_name: ROMEHyperParams reads files of rome, got 'MEMIT'"),
+        ({"layers": [1, 2]}, r"layers: ROME edits exactly one layer"),
+        ({"fact_token": "last"}, r"fact_token: only 'subject_last'"),
+        ({"v_lr": "fast"}, r"rome.v_lr: expected float, got 'fast'"),
+        ({"model_name": None}, r"model_name: expected a bundled model name"),
+    ],
+)
+def test_bad_hyperparameter_files_name_the_key(tmp_path, change, message):
+    config = {**ROMEHyperParams.from_hparams(write(tmp_path, "r.yaml", ROME_YAML)).config}
+    config.update(change)
+    with pytest.raises(ValueError, match=message):
+        ROMEHyperParams(**config)
+    with pytest.raises(FileNotFoundError, match="nothing.yaml"):
+        ROMEHyperParams.from_hparams(tmp_path / "nothing")
+
+
+def ft_editor(lm, **changes):
+    config = {
+        "alg_name": "FT",
+        "model_name": lm,
+        "layers": [1],
+        "num_steps": 10,
+        "lr": 1e-2,
+        "weight_decay": 0,
+        "kl_factor": 0,
+        "norm_constraint": False,
+        "objective_optimization": "target_new",
+        "rewrite_module_tmp": "transformer.h.{}.mlp.c_proj",
+        "batch_size": 2,
+        **changes,
+    }
+    return BaseEditor.from_hparams(FTHyperParams(**config))
+
+
+def test_independent_edits_are_undone_and_sequential_ones_kept(random_gpt2):
+    editor = ft_editor(random_gpt2)
+    name = "transformer.h.1.mlp.c_proj.weight"
+    original = random_gpt2.model.get_parameter(name).detach().clone()
+    prompts, targets = ["Mira Olsen lives in", "Tomas Berg lives in"], ["Oslo", "Porto"]
+
+    metrics, model, weights_copy = editor.edit(prompts=prompts, target_new=targets, verbose=False)
+    assert model is random_gpt2.model
+    assert torch.equal(model.get_parameter(name), original)
+    assert torch.equal(weights_copy[name], original)
+    assert [e.applied for e in editor.edits] == [False, False]
+    assert metrics[1]["requested_rewrite"] == {
+        "prompt": "Tomas Berg lives in",
+        "target_new": "Porto",
+        "ground_truth": "<|endoftext|>",
+        "portability": {},
+        "locality": {},
+    }
+
+    metrics, model, weights_copy = editor.edit(
+        prompts=prompts, target_new=targets, sequential_edit=True, test_generation=True
+    )
+    assert not torch.equal(model.get_parameter(name), original)
+    assert torch.equal(weights_copy[name], original)
+    assert [e.applied for e in editor.edits] == [True]
+    assert set(metrics[0]["post"]["fluency"]) == {"ngram_entropy"}
+    editor.edits[0].undo()
+    assert torch.equal(model.get_parameter(name), original)
+
+    metrics, _, _ = editor.batch_edit(prompts=prompts * 2, target_new=targets * 2)
+    assert len(metrics) == 4 and len(editor.edits) == 2  # batch_size 2
+    assert torch.equal(model.get_parameter(name), original)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target_new": ["Oslo"]}, r"target_new: expected 2 entries"),
+        ({"rephrase_prompts": ["only one"]}, r"rephrase_prompts: expected 2 entries"),
+        ({"subject": ["Mira Olsen", "Nobody"]}, r"edit 1 .*neither '\{\}' nor the subject"),
+        (
+            {"locality_inputs": {"nb": {"prompt": ["a", "b"], "ground_truth": ["x"]}}},
+            r"locality_inputs\['nb'\]\['ground_truth'\]: expected 2 entries",
+        ),
+        (
+            {
+                "portability_inputs": {
+                    "hop": {"prompt": [["a", "b"], None], "ground_truth": ["x", None]}
+                }
+            },
+            r"portability_inputs\['hop'\]\['ground_truth'\]\[0\]: expected 2 answers",
+        ),
+        ({"locality_prompts": ["a", "b"]}, r"locality_prompts: not an argument of edit"),
+        ({"eval_metric": "ppl"}, r"eval_metric: only token accuracy"),
+    ],
+)
+def test_edit_inputs_are_checked(random_gpt2, kwargs, message):
+    editor = ft_editor(random_gpt2)
+    call = {
+        "prompts": ["Mira Olsen lives in", "Tomas Berg lives in"],
+        "target_new": ["Oslo", "Porto"],
+        "subject": ["Mira Olsen", "Tomas Berg"],
+        **kwargs,
+    }
+    with pytest.raises(ValueError, match=message):
+        editor.edit(**call)
+
+
+def test_editor_checks_the_file_against_the_model(random_gpt2, tmp_path):
+    with pytest.raises(ValueError, match=r"rewrite_module_tmp: .*'transformer.h.1.mlp.c_fc'"):
+        ft_editor(random_gpt2, rewrite_module_tmp="transformer.h.{}.mlp.c_fc")
+    with pytest.raises(ValueError, match=r"layers: layer 7 is out of range"):
+        ft_editor(random_gpt2, layers=[7])
+    with pytest.raises(ValueError, match="batch_edit: method 'ROME' edits one fact at a time"):
+        config = {**ROMEHyperParams.from_hparams(write(tmp_path, "r.yaml", ROME_YAML)).config}
+        editor = BaseEditor(ROMEHyperParams(**{**config, "model_name": random_gpt2, "layers": [0]}))
+        editor.batch_edit(prompts=["Mira Olsen lives in"], target_new=["Oslo"])
+    editor = BaseEditor(ROMEHyperParams(**{**config, "model_name": random_gpt2, "layers": [0]}))
+    with pytest.raises(ValueError, match="subject: ROME edits at the subject's last token"):
+        editor.edit(prompts=["Mira Olsen lives in"], target_new=["Oslo"])
+    with pytest.raises(TypeError, match="hparams: expected an EasyEdit hyper-parameter object"):
+        BaseEditor({"alg_name": "ROME"})
