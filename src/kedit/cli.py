@@ -310,32 +310,132 @@ def methods(
     console.print(table)
 
 
-@app.command()
+stats_app = typer.Typer(
+    help="Second moments of MLP keys (ROME/MEMIT statistics): collect, list, import.",
+    no_args_is_help=True,
+)
+app.add_typer(stats_app, name="stats")
+CorpusOpt = Annotated[
+    str,
+    typer.Option(help="'tinyworld', a .txt/.jsonl file, or a Hugging Face dataset NAME[:CONFIG]."),
+]
+MaxLengthOpt = Annotated[int, typer.Option(help="Token cap per document.")]
+
+
+@stats_app.command("collect")
 @friendly_errors
-def stats(
+def stats_collect(
     layers: Annotated[str, typer.Option(help="Comma-separated layer indices, e.g. 1,2,3.")],
     model: ModelOpt = DEMO_MODEL,
-    corpus: Annotated[str, typer.Option(help="'tinyworld', or a .txt/.jsonl file.")] = "tinyworld",
-    n: Annotated[int, typer.Option(help="Maximum number of documents.")] = 100_000,
-    max_length: Annotated[int, typer.Option(help="Token cap per document.")] = 256,
-    dtype: Annotated[str, typer.Option(help="float64 or float32.")] = "float64",
+    corpus: CorpusOpt = "tinyworld",
+    n_samples: Annotated[
+        int, typer.Option("--n-samples", "-n", help="Maximum number of documents.")
+    ] = 100_000,
+    max_length: MaxLengthOpt = 256,
+    dtype: Annotated[str, typer.Option(help="Accumulation dtype: float64 or float32.")] = "float64",
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per batch and rank.")] = 8192,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Save partial sums every N batches (0: never).")
+    ] = 200,
+    device: Annotated[
+        str | None, typer.Option(help="Model device, e.g. cuda (under torchrun: the rank's GPU).")
+    ] = None,
 ) -> None:
-    """Collect (or find cached) second moments of MLP keys for the given layers."""
+    """Collect (or find cached) second moments of MLP keys for the given layers in one pass.
+
+    An interrupted run resumes from its last saved partial sums.
+
+    Under `torchrun --nproc_per_node N kedit stats collect ...` the ranks share the corpus.
+    """
+    import os
+
     import kedit
-    from kedit.stats import second_moments
+    from kedit.stats import second_moments, torchrun_group
 
     try:
         indices = [int(part) for part in layers.split(",") if part.strip()]
     except ValueError:
         raise ValueError(f"--layers: expected comma-separated integers, got {layers!r}") from None
+    with torchrun_group() as rank_device:
+        lm = kedit.load(model, device=rank_device or device)
+        started = time.perf_counter()
+        moments = second_moments(
+            lm,
+            indices,
+            corpus=corpus,
+            n_samples=n_samples,
+            max_length=max_length,
+            dtype=dtype,
+            batch_tokens=batch_tokens,
+            checkpoint_every=checkpoint_every,
+        )
+    if os.environ.get("RANK", "0") == "0":
+        for layer, moment in moments.items():
+            module = lm.layout.mlp_out_name(layer)
+            console.print(f"layer {layer} ({module}): {tuple(moment.shape)} {moment.dtype}")
+        console.print(f"done in {time.perf_counter() - started:.2f} s")
+
+
+@stats_app.command("list")
+@friendly_errors
+def stats_list() -> None:
+    """Show the cached statistics: model, module, corpus, samples, tokens, dtype, size."""
+    from kedit.stats import cache_dir, list_cached
+
+    entries = list_cached()
+    if not entries:
+        console.print(f"No statistics cached in {cache_dir()}")
+        return
+    console.print(f"Statistics cached in {cache_dir()}")
+    for fingerprint in sorted({entry["model_fingerprint"] for entry in entries}):
+        mine = [entry for entry in entries if entry["model_fingerprint"] == fingerprint]
+        names = ", ".join(sorted({entry.get("model", "?") for entry in mine}))
+        table = Table(title=f"{names} (fingerprint {fingerprint})", title_justify="left")
+        table.add_column("module", overflow="fold")
+        table.add_column("corpus", overflow="fold")
+        for column in ("samples", "max len", "tokens", "dtype", "size", "status"):
+            table.add_column(column, justify="right", no_wrap=True)
+        for entry in mine:
+            table.add_row(
+                entry["module"],
+                entry["corpus"],
+                f"{entry['n_samples']:,}",
+                str(entry["max_length"]),
+                f"{entry['tokens']:,}",
+                entry["dtype"],
+                f"{entry['bytes'] / 2**20:.1f} MiB",
+                entry["status"],
+            )
+        console.print(table)
+
+
+@stats_app.command("import")
+@friendly_errors
+def stats_import(
+    file: Annotated[Path, typer.Argument(help="A ROME/MEMIT/EasyEdit second-moment .npz file.")],
+    layer: Annotated[int, typer.Option(help="The layer whose MLP keys the file describes.")],
+    model: ModelOpt = DEMO_MODEL,
+    corpus: CorpusOpt = "tinyworld",
+    n_samples: Annotated[
+        int, typer.Option("--n-samples", "-n", help="Number of documents it was collected on.")
+    ] = 100_000,
+    max_length: MaxLengthOpt = 256,
+    dtype: Annotated[
+        str | None, typer.Option(help="float64 or float32 (default: the file's).")
+    ] = None,
+) -> None:
+    """Cache a second moment computed by ROME/MEMIT/EasyEdit (`layer_stats` .npz files).
+
+    Its `mom2.mom2` is the sum of k kᵀ over `mom2.count` tokens; kedit caches their quotient.
+
+    Give the --corpus, --n-samples, --max-length, --dtype that the mom2_* hyper-parameters name.
+    """
+    import kedit
+    from kedit.stats import import_npz
+
     lm = kedit.load(model)
-    started = time.perf_counter()
-    moments = second_moments(
-        lm, indices, corpus=corpus, n_samples=n, max_length=max_length, dtype=dtype
-    )
-    for layer, moment in moments.items():
-        console.print(f"layer {layer}: {tuple(moment.shape)} {moment.dtype}")
-    console.print(f"done in {time.perf_counter() - started:.2f} s")
+    key = import_npz(lm, file, layer, corpus, n_samples, max_length=max_length, dtype=dtype)
+    console.print(f"Imported {file} as {key.module} of {lm.name}: {key.path()}")
 
 
 @zoo_app.command("list")
@@ -349,8 +449,8 @@ def zoo_list() -> None:
         info = zoo.model_info(name)
         table.add_row(
             name,
-            f"{info.get('train_accuracy', float('nan')):.3f}",
-            f"{info.get('heldout_accuracy', float('nan')):.3f}",
+            f"{info.get('train_acc', float('nan')):.3f}",
+            f"{info.get('heldout_acc', float('nan')):.3f}",
             str(zoo.model_path(name)),
         )
     console.print(table)

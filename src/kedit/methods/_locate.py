@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kedit.hooks import capture, replace_output, start_at_block, stop_after
+from kedit.hooks import capture, hooks, replace_output, start_at_block, stop_after
 from kedit.lm import LM
 from kedit.methods.registry import HyperParams, hp
 from kedit.requests import EditRequest
@@ -145,7 +145,8 @@ def keys_at_subject(
 
 @dataclass
 class ValueResult:
-    """The residual delta that makes the target likely, and how the optimisation went."""
+    """The delta added to one site's output that makes the target likely, and how the
+    optimisation went."""
 
     delta: torch.Tensor
     initial_output: torch.Tensor
@@ -162,14 +163,28 @@ def optimize_value(
     site: str,
     essence_prompt: str = "{} is a",
 ) -> ValueResult:
-    """Find a vector delta that, added to the output of module `site` (in block `layer`) at the
-    subject's last token, makes `target_new` likely after every prefix (ROME Eq. 4).
+    """`optimize_values` with the one site `site` (ROME Eq. 4)."""
+    return optimize_values(lm, request, layer, prefixes, hparams, [site], essence_prompt)[0]
+
+
+def optimize_values(
+    lm: LM,
+    request: EditRequest,
+    layer: int,
+    prefixes: list[str],
+    hparams: LocateHyperParams,
+    sites: list[str],
+    essence_prompt: str = "{} is a",
+) -> list[ValueResult]:
+    """Find vectors delta_s that, added to the outputs of the modules `sites` (all in block
+    `layer`) at the subject's last token, make `target_new` likely after every prefix (ROME
+    Eq. 4; several sites at once as in PMET). One result per site, in the order given.
 
     Loss = mean NLL of the target tokens + kl_factor * KL(new || old) of the next-token
-    distribution after `essence_prompt` (keeps what the subject "is") + weight decay on the
-    delta relative to the output norm. The delta is clamped to clamp_norm_factor times the
-    unedited output's norm. The optimisation stops once every prompt's mean target NLL is below
-    `v_stop_nll`. Blocks below `layer` are run once, not at every step.
+    distribution after `essence_prompt` (keeps what the subject "is") + for each site, weight
+    decay on its delta relative to its output norm. Each delta is clamped to clamp_norm_factor
+    times its site's unedited output norm. The optimisation stops once every prompt's mean
+    target NLL is below `v_stop_nll`. Blocks below `layer` are run once, not at every step.
     """
     steps, stop_nll = hparams.v_steps, hparams.v_stop_nll
     model, layout = lm.model, lm.layout
@@ -198,31 +213,36 @@ def optimize_value(
     with (
         torch.no_grad(),
         capture(model, [block], "input") as seen,
-        capture(model, [site]) as out,
+        capture(model, sites) as out,
     ):
-        with stop_after(model, site):
+        with stop_after(model, block):
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     hidden = seen[block]
-    initial_output = out[site][0, lookup[0]].float()
+    initial = [out[site][0, lookup[0]].float() for site in sites]
 
-    delta = torch.zeros_like(initial_output, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
-    max_norm = hparams.clamp_norm_factor * initial_output.norm()
+    deltas = [torch.zeros_like(start, requires_grad=True) for start in initial]
+    optimizer = torch.optim.Adam(deltas, lr=hparams.v_lr)
+    max_norms = [hparams.clamp_norm_factor * start.norm() for start in initial]
     init_essence_logp = None
 
-    def add_delta(output: torch.Tensor) -> torch.Tensor:
-        output = output.clone()
-        output[batch, lookup_t] = output[batch, lookup_t] + delta.to(output.dtype)
-        return output
+    def adder(delta: torch.Tensor):
+        def add_delta(output: torch.Tensor) -> torch.Tensor:
+            output = output.clone()
+            output[batch, lookup_t] = output[batch, lookup_t] + delta.to(output.dtype)
+            return output
+
+        return add_delta
 
     needs_grad = [p for p in model.parameters() if p.requires_grad]
     for p in needs_grad:
         p.requires_grad_(False)
     step, nll_value = 0, float("inf")
     try:
-        with (
+        # The site hooks go in before the blocks below `layer` are cut out, which renumbers
+        # the blocks: a module path resolved afterwards would name a deeper block.
+        with hooks(
+            *(replace_output(model, s, adder(d)) for s, d in zip(sites, deltas, strict=True)),
             start_at_block(model, layout.blocks, layer, hidden),
-            replace_output(model, site, add_delta),
         ):
             for step in range(steps + 1):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -239,19 +259,28 @@ def optimize_value(
                 kl = F.kl_div(
                     init_essence_logp, essence_logp, log_target=True, reduction="batchmean"
                 )
-                decay = hparams.v_weight_decay * delta.norm() ** 2 / initial_output.norm() ** 2
-                loss = nll_per_prompt.mean() + hparams.kl_factor * kl + decay
+                decay = sum(
+                    d.norm() ** 2 / start.norm() ** 2
+                    for d, start in zip(deltas, initial, strict=True)
+                )
+                loss = (
+                    nll_per_prompt.mean() + hparams.kl_factor * kl + hparams.v_weight_decay * decay
+                )
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
-                    norm = delta.norm()
-                    if norm > max_norm:
-                        delta.mul_(max_norm / norm)
+                    for delta, max_norm in zip(deltas, max_norms, strict=True):
+                        norm = delta.norm()
+                        if norm > max_norm:
+                            delta.mul_(max_norm / norm)
     finally:
         for p in needs_grad:
             p.requires_grad_(True)
-    return ValueResult(delta.detach(), initial_output, step, nll_value)
+    return [
+        ValueResult(delta.detach(), start, step, nll_value)
+        for delta, start in zip(deltas, initial, strict=True)
+    ]
 
 
 def mlp_out_param(lm: LM, layer: int) -> str:

@@ -1,0 +1,75 @@
+"""The bundled tiny models and tinyworld, the synthetic knowledge base they were trained on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kedit.zoo.world import World, build_world
+
+MODELS_DIR = Path(__file__).parent / "models"
+DATA_DIR = Path(__file__).parent / "data"
+CORPUS_FILE = DATA_DIR / "tinyworld_corpus.txt"
+
+
+def list_models() -> list[str]:
+    """Names of the bundled models (those whose folder holds a config.json)."""
+    if not MODELS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def model_path(name: str) -> Path:
+    """The folder of a bundled model; a ValueError lists the known names otherwise."""
+    known = list_models()
+    if name not in known:
+        raise ValueError(
+            f"unknown bundled model {name!r}; known models: {', '.join(known) or '(none)'}"
+        )
+    return MODELS_DIR / name
+
+
+BENCHMARKS = {"knowedit": "tinyworld_knowedit.json", "counterfact": "tinyworld_counterfact.json"}
+
+
+def benchmark_path(format: str = "knowedit") -> Path:
+    """The shipped tinyworld benchmark file in a format: "knowedit" (EasyEdit) or "counterfact"
+    (ROME/MEMIT)."""
+    if format not in BENCHMARKS:
+        raise ValueError(f"format: {format!r} is not one of {sorted(BENCHMARKS)}")
+    return DATA_DIR / BENCHMARKS[format]
+
+
+def model_info(name: str) -> dict:
+    """What a bundled model's `kedit_zoo.json` records: recipe, seeds, fact accuracies."""
+    import json
+
+    path = model_path(name) / "kedit_zoo.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def train_model(name: str, out_dir: str | Path, seed: int = 0, **kwargs) -> Path:
+    """Train zoo model ``name`` from scratch into ``out_dir`` (see :mod:`kedit.zoo.train`)."""
+    from kedit.zoo.train import train_model as _train
+
+    return _train(name, out_dir, seed, **kwargs)
+
+
+def evaluate_world_model(model_dir: str | Path, sample: int | None = None) -> dict[str, float]:
+    """Fact accuracies of a zoo model folder (see :mod:`kedit.zoo.train`)."""
+    from kedit.zoo.train import evaluate_world_model as _eval
+
+    return _eval(model_dir, sample)
+
+
+__all__ = [
+    "BENCHMARKS",
+    "CORPUS_FILE",
+    "benchmark_path",
+    "model_info",
+    "World",
+    "build_world",
+    "evaluate_world_model",
+    "list_models",
+    "model_path",
+    "train_model",
+]

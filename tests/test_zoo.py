@@ -1,0 +1,235 @@
+"""tinyworld, its tokenizer, the trainer, the bundled tiny models and the generated benchmarks."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kedit.zoo import CORPUS_FILE, build_world, list_models, model_path
+from kedit.zoo.benchmark import COUNTERFACT_FILE, DATA_DIR, KNOWEDIT_FILE, write_benchmarks
+from kedit.zoo.train import ZOO_META, evaluate_world_model, train_model
+from kedit.zoo.world import PERSON_RELATIONS, RELATIONS
+
+BUNDLED = ("tiny-gpt2", "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world()
+
+
+# --- the world ---------------------------------------------------------------------------
+
+
+def test_world_is_deterministic(world):
+    again = build_world()
+    assert again.people == world.people
+    assert again.facts == world.facts
+    assert again.aliases == world.aliases
+    other = build_world(seed=1)
+    assert other.people != world.people or other.facts != world.facts
+
+
+def test_world_shape(world):
+    assert len(world.people) >= 300 and len(set(world.people)) == len(world.people)
+    assert all(len(p.split(" ")) == 2 for p in world.people)
+    assert len(world.cities) >= 40 and len(world.countries) >= 10
+    assert len(world.companies) >= 20 and len(world.professions) >= 15
+    assert len(world.languages) >= 10
+    for p in world.people:  # two-hop consistency
+        city = world.facts[(p, "lives_in")]
+        assert world.facts[(p, "country_of_residence")] == world.city_country[city]
+    assert 0 < len(world.aliases) < len(world.people)
+    for rel in RELATIONS.values():
+        assert len(rel.templates) >= 6
+        assert all(t.count("{}") == 1 and not t.endswith(" ") for t in rel.templates)
+
+
+def test_no_template_is_a_prefix_of_another():
+    # Otherwise a prompt would have two continuations in training ("X lives in" + " the ...").
+    ts = [t.format("S") for r in RELATIONS.values() for t in r.templates]
+    for a in ts:
+        for b in ts:
+            assert a == b or not (b + " ").startswith(a + " "), (a, b)
+
+
+def test_template_rotation(world):
+    for rel in RELATIONS:
+        trained_somewhere, held_somewhere = set(), set()
+        for s in world.subjects(rel):
+            train, held = world.templates(s, rel, "train"), world.templates(s, rel, "heldout")
+            assert len(train) == 4 and len(held) == 2 and not set(train) & set(held)
+            trained_somewhere.update(train)
+            held_somewhere.update(held)
+        assert trained_somewhere == set(RELATIONS[rel].templates) == held_somewhere
+
+
+def test_heldout_facts_never_in_training_text(world):
+    text = " ".join(world.training_sentences())
+    sents = set(world.training_sentences())
+    held = world.fact_prompts("heldout")
+    assert len(held) == 2 * len(world.people) * len(PERSON_RELATIONS) + 2 * len(world.cities)
+    for fp in held:
+        assert fp.sentence not in sents
+    for fp in random.Random(0).sample(held, 200):
+        assert fp.prompt not in text
+    assert all(fp.sentence in sents for fp in world.fact_prompts("train"))
+    assert all(fp.sentence in sents for fp in world.alias_prompts())
+
+
+def test_corpus(world):
+    assert world.corpus(5, seed=3) == world.corpus(5, seed=3)
+    assert CORPUS_FILE.stat().st_size < 1_000_000
+    lines = CORPUS_FILE.read_text().splitlines()
+    assert 1500 <= len(lines) <= 3000
+    assert lines == world.corpus(len(lines), seed=0)
+    assert all(line.endswith(".") for line in lines)
+
+
+# --- the tokenizer -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_tokenizer_loads_as_gpt2(name, world):
+    from transformers import AutoTokenizer, GPT2Tokenizer
+
+    path = model_path(name)
+    for f in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):
+        assert (path / f).is_file()
+    slow, auto = GPT2Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    texts = [world.fact_prompts("train")[i].sentence for i in range(0, 6000, 500)]
+    texts += [" Lisbon", "Lisbon", world.people[0] + " lives in", "<|endoftext|>x"]
+    for t in texts:
+        assert slow(t)["input_ids"] == auto(t)["input_ids"], t
+    assert slow.eos_token == "<|endoftext|>" == auto.pad_token
+    for answer in [" " + c for rel in RELATIONS for c in world.candidates(rel)]:
+        toks = auto.tokenize(answer)
+        assert toks[0].startswith("Ġ") and len(toks) <= 2, (answer, toks)
+    assert all(len(auto.tokenize(p)) >= 2 for p in world.people)
+
+
+# --- the bundled models ------------------------------------------------------------------
+
+
+def test_list_and_path():
+    assert set(BUNDLED) <= set(list_models())
+    with pytest.raises(ValueError, match="tiny-gpt2"):
+        model_path("no-such-model")
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_model_loads_and_is_small(name):
+    from transformers import AutoModelForCausalLM
+
+    path = model_path(name)
+    weights = path / "model.safetensors"
+    assert weights.stat().st_size <= 10 * 2**20
+    assert all(t.dtype == torch.float32 for t in load_file(weights).values())
+    model = AutoModelForCausalLM.from_pretrained(path)
+    expected = {"tiny-gpt2": "GPT2LMHeadModel", "tiny-llama": "LlamaForCausalLM"}[name]
+    assert type(model).__name__ == expected
+    assert model.config.num_hidden_layers >= 6
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_model_knows_the_world(name):
+    meta = json.loads((model_path(name) / ZOO_META).read_text())
+    assert meta["train_acc"] >= 0.98 and meta["heldout_acc"] >= 0.60
+    measured = evaluate_world_model(model_path(name), sample=400)
+    assert abs(measured["train_acc"] - meta["train_acc"]) <= 0.03
+    assert abs(measured["heldout_acc"] - meta["heldout_acc"]) <= 0.10
+
+
+# --- training ----------------------------------------------------------------------------
+
+
+def test_train_micro_model_end_to_end(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = train_model("tiny-gpt2", tmp_path / "m", small=True, progress=False)
+    meta = json.loads((out / ZOO_META).read_text())
+    assert meta["train_acc"] >= 0.5  # chance is at most 1/10 per fact
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    w = build_world(meta["world_seed"], meta["n_people"])
+    fp = w.fact_prompts("train")[0]
+    ids = tok(fp.prompt, return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape[-1] == len(tok)
+
+
+def test_training_is_bit_identical(tmp_path):
+    def run(d: Path) -> dict[str, torch.Tensor]:
+        train_model("tiny-gpt2", d, small=True, max_steps=4, progress=False, evaluate=False)
+        return load_file(d / "model.safetensors")
+
+    a, b = run(tmp_path / "a"), run(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = load_file(tmp_path / "a" / "model.safetensors")
+    init = train_model(
+        "tiny-gpt2", tmp_path / "c", small=True, max_steps=4, progress=False, evaluate=False,
+        seed=1,
+    )  # fmt: skip
+    d = load_file(init / "model.safetensors")
+    assert any(not torch.equal(c[k], d[k]) for k in c)
+
+
+# --- the generated benchmarks ------------------------------------------------------------
+
+
+def test_benchmark_files_are_current(world, tmp_path):
+    paths = write_benchmarks(world, tmp_path)
+    for p in paths:
+        assert p.read_text() == (DATA_DIR / p.name).read_text()
+
+
+def test_counterfact_format(world):
+    records = json.loads((DATA_DIR / COUNTERFACT_FILE).read_text())
+    assert len(records) >= 300
+    assert len({r["case_id"] for r in records}) == len(records)
+    for r in records:
+        rw = r["requested_rewrite"]
+        assert "{}" in rw["prompt"] and rw["subject"] in world.people
+        assert rw["relation_id"].startswith("P")
+        for key in ("target_new", "target_true"):
+            assert set(rw[key]) == {"str", "id"} and not rw[key]["str"].startswith(" ")
+        assert rw["target_new"]["str"] != rw["target_true"]["str"]
+        assert len(r["paraphrase_prompts"]) == 2
+        assert all(rw["subject"] in p for p in r["paraphrase_prompts"])
+        assert r["neighborhood_prompts"] and r["attribute_prompts"]
+        assert all(rw["subject"] not in p for p in r["neighborhood_prompts"])
+        assert isinstance(r["generation_prompts"], list)
+    assert sum(r["requested_rewrite"]["relation_id"] == "P551" for r in records) > 150
+
+
+def test_knowedit_format(world):
+    records = json.loads((DATA_DIR / KNOWEDIT_FILE).read_text())
+    assert len(records) >= 300
+    n_reasoning = n_alias = 0
+    for r in records:
+        assert "{}" not in r["prompt"] and r["subject"] in r["prompt"]
+        assert not r["target_new"].startswith(" ") and not r["ground_truth"].startswith(" ")
+        assert r["target_new"] != r["ground_truth"]
+        assert all(r["subject"] in p for p in r["rephrase"])
+        assert set(r["portability"]) == {"Subject_Aliasing", "Reasoning", "Logical_Generalization"}
+        assert set(r["locality"]) == {"Relation_Specificity", "Forgetfulness"}
+        for items in [*r["portability"].values(), *r["locality"].values()]:
+            assert all(set(i) == {"prompt", "ground_truth"} for i in items)
+        for i in r["locality"]["Relation_Specificity"] + r["locality"]["Forgetfulness"]:
+            assert r["subject"] not in i["prompt"]
+        for i in r["portability"]["Reasoning"]:  # the country of the new city
+            assert i["ground_truth"] == world.city_country[r["target_new"]]
+            n_reasoning += 1
+        for i in r["portability"]["Subject_Aliasing"]:
+            assert (
+                i["prompt"].startswith(world.aliases[r["subject"]])
+                or world.aliases[r["subject"]] in i["prompt"]
+            )
+            assert i["ground_truth"] == r["target_new"]
+            n_alias += 1
+    assert n_reasoning >= 150 and n_alias >= 40
