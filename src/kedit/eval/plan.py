@@ -114,7 +114,9 @@ def load_plan(path: str | Path) -> Plan:
 
 
 def _label(mode: dict[str, Any]) -> str:
-    extra = [f"{k}={v}" for k, v in sorted(mode.items()) if k != "mode"]
+    """The mode's name, with the settings that differ from BenchConfig's defaults."""
+    defaults = BenchConfig(method="")
+    extra = [f"{k}={v}" for k, v in sorted(mode.items()) if getattr(defaults, k) != v]
     return mode["mode"] + (f"[{','.join(extra)}]" if extra else "")
 
 
