@@ -183,8 +183,8 @@ def run_bench(
     for record in run.cases:
         notify(record)
     chunks = [
-        list(range(start, min(start + config.batch_size, len(requests))))
-        for start in range(0, len(requests), config.batch_size)
+        list(range(start, min(start + config.batch_size, len(run.requests))))
+        for start in range(0, len(run.requests), config.batch_size)
     ]
     if config.mode == "sequential":
         _sequential(run, chunks, notify, heldout_texts)
