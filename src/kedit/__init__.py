@@ -5,12 +5,14 @@ from kedit.edits import Edit, WeightDelta
 from kedit.eval.runner import evaluate
 from kedit.lm import LM
 from kedit.requests import EditRequest, Probe
+from kedit.session import Session
 
 __all__ = [
     "LM",
     "Edit",
     "EditRequest",
     "Probe",
+    "Session",
     "WeightDelta",
     "apply",
     "edit",

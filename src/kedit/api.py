@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from kedit.edits import Edit, apply_edit_file, compute_in_sequence
 from kedit.lm import LM, load
-from kedit.methods.registry import HyperParams, get_method, list_methods, resolve_hparams
+from kedit.methods.registry import (
+    HyperParams,
+    MethodState,
+    get_method,
+    list_methods,
+    resolve_hparams,
+)
 from kedit.requests import EditRequest, as_requests
 
 __all__ = ["apply", "edit", "list_methods", "load"]
@@ -20,13 +27,16 @@ def edit(
     method: str = "rome",
     hparams: dict[str, Any] | HyperParams | None = None,
     batch_size: int | None = None,
+    state: MethodState | None = None,
 ) -> Edit:
     """Edit `lm` in place so that each request's prompt continues with its `target_new`.
 
     `hparams` overrides the method's defaults for this model (EasyEdit key names are accepted).
     Batchable methods edit up to `batch_size` requests per update (all at once by default);
-    the others edit one request after another. Returns an applied `Edit`; if the method
-    fails, the model is left exactly as it was.
+    the others edit one request after another. Stateful methods (AlphaEdit) read and update
+    `state`, what they remember of earlier edits (a fresh one when None; `kedit.Session` holds
+    one for you). Returns an applied `Edit`; if the method fails, the model and `state` are left
+    exactly as they were.
     """
     if not isinstance(lm, LM):
         raise TypeError(f"lm: expected a kedit.LM (from kedit.load), got {type(lm).__name__}")
@@ -37,18 +47,29 @@ def edit(
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     if batch_size is not None and not spec.batchable and batch_size > 1:
         raise ValueError(f"batch_size: method {spec.name!r} edits one request at a time")
+    if spec.state is None:
+        if state is not None:
+            raise ValueError(f"state: method {spec.name!r} keeps no state between edits; pass None")
+    elif state is None:
+        state = spec.state()
+    elif not isinstance(state, spec.state):
+        raise ValueError(
+            f"state: method {spec.name!r} expects a state of type {spec.state.__name__}, "
+            f"got {type(state).__name__}"
+        )
     size = batch_size or len(items)
     chunks = [items[start : start + size] for start in range(0, len(items), size)]
     infos: list[dict[str, Any]] = []
 
     def compute(chunk: list[EditRequest]) -> list:
-        result = spec.fn(lm, chunk, params)
+        result = spec.fn(lm, chunk, params) if state is None else spec.fn(lm, chunk, params, state)
         infos.append(result.info)
         return result.deltas
 
-    deltas = compute_in_sequence(lm.model, chunks, compute)
-    info = infos[0] if len(infos) == 1 else {"batches": infos}
-    return Edit(lm, spec.name, params.to_dict(), items, deltas, info).apply()
+    with nullcontext() if state is None else state.rollback_on_error():
+        deltas = compute_in_sequence(lm.model, chunks, compute)
+        info = infos[0] if len(infos) == 1 else {"batches": infos}
+        return Edit(lm, spec.name, params.to_dict(), items, deltas, info).apply()
 
 
 def apply(lm: LM, path: str | Path) -> Edit:

@@ -31,7 +31,8 @@ class FTHyperParams(HyperParams):
     stop_nll: float = hp(0.05, "Stop once every request's mean target NLL is below this.")
 
     ALIASES = {"num_steps": "steps"}
-    IGNORED = HyperParams.IGNORED | {"batch_size", "objective_optimization"}
+    # EasyEdit's FT files carry `kl_factor`, which its FT does not read either.
+    IGNORED = HyperParams.IGNORED | {"batch_size", "objective_optimization", "kl_factor"}
 
     def validate(self) -> None:
         if not self.layers:

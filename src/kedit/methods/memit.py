@@ -29,7 +29,7 @@ from kedit.methods._locate import (
     keys_at_subject,
     layer_second_moment,
     mlp_out_param,
-    optimize_value,
+    optimize_values,
     subject_end_index,
 )
 from kedit.methods.registry import MethodResult, hp, register
@@ -41,6 +41,9 @@ class MEMITHyperParams(LocateHyperParams):
     layers: list[int] = hp([3, 4, 5, 6, 7, 8], "Layers whose MLP output projections are edited.")
     clamp_norm_factor: float = hp(0.75, "Clamp ‖δ‖ to this multiple of the residual's norm.")
     mom2_update_weight: float = hp(15000.0, "λ: weight of the preserved statistics C.")
+
+    # EasyEdit's MEMIT files carry these; its MEMIT reads neither (C is always used).
+    IGNORED = LocateHyperParams.IGNORED | {"mom2_adjustment", "layer_selection"}
 
     def validate(self) -> None:
         super().validate()
@@ -66,27 +69,41 @@ def least_squares_update(
 
 
 @torch.no_grad()
-def residuals_at_subject(lm: LM, layer: int, requests: list[EditRequest]) -> torch.Tensor:
-    """Block `layer`'s output at each request's subject last token, bare prompt (n × hidden)."""
+def residuals_at_subject(
+    lm: LM, layer: int, requests: list[EditRequest], site: str | None = None
+) -> torch.Tensor:
+    """Output of module `site` (block `layer` by default) at each request's subject last token,
+    bare prompt (n × hidden)."""
     ids, mask = lm.pad([lm.encode_prompt(r.text) for r in requests])
     positions = torch.tensor([subject_end_index(lm, "", r.text, r.subject) for r in requests])
-    block = lm.layout.block(layer)
-    with capture(lm.model, [block]) as seen, stop_after(lm.model, block):
+    site = site or lm.layout.block(layer)
+    with capture(lm.model, [site]) as seen, stop_after(lm.model, site):
         lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    return seen[block][torch.arange(len(requests)), positions].double()
+    return seen[site][torch.arange(len(requests)), positions].double()
+
+
+def value_targets(
+    lm: LM, requests: list[EditRequest], hparams: LocateHyperParams, layer: int, sites: list[str]
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Per site (modules of block `layer`, optimised jointly), the target outputs z_i
+    (n × hidden); and the optimisation steps taken per request."""
+    prefixes = context_prefixes(lm, hparams)
+    targets: list[list[torch.Tensor]] = [[] for _ in sites]
+    steps = []
+    for request in requests:
+        found = optimize_values(lm, request, layer, prefixes, hparams, sites)
+        for rows, result in zip(targets, found, strict=True):
+            rows.append(result.initial_output.double() + result.delta.double())
+        steps.append(found[0].steps)
+    return [torch.stack(rows) for rows in targets], steps
 
 
 def memit_targets(
     lm: LM, requests: list[EditRequest], hparams: LocateHyperParams, layer: int
 ) -> tuple[torch.Tensor, list[int]]:
     """Target residuals z_i at block `layer` (n × hidden) and the optimisation steps taken."""
-    prefixes = context_prefixes(lm, hparams)
-    targets, steps = [], []
-    for request in requests:
-        found = optimize_value(lm, request, layer, prefixes, hparams, lm.layout.block(layer))
-        targets.append(found.initial_output.double() + found.delta.double())
-        steps.append(found.steps)
-    return torch.stack(targets), steps
+    targets, steps = value_targets(lm, requests, hparams, layer, [lm.layout.block(layer)])
+    return targets[0], steps
 
 
 def mean_keys(lm: LM, layer: int, requests: list[EditRequest], prefixes: list[str]) -> torch.Tensor:
@@ -102,9 +119,14 @@ def spread_over_layers(
     hparams: LocateHyperParams,
     targets: torch.Tensor,
     solve: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    site: str | None = None,
+    divisor: Callable[[int], float] = float,
 ) -> list[WeightDelta]:
     """Distribute the residual change over the layers, lowest first (MEMIT Alg. 1).
 
+    `targets` are outputs of module `site` of the last edited layer (by default that block's
+    output, the residual stream) at the subjects' last tokens. Each layer takes what is still
+    missing there divided by `divisor(number of layers left)` (MEMIT: the number itself).
     `solve(layer, residuals, keys)` returns the `(left, right)` factors of one layer's update;
     each layer's update is applied before the next layer's keys and residuals are measured.
     """
@@ -114,8 +136,8 @@ def spread_over_layers(
     def compute(index: int) -> list[WeightDelta]:
         layer = layers[index]
         keys = mean_keys(lm, layer, requests, prefixes)
-        current = residuals_at_subject(lm, layers[-1], requests)
-        residuals = (targets - current) / (len(layers) - index)
+        current = residuals_at_subject(lm, layers[-1], requests, site)
+        residuals = (targets - current) / divisor(len(layers) - index)
         left, right = solve(layer, residuals, keys)
         return [WeightDelta.low_rank(mlp_out_param(lm, layer), *as_param_factors(lm, left, right))]
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -129,7 +130,34 @@ class MethodResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-MethodFn = Callable[[LM, list[EditRequest], HyperParams], MethodResult]
+class MethodState:
+    """What a stateful method carries from one edit to the next (AlphaEdit: the keys of earlier
+    edits). Held by a `kedit.Session` or passed to `kedit.edit(state=...)`, never global.
+
+    Subclasses assign new values to their attributes instead of changing them in place, so
+    that a shallow copy is a snapshot (the values can be large tensors).
+    """
+
+    def reset(self) -> None:
+        """Forget everything, as at the start of a session."""
+        raise NotImplementedError
+
+    @contextmanager
+    def rollback_on_error(self) -> Iterator[None]:
+        """Restore the state as it was if the block raises, so a failed edit leaves no trace."""
+        saved = dict(vars(self))
+        try:
+            yield
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(saved)
+            raise
+
+
+MethodFn = (
+    Callable[[LM, list[EditRequest], HyperParams], MethodResult]
+    | Callable[[LM, list[EditRequest], HyperParams, MethodState], MethodResult]
+)
 
 
 @dataclass(frozen=True)
@@ -140,6 +168,7 @@ class MethodSpec:
     summary: str
     batchable: bool
     defaults: str
+    state: type[MethodState] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -151,22 +180,34 @@ def register(
     summary: str,
     batchable: bool = False,
     defaults: str | None = None,
+    state: type[MethodState] | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register a method function under `name` (lower case, e.g. "rome").
 
-    `batchable` methods edit many requests in one update; `defaults` names the YAML file of
-    default hyper-parameters (`hparams/<defaults>.yaml`, the method's name by default).
+    The function is called as `fn(lm, requests, hparams)`, or `fn(lm, requests, hparams, state)`
+    when `state` names the method's `MethodState` class. `batchable` methods edit many requests
+    in one update; `defaults` names the YAML file of default hyper-parameters
+    (`hparams/<defaults>.yaml`, the method's name by default).
     """
 
     def decorator(fn: MethodFn) -> MethodFn:
-        _METHODS[name] = MethodSpec(name, fn, hparams, summary, batchable, defaults or name)
+        spec = MethodSpec(name, fn, hparams, summary, batchable, defaults or name, state)
+        _METHODS[name] = spec
         return fn
 
     return decorator
 
 
 def _load_builtin_methods() -> None:
-    from kedit.methods import ft, memit, rome  # noqa: F401  (registration happens on import)
+    from kedit.methods import (  # noqa: F401  (registration happens on import)
+        alphaedit,
+        emmet,
+        ft,
+        kn,
+        memit,
+        pmet,
+        rome,
+    )
 
 
 def list_methods() -> list[str]:
