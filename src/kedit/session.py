@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from kedit import api
 from kedit.edits import Edit
@@ -40,6 +43,39 @@ class Session:
         edit = api.edit(self.lm, requests, self.method, self.hparams, batch_size, self.state)
         self.edits.append(edit)
         return edit
+
+    def adopt(self, edit: Edit) -> Edit:
+        """Count an edit already applied to this session's model (e.g. one re-applied from its
+        file when a run resumes) as the session's next edit. A stateful method's memory is not
+        rebuilt from it: restore that with `load_state`."""
+        if edit.lm is not self.lm:
+            raise ValueError(f"edit: applied to {edit.lm.name!r}, not to this session's model")
+        if edit.method != self.method:
+            raise ValueError(
+                f"edit: made by method {edit.method!r}, this session edits with {self.method!r}"
+            )
+        if not edit.applied:
+            raise ValueError("edit: not applied; apply it before adopting it")
+        self.edits.append(edit)
+        return edit
+
+    def save_state(self, path: str | Path) -> None:
+        """Write the method's memory of earlier edits and the number of edits made to `path`."""
+        state = None if self.state is None else dict(vars(self.state))
+        torch.save({"method": self.method, "edits": len(self.edits), "state": state}, path)
+
+    def load_state(self, path: str | Path) -> int:
+        """Restore the method's memory from a `save_state` file; returns how many edits the
+        session had made when it was saved (adopt exactly those to resume it)."""
+        saved = torch.load(path, weights_only=True)
+        if saved.get("method") != self.method:
+            raise ValueError(
+                f"{path}: state of method {saved.get('method')!r}, this session edits with "
+                f"{self.method!r}"
+            )
+        if self.state is not None:
+            vars(self.state).update(saved["state"])
+        return int(saved["edits"])
 
     def undo(self) -> None:
         """Revert every edit of the session, the last first, bit-exactly; `.edits` is emptied

@@ -31,6 +31,7 @@ CHECKPOINTS_FILE = "checkpoints.jsonl"
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 EDITS_DIR = "edits"
+STATE_FILE = "session-state.pt"
 MODES = ("independent", "batch", "sequential")
 SCHEDULES = ("after-each", "after-all")
 
@@ -245,15 +246,18 @@ def _sequential(
     base_ppl = perplexity(run.lm, heldout) if heldout else None
     applied: list[int] = []
     edit_seconds: dict[int, float] = {}
+    run.pre([])  # the pre scores are those of the unedited model: measure them before editing
+    state_path = edits_dir / STATE_FILE
+    resumed = session.load_state(state_path) if state_path.exists() else 0
     try:
         for step, chunk in enumerate(chunks):
             path = edits_dir / f"{step:06d}.kedit"
             started = time.perf_counter()
-            if path.exists():
-                edit = session.adopt(apply_edit(run.lm, path))
+            if step < resumed:
+                session.adopt(apply_edit(run.lm, path))
             else:
-                edit = session.edit([run.requests[i] for i in chunk])
-                edit.save(path)
+                session.edit([run.requests[i] for i in chunk]).save(path)
+                session.save_state(state_path)
             edited = time.perf_counter()
             applied.extend(chunk)
             edit_seconds.update((i, edited - started) for i in chunk)
