@@ -351,3 +351,42 @@ def test_edit_runs_and_undoes_bit_exactly(family: str, method: str) -> None:
     edit.undo()
     _assert_same_state(lm.model, before)
     assert all(p.requires_grad for p in lm.model.parameters())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_value_optimisation_with_cached_context_matches_plain_forward_passes(family: str) -> None:
+    """The value optimisation runs the positions before the subject once, as a KV cache, and
+    many requests in one padded batch: its unedited target NLL must be what plain forward
+    passes of the whole rows give, and a batch must find what each request finds alone."""
+    from kedit.methods._locate import optimize_values
+    from kedit.methods.registry import resolve_hparams
+
+    lm = tiny_lm(family)
+    requests = [
+        REQUEST,
+        kedit.EditRequest(prompt="The city of {} is", subject="Tomas Berg", target_new=" in Porto"),
+    ]
+    prefixes = ["", "Ana Costa works as a teacher. ", "Oslo. "]
+    site = lm.layout.mlp_out_name(1)
+    still = resolve_hparams("r-rome", lm, {"layers": [1], "v_stop_nll": 1e9})
+    for request, found in zip(
+        requests, optimize_values(lm, requests, 1, prefixes, still, [site]), strict=True
+    ):
+        target = lm.encode(request.target_new)
+        nlls = []
+        for prefix in prefixes:
+            prompt = lm.encode_prompt(prefix + request.text)
+            ids = torch.tensor([prompt + target[:-1]])
+            with torch.no_grad():
+                logp = torch.log_softmax(lm.model(input_ids=ids).logits[0].float(), dim=-1)
+            rows = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(target))
+            nlls.append(-logp[rows, torch.tensor(target)].mean())
+        assert found[0].steps == 0
+        assert found[0].target_nll == pytest.approx(float(torch.stack(nlls).mean()), rel=1e-4)
+
+    moving = resolve_hparams("r-rome", lm, {"layers": [1], "v_steps": 3, "v_stop_nll": 0.0})
+    together = optimize_values(lm, requests, 1, prefixes, moving, [site])
+    for request, batched in zip(requests, together, strict=True):
+        alone = optimize_values(lm, [request], 1, prefixes, moving, [site])[0][0]
+        assert torch.allclose(batched[0].delta, alone.delta, atol=1e-4, rtol=1e-3)
+        assert batched[0].delta.norm() > 0

@@ -6,10 +6,11 @@ W at the subject's last token; a value v is that projection's output there.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kedit.hooks import capture, hooks, replace_output, start_at_block, stop_after
 from kedit.lm import LM
@@ -42,6 +43,9 @@ class LocateHyperParams(HyperParams):
     )
     prefix_seed: int = hp(0, "Random seed of the context prefixes.")
     fact_token: str = hp("subject_last", "Token whose key is edited (only 'subject_last').")
+    v_batch_tokens: int = hp(
+        4096, "Token budget of one value-optimisation batch (requests are optimised together)."
+    )
 
     ALIASES = {
         "v_num_grad_steps": "v_steps",
@@ -57,7 +61,7 @@ class LocateHyperParams(HyperParams):
             raise ValueError(
                 f"fact_token: only 'subject_last' is supported, got {self.fact_token!r}"
             )
-        for name in ("v_steps", "mom2_n_samples", "mom2_max_length"):
+        for name in ("v_steps", "mom2_n_samples", "mom2_max_length", "v_batch_tokens"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -163,72 +167,219 @@ def optimize_value(
     site: str,
     essence_prompt: str = "{} is a",
 ) -> ValueResult:
-    """`optimize_values` with the one site `site` (ROME Eq. 4)."""
-    return optimize_values(lm, request, layer, prefixes, hparams, [site], essence_prompt)[0]
+    """`optimize_values` for one request and the one site `site` (ROME Eq. 4)."""
+    return optimize_values(lm, [request], layer, prefixes, hparams, [site], essence_prompt)[0][0]
 
 
 def optimize_values(
     lm: LM,
-    request: EditRequest,
+    requests: list[EditRequest],
     layer: int,
     prefixes: list[str],
     hparams: LocateHyperParams,
     sites: list[str],
     essence_prompt: str = "{} is a",
-) -> list[ValueResult]:
-    """Find vectors delta_s that, added to the outputs of the modules `sites` (all in block
-    `layer`) at the subject's last token, make `target_new` likely after every prefix (ROME
-    Eq. 4; several sites at once as in PMET). One result per site, in the order given.
+) -> list[list[ValueResult]]:
+    """For each request, vectors delta_s that, added to the outputs of the modules `sites` (all
+    in block `layer`) at the subject's last token, make `target_new` likely after every prefix
+    (ROME Eq. 4; several sites at once as in PMET). One list per request, one result per site.
 
-    Loss = mean NLL of the target tokens + kl_factor * KL(new || old) of the next-token
-    distribution after `essence_prompt` (keeps what the subject "is") + for each site, weight
-    decay on its delta relative to its output norm. Each delta is clamped to clamp_norm_factor
-    times its site's unedited output norm. The optimisation stops once every prompt's mean
-    target NLL is below `v_stop_nll`. Blocks below `layer` are run once, not at every step.
+    Loss per request = mean NLL of the target tokens + kl_factor * KL(new || old) of the
+    next-token distribution at the subject of `essence_prompt` (keeps what the subject "is") +
+    for each site, weight decay on its delta relative to its output norm. Each delta is clamped
+    to clamp_norm_factor times its site's unedited output norm. A request stops once each of
+    its prompts' mean target NLL is below `v_stop_nll`.
+
+    The requests are optimised together, each with its own deltas (the losses are summed, so
+    the gradients do not mix), in chunks of about `v_batch_tokens` tokens. Nothing before the
+    subject's last token depends on a delta: those positions run once and are fed to every
+    step as cached keys and values, and so do the blocks below `layer` for the others.
     """
-    steps, stop_nll = hparams.v_steps, hparams.v_stop_nll
-    model, layout = lm.model, lm.layout
-    target_ids = lm.encode(request.target_new)
-    rows, lookup, target_spans = [], [], []
-    for prefix in prefixes:
-        prompt_ids = lm.encode_prompt(prefix + request.text)
-        rows.append(prompt_ids + target_ids[:-1])
-        lookup.append(subject_end_index(lm, prefix, request.text, request.subject))
-        target_spans.append(len(prompt_ids) - 1)
-    essence = essence_prompt.replace("{}", request.subject)
-    rows.append(lm.encode_prompt(essence))
-    lookup.append(subject_end_index(lm, "", essence, request.subject))
-    n_rewrite = len(prefixes)
+    results: list[list[ValueResult]] = []
+    chunk: list[EditRequest] = []
+    chunk_tokens = 0
+    for request in requests:
+        tokens = (len(prefixes) + 1) * len(lm.encode_prompt(prefixes[-1] + request.text))
+        if chunk and chunk_tokens + tokens > hparams.v_batch_tokens:
+            results.extend(
+                _optimize_chunk(lm, chunk, layer, prefixes, hparams, sites, essence_prompt)
+            )
+            chunk, chunk_tokens = [], 0
+        chunk.append(request)
+        chunk_tokens += tokens
+    results.extend(_optimize_chunk(lm, chunk, layer, prefixes, hparams, sites, essence_prompt))
+    return results
 
-    ids, mask = lm.pad(rows)
-    lookup_t = torch.tensor(lookup, device=lm.device)
-    batch = torch.arange(len(rows), device=lm.device)
-    positions = torch.tensor(target_spans, device=lm.device)[:, None] + torch.arange(
-        len(target_ids), device=lm.device
-    )
-    target_t = torch.tensor(target_ids, device=lm.device).expand(n_rewrite, -1)
-    rewrite_rows = batch[:n_rewrite, None]
+
+@dataclass
+class _ValueBatch:
+    """The rows of a value optimisation: for each request, one row per prefix (prompt and all
+    target tokens but the last) and its essence row. Each row is split at the subject's last
+    token into a context (left-padded, run once) and a suffix (right-padded, run every step)."""
+
+    owner: torch.Tensor  # request index of each row
+    is_rewrite: torch.Tensor  # True for prompt rows, False for essence rows
+    at: torch.Tensor  # position of the subject's last token in the suffix
+    context_ids: torch.Tensor
+    context_mask: torch.Tensor
+    suffix_ids: torch.Tensor
+    suffix_mask: torch.Tensor
+    suffix_positions: torch.Tensor
+    target_ids: torch.Tensor  # (rewrite rows, longest target), padded
+    target_mask: torch.Tensor
+    target_positions: torch.Tensor  # suffix positions that predict each target token
+
+    @classmethod
+    def build(
+        cls, lm: LM, requests: list[EditRequest], prefixes: list[str], essence_prompt: str
+    ) -> _ValueBatch:
+        rows: list[list[int]] = []
+        lookups, owners, targets = [], [], []
+        for index, request in enumerate(requests):
+            target_ids = lm.encode(request.target_new)
+            for prefix in prefixes:
+                prompt_ids = lm.encode_prompt(prefix + request.text)
+                rows.append(prompt_ids + target_ids[:-1])
+                lookups.append(subject_end_index(lm, prefix, request.text, request.subject))
+                owners.append(index)
+                targets.append((len(prompt_ids) - 1, target_ids))
+            essence = essence_prompt.replace("{}", request.subject)
+            rows.append(lm.encode_prompt(essence))
+            lookups.append(subject_end_index(lm, "", essence, request.subject))
+            owners.append(index)
+            targets.append(None)
+        # A row whose subject ends at its first token has no context; then none is cached.
+        cuts = lookups if min(lookups) > 0 else [0] * len(rows)
+        pad = lm.tokenizer.pad_token_id
+        context_len = max(cuts)
+        suffix_len = max(len(row) - cut for row, cut in zip(rows, cuts, strict=True))
+        longest = max(len(t[1]) for t in targets if t is not None)
+        n_rewrite = sum(t is not None for t in targets)
+        context_ids = torch.full((len(rows), context_len), pad, dtype=torch.long)
+        context_mask = torch.zeros((len(rows), context_len), dtype=torch.long)
+        suffix_ids = torch.full((len(rows), suffix_len), pad, dtype=torch.long)
+        suffix_mask = torch.zeros((len(rows), suffix_len), dtype=torch.long)
+        target_ids = torch.zeros((n_rewrite, longest), dtype=torch.long)
+        target_mask = torch.zeros((n_rewrite, longest))
+        target_positions = torch.zeros((n_rewrite, longest), dtype=torch.long)
+        rewrite = 0
+        for index, (row, cut) in enumerate(zip(rows, cuts, strict=True)):
+            if cut:
+                context_ids[index, context_len - cut :] = torch.tensor(row[:cut])
+                context_mask[index, context_len - cut :] = 1
+            suffix_ids[index, : len(row) - cut] = torch.tensor(row[cut:])
+            suffix_mask[index, : len(row) - cut] = 1
+            if targets[index] is not None:
+                first, ids = targets[index]
+                target_ids[rewrite, : len(ids)] = torch.tensor(ids)
+                target_mask[rewrite, : len(ids)] = 1
+                target_positions[rewrite] = (first - cut + torch.arange(longest)).clamp(
+                    max=suffix_len - 1
+                )
+                rewrite += 1
+        cut_t = torch.tensor(cuts)
+        device = lm.device
+        return cls(
+            owner=torch.tensor(owners, device=device),
+            is_rewrite=torch.tensor([t is not None for t in targets], device=device),
+            at=(torch.tensor(lookups) - cut_t).to(device),
+            context_ids=context_ids.to(device),
+            context_mask=context_mask.to(device),
+            suffix_ids=suffix_ids.to(device),
+            suffix_mask=suffix_mask.to(device),
+            suffix_positions=(cut_t[:, None] + torch.arange(suffix_len)).to(device),
+            target_ids=target_ids.to(device),
+            target_mask=target_mask.to(device),
+            target_positions=target_positions.to(device),
+        )
+
+
+def _cache_argument(model: Any) -> str:
+    """The name under which this transformers version takes a KV cache (`cache` from 5.2x,
+    `past_key_values` before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_tensors(output: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer `(keys, values)` of the KV cache a forward pass returned (the layered cache of
+    recent transformers versions and the older lists of tensors)."""
+    cache = output.cache if "cache" in output else output.past_key_values
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def _optimize_chunk(
+    lm: LM,
+    requests: list[EditRequest],
+    layer: int,
+    prefixes: list[str],
+    hparams: LocateHyperParams,
+    sites: list[str],
+    essence_prompt: str,
+) -> list[list[ValueResult]]:
+    """`optimize_values` for requests that fit in one batch."""
+    from transformers import DynamicCache
+
+    model, layout = lm.model, lm.layout
+    batch = _ValueBatch.build(lm, requests, prefixes, essence_prompt)
+    n_rows = len(batch.owner)
+    cache_argument = _cache_argument(model)
+    context: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    with torch.no_grad():
+        if batch.context_ids.shape[1]:
+            positions = (batch.context_mask.cumsum(1) - 1).clamp(min=0)
+            out = model(
+                input_ids=batch.context_ids,
+                attention_mask=batch.context_mask,
+                position_ids=positions,
+                use_cache=True,
+            )
+            context = _cache_tensors(out)
+
+    def forward(rows: torch.Tensor) -> torch.Tensor:
+        cache = None
+        mask = batch.suffix_mask[rows]
+        if context is not None:
+            cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in context])
+            mask = torch.cat([batch.context_mask[rows], mask], dim=1)
+        return model(
+            input_ids=batch.suffix_ids[rows],
+            attention_mask=mask,
+            position_ids=batch.suffix_positions[rows],
+            use_cache=cache is not None,
+            **{cache_argument: cache},
+        ).logits
 
     block = layout.block(layer)
-    with (
-        torch.no_grad(),
-        capture(model, [block], "input") as seen,
-        capture(model, sites) as out,
-    ):
+    all_rows = torch.arange(n_rows, device=lm.device)
+    with torch.no_grad(), capture(model, [block], "input") as seen, capture(model, sites) as out:
         with stop_after(model, block):
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            forward(all_rows)
     hidden = seen[block]
-    initial = [out[site][0, lookup[0]].float() for site in sites]
+    # The unedited output of each site at the subject of each request's first (bare) prompt.
+    first_rows = torch.tensor(
+        [int((batch.owner == r).nonzero()[0]) for r in range(len(requests))], device=lm.device
+    )
+    initial = [out[site][first_rows, batch.at[first_rows]].float() for site in sites]
 
     deltas = [torch.zeros_like(start, requires_grad=True) for start in initial]
     optimizer = torch.optim.Adam(deltas, lr=hparams.v_lr)
-    max_norms = [hparams.clamp_norm_factor * start.norm() for start in initial]
-    init_essence_logp = None
+    max_norms = [hparams.clamp_norm_factor * start.norm(dim=1) for start in initial]
+    start_norms2 = [start.norm(dim=1) ** 2 for start in initial]
+    rewrite_index = torch.cumsum(batch.is_rewrite.long(), 0) - 1  # row -> its target row
+    essence_logp: torch.Tensor | None = None
+    device = lm.device
+    active = torch.ones(len(requests), dtype=torch.bool, device=device)
+    done: list[tuple[int, float] | None] = [None] * len(requests)
 
-    def adder(delta: torch.Tensor):
+    def adder(delta: torch.Tensor, rows: torch.Tensor):
+        where = (torch.arange(len(rows), device=lm.device), batch.at[rows])
+        owners = batch.owner[rows]
+
         def add_delta(output: torch.Tensor) -> torch.Tensor:
             output = output.clone()
-            output[batch, lookup_t] = output[batch, lookup_t] + delta.to(output.dtype)
+            output[where] = output[where] + delta[owners].to(output.dtype)
             return output
 
         return add_delta
@@ -236,50 +387,87 @@ def optimize_values(
     needs_grad = [p for p in model.parameters() if p.requires_grad]
     for p in needs_grad:
         p.requires_grad_(False)
-    step, nll_value = 0, float("inf")
     try:
-        # The site hooks go in before the blocks below `layer` are cut out, which renumbers
-        # the blocks: a module path resolved afterwards would name a deeper block.
-        with hooks(
-            *(replace_output(model, s, adder(d)) for s, d in zip(sites, deltas, strict=True)),
-            start_at_block(model, layout.blocks, layer, hidden),
-        ):
-            for step in range(steps + 1):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                rewrite_logp = torch.log_softmax(logits[rewrite_rows, positions].float(), dim=-1)
-                token_logp = rewrite_logp.gather(2, target_t[..., None]).squeeze(-1)
-                nll_per_prompt = -token_logp.mean(dim=1)
-                nll_value = float(nll_per_prompt.detach().mean())
-                essence_logits = logits[batch[n_rewrite:], lookup_t[n_rewrite:]]
-                essence_logp = torch.log_softmax(essence_logits.float(), dim=-1)
-                if init_essence_logp is None:
-                    init_essence_logp = essence_logp.detach()
-                if step == steps or float(nll_per_prompt.detach().max()) < stop_nll:
-                    break
-                kl = F.kl_div(
-                    init_essence_logp, essence_logp, log_target=True, reduction="batchmean"
-                )
-                decay = sum(
-                    d.norm() ** 2 / start.norm() ** 2
-                    for d, start in zip(deltas, initial, strict=True)
-                )
-                loss = (
-                    nll_per_prompt.mean() + hparams.kl_factor * kl + hparams.v_weight_decay * decay
-                )
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    for delta, max_norm in zip(deltas, max_norms, strict=True):
-                        norm = delta.norm()
-                        if norm > max_norm:
-                            delta.mul_(max_norm / norm)
+        for step in range(hparams.v_steps + 1):
+            rows = all_rows[active[batch.owner]]
+            owners = batch.owner[rows]
+            # Site hooks go in before the blocks below `layer` are cut out, which renumbers
+            # the blocks: a module path resolved afterwards would name a deeper block.
+            with hooks(
+                *(
+                    replace_output(model, s, adder(d, rows))
+                    for s, d in zip(sites, deltas, strict=True)
+                ),
+                start_at_block(model, layout.blocks, layer, hidden[rows]),
+            ):
+                logits = forward(rows)
+            rewrite = batch.is_rewrite[rows]
+            targets = rewrite_index[rows[rewrite]]
+            picked = logits[rewrite][
+                torch.arange(len(targets), device=lm.device)[:, None],
+                batch.target_positions[targets],
+            ]
+            token_logp = (
+                torch.log_softmax(picked.float(), dim=-1)
+                .gather(2, batch.target_ids[targets][..., None])
+                .squeeze(-1)
+            )
+            weights = batch.target_mask[targets]
+            nll_rows = -(token_logp * weights).sum(1) / weights.sum(1)
+            rewrite_owners = owners[rewrite]
+            count = torch.zeros(len(requests), device=device).index_add_(
+                0, rewrite_owners, torch.ones(len(targets), device=device)
+            )
+            nll_mean = torch.zeros(len(requests), device=device).index_add_(
+                0, rewrite_owners, nll_rows
+            ) / count.clamp(min=1)
+            nll_max = torch.full((len(requests),), float("-inf"), device=device).scatter_reduce(
+                0, rewrite_owners, nll_rows.detach(), "amax"
+            )
+            essence_rows = ~rewrite
+            essence_logits = logits[essence_rows][
+                torch.arange(int(essence_rows.sum()), device=lm.device),
+                batch.at[rows[essence_rows]],
+            ]
+            logp = torch.log_softmax(essence_logits.float(), dim=-1)
+            essence_owners = owners[essence_rows]
+            if essence_logp is None:
+                essence_logp = torch.zeros(len(requests), logp.shape[1], device=device)
+                essence_logp[essence_owners] = logp.detach()
+            for r in active.nonzero().flatten().tolist():
+                if step == hparams.v_steps or float(nll_max[r]) < hparams.v_stop_nll:
+                    done[r] = (step, float(nll_mean[r].detach()))
+                    active[r] = False
+            if not active.any():
+                break
+            kl = (
+                (logp.exp() * (logp - essence_logp[essence_owners])).sum(1) * active[essence_owners]
+            ).sum()
+            decay = sum(
+                (d.norm(dim=1) ** 2 / norms2)[active].sum()
+                for d, norms2 in zip(deltas, start_norms2, strict=True)
+            )
+            loss = (
+                (nll_mean * active).sum() + hparams.kl_factor * kl + hparams.v_weight_decay * decay
+            )
+            frozen = [d.detach()[~active].clone() for d in deltas]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for delta, max_norm, kept in zip(deltas, max_norms, frozen, strict=True):
+                    delta[~active] = kept
+                    scale = (max_norm / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
+                    delta.mul_(scale[:, None])
     finally:
         for p in needs_grad:
             p.requires_grad_(True)
     return [
-        ValueResult(delta.detach(), start, step, nll_value)
-        for delta, start in zip(deltas, initial, strict=True)
+        [
+            ValueResult(delta[r].detach(), start[r], done[r][0], done[r][1])
+            for delta, start in zip(deltas, initial, strict=True)
+        ]
+        for r in range(len(requests))
     ]
 
 

@@ -9,7 +9,7 @@ ROME's rank-one update generalised to a batch, is (EMMET's batched solution, col
     ΔW = (V − W K) (Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹
 
 Keys k_i are averaged over context prefixes and values v_i = W k_i + δ_i come from ROME's value
-optimisation at the MLP output (`optimize_value`), so V − W K is the batch of deltas. In the
+optimisation at the MLP output (`optimize_values`), so V − W K is the batch of deltas. In the
 row-per-fact notation of memit.py (K: n × in, D: n × out) ΔW = Dᵀ (K C⁻¹ Kᵀ)⁻¹ K C⁻¹, stored as
 those two factors. Two facts with (nearly) the same key and different values cannot both hold;
 `ridge` then adds ρ · mean(diag(K C⁻¹ Kᵀ)) to the diagonal and the constraints hold only
@@ -29,7 +29,7 @@ from kedit.methods._locate import (
     as_param_factors,
     context_prefixes,
     mlp_out_param,
-    optimize_value,
+    optimize_values,
 )
 from kedit.methods.memit import mean_keys
 from kedit.methods.registry import MethodResult, hp, register
@@ -97,7 +97,7 @@ def compute_emmet(lm: LM, requests: list[EditRequest], hparams: EMMETHyperParams
     right = equality_constrained_factor(
         keys, inverse_second_moment(lm, hparams, layer), hparams.ridge
     )
-    found = [optimize_value(lm, request, layer, prefixes, hparams, site) for request in requests]
+    found = [f[0] for f in optimize_values(lm, requests, layer, prefixes, hparams, [site])]
     deltas = torch.stack([f.delta.double() for f in found])
     module = lm.model.get_submodule(site)
     with torch.no_grad():

@@ -88,14 +88,12 @@ def value_targets(
     """Per site (modules of block `layer`, optimised jointly), the target outputs z_i
     (n × hidden); and the optimisation steps taken per request."""
     prefixes = context_prefixes(lm, hparams)
-    targets: list[list[torch.Tensor]] = [[] for _ in sites]
-    steps = []
-    for request in requests:
-        found = optimize_values(lm, request, layer, prefixes, hparams, sites)
-        for rows, result in zip(targets, found, strict=True):
-            rows.append(result.initial_output.double() + result.delta.double())
-        steps.append(found[0].steps)
-    return [torch.stack(rows) for rows in targets], steps
+    found = optimize_values(lm, requests, layer, prefixes, hparams, sites)
+    targets = [
+        torch.stack([f[s].initial_output.double() + f[s].delta.double() for f in found])
+        for s in range(len(sites))
+    ]
+    return targets, [f[0].steps for f in found]
 
 
 def memit_targets(
