@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument(
+        "--hparams", type=json.loads, default={}, help="JSON overrides for every method"
+    )
     args = parser.parse_args()
     data = benchmark_path("knowedit")
     requests = load_requests(data, n=args.n)
@@ -32,7 +35,7 @@ def main() -> None:
     for model in args.models:
         lm = kedit.load(model)
         for method in args.methods:
-            config = BenchConfig(method=method, data=data.name)
+            config = BenchConfig(method=method, data=data.name, hparams=args.hparams)
             summary = run_bench(lm, requests, config, args.out / model / method)
             post = summary["metrics"]["post"]["teacher_forced"]
             results.append(
@@ -41,6 +44,7 @@ def main() -> None:
                     "method": method,
                     "cases": len(requests),
                     "protocol": "teacher_forced",
+                    "hparams": args.hparams,
                     **{name: round(value, 4) for name, value in post.items()},
                     "edit_seconds_median": round(summary["edit_seconds_median"], 4),
                 }

@@ -1,6 +1,6 @@
 """kedit: locate, edit, erase and explain knowledge inside transformer language models."""
 
-from kedit.api import apply, edit, list_methods, load
+from kedit.api import apply, edit, edit_each, list_methods, load
 from kedit.edits import Edit, WeightDelta
 from kedit.eval.runner import evaluate
 from kedit.lm import LM
@@ -16,6 +16,7 @@ __all__ = [
     "WeightDelta",
     "apply",
     "edit",
+    "edit_each",
     "evaluate",
     "list_methods",
     "load",

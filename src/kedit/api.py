@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from kedit.methods.registry import (
 )
 from kedit.requests import EditRequest, as_requests
 
-__all__ = ["apply", "edit", "list_methods", "load"]
+__all__ = ["apply", "edit", "edit_each", "list_methods", "load"]
 
 
 def edit(
@@ -70,6 +70,46 @@ def edit(
         deltas = compute_in_sequence(lm.model, chunks, compute)
         info = infos[0] if len(infos) == 1 else {"batches": infos}
         return Edit(lm, spec.name, params.to_dict(), items, deltas, info).apply()
+
+
+def edit_each(
+    lm: LM,
+    requests: EditRequest | Iterable[EditRequest],
+    method: str = "rome",
+    hparams: dict[str, Any] | HyperParams | None = None,
+    group: int = 32,
+) -> Iterator[Edit]:
+    """For each request, the edit that `kedit.edit(lm, request, ...)` would make on `lm` as it is
+    now, yielded NOT applied: apply it, use it, undo it before taking the next.
+
+    This is what an independent-editing benchmark does, and methods that can (ROME, r-ROME)
+    compute `group` requests' edits in one batch, which is several times faster than one by
+    one. Taking the next edit while the last one is still applied raises an error, since the
+    next group would be computed on an edited model.
+    """
+    if not isinstance(lm, LM):
+        raise TypeError(f"lm: expected a kedit.LM (from kedit.load), got {type(lm).__name__}")
+    if not isinstance(group, int) or group < 1:
+        raise ValueError(f"group: expected a positive integer, got {group!r}")
+    items = as_requests(requests)
+    spec = get_method(method)
+    if spec.state is not None:
+        raise ValueError(f"method: {spec.name!r} keeps state between edits; use kedit.edit")
+    params = resolve_hparams(spec.name, lm, hparams)
+    last: Edit | None = None
+    for start in range(0, len(items), group):
+        if last is not None and last.applied:
+            raise RuntimeError("edit_each: undo the last edit before taking the next one")
+        chunk = items[start : start + group]
+        if spec.each is not None:
+            results = spec.each(lm, chunk, params)
+        else:
+            results = [spec.fn(lm, [request], params) for request in chunk]
+        for request, result in zip(chunk, results, strict=True):
+            if last is not None and last.applied:
+                raise RuntimeError("edit_each: undo the last edit before taking the next one")
+            last = Edit(lm, spec.name, params.to_dict(), [request], result.deltas, result.info)
+            yield last
 
 
 def apply(lm: LM, path: str | Path) -> Edit:

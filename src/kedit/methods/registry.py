@@ -159,6 +159,10 @@ MethodFn = (
     | Callable[[LM, list[EditRequest], HyperParams, MethodState], MethodResult]
 )
 
+# Computes, for each request on its own, the update that editing the unchanged model with that
+# request alone would give: many requests at once where the method can batch the work.
+EachFn = Callable[[LM, list[EditRequest], HyperParams], list[MethodResult]]
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -169,6 +173,7 @@ class MethodSpec:
     batchable: bool
     defaults: str
     state: type[MethodState] | None = None
+    each: EachFn | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -181,17 +186,19 @@ def register(
     batchable: bool = False,
     defaults: str | None = None,
     state: type[MethodState] | None = None,
+    each: EachFn | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register a method function under `name` (lower case, e.g. "rome").
 
     The function is called as `fn(lm, requests, hparams)`, or `fn(lm, requests, hparams, state)`
     when `state` names the method's `MethodState` class. `batchable` methods edit many requests
     in one update; `defaults` names the YAML file of default hyper-parameters
-    (`hparams/<defaults>.yaml`, the method's name by default).
+    (`hparams/<defaults>.yaml`, the method's name by default). `each`, where given, computes
+    independent single-request edits many at a time (see `kedit.edit_each`).
     """
 
     def decorator(fn: MethodFn) -> MethodFn:
-        spec = MethodSpec(name, fn, hparams, summary, batchable, defaults or name, state)
+        spec = MethodSpec(name, fn, hparams, summary, batchable, defaults or name, state, each)
         _METHODS[name] = spec
         return fn
 

@@ -21,12 +21,14 @@ from kedit.edits import WeightDelta, compute_in_sequence
 from kedit.lm import LM
 from kedit.methods._locate import (
     LocateHyperParams,
+    ValueResult,
     as_param_factors,
     context_prefixes,
     keys_at_subject,
     layer_second_moment,
     mlp_out_param,
     optimize_value,
+    optimize_values,
 )
 from kedit.methods.registry import MethodResult, hp, register
 from kedit.requests import EditRequest
@@ -79,17 +81,23 @@ def rank_one_update(
 
 
 def compute_rank_one(
-    lm: LM, request: EditRequest, hparams: ROMEHyperParams, corrected: bool
+    lm: LM,
+    request: EditRequest,
+    hparams: ROMEHyperParams,
+    corrected: bool,
+    found: ValueResult | None = None,
 ) -> RankOneUpdate:
-    """The ROME (corrected=False) or r-ROME (corrected=True) update for one request."""
+    """The ROME (corrected=False) or r-ROME (corrected=True) update for one request; `found` is
+    its value optimisation when already done (on the model as it is now)."""
     layer = lm.check_layer(hparams.layers[0])
     prefixes = context_prefixes(lm, hparams)
     keys, outputs = keys_at_subject(lm, layer, prefixes, request)
     k_star = keys.mean(dim=0)
-    found = optimize_value(lm, request, layer, prefixes, hparams, lm.layout.mlp_out_name(layer))
+    site = lm.layout.mlp_out_name(layer)
+    found = found or optimize_value(lm, request, layer, prefixes, hparams, site)
     inverse = inverse_second_moment(lm, hparams, layer) if hparams.mom2_adjustment else None
     if corrected:
-        module = lm.model.get_submodule(lm.layout.mlp_out_name(layer))
+        module = lm.model.get_submodule(site)
         key = k_star
         with torch.no_grad():
             start = module(k_star.to(module.weight.dtype)[None])[0].float()
@@ -101,22 +109,47 @@ def compute_rank_one(
     )
 
 
+def _result(lm: LM, hparams: ROMEHyperParams, update: RankOneUpdate) -> list[WeightDelta]:
+    param = mlp_out_param(lm, hparams.layers[0])
+    return [WeightDelta.low_rank(param, *as_param_factors(lm, update.left, update.right))]
+
+
 def _edit(
     lm: LM, requests: list[EditRequest], hparams: ROMEHyperParams, corrected: bool
 ) -> MethodResult:
     """Edits one request after another, each on the model as the previous ones left it."""
-    param = mlp_out_param(lm, hparams.layers[0])
     steps: list[int] = []
 
     def compute(request: EditRequest) -> list[WeightDelta]:
         update = compute_rank_one(lm, request, hparams, corrected)
         steps.append(update.steps)
-        return [WeightDelta.low_rank(param, *as_param_factors(lm, update.left, update.right))]
+        return _result(lm, hparams, update)
 
     return MethodResult(compute_in_sequence(lm.model, requests, compute), {"value_steps": steps})
 
 
-@register("rome", ROMEHyperParams, "Rank-one model editing (Meng et al., 2022)")
+def _each(
+    lm: LM, requests: list[EditRequest], hparams: ROMEHyperParams, corrected: bool
+) -> list[MethodResult]:
+    """Each request's own edit of the model as it is now, the value optimisations batched."""
+    layer = lm.check_layer(hparams.layers[0])
+    prefixes = context_prefixes(lm, hparams)
+    site = lm.layout.mlp_out_name(layer)
+    results = []
+    for request, found in zip(
+        requests, optimize_values(lm, requests, layer, prefixes, hparams, [site]), strict=True
+    ):
+        update = compute_rank_one(lm, request, hparams, corrected, found[0])
+        results.append(MethodResult(_result(lm, hparams, update), {"value_steps": [update.steps]}))
+    return results
+
+
+@register(
+    "rome",
+    ROMEHyperParams,
+    "Rank-one model editing (Meng et al., 2022)",
+    each=lambda lm, requests, hparams: _each(lm, requests, hparams, corrected=False),
+)
 def rome(lm: LM, requests: list[EditRequest], hparams: ROMEHyperParams) -> MethodResult:
     return _edit(lm, requests, hparams, corrected=False)
 
@@ -126,6 +159,7 @@ def rome(lm: LM, requests: list[EditRequest], hparams: ROMEHyperParams) -> Metho
     ROMEHyperParams,
     "ROME with the key mismatch corrected (Gupta et al., 2024)",
     defaults="rome",
+    each=lambda lm, requests, hparams: _each(lm, requests, hparams, corrected=True),
 )
 def r_rome(lm: LM, requests: list[EditRequest], hparams: ROMEHyperParams) -> MethodResult:
     return _edit(lm, requests, hparams, corrected=True)
