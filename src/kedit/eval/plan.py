@@ -120,6 +120,17 @@ def _label(mode: dict[str, Any]) -> str:
     return mode["mode"] + (f"[{','.join(extra)}]" if extra else "")
 
 
+def heldout_texts(n: int, seed: int) -> list[str]:
+    """`n` sentences of the tinyworld corpus drawn with `seed`, for the held-out perplexity of
+    sequential runs (drawn, not the first ones: sorted, those all name the same few people)."""
+    import random
+
+    from kedit.eval.runner import context_sentences
+
+    sentences = list(context_sentences())
+    return random.Random(seed).sample(sentences, min(n, len(sentences)))
+
+
 def run_plan(
     plan: Plan,
     out_dir: str | Path,
@@ -130,7 +141,6 @@ def run_plan(
     """Run every combination of the plan; returns the aggregate written to `summary.json`."""
     import kedit
     from kedit.data import load_requests
-    from kedit.eval.runner import context_sentences
 
     out = Path(out_dir)
     runs = plan.configs(shard)
@@ -148,7 +158,7 @@ def run_plan(
             on_run(
                 f"{model} {config.method} {Path(dataset).name} {_label(mode)} seed {config.seed}"
             )
-        heldout = list(context_sentences()[:200]) if config.checkpoint_every else None
+        heldout = heldout_texts(200, config.seed) if config.checkpoint_every else None
         summary = run_bench(
             loaded[model],
             data[dataset],

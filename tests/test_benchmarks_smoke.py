@@ -1,0 +1,41 @@
+"""Smoke tests of benchmarks/batch_scale.py and benchmarks/sequential.py on tiny settings (FT-M,
+which needs no statistics); timings are not checked."""
+
+import json
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import batch_scale  # noqa: E402
+import sequential  # noqa: E402
+from tinyworld_cases import distinct_fact_cases  # noqa: E402
+
+
+def test_cases_past_the_bundled_benchmark_are_other_facts_of_the_same_people():
+    from kedit.data import load_requests
+    from kedit.zoo import benchmark_path
+
+    cases, about = distinct_fact_cases(330)
+    bundled = load_requests(benchmark_path("knowedit"))
+    assert [c.prompt for c in cases[:320]] == [r.prompt for r in bundled]
+    assert about["distinct_facts"] == 330 and about["distinct_subjects"] == 320
+    assert {c.subject for c in cases[320:]} <= {c.subject for c in cases[:320]}
+
+
+def test_batch_scale_one_run_reports_time_memory_and_quality():
+    result = batch_scale.main(["--one", "--methods", "ft-m", "--sizes", "2"])
+    assert result["batch"] == 2 and result["cases"]["cases"] == 2
+    assert result["edit_seconds"] > 0 and result["peak_rss_mb"] > 0
+    assert 0 <= result["teacher_forced"]["reliability"] <= 1
+
+
+def test_sequential_writes_a_curve_json_and_plots(tmp_path):
+    argv = ["--methods", "ft-m", "--edits", "4", "--checkpoint-every", "2"]
+    report = sequential.main([*argv, "--heldout-n", "10", "--out", str(tmp_path)])
+    (result,) = report["results"]
+    assert [point["edits"] for point in result["curve"]] == [2, 4]
+    assert all(point["heldout_perplexity"] > 1 for point in result["curve"])
+    assert json.loads((tmp_path / "tiny-gpt2.json").read_text()) == report
+    assert (tmp_path / "tiny-gpt2.png").is_file() and (tmp_path / "tiny-gpt2-ft-m.png").is_file()
