@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -61,3 +62,67 @@ def test_sequential_run_resumes_with_the_method_state_and_leaves_the_model_uncha
     first = json.loads((cut / "cases.jsonl").read_text().splitlines()[0])
     assert first["edits_applied"] == 1
     assert first["result"]["pre"] != first["result"]["post"]
+
+
+def _batch_with_shared_subjects():
+    """Two benchmark cases where the first's locality asks about the second's subject."""
+    requests = load_requests(DATA_DIR / "tinyworld_knowedit.json", n=50)
+    for first in requests:
+        for second in requests:
+            if second is not first and any(second.subject in p.prompt for p in first.locality):
+                return [first, second]
+    raise AssertionError("no case asks a locality probe about another case's subject")
+
+
+def test_assemble_leaves_out_locality_probes_about_edited_subjects():
+    from kedit.eval.protocols import TokenScore
+    from kedit.eval.runner import assemble, summarize
+
+    first, second = _batch_with_shared_subjects()
+    named = [second.subject in p.prompt for p in first.locality]
+
+    def raw(changed):
+        """Teacher-forced scores where the probes about `second` change their answer."""
+        return {
+            "teacher_forced": [
+                {
+                    "reliability": [TokenScore(1.0, (1,))],
+                    "robustness": [],
+                    "generalization": [],
+                    "portability": [],
+                    "locality": [
+                        TokenScore(1.0, (2,) if changed and hit else (1,))
+                        for hit in (named if request is first else [False] * len(request.locality))
+                    ],
+                }
+                for request in (first, second)
+            ]
+        }
+
+    kept = assemble([first, second], raw(False), raw(True), {first.subject, second.subject})
+    everything = assemble([first, second], raw(False), raw(True))
+    assert kept[0]["locality_excluded"] == sum(named) > 0
+    assert kept[0]["post"]["teacher_forced"]["locality"] == 1.0
+    expected = 1 - sum(named) / len(named)
+    assert everything[0]["post"]["teacher_forced"]["locality"] == pytest.approx(expected)
+    assert "locality_excluded" not in everything[0]
+    assert summarize(kept)["locality_excluded"] == sum(named) + kept[1]["locality_excluded"]
+    assert "locality_excluded" not in summarize(everything)
+
+
+def test_batch_run_counts_the_locality_probes_it_leaves_out(tiny_gpt2, tmp_path):
+    batch = _batch_with_shared_subjects()
+    config = _config(method="memit", mode="batch", checkpoint_every=0, hparams={"v_steps": 2})
+    summary = run_bench(tiny_gpt2, batch, config, tmp_path / "kept")
+    cases = [
+        json.loads(line) for line in (tmp_path / "kept" / "cases.jsonl").read_text().splitlines()
+    ]
+    named = [
+        sum(any(other.subject in p.prompt for other in batch) for p in r.locality) for r in batch
+    ]
+    assert [c["result"]["locality_excluded"] for c in cases] == named
+    assert summary["metrics"]["locality_excluded"] == sum(named) > 0
+    every = replace(config, exclude_edited_locality=False)
+    assert (
+        "locality_excluded" not in run_bench(tiny_gpt2, batch, every, tmp_path / "all")["metrics"]
+    )

@@ -2,6 +2,8 @@ import pytest
 import torch
 
 import kedit
+from kedit.methods import memit as memit_module
+from kedit.methods._locate import layer_second_moment
 from kedit.methods.memit import least_squares_update
 from kedit.methods.registry import resolve_hparams
 
@@ -26,19 +28,47 @@ def test_update_solves_the_normal_equations():
     assert torch.linalg.matrix_rank(delta) <= 7
 
 
-@pytest.mark.xfail(
-    reason="MEMIT's tiny-model defaults are not tuned for the retrained models: a colleague "
-    "measured reliability 0.0 with layers [1, 2]; layers [0, 1], lambda 100 gave 0.85 / 0.67",
-    strict=False,
+@pytest.mark.parametrize("method", ["memit", "pmet"])
+def test_every_layers_statistics_are_those_of_the_unedited_model(tiny_gpt2, monkeypatch, method):
+    lm = tiny_gpt2
+    unedited = {name: value.clone() for name, value in lm.model.state_dict().items()}
+    fetched = []
+
+    def recording(lm, hparams, layer):
+        now = lm.model.state_dict()
+        fetched.append((layer, all(torch.equal(unedited[n], now[n]) for n in unedited)))
+        return layer_second_moment(lm, hparams, layer)
+
+    monkeypatch.setattr(memit_module, "layer_second_moment", recording)
+    hparams = {"layers": [0, 1], "v_steps": 2}
+    kedit.edit(lm, _requests(2), method=method, hparams=hparams).undo()
+    assert sorted(fetched) == [(0, True), (1, True)]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(
+            "tiny_gpt2",
+            marks=pytest.mark.xfail(
+                reason="measured on tiny-gpt2 at 10 edits with its defaults: reliability 0.8, "
+                "locality 0.94; layer 0 is the only layer the subject is read from, and its "
+                "keys are too alike for every fact to hold with others kept",
+                strict=False,
+            ),
+        ),
+        "tiny_llama",  # measured: reliability 1.0, locality 0.96
+    ],
 )
-def test_memit_batch_edit_writes_facts_and_keeps_others(tiny_gpt2):
+def test_memit_batch_edit_writes_facts_and_keeps_others(model, request):
+    lm = request.getfixturevalue(model)
     requests = _requests(10)
-    with kedit.edit(tiny_gpt2, requests, method="memit") as edit:
-        params = resolve_hparams("memit", tiny_gpt2)
+    with kedit.edit(lm, requests, method="memit") as edit:
+        params = resolve_hparams("memit", lm)
         assert {d.param for d in edit.deltas} == {
-            f"{tiny_gpt2.layout.mlp_out_name(layer)}.weight" for layer in params.layers
+            f"{lm.layout.mlp_out_name(layer)}.weight" for layer in params.layers
         }
-        results = kedit.evaluate(tiny_gpt2, requests, edit=edit, contexts=0)
+        results = kedit.evaluate(lm, requests, edit=edit, contexts=0)
     reliability = sum(r["post"]["teacher_forced"]["reliability"] for r in results) / len(results)
     locality = sum(r["post"]["teacher_forced"]["locality"] for r in results) / len(results)
     assert reliability >= 0.9

@@ -8,7 +8,10 @@
   are re-evaluated and a held-out perplexity is measured, to see collapse as it happens.
 
 The unedited model's scores ("pre") do not depend on any edit, so they are measured once for
-all cases, in batches. Each case's result is appended to `cases.jsonl` as soon as it is known;
+all cases, in batches. With `exclude_edited_locality` (the default), a locality probe that names
+a subject edited on the model at evaluation time (its batch's, or in a sequential run every
+edit's so far) is left out and counted: each case records `locality_excluded`, the summary
+their sum. Each case's result is appended to `cases.jsonl` as soon as it is known;
 an interrupted run resumes where it stopped (a sequential run re-applies its saved edits).
 """
 
@@ -51,6 +54,7 @@ class BenchConfig:
     seed: int = 0
     data: str = ""
     shard: str = "0/1"
+    exclude_edited_locality: bool = True
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -140,8 +144,20 @@ class _Run:
             self._pre = self.measure(list(range(len(self.requests))))
         return _pick(self._pre, indices)
 
-    def record(self, indices: list[int], post: Raw, extra: dict[str, Any]) -> list[dict[str, Any]]:
-        results = assemble([self.requests[i] for i in indices], self.pre(indices), post)
+    def edited(self, indices: list[int]) -> set[str] | None:
+        """Subjects of the cases `indices` edited on the model, for `assemble` (None: keep every
+        locality probe)."""
+        if not self.config.exclude_edited_locality:
+            return None
+        return {self.requests[i].subject for i in indices}
+
+    def record(
+        self, indices: list[int], post: Raw, extra: dict[str, Any], edited: list[int]
+    ) -> list[dict[str, Any]]:
+        """Write the results of cases `indices` measured (`post`) with cases `edited` edited."""
+        results = assemble(
+            [self.requests[i] for i in indices], self.pre(indices), post, self.edited(edited)
+        )
         records = []
         with (self.out / CASES_FILE).open("a") as sink:
             for index, result in zip(indices, results, strict=True):
@@ -213,6 +229,9 @@ def _independent(run: _Run, chunks: list[list[int]], notify: Callable) -> None:
     from kedit.api import edit as edit_model
 
     config = run.config
+    if config.batch_size == 1:
+        _one_by_one(run, notify)
+        return
     for chunk in chunks:
         todo = [i for i in chunk if run.ids[i] not in run.done]
         if not todo:
@@ -227,8 +246,38 @@ def _independent(run: _Run, chunks: list[list[int]], notify: Callable) -> None:
         finally:
             edit.undo()
         timing = {"edit_seconds": edited - started, "eval_seconds": time.perf_counter() - edited}
-        for record in run.record(todo, post, timing):
+        for record in run.record(todo, post, timing, edited=todo):
             notify(record)
+
+
+def _one_by_one(run: _Run, notify: Callable, group: int = 32) -> None:
+    """Independent single-request edits, computed `group` at a time by `kedit.edit_each` (each
+    on the unedited model); a case's edit time is its share of its group's."""
+    from kedit.api import edit_each
+
+    config = run.config
+    todo = [i for i in range(len(run.requests)) if run.ids[i] not in run.done]
+    for start in range(0, len(todo), group):
+        indices = todo[start : start + group]
+        run.pre(indices)
+        started = time.perf_counter()
+        requests = [run.requests[i] for i in indices]
+        edits = list(edit_each(run.lm, requests, config.method, config.seeded_hparams(), group))
+        share = (time.perf_counter() - started) / len(indices)
+        for index, edit in zip(indices, edits, strict=True):
+            started = time.perf_counter()
+            edit.apply()
+            edited = time.perf_counter()
+            try:
+                post = run.measure([index])
+            finally:
+                edit.undo()
+            timing = {
+                "edit_seconds": share + edited - started,
+                "eval_seconds": time.perf_counter() - edited,
+            }
+            for record in run.record([index], post, timing, edited=[index]):
+                notify(record)
 
 
 def _sequential(
@@ -268,7 +317,7 @@ def _sequential(
                     "eval_seconds": time.perf_counter() - edited,
                     "edits_applied": step + 1,
                 }
-                for record in run.record(chunk, post, timing):
+                for record in run.record(chunk, post, timing, edited=applied):
                     notify(record)
             at_checkpoint = config.checkpoint_every and (step + 1) % config.checkpoint_every == 0
             if at_checkpoint and len(run.checkpoints) < (step + 1) // config.checkpoint_every:
@@ -281,7 +330,8 @@ def _sequential(
                 seconds = (time.perf_counter() - started) / len(todo)
                 for index in todo:
                     timing = {"edit_seconds": edit_seconds[index], "eval_seconds": seconds}
-                    for record in run.record([index], _pick(post, [todo.index(index)]), timing):
+                    picked = _pick(post, [todo.index(index)])
+                    for record in run.record([index], picked, timing, edited=applied):
                         notify(record)
     finally:
         session.undo()
@@ -295,7 +345,8 @@ def _checkpoint(
     base_ppl: float | None,
     perplexity: Callable[[LM, list[str]], float],
 ) -> None:
-    results = assemble([run.requests[i] for i in applied], run.pre(applied), run.measure(applied))
+    cases = [run.requests[i] for i in applied]
+    results = assemble(cases, run.pre(applied), run.measure(applied), run.edited(applied))
     point: dict[str, Any] = {"edits": edits, "cases": len(applied), **summarize(results)}
     if heldout:
         point["heldout_perplexity"] = perplexity(run.lm, heldout)

@@ -16,13 +16,18 @@ Metrics per protocol (a metric whose probes are absent is left out):
   is unchanged over the answer's length in words.
 - `sampling` (with `fluency=True`): ROME's n-gram entropy of sampled continuations of the
   request's `extra["generation_prompts"]`, or of its prompt.
+
+Locality probes that ask about a subject edited on the model being measured (another request
+of the same batch, say) may legitimately change their answer, so with `edited_subjects`
+`assemble` leaves them out of locality at both stages and counts them per case in
+`"locality_excluded"` (summed by `summarize`).
 """
 
 from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import lru_cache, partial
@@ -52,7 +57,7 @@ from kedit.eval.protocols import (
 from kedit.lm import LM
 from kedit.requests import EditRequest, as_requests
 
-__all__ = ["assemble", "evaluate", "measure", "summarize"]
+__all__ = ["assemble", "evaluate", "kept_locality", "measure", "summarize"]
 
 PROBES = ("reliability", "robustness", "generalization", "locality", "portability")
 DEFAULT_CONTEXTS = 3
@@ -249,14 +254,41 @@ METRICS = {
 }
 
 
-def _stage(request: EditRequest, index: int, raw: Raw, pre: Raw | None) -> dict[str, Any]:
-    """One request's metrics at one stage; `pre` is the unedited model's raw scores."""
+def _stage(
+    request: EditRequest, index: int, raw: Raw, pre: Raw | None, kept: list[int] | None = None
+) -> dict[str, Any]:
+    """One request's metrics at one stage; `pre` is the unedited model's raw scores; `kept`,
+    the indices of the locality probes to score (all by default)."""
+
+    def only_kept(scores: dict[str, list]) -> dict[str, list]:
+        if kept is None or "locality" not in scores:
+            return scores
+        return {**scores, "locality": [scores["locality"][i] for i in kept]}
+
+    if kept is not None:
+        request = replace(request, locality=[request.locality[i] for i in kept])
     return {
         protocol: METRICS[protocol](
-            request, scores[index], None if pre is None else pre[protocol][index]
+            request,
+            only_kept(scores[index]),
+            None if pre is None else only_kept(pre[protocol][index]),
         )
         for protocol, scores in raw.items()
     }
+
+
+def mentions_edited(prompt: str, subjects: Collection[str]) -> bool:
+    """Whether a probe's prompt names one of the edited subjects."""
+    return any(subject in prompt for subject in subjects)
+
+
+def kept_locality(request: EditRequest, edited_subjects: Collection[str]) -> list[int]:
+    """Indices of the request's locality probes that name none of `edited_subjects`."""
+    return [
+        i
+        for i, probe in enumerate(request.locality)
+        if not mentions_edited(probe.prompt, edited_subjects)
+    ]
 
 
 @contextmanager
@@ -299,15 +331,28 @@ def measure(
 
 
 def assemble(
-    requests: list[EditRequest], pre: Raw, post: Raw | None = None
+    requests: list[EditRequest],
+    pre: Raw,
+    post: Raw | None = None,
+    edited_subjects: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per-request metrics from raw scores of the unedited (`pre`) and edited (`post`) model."""
+    """Per-request metrics from raw scores of the unedited (`pre`) and edited (`post`) model.
+
+    `edited_subjects`: the subjects of every request edited on the `post` model. A locality
+    probe whose prompt names one of them asks about an edited fact (or a fact of an edited
+    subject), whose answer may rightly change; such probes are left out of locality at both
+    stages and counted in the case's `"locality_excluded"`. None: every probe is scored.
+    """
     results = []
     for index, request in enumerate(requests):
         case: dict[str, Any] = {"case_id": request.case_id}
-        case["pre"] = _stage(request, index, pre, None)
+        kept = None
+        if edited_subjects is not None:
+            kept = kept_locality(request, edited_subjects)
+            case["locality_excluded"] = len(request.locality) - len(kept)
+        case["pre"] = _stage(request, index, pre, None, kept)
         if post is not None:
-            case["post"] = _stage(request, index, post, pre)
+            case["post"] = _stage(request, index, post, pre, kept)
         if PROBABILITY in pre and request.target_true is None:
             case["notes"] = [
                 "probability: reliability and generalization (ROME's efficacy and paraphrase "
@@ -326,11 +371,14 @@ def evaluate(
     fluency: bool = False,
     seed: int = 0,
     contexts: int = DEFAULT_CONTEXTS,
+    exclude_edited: bool = True,
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """Pre- and post-edit metrics of each request, every number under its protocol.
 
     `robustness` asks the edit prompt after each of `contexts` unrelated sentences from the
     tinyworld corpus (an edit that holds only on the bare prompt is not a working edit).
+    With an `edit` and `exclude_edited`, locality probes that name a subject of the edit's
+    requests are left out and counted per case in `"locality_excluded"` (see `assemble`).
 
     With an `edit`, "post" is measured with it applied and "pre" with it undone (both
     bit-exact); the edit is left applied or not as it was found. Without one, only "pre" is
@@ -359,13 +407,18 @@ def evaluate(
             post = run()
         with _edit_state(edit, applied=False):
             pre = run()
-    results = assemble(items, pre, post)
+    edited = None
+    if edit is not None and exclude_edited:
+        edited = {r.subject for r in edit.requests}
+    results = assemble(items, pre, post, edited)
     return results[0] if isinstance(requests, EditRequest) else results
 
 
 def summarize(results: dict[str, Any] | Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Mean of each (stage, protocol, metric) over the cases that have it; protocols are never
-    mixed. Returns `{"n_cases": N, "pre": {protocol: {metric: mean}}, "post": {...}}`."""
+    mixed. Returns `{"n_cases": N, "pre": {protocol: {metric: mean}}, "post": {...}}`, and
+    `"locality_excluded"`, the number of locality probes left out in all, when the cases
+    count them."""
     cases = [results] if isinstance(results, dict) else list(results)
     if not cases:
         raise ValueError("results: expected at least one evaluation result, got none")
@@ -377,6 +430,9 @@ def summarize(results: dict[str, Any] | Iterable[dict[str, Any]]) -> dict[str, A
                     by_metric = values.setdefault(stage, {}).setdefault(protocol, {})
                     by_metric.setdefault(metric, []).append(value)
     summary: dict[str, Any] = {"n_cases": len(cases)}
+    excluded = [case["locality_excluded"] for case in cases if "locality_excluded" in case]
+    if excluded:
+        summary["locality_excluded"] = sum(excluded)
     for stage, protocols in values.items():
         summary[stage] = {
             protocol: {metric: _mean(v) for metric, v in metrics.items()}

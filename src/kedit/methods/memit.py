@@ -8,8 +8,10 @@ from the lowest, each layer l takes its share of what is still missing,
     ΔW_l = R Kᵀ (λ C + K Kᵀ)⁻¹                                              (MEMIT Eq. 14)
 
 with K the facts' keys at layer l (averaged over context prefixes), H_L the current residuals at
-layer L, C = E[k kᵀ] and λ = mom2_update_weight. ΔW is stored as the rank-n product
-Rᵀ-by-(solved keys), so a batch of n edits saves as 2·n vectors per layer.
+layer L (both measured after the layers below l were updated), C = E[k kᵀ] of the unedited
+model (every layer's C is fetched before the first update) and λ = mom2_update_weight. ΔW is
+stored as the rank-n product Rᵀ-by-(solved keys), so a batch of n edits saves as 2·n vectors
+per layer.
 """
 
 from __future__ import annotations
@@ -111,6 +113,15 @@ def mean_keys(lm: LM, layer: int, requests: list[EditRequest], prefixes: list[st
     ).double()
 
 
+def unedited_second_moments(
+    lm: LM, hparams: LocateHyperParams, layers: list[int]
+) -> dict[int, torch.Tensor]:
+    """C = E[k kᵀ] of every layer, fetched before any layer changes (MEMIT Eq. 14 weighs the
+    unedited model's keys). Fetched later, a higher layer's statistics would be collected on a
+    model whose lower layers are already updated, and cached under the unedited model's name."""
+    return {layer: layer_second_moment(lm, hparams, layer) for layer in layers}
+
+
 def spread_over_layers(
     lm: LM,
     requests: list[EditRequest],
@@ -146,12 +157,12 @@ def spread_over_layers(
     "memit", MEMITHyperParams, "Mass-editing memory in a transformer (Meng et al., 2023)", True
 )
 def memit(lm: LM, requests: list[EditRequest], hparams: MEMITHyperParams) -> MethodResult:
-    top = max(lm.check_layer(layer) for layer in hparams.layers)
-    targets, steps = memit_targets(lm, requests, hparams, top)
+    layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
+    moments = unedited_second_moments(lm, hparams, layers)
+    targets, steps = memit_targets(lm, requests, hparams, layers[-1])
 
     def solve(layer: int, residuals: torch.Tensor, keys: torch.Tensor):
-        moment = layer_second_moment(lm, hparams, layer)
-        return least_squares_update(residuals, keys, moment, hparams.mom2_update_weight)
+        return least_squares_update(residuals, keys, moments[layer], hparams.mom2_update_weight)
 
     deltas = spread_over_layers(lm, requests, hparams, targets, solve)
     return MethodResult(deltas, {"value_steps": steps})

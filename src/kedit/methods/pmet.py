@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import torch
 
 from kedit.lm import LM
-from kedit.methods._locate import layer_second_moment
 from kedit.methods.memit import (
     MEMITHyperParams,
     least_squares_update,
     spread_over_layers,
+    unedited_second_moments,
     value_targets,
 )
 from kedit.methods.registry import MethodResult, register
@@ -55,13 +55,14 @@ class PMETHyperParams(MEMITHyperParams):
     True,
 )
 def pmet(lm: LM, requests: list[EditRequest], hparams: PMETHyperParams) -> MethodResult:
-    top = max(lm.check_layer(layer) for layer in hparams.layers)
+    layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
+    moments = unedited_second_moments(lm, hparams, layers)  # before any layer changes
+    top = layers[-1]
     sites = [lm.layout.attn_out_name(top), lm.layout.mlp_out_name(top)]
     (_, mlp_targets), steps = value_targets(lm, requests, hparams, top, sites)
 
     def solve(layer: int, residuals: torch.Tensor, keys: torch.Tensor):
-        moment = layer_second_moment(lm, hparams, layer)
-        return least_squares_update(residuals, keys, moment, hparams.mom2_update_weight)
+        return least_squares_update(residuals, keys, moments[layer], hparams.mom2_update_weight)
 
     deltas = spread_over_layers(
         lm, requests, hparams, mlp_targets, solve, site=sites[1], divisor=math.sqrt
