@@ -9,7 +9,7 @@ import torch
 import kedit
 import kedit.compat as compat
 from kedit.compat import BaseEditor, FTHyperParams, MEMITHyperParams, ROMEHyperParams
-from kedit.methods.registry import default_hparams
+from kedit.methods.registry import default_hparams, get_method
 from kedit.zoo import DATA_DIR
 
 # EasyEdit's hparams/ROME/gpt2-xl.yaml, pointed at the bundled model and its corpus (fewer
@@ -201,6 +201,22 @@ def test_hyperparameter_files_map_onto_kedit(tmp_path):
     assert ft_m.method == "ft-m"
     with pytest.raises(AttributeError):
         compat.NoSuchMethodHyperParams  # noqa: B018
+
+
+def test_batch_method_files_of_easyedit_map_onto_kedit(tmp_path):
+    """EasyEdit's AlphaEdit and PMET files are MEMIT's keys plus their own."""
+    base = MEMIT_YAML.replace("batch_size: 4", "batch_size: 2")
+    extra = {
+        "AlphaEdit": "nullspace_threshold: 2e-2\nL2: 10\n",
+        "PMET": "",
+    }
+    for alg_name, keys in extra.items():
+        text = base.replace('alg_name: "MEMIT"', f'alg_name: "{alg_name}"') + keys
+        path = write(tmp_path, f"{alg_name}.yaml", text)
+        params = getattr(compat, f"{alg_name}HyperParams").from_hparams(path)
+        assert params.method == alg_name.lower()
+        resolved = get_method(params.method).hparams.from_dict(params.kedit_values())
+        assert (resolved.v_steps, resolved.layers) == (20, [1, 2])
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,12 @@ class AlphaEditHyperParams(LocateHyperParams):
     ridge: float = hp(10.0, "α: weight of ‖ΔP‖² (keeps the solve well-posed; must be > 0).")
 
     ALIASES = {**LocateHyperParams.ALIASES, "L2": "ridge"}
-    IGNORED = LocateHyperParams.IGNORED | {"mom2_update_weight"}
+    # EasyEdit's AlphaEdit files carry MEMIT's keys; these have no meaning here.
+    IGNORED = LocateHyperParams.IGNORED | {
+        "mom2_update_weight",
+        "mom2_adjustment",
+        "layer_selection",
+    }
 
     def validate(self) -> None:
         super().validate()
