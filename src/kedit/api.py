@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kedit.edits import Edit, apply_edit_file, compute_in_sequence
-from kedit.lm import LM, load
+from kedit.lm import LM, load, require_lm
 from kedit.methods.registry import (
     HyperParams,
     MethodState,
@@ -38,8 +38,7 @@ def edit(
     one for you). Returns an applied `Edit`; if the method fails, the model and `state` are left
     exactly as they were.
     """
-    if not isinstance(lm, LM):
-        raise TypeError(f"lm: expected a kedit.LM (from kedit.load), got {type(lm).__name__}")
+    require_lm(lm)
     items = as_requests(requests)
     spec = get_method(method)
     params = resolve_hparams(spec.name, lm, hparams)
@@ -87,8 +86,7 @@ def edit_each(
     one. Taking the next edit while the last one is still applied raises an error, since the
     next group would be computed on an edited model.
     """
-    if not isinstance(lm, LM):
-        raise TypeError(f"lm: expected a kedit.LM (from kedit.load), got {type(lm).__name__}")
+    require_lm(lm)
     if not isinstance(group, int) or group < 1:
         raise ValueError(f"group: expected a positive integer, got {group!r}")
     items = as_requests(requests)
@@ -97,19 +95,19 @@ def edit_each(
         raise ValueError(f"method: {spec.name!r} keeps state between edits; use kedit.edit")
     params = resolve_hparams(spec.name, lm, hparams)
     last: Edit | None = None
-    for start in range(0, len(items), group):
+    results: list = []
+    for index, request in enumerate(items):
         if last is not None and last.applied:
             raise RuntimeError("edit_each: undo the last edit before taking the next one")
-        chunk = items[start : start + group]
-        if spec.each is not None:
-            results = spec.each(lm, chunk, params)
-        else:
-            results = [spec.fn(lm, [request], params) for request in chunk]
-        for request, result in zip(chunk, results, strict=True):
-            if last is not None and last.applied:
-                raise RuntimeError("edit_each: undo the last edit before taking the next one")
-            last = Edit(lm, spec.name, params.to_dict(), [request], result.deltas, result.info)
-            yield last
+        if index % group == 0:
+            chunk = items[index : index + group]
+            if spec.each is not None:
+                results = spec.each(lm, chunk, params)
+            else:
+                results = [spec.fn(lm, [one], params) for one in chunk]
+        result = results[index % group]
+        last = Edit(lm, spec.name, params.to_dict(), [request], result.deltas, result.info)
+        yield last
 
 
 def apply(lm: LM, path: str | Path) -> Edit:

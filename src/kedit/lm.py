@@ -89,6 +89,13 @@ class LM:
         return ids.to(self.device), mask.to(self.device)
 
 
+def require_lm(value: object) -> LM:
+    """`value` if it is a kedit `LM`; else a TypeError that says how to get one."""
+    if not isinstance(value, LM):
+        raise TypeError(f"lm: expected a kedit.LM (from kedit.load), got {type(value).__name__}")
+    return value
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 over the config (without paths) and the parameters' bytes."""
     digest = hashlib.sha256()

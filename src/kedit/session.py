@@ -10,7 +10,7 @@ import torch
 
 from kedit import api
 from kedit.edits import Edit
-from kedit.lm import LM
+from kedit.lm import LM, require_lm
 from kedit.methods.registry import HyperParams, get_method, resolve_hparams
 from kedit.requests import EditRequest
 
@@ -27,8 +27,7 @@ class Session:
     def __init__(
         self, lm: LM, method: str, hparams: dict[str, Any] | HyperParams | None = None
     ) -> None:
-        if not isinstance(lm, LM):
-            raise TypeError(f"lm: expected a kedit.LM (from kedit.load), got {type(lm).__name__}")
+        require_lm(lm)
         spec = get_method(method)
         self.lm = lm
         self.method = spec.name

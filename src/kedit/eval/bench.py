@@ -257,9 +257,9 @@ def _one_by_one(run: _Run, notify: Callable, group: int = 32) -> None:
 
     config = run.config
     todo = [i for i in range(len(run.requests)) if run.ids[i] not in run.done]
+    run.pre([])  # the pre scores are those of the unedited model: measure them before editing
     for start in range(0, len(todo), group):
         indices = todo[start : start + group]
-        run.pre(indices)
         started = time.perf_counter()
         requests = [run.requests[i] for i in indices]
         edits = list(edit_each(run.lm, requests, config.method, config.seeded_hparams(), group))

@@ -54,7 +54,7 @@ from kedit.eval.protocols import (
     score_probability,
     score_teacher_forced,
 )
-from kedit.lm import LM
+from kedit.lm import LM, require_lm
 from kedit.requests import EditRequest, as_requests
 
 __all__ = ["assemble", "evaluate", "kept_locality", "measure", "summarize"]
@@ -386,8 +386,7 @@ def evaluate(
     `{"case_id": ..., "pre": {protocol: {metric: value}}, "post": {...}, "notes": [...]}`
     ("notes" only when some metric could not be computed). `seed` seeds fluency sampling.
     """
-    if not isinstance(lm, LM):
-        raise TypeError(f"lm: expected a kedit.LM (from kedit.load), got {type(lm).__name__}")
+    require_lm(lm)
     items = with_contexts(as_requests(requests), contexts, seed)
     names = _check_protocols(protocols)
     check_batch_size(batch_size)

@@ -109,7 +109,7 @@ def compute_rank_one(
     )
 
 
-def _result(lm: LM, hparams: ROMEHyperParams, update: RankOneUpdate) -> list[WeightDelta]:
+def _rank_one_deltas(lm: LM, hparams: ROMEHyperParams, update: RankOneUpdate) -> list[WeightDelta]:
     param = mlp_out_param(lm, hparams.layers[0])
     return [WeightDelta.low_rank(param, *as_param_factors(lm, update.left, update.right))]
 
@@ -123,7 +123,7 @@ def _edit(
     def compute(request: EditRequest) -> list[WeightDelta]:
         update = compute_rank_one(lm, request, hparams, corrected)
         steps.append(update.steps)
-        return _result(lm, hparams, update)
+        return _rank_one_deltas(lm, hparams, update)
 
     return MethodResult(compute_in_sequence(lm.model, requests, compute), {"value_steps": steps})
 
@@ -140,7 +140,8 @@ def _each(
         requests, optimize_values(lm, requests, layer, prefixes, hparams, [site]), strict=True
     ):
         update = compute_rank_one(lm, request, hparams, corrected, found[0])
-        results.append(MethodResult(_result(lm, hparams, update), {"value_steps": [update.steps]}))
+        deltas = _rank_one_deltas(lm, hparams, update)
+        results.append(MethodResult(deltas, {"value_steps": [update.steps]}))
     return results
 
 
