@@ -1,0 +1,127 @@
+"""Every editing method on an accelerator next to the CPU: same outcome, and the times; prints JSON.
+
+For each device and bundled model: each method edits the same requests (one at a time, then a
+batch for the batchable ones); the script records the post-edit teacher-forced reliability
+and locality, whether undo restored every weight bit-exactly, whether a saved edit re-applies
+to the same weights, the median edit time, and the time to collect statistics (uncached).
+Run: ``python benchmarks/device_check.py --devices cpu cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ["rome", "r-rome", "ft-l", "ft-m", "memit", "emmet", "pmet", "alphaedit", "kn"]
+BATCHABLE = ["memit", "emmet", "pmet", "alphaedit", "ft-m"]
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _post(result: list[dict], metric: str) -> float:
+    values = [r["post"]["teacher_forced"][metric] for r in result]
+    return round(statistics.mean(values), 4)
+
+
+class _PrintingList(list):
+    """A list that prints each row appended to it, so that partial results are seen."""
+
+    def append(self, row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        super().append(row)
+
+
+def check(model: str, device: str, n: int, batch: int) -> list[dict]:
+    import torch
+
+    import kedit
+    from kedit.data import load_requests
+    from kedit.stats import second_moments
+    from kedit.zoo import benchmark_path
+
+    requests = load_requests(benchmark_path("knowedit"), n=max(n, batch) + 1)
+    lm = kedit.load(model, device=device)
+    rows = _PrintingList()
+    _sync(device)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["KEDIT_CACHE"] = tmp  # collect, not read from the cache
+        second_moments(lm, [0, 1, 2], n_samples=2000, progress=False)
+        del os.environ["KEDIT_CACHE"]
+    _sync(device)
+    rows.append({"model": model, "device": device, "what": "stats 3 layers, 2000 docs",
+                 "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    for method in METHODS:
+        kedit.edit(lm, requests[0], method=method).undo()  # warm-up: statistics, prefixes
+        times, results, exact = [], [], True
+        for request in requests[1 : n + 1]:
+            _sync(device)
+            started = time.perf_counter()
+            edit = kedit.edit(lm, request, method=method)
+            _sync(device)
+            times.append(time.perf_counter() - started)
+            results.append(kedit.evaluate(lm, request, edit=edit))
+            with tempfile.TemporaryDirectory() as tmp:
+                edit.save(Path(tmp) / "e.kedit")
+                edited = {k: v.clone() for k, v in lm.model.state_dict().items()}
+                edit.undo()
+                kedit.apply(lm, Path(tmp) / "e.kedit").undo()
+                reapplied = kedit.apply(lm, Path(tmp) / "e.kedit")
+                exact &= all(torch.equal(v, edited[k]) for k, v in lm.model.state_dict().items())
+                reapplied.undo()
+            exact &= all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+        rows.append({
+            "model": model, "device": device, "what": f"{method} single", "edits": n,
+            "median_seconds": round(statistics.median(times), 4),
+            "reliability": _post(results, "reliability"), "locality": _post(results, "locality"),
+            "undo_and_reapply_bit_exact": exact,
+        })  # fmt: skip
+        if method in BATCHABLE:
+            chunk = requests[1 : batch + 1]
+            _sync(device)
+            started = time.perf_counter()
+            edit = kedit.edit(lm, chunk, method=method, batch_size=batch)
+            _sync(device)
+            seconds = time.perf_counter() - started
+            result = kedit.evaluate(lm, chunk, edit=edit)
+            edit.undo()
+            rows.append({
+                "model": model, "device": device, "what": f"{method} batch", "edits": batch,
+                "seconds": round(seconds, 3), "reliability": _post(result, "reliability"),
+                "locality": _post(result, "locality"),
+                "undo_bit_exact": all(
+                    torch.equal(v, before[k]) for k, v in lm.model.state_dict().items()
+                ),
+            })  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--devices", nargs="+", default=["cpu"])
+    parser.add_argument("--models", nargs="+", default=["tiny-gpt2", "tiny-llama"])
+    parser.add_argument("--n", type=int, default=5, help="single edits per method")
+    parser.add_argument("--batch", type=int, default=50, help="edits in one batch")
+    args = parser.parse_args()
+    rows = [
+        row
+        for device in args.devices
+        for model in args.models
+        for row in check(model, device, args.n, args.batch)
+    ]
+    print(json.dumps({"benchmark": "device_check", "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
