@@ -41,17 +41,24 @@ def _requests(cases: list, tag: str) -> list[EditRequest]:
     ]
 
 
-def fact_rounds(n: int) -> tuple[list[list[EditRequest]], dict[str, Any]]:
+def fact_rounds(
+    n: int, people: int | None = None
+) -> tuple[list[list[EditRequest]], dict[str, Any]]:
     """Rounds of cases (see the module docstring) holding at least `n` cases in all (all the
     rounds that `n` needs, complete as far as the generator finds facts), and how they were
-    made."""
+    made. With `people`, only the first `people` subjects of the bundled benchmark are edited,
+    so that the locality probes naming the others stay measurable however many edits pile up."""
     from kedit.zoo import build_world
     from kedit.zoo.benchmark import make_cases
 
     world = build_world()
-    per_person = len(world.people)
-    needed_rounds = -(-n // per_person)
     first = make_cases(world, seed=0)
+    if people is not None:
+        if not 1 <= people <= len(first):
+            raise ValueError(f"people: expected 1..{len(first)}, got {people}")
+        first = first[:people]
+    per_person = len(first)
+    needed_rounds = -(-n // per_person)
     order = {case.subject: index for index, case in enumerate(first)}
     found: dict[str, list] = {case.subject: [case] for case in first}
     seeds = 1
@@ -59,7 +66,9 @@ def fact_rounds(n: int) -> tuple[list[list[EditRequest]], dict[str, Any]]:
         if all(len(cases) >= needed_rounds for cases in found.values()):
             break
         for case in make_cases(world, seed=seeds):
-            if all(case.relation != c.relation for c in found[case.subject]):
+            if case.subject in found and all(
+                case.relation != c.relation for c in found[case.subject]
+            ):
                 found[case.subject].append(case)
         seeds += 1
     rounds = []
@@ -85,11 +94,11 @@ def fact_rounds(n: int) -> tuple[list[list[EditRequest]], dict[str, Any]]:
 
 
 def distinct_fact_cases(
-    n: int, shuffle_seed: int | None = None
+    n: int, shuffle_seed: int | None = None, people: int | None = None
 ) -> tuple[list[EditRequest], dict[str, Any]]:
-    """`n` cases editing distinct (person, relation) facts, round after round; with
-    `shuffle_seed` each round is shuffled (the rounds stay in order)."""
-    rounds, info = fact_rounds(n)
+    """`n` cases editing distinct (person, relation) facts of the first `people` subjects (all:
+    None), round after round; with `shuffle_seed` each round is shuffled (rounds stay in order)."""
+    rounds, info = fact_rounds(n, people)
     cases: list[EditRequest] = []
     for index, round_cases in enumerate(rounds):
         round_cases = list(round_cases)

@@ -24,6 +24,12 @@ def test_cases_past_the_bundled_benchmark_are_other_facts_of_the_same_people():
     assert {c.subject for c in cases[320:]} <= {c.subject for c in cases[:320]}
 
 
+def test_cases_of_fewer_people_take_every_fact_of_each():
+    cases, about = distinct_fact_cases(20, people=5)
+    assert about["distinct_subjects"] == 5 and about["distinct_facts"] == 20
+    assert [c.subject for c in cases[:5]] == [c.subject for c in distinct_fact_cases(5)[0]]
+
+
 def test_batch_scale_one_run_reports_time_memory_and_quality():
     result = batch_scale.main(["--one", "--methods", "ft-m", "--sizes", "2"])
     assert result["batch"] == 2 and result["cases"]["cases"] == 2

@@ -107,3 +107,30 @@ def test_unknown_method_lists_available(tiny_gpt2):
     with pytest.raises(ValueError, match="available: .*rome"):
         kedit.edit(tiny_gpt2, _requests(1), method="nope")
     assert {"rome", "r-rome", "ft-l", "ft-m"} <= set(kedit.list_methods())
+
+
+def _shared_factor(lm, requests, hparams):
+    """Two layers' rank-one deltas built on one tensor, as KN's are (one direction per edit)."""
+    direction = torch.full((lm.model.config.n_embd,), 1e-3)
+    deltas = []
+    for layer in (0, 1):
+        name = f"transformer.h.{layer}.mlp.c_proj.weight"
+        width = lm.model.get_parameter(name).shape[0]
+        deltas.append(WeightDelta.low_rank(name, torch.ones(width, 1), direction[None, :]))
+    return MethodResult(deltas)
+
+
+def test_deltas_that_share_a_tensor_save_and_reapply(tiny_gpt2, monkeypatch, tmp_path):
+    import kedit.methods.registry as registry
+
+    spec = MethodSpec("test-shared", _shared_factor, HyperParams, "test double", False, "rome")
+    monkeypatch.setitem(registry._METHODS, spec.name, spec)
+    monkeypatch.setattr(registry, "default_hparams", lambda method, lm: {})
+    before = _state(tiny_gpt2)
+    edit = kedit.edit(tiny_gpt2, _requests(1), method="test-shared")
+    edited = _state(tiny_gpt2)
+    path = edit.save(tmp_path / "shared.kedit")
+    edit.undo()
+    again = kedit.apply(tiny_gpt2, path)
+    assert _same(edited, _state(tiny_gpt2)) and not _same(before, edited)
+    again.undo()

@@ -207,12 +207,22 @@ class Edit:
         """Write the edit to one safetensors file with its metadata as JSON."""
         path = Path(path)
         tensors: dict[str, torch.Tensor] = {}
+        storages: set[int] = set()
+
+        def own(tensor: torch.Tensor) -> torch.Tensor:
+            # safetensors refuses tensors that share memory (KN's deltas share one direction).
+            tensor = tensor.contiguous()
+            if tensor.untyped_storage().data_ptr() in storages:
+                tensor = tensor.clone()
+            storages.add(tensor.untyped_storage().data_ptr())
+            return tensor
+
         for index, delta in enumerate(self.deltas):
             if delta.dense is not None:
-                tensors[f"{index}.dense"] = delta.dense.contiguous()
+                tensors[f"{index}.dense"] = own(delta.dense)
             else:
-                tensors[f"{index}.left"] = delta.left.contiguous()
-                tensors[f"{index}.right"] = delta.right.contiguous()
+                tensors[f"{index}.left"] = own(delta.left)
+                tensors[f"{index}.right"] = own(delta.right)
         meta = json.dumps(self.metadata(), default=str)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={"kedit": meta})

@@ -66,7 +66,7 @@ class Session:
     def load_state(self, path: str | Path) -> int:
         """Restore the method's memory from a `save_state` file; returns how many edits the
         session had made when it was saved (adopt exactly those to resume it)."""
-        saved = torch.load(path, weights_only=True)
+        saved = torch.load(path, weights_only=True, map_location=self.lm.device)
         if saved.get("method") != self.method:
             raise ValueError(
                 f"{path}: state of method {saved.get('method')!r}, this session edits with "

@@ -93,7 +93,9 @@ class AlphaEditState(MethodState):
                 f"{sorted(sizes)}; keep the layers of a session fixed or reset() the state"
             )
         return {
-            layer: self.grams.get(layer, torch.zeros(size, size, dtype=torch.float64))
+            layer: self.grams.get(
+                layer, torch.zeros(size, size, dtype=torch.float64, device=lm.device)
+            )
             for layer, size in sizes.items()
         }
 
@@ -137,7 +139,7 @@ def null_space_update(
     rightᵀ = (P (KᵀK + K_pᵀK_p) + α I)⁻¹ P Kᵀ, as P and the Gram matrices are symmetric.
     """
     keys, residuals = keys.double(), residuals.double()
-    identity = torch.eye(projection.shape[0], dtype=torch.float64)
+    identity = torch.eye(projection.shape[0], dtype=torch.float64, device=projection.device)
     system = projection @ (keys.T @ keys + earlier) + ridge * identity
     right = torch.linalg.solve(system, projection @ keys.T).T
     return residuals.T, right

@@ -77,7 +77,9 @@ def equality_constrained_factor(
     keys = keys.double()
     weighted = keys @ inverse_moment
     system = weighted @ keys.T
-    system = system + ridge * system.diagonal().mean() * torch.eye(len(keys), dtype=torch.float64)
+    system = system + ridge * system.diagonal().mean() * torch.eye(
+        len(keys), dtype=torch.float64, device=system.device
+    )
     condition = float(torch.linalg.cond(system))
     if not condition < MAX_CONDITION:
         raise ValueError(
