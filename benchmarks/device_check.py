@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 METHODS = ["rome", "r-rome", "ft-l", "ft-m", "memit", "emmet", "pmet", "alphaedit", "kn"]
-BATCHABLE = ["memit", "emmet", "pmet", "alphaedit", "ft-m"]
 
 
 def _sync(device: str) -> None:
@@ -33,36 +32,38 @@ def _post(result: list[dict], metric: str) -> float:
     return round(statistics.mean(values), 4)
 
 
-class _PrintingList(list):
-    """A list that prints each row appended to it, so that partial results are seen."""
-
-    def append(self, row: dict) -> None:
-        print(json.dumps(row), flush=True)
-        super().append(row)
-
-
-def check(model: str, device: str, n: int, batch: int) -> list[dict]:
+def check(model: str, device: str, n: int, batch: int, methods: list[str] = METHODS) -> list[dict]:
     import torch
 
     import kedit
     from kedit.data import load_requests
+    from kedit.methods.registry import get_method
     from kedit.stats import second_moments
     from kedit.zoo import benchmark_path
 
     requests = load_requests(benchmark_path("knowedit"), n=max(n, batch) + 1)
     lm = kedit.load(model, device=device)
-    rows = _PrintingList()
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        print(json.dumps(row), flush=True)  # partial results survive a time limit
+        rows.append(row)
+
     _sync(device)
     started = time.perf_counter()
+    cache = os.environ.get("KEDIT_CACHE")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["KEDIT_CACHE"] = tmp  # collect, not read from the cache
         second_moments(lm, [0, 1, 2], n_samples=2000, progress=False)
+    if cache is None:
         del os.environ["KEDIT_CACHE"]
+    else:
+        os.environ["KEDIT_CACHE"] = cache
     _sync(device)
-    rows.append({"model": model, "device": device, "what": "stats 3 layers, 2000 docs",
+    record({"model": model, "device": device, "what": "stats 3 layers, 2000 docs",
                  "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    for method in METHODS:
+    for method in methods:
         kedit.edit(lm, requests[0], method=method).undo()  # warm-up: statistics, prefixes
         times, results, exact = [], [], True
         for request in requests[1 : n + 1]:
@@ -81,13 +82,13 @@ def check(model: str, device: str, n: int, batch: int) -> list[dict]:
                 exact &= all(torch.equal(v, edited[k]) for k, v in lm.model.state_dict().items())
                 reapplied.undo()
             exact &= all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
-        rows.append({
+        record({
             "model": model, "device": device, "what": f"{method} single", "edits": n,
             "median_seconds": round(statistics.median(times), 4),
             "reliability": _post(results, "reliability"), "locality": _post(results, "locality"),
             "undo_and_reapply_bit_exact": exact,
         })  # fmt: skip
-        if method in BATCHABLE:
+        if get_method(method).batchable:
             chunk = requests[1 : batch + 1]
             _sync(device)
             started = time.perf_counter()
@@ -96,7 +97,7 @@ def check(model: str, device: str, n: int, batch: int) -> list[dict]:
             seconds = time.perf_counter() - started
             result = kedit.evaluate(lm, chunk, edit=edit)
             edit.undo()
-            rows.append({
+            record({
                 "model": model, "device": device, "what": f"{method} batch", "edits": batch,
                 "seconds": round(seconds, 3), "reliability": _post(result, "reliability"),
                 "locality": _post(result, "locality"),
@@ -111,6 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--devices", nargs="+", default=["cpu"])
     parser.add_argument("--models", nargs="+", default=["tiny-gpt2", "tiny-llama"])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--n", type=int, default=5, help="single edits per method")
     parser.add_argument("--batch", type=int, default=50, help="edits in one batch")
     args = parser.parse_args()
@@ -118,7 +120,7 @@ def main() -> None:
         row
         for device in args.devices
         for model in args.models
-        for row in check(model, device, args.n, args.batch)
+        for row in check(model, device, args.n, args.batch, args.methods)
     ]
     print(json.dumps({"benchmark": "device_check", "results": rows}, indent=2))
 

@@ -1,5 +1,5 @@
-"""Smoke tests of benchmarks/batch_scale.py and benchmarks/sequential.py on tiny settings (FT-M,
-which needs no statistics); timings are not checked."""
+"""Smoke tests of benchmarks/batch_scale.py, sequential.py and device_check.py on tiny settings
+(mostly FT-M, which needs no statistics); timings are not checked."""
 
 import json
 import sys
@@ -9,6 +9,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import batch_scale  # noqa: E402
+import device_check  # noqa: E402
 import sequential  # noqa: E402
 from tinyworld_cases import distinct_fact_cases  # noqa: E402
 
@@ -45,3 +46,14 @@ def test_sequential_writes_a_curve_json_and_plots(tmp_path):
     assert all(point["heldout_perplexity"] > 1 for point in result["curve"])
     assert json.loads((tmp_path / "tiny-gpt2.json").read_text()) == report
     assert (tmp_path / "tiny-gpt2.png").is_file() and (tmp_path / "tiny-gpt2-ft-m.png").is_file()
+
+
+def test_device_check_reports_outcome_and_bit_exact_round_trips():
+    rows = device_check.check("tiny-gpt2", "cpu", n=1, batch=2, methods=["ft-m", "kn"])
+    assert [row["what"] for row in rows] == [
+        "stats 3 layers, 2000 docs", "ft-m single", "ft-m batch", "kn single",
+    ]  # fmt: skip
+    assert all(
+        row.get("undo_and_reapply_bit_exact", row.get("undo_bit_exact", True)) for row in rows
+    )
+    assert rows[1]["reliability"] == 1.0 and rows[0]["seconds"] > 0
