@@ -187,6 +187,10 @@ def start_at_block(
     at `layer` cannot change (the residual stream entering it) is computed once, by the caller,
     instead of at every optimisation step. Embeddings still run; their output is discarded.
     """
+    if layer == 0:  # nothing to leave out (this runs at every value optimisation step)
+        with replace_input(model, f"{blocks_path}.0", lambda _: hidden):
+            yield
+        return
     parent_path, _, attr = blocks_path.rpartition(".")
     parent = model.get_submodule(parent_path)
     blocks = getattr(parent, attr)
