@@ -1,5 +1,5 @@
-"""Smoke tests of benchmarks/batch_scale.py, sequential.py and device_check.py on tiny settings
-(mostly FT-M, which needs no statistics); timings are not checked."""
+"""Smoke tests of benchmarks/batch_scale.py, sequential.py, device_check.py and subject_swap.py
+on tiny settings (mostly FT-M, which needs no statistics); timings are not checked."""
 
 import json
 import sys
@@ -57,3 +57,17 @@ def test_device_check_reports_outcome_and_bit_exact_round_trips():
         row.get("undo_and_reapply_bit_exact", row.get("undo_bit_exact", True)) for row in rows
     )
     assert rows[1]["reliability"] == 1.0 and rows[0]["seconds"] > 0
+
+
+def test_subject_swap_curves_start_at_the_other_persons_answer_and_end_at_none():
+    import subject_swap
+
+    report = subject_swap.main(["--pairs", "4"])
+    for kind in ("random", "same_but_last"):
+        curves = report[kind]
+        assert curves["pairs"] == 4
+        # Swapping every differing position before block 0 runs B's own prompt (the model
+        # knows B's training fact); after the last block the prediction cannot see them.
+        assert curves["name"][0] == 1.0 and curves["name"][-1] == 0.0
+        assert curves["last_token"][-1] == 0.0
+    assert report["same_but_last"]["last_token"] == report["same_but_last"]["name"]
