@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 METHODS = ["rome", "r-rome", "ft-l", "ft-m", "memit", "emmet", "pmet", "alphaedit", "kn"]
 
@@ -27,14 +28,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _weights(lm) -> dict:
+    return {name: value.clone() for name, value in lm.model.state_dict().items()}
+
+
+def _unchanged(lm, weights: dict) -> bool:
+    """Whether the model's weights equal `weights` bit for bit."""
+    import torch
+
+    return all(torch.equal(value, weights[name]) for name, value in lm.model.state_dict().items())
+
+
 def _post(result: list[dict], metric: str) -> float:
     values = [r["post"]["teacher_forced"][metric] for r in result]
     return round(statistics.mean(values), 4)
 
 
 def check(model: str, device: str, n: int, batch: int, methods: list[str] = METHODS) -> list[dict]:
-    import torch
-
     import kedit
     from kedit.data import load_requests
     from kedit.methods.registry import get_method
@@ -51,18 +61,12 @@ def check(model: str, device: str, n: int, batch: int, methods: list[str] = METH
 
     _sync(device)
     started = time.perf_counter()
-    cache = os.environ.get("KEDIT_CACHE")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["KEDIT_CACHE"] = tmp  # collect, not read from the cache
-        second_moments(lm, [0, 1, 2], n_samples=2000, progress=False)
-    if cache is None:
-        del os.environ["KEDIT_CACHE"]
-    else:
-        os.environ["KEDIT_CACHE"] = cache
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"KEDIT_CACHE": tmp}):
+        second_moments(lm, [0, 1, 2], n_samples=2000, progress=False)  # collected, not cached
     _sync(device)
     record({"model": model, "device": device, "what": "stats 3 layers, 2000 docs",
                  "seconds": round(time.perf_counter() - started, 3)})  # fmt: skip
-    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    before = _weights(lm)
     for method in methods:
         kedit.edit(lm, requests[0], method=method).undo()  # warm-up: statistics, prefixes
         times, results, exact = [], [], True
@@ -75,13 +79,13 @@ def check(model: str, device: str, n: int, batch: int, methods: list[str] = METH
             results.append(kedit.evaluate(lm, request, edit=edit))
             with tempfile.TemporaryDirectory() as tmp:
                 edit.save(Path(tmp) / "e.kedit")
-                edited = {k: v.clone() for k, v in lm.model.state_dict().items()}
+                edited = _weights(lm)
                 edit.undo()
                 kedit.apply(lm, Path(tmp) / "e.kedit").undo()
                 reapplied = kedit.apply(lm, Path(tmp) / "e.kedit")
-                exact &= all(torch.equal(v, edited[k]) for k, v in lm.model.state_dict().items())
+                exact &= _unchanged(lm, edited)
                 reapplied.undo()
-            exact &= all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+            exact &= _unchanged(lm, before)
         record({
             "model": model, "device": device, "what": f"{method} single", "edits": n,
             "median_seconds": round(statistics.median(times), 4),
@@ -101,9 +105,7 @@ def check(model: str, device: str, n: int, batch: int, methods: list[str] = METH
                 "model": model, "device": device, "what": f"{method} batch", "edits": batch,
                 "seconds": round(seconds, 3), "reliability": _post(result, "reliability"),
                 "locality": _post(result, "locality"),
-                "undo_bit_exact": all(
-                    torch.equal(v, before[k]) for k, v in lm.model.state_dict().items()
-                ),
+                "undo_bit_exact": _unchanged(lm, before),
             })  # fmt: skip
     return rows
 
