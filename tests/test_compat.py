@@ -186,6 +186,11 @@ def test_hyperparameter_files_map_onto_kedit(tmp_path):
     assert rome.method == "rome"
     assert rome.v_lr == 0.5  # YAML reads "5e-1" as a string; EasyEdit makes it a float
     assert rome.layers == [1]
+    # EasyEdit's v_weight_decay weighs its own decay term; kedit's default is another
+    assert rome.kedit_values()["v_weight_decay_form"] == "easyedit"
+    assert get_method("rome").hparams().v_weight_decay_form == "squared"
+    rome.v_weight_decay_form = "squared"
+    assert rome.kedit_values()["v_weight_decay_form"] == "squared"
 
     memit = MEMITHyperParams.from_hparams(write(tmp_path, "memit.yaml", MEMIT_YAML))
     assert (memit.method, memit.batch_size) == ("memit", 4)

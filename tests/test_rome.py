@@ -1,6 +1,7 @@
 import torch
 
 import kedit
+from kedit.methods._locate import delta_decay
 from kedit.methods.registry import resolve_hparams
 from kedit.methods.rome import ROMEHyperParams, compute_rank_one, rank_one_update
 
@@ -80,3 +81,16 @@ def test_hparams_accept_easyedit_names_and_refuse_unknown_keys(tiny_gpt2):
         resolve_hparams("rome", tiny_gpt2, {"v_lr": "fast"})
     with pytest.raises(ValueError, match="out of range"):
         kedit.edit(tiny_gpt2, _request(), method="rome", hparams={"layers": [99]})
+    with pytest.raises(ValueError, match="v_weight_decay_form: expected one of squared, easyedit"):
+        resolve_hparams("rome", tiny_gpt2, {"v_weight_decay_form": "cubic"})
+
+
+def test_value_decay_is_scale_free_squared_or_easyedits_term():
+    delta = torch.tensor([[3.0, 0.0], [0.0, 6.0]])
+    start = torch.tensor([[0.0, 2.0], [4.0, 0.0]])
+    assert delta_decay(delta, start, "squared").tolist() == [9 / 4, 36 / 16]
+    assert delta_decay(delta, start, "easyedit").tolist() == [3 / 4, 6 / 16]
+    # squared: the same relative size gives the same term at any scale of the outputs
+    assert torch.equal(
+        delta_decay(10 * delta, 10 * start, "squared"), delta_decay(delta, start, "squared")
+    )

@@ -140,6 +140,9 @@ class EasyEditHyperParams:
         values = {k: v for k, v in self.config.items() if k not in HANDLED_HERE}
         if values.get("norm_constraint") is False:  # EasyEdit's FT writes "off" as false
             values["norm_constraint"] = None
+        fields = get_method(self.method).hparams.field_help()
+        if "v_weight_decay" in values and "v_weight_decay_form" in fields:
+            values.setdefault("v_weight_decay_form", "easyedit")  # the term its weight is for
         return values
 
     def validate(self) -> None:

@@ -179,16 +179,26 @@ def stop_after(model: nn.Module, name: str) -> Iterator[None]:
 
 @contextmanager
 def start_at_block(
-    model: nn.Module, blocks_path: str, layer: int, hidden: torch.Tensor
+    model: nn.Module,
+    blocks_path: str,
+    layer: int,
+    hidden: torch.Tensor | Callable[[], torch.Tensor],
 ) -> Iterator[None]:
     """Run forward passes from block `layer` on, feeding it `hidden` as its input.
+
+    `hidden` may be a function called at each forward pass for the input of that pass, so that
+    a loop whose batch changes from pass to pass enters this once.
 
     The blocks below `layer` are left out of the model for the duration, so work that an edit
     at `layer` cannot change (the residual stream entering it) is computed once, by the caller,
     instead of at every optimisation step. Embeddings still run; their output is discarded.
     """
-    if layer == 0:  # nothing to leave out (this runs at every value optimisation step)
-        with replace_input(model, f"{blocks_path}.0", lambda _: hidden):
+
+    def feed(_: torch.Tensor) -> torch.Tensor:
+        return hidden() if callable(hidden) else hidden
+
+    if layer == 0:  # nothing to leave out
+        with replace_input(model, f"{blocks_path}.0", feed):
             yield
         return
     parent_path, _, attr = blocks_path.rpartition(".")
@@ -207,7 +217,7 @@ def start_at_block(
         setattr(parent, attr, nn.ModuleList(list(blocks)[layer:]))
         for config, key, value in saved:
             setattr(config, key, value[layer:])
-        with replace_input(model, f"{blocks_path}.0", lambda _: hidden):
+        with replace_input(model, f"{blocks_path}.0", feed):
             yield
     finally:
         setattr(parent, attr, blocks)

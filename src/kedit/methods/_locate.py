@@ -18,6 +18,15 @@ from kedit.methods.registry import HyperParams, hp
 from kedit.requests import EditRequest
 from kedit.stats import second_moment
 
+DECAY_FORMS = ("squared", "easyedit")
+
+
+def delta_decay(delta: torch.Tensor, start: torch.Tensor, form: str) -> torch.Tensor:
+    """The decay term of each row's value delta, relative to the unedited output `start`:
+    (‖δ‖/‖v₀‖)² for 'squared', ‖δ‖/‖v₀‖² for 'easyedit' (as ROME's and EasyEdit's code)."""
+    norm, start_norm2 = delta.norm(dim=1), start.norm(dim=1) ** 2
+    return norm**2 / start_norm2 if form == "squared" else norm / start_norm2
+
 
 @dataclass
 class LocateHyperParams(HyperParams):
@@ -27,7 +36,13 @@ class LocateHyperParams(HyperParams):
     layers: list[int] = hp([5], "Layers whose MLP output projection is edited.")
     v_steps: int = hp(25, "Maximum gradient steps of the value optimisation.")
     v_lr: float = hp(0.5, "Adam learning rate of the value optimisation.")
-    v_weight_decay: float = hp(0.5, "Weight decay on the value delta, relative to the output norm.")
+    v_weight_decay: float = hp(0.5, "Weight of the decay term on each value delta.")
+    v_weight_decay_form: str = hp(
+        "squared",
+        "The decay term: 'squared' = (‖δ‖/‖v₀‖)², free of the output's scale; 'easyedit' ="
+        " ‖δ‖/‖v₀‖², the term of ROME's, MEMIT's and EasyEdit's code (the same weight does"
+        " not mean the same there).",
+    )
     kl_factor: float = hp(0.0625, "Weight of the KL term that keeps '{subject} is a' unchanged.")
     clamp_norm_factor: float = hp(4.0, "Clamp ‖δ‖ to this multiple of the unedited output's norm.")
     v_stop_nll: float = hp(0.05, "Stop once every prompt's mean target NLL is below this.")
@@ -57,6 +72,11 @@ class LocateHyperParams(HyperParams):
     def validate(self) -> None:
         if not self.layers:
             raise ValueError("layers: expected at least one layer, got []")
+        if self.v_weight_decay_form not in DECAY_FORMS:
+            raise ValueError(
+                f"v_weight_decay_form: expected one of {', '.join(DECAY_FORMS)}, "
+                f"got {self.v_weight_decay_form!r}"
+            )
         if self.fact_token != "subject_last":
             raise ValueError(
                 f"fact_token: only 'subject_last' is supported, got {self.fact_token!r}"
@@ -186,7 +206,7 @@ def optimize_values(
 
     Loss per request = mean NLL of the target tokens + kl_factor * KL(new || old) of the
     next-token distribution at the subject of `essence_prompt` (keeps what the subject "is") +
-    for each site, weight decay on its delta relative to its output norm. Each delta is clamped
+    for each site, v_weight_decay times `delta_decay` of its delta. Each delta is clamped
     to clamp_norm_factor times its site's unedited output norm. A request stops once each of
     its prompts' mean target NLL is below `v_stop_nll`.
 
@@ -366,20 +386,20 @@ def _optimize_chunk(
     deltas = [torch.zeros_like(start, requires_grad=True) for start in initial]
     optimizer = torch.optim.Adam(deltas, lr=hparams.v_lr)
     max_norms = [hparams.clamp_norm_factor * start.norm(dim=1) for start in initial]
-    start_norms2 = [start.norm(dim=1) ** 2 for start in initial]
     rewrite_index = torch.cumsum(batch.is_rewrite.long(), 0) - 1  # row -> its target row
     essence_logp: torch.Tensor | None = None
     device = lm.device
     active = torch.ones(len(requests), dtype=torch.bool, device=device)
     done: list[tuple[int, float] | None] = [None] * len(requests)
 
-    def adder(delta: torch.Tensor, rows: torch.Tensor):
-        where = (torch.arange(len(rows), device=lm.device), batch.at[rows])
-        owners = batch.owner[rows]
+    current = {"rows": all_rows}  # the rows of this step's forward pass, read by the hooks
 
+    def adder(delta: torch.Tensor):
         def add_delta(output: torch.Tensor) -> torch.Tensor:
+            rows = current["rows"]
+            where = (torch.arange(len(rows), device=lm.device), batch.at[rows])
             output = output.clone()
-            output[where] = output[where] + delta[owners].to(output.dtype)
+            output[where] = output[where] + delta[batch.owner[rows]].to(output.dtype)
             return output
 
         return add_delta
@@ -387,78 +407,73 @@ def _optimize_chunk(
     needs_grad = [p for p in model.parameters() if p.requires_grad]
     for p in needs_grad:
         p.requires_grad_(False)
+    # Site hooks go in before the blocks below `layer` are cut out, which renumbers the
+    # blocks: a module path resolved afterwards would name a deeper block.
+    site_hooks = [replace_output(model, s, adder(d)) for s, d in zip(sites, deltas, strict=True)]
+    starting = start_at_block(model, layout.blocks, layer, lambda: hidden[current["rows"]])
     try:
-        for step in range(hparams.v_steps + 1):
-            rows = all_rows[active[batch.owner]]
-            owners = batch.owner[rows]
-            # Site hooks go in before the blocks below `layer` are cut out, which renumbers
-            # the blocks: a module path resolved afterwards would name a deeper block.
-            with hooks(
-                *(
-                    replace_output(model, s, adder(d, rows))
-                    for s, d in zip(sites, deltas, strict=True)
-                ),
-                start_at_block(model, layout.blocks, layer, hidden[rows]),
-            ):
+        with hooks(*site_hooks, starting):
+            for step in range(hparams.v_steps + 1):
+                rows = all_rows[active[batch.owner]]
+                current["rows"] = rows
+                owners = batch.owner[rows]
                 logits = forward(rows)
-            rewrite = batch.is_rewrite[rows]
-            targets = rewrite_index[rows[rewrite]]
-            picked = logits[rewrite][
-                torch.arange(len(targets), device=lm.device)[:, None],
-                batch.target_positions[targets],
-            ]
-            token_logp = (
-                torch.log_softmax(picked.float(), dim=-1)
-                .gather(2, batch.target_ids[targets][..., None])
-                .squeeze(-1)
-            )
-            weights = batch.target_mask[targets]
-            nll_rows = -(token_logp * weights).sum(1) / weights.sum(1)
-            rewrite_owners = owners[rewrite]
-            count = torch.zeros(len(requests), device=device).index_add_(
-                0, rewrite_owners, torch.ones(len(targets), device=device)
-            )
-            nll_mean = torch.zeros(len(requests), device=device).index_add_(
-                0, rewrite_owners, nll_rows
-            ) / count.clamp(min=1)
-            nll_max = torch.full((len(requests),), float("-inf"), device=device).scatter_reduce(
-                0, rewrite_owners, nll_rows.detach(), "amax"
-            )
-            essence_rows = ~rewrite
-            essence_logits = logits[essence_rows][
-                torch.arange(int(essence_rows.sum()), device=lm.device),
-                batch.at[rows[essence_rows]],
-            ]
-            logp = torch.log_softmax(essence_logits.float(), dim=-1)
-            essence_owners = owners[essence_rows]
-            if essence_logp is None:
-                essence_logp = torch.zeros(len(requests), logp.shape[1], device=device)
-                essence_logp[essence_owners] = logp.detach()
-            for r in active.nonzero().flatten().tolist():
-                if step == hparams.v_steps or float(nll_max[r]) < hparams.v_stop_nll:
-                    done[r] = (step, float(nll_mean[r].detach()))
-                    active[r] = False
-            if not active.any():
-                break
-            kl = (
-                (logp.exp() * (logp - essence_logp[essence_owners])).sum(1) * active[essence_owners]
-            ).sum()
-            decay = sum(
-                (d.norm(dim=1) ** 2 / norms2)[active].sum()
-                for d, norms2 in zip(deltas, start_norms2, strict=True)
-            )
-            loss = (
-                (nll_mean * active).sum() + hparams.kl_factor * kl + hparams.v_weight_decay * decay
-            )
-            frozen = [d.detach()[~active].clone() for d in deltas]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                for delta, max_norm, kept in zip(deltas, max_norms, frozen, strict=True):
-                    delta[~active] = kept
-                    scale = (max_norm / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
-                    delta.mul_(scale[:, None])
+                rewrite = batch.is_rewrite[rows]
+                targets = rewrite_index[rows[rewrite]]
+                picked = logits[rewrite][
+                    torch.arange(len(targets), device=lm.device)[:, None],
+                    batch.target_positions[targets],
+                ]
+                token_logp = (
+                    torch.log_softmax(picked.float(), dim=-1)
+                    .gather(2, batch.target_ids[targets][..., None])
+                    .squeeze(-1)
+                )
+                weights = batch.target_mask[targets]
+                nll_rows = -(token_logp * weights).sum(1) / weights.sum(1)
+                rewrite_owners = owners[rewrite]
+                count = torch.zeros(len(requests), device=device).index_add_(
+                    0, rewrite_owners, torch.ones(len(targets), device=device)
+                )
+                nll_mean = torch.zeros(len(requests), device=device).index_add_(
+                    0, rewrite_owners, nll_rows
+                ) / count.clamp(min=1)
+                nll_max = torch.full((len(requests),), float("-inf"), device=device).scatter_reduce(
+                    0, rewrite_owners, nll_rows.detach(), "amax"
+                )
+                essence_rows = ~rewrite
+                essence_logits = logits[essence_rows][
+                    torch.arange(int(essence_rows.sum()), device=lm.device),
+                    batch.at[rows[essence_rows]],
+                ]
+                logp = torch.log_softmax(essence_logits.float(), dim=-1)
+                essence_owners = owners[essence_rows]
+                if essence_logp is None:
+                    essence_logp = torch.zeros(len(requests), logp.shape[1], device=device)
+                    essence_logp[essence_owners] = logp.detach()
+                for r in active.nonzero().flatten().tolist():
+                    if step == hparams.v_steps or float(nll_max[r]) < hparams.v_stop_nll:
+                        done[r] = (step, float(nll_mean[r].detach()))
+                        active[r] = False
+                if not active.any():
+                    break
+                kl_rows = (logp.exp() * (logp - essence_logp[essence_owners])).sum(1)
+                kl = (kl_rows * active[essence_owners]).sum()
+                decay = sum(
+                    delta_decay(d, start, hparams.v_weight_decay_form)[active].sum()
+                    for d, start in zip(deltas, initial, strict=True)
+                )
+                nll = (nll_mean * active).sum()
+                loss = nll + hparams.kl_factor * kl + hparams.v_weight_decay * decay
+                frozen = [d.detach()[~active].clone() for d in deltas]
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for delta, max_norm, kept in zip(deltas, max_norms, frozen, strict=True):
+                        delta[~active] = kept
+                        scale = (max_norm / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
+                        delta.mul_(scale[:, None])
     finally:
         for p in needs_grad:
             p.requires_grad_(True)
