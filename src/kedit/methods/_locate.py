@@ -313,6 +313,44 @@ class _ValueBatch:
             target_positions=target_positions.to(device),
         )
 
+    def target_nll(
+        self, logits: torch.Tensor, rows: torch.Tensor, n_requests: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per request, the mean over its prompt rows (of `rows`, whose `logits` these are) of
+        each row's mean target-token NLL, and the largest row NLL (detached)."""
+        rewrite = self.is_rewrite[rows]
+        targets = torch.cumsum(self.is_rewrite.long(), 0)[rows[rewrite]] - 1
+        picked = logits[rewrite][
+            torch.arange(len(targets), device=logits.device)[:, None],
+            self.target_positions[targets],
+        ]
+        token_logp = (
+            torch.log_softmax(picked.float(), dim=-1)
+            .gather(2, self.target_ids[targets][..., None])
+            .squeeze(-1)
+        )
+        weights = self.target_mask[targets]
+        nll_rows = -(token_logp * weights).sum(1) / weights.sum(1)
+        owners = self.owner[rows][rewrite]
+        zeros = torch.zeros(n_requests, device=logits.device)
+        count = zeros.index_add(0, owners, torch.ones_like(nll_rows))
+        nll_mean = zeros.index_add(0, owners, nll_rows) / count.clamp(min=1)
+        nll_max = torch.full_like(zeros, float("-inf")).scatter_reduce(
+            0, owners, nll_rows.detach(), "amax"
+        )
+        return nll_mean, nll_max
+
+    def essence_logp(
+        self, logits: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token log-probabilities at the subject of each essence row among `rows`, and
+        the request each belongs to."""
+        essence = ~self.is_rewrite[rows]
+        at_subject = logits[essence][
+            torch.arange(int(essence.sum()), device=logits.device), self.at[rows[essence]]
+        ]
+        return torch.log_softmax(at_subject.float(), dim=-1), self.owner[rows][essence]
+
 
 def _cache_argument(model: Any) -> str:
     """The name under which this transformers version takes a KV cache (`cache` from 5.2x,
@@ -386,7 +424,6 @@ def _optimize_chunk(
     deltas = [torch.zeros_like(start, requires_grad=True) for start in initial]
     optimizer = torch.optim.Adam(deltas, lr=hparams.v_lr)
     max_norms = [hparams.clamp_norm_factor * start.norm(dim=1) for start in initial]
-    rewrite_index = torch.cumsum(batch.is_rewrite.long(), 0) - 1  # row -> its target row
     essence_logp: torch.Tensor | None = None
     device = lm.device
     active = torch.ones(len(requests), dtype=torch.bool, device=device)
@@ -416,38 +453,9 @@ def _optimize_chunk(
             for step in range(hparams.v_steps + 1):
                 rows = all_rows[active[batch.owner]]
                 current["rows"] = rows
-                owners = batch.owner[rows]
                 logits = forward(rows)
-                rewrite = batch.is_rewrite[rows]
-                targets = rewrite_index[rows[rewrite]]
-                picked = logits[rewrite][
-                    torch.arange(len(targets), device=lm.device)[:, None],
-                    batch.target_positions[targets],
-                ]
-                token_logp = (
-                    torch.log_softmax(picked.float(), dim=-1)
-                    .gather(2, batch.target_ids[targets][..., None])
-                    .squeeze(-1)
-                )
-                weights = batch.target_mask[targets]
-                nll_rows = -(token_logp * weights).sum(1) / weights.sum(1)
-                rewrite_owners = owners[rewrite]
-                count = torch.zeros(len(requests), device=device).index_add_(
-                    0, rewrite_owners, torch.ones(len(targets), device=device)
-                )
-                nll_mean = torch.zeros(len(requests), device=device).index_add_(
-                    0, rewrite_owners, nll_rows
-                ) / count.clamp(min=1)
-                nll_max = torch.full((len(requests),), float("-inf"), device=device).scatter_reduce(
-                    0, rewrite_owners, nll_rows.detach(), "amax"
-                )
-                essence_rows = ~rewrite
-                essence_logits = logits[essence_rows][
-                    torch.arange(int(essence_rows.sum()), device=lm.device),
-                    batch.at[rows[essence_rows]],
-                ]
-                logp = torch.log_softmax(essence_logits.float(), dim=-1)
-                essence_owners = owners[essence_rows]
+                nll_mean, nll_max = batch.target_nll(logits, rows, len(requests))
+                logp, essence_owners = batch.essence_logp(logits, rows)
                 if essence_logp is None:
                     essence_logp = torch.zeros(len(requests), logp.shape[1], device=device)
                     essence_logp[essence_owners] = logp.detach()
