@@ -459,10 +459,16 @@ def _optimize_chunk(
                 if essence_logp is None:
                     essence_logp = torch.zeros(len(requests), logp.shape[1], device=device)
                     essence_logp[essence_owners] = logp.detach()
-                for r in active.nonzero().flatten().tolist():
-                    if step == hparams.v_steps or float(nll_max[r]) < hparams.v_stop_nll:
-                        done[r] = (step, float(nll_mean[r].detach()))
-                        active[r] = False
+                # Decided on the device, read back once: one sync per step, not per request.
+                finished = (
+                    active.clone()
+                    if step == hparams.v_steps
+                    else active & (nll_max < hparams.v_stop_nll)
+                )
+                index = finished.nonzero().flatten()
+                for r, nll in zip(index.tolist(), nll_mean.detach()[index].tolist(), strict=True):
+                    done[r] = (step, nll)
+                active &= ~finished
                 if not active.any():
                     break
                 kl_rows = (logp.exp() * (logp - essence_logp[essence_owners])).sum(1)
