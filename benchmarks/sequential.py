@@ -26,6 +26,7 @@ later edits change.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
@@ -68,10 +69,14 @@ def run_method(lm: Any, method: str, cases: list, heldout: list[str], args: Any)
         schedule="after-each",
         checkpoint_every=args.checkpoint_every // batch,
         seed=args.seed,
+        hparams=args.hparams,
         data="tinyworld distinct facts (benchmarks/tinyworld_cases.py)",
     )
     ordered, order_kept = in_bench_order(cases, config)
     folder = args.out / "runs" / lm.name / f"{method}-e{len(cases)}-b{batch}"
+    if args.hparams:  # a run with other hyper-parameters resumes in a folder of its own
+        digest = hashlib.sha1(json.dumps(args.hparams, sort_keys=True).encode()).hexdigest()
+        folder = folder.with_name(f"{folder.name}-h{digest[:8]}")
 
     seen: set[str] = set()
 
@@ -101,6 +106,7 @@ def run_method(lm: Any, method: str, cases: list, heldout: list[str], args: Any)
     immediate = summary["metrics"]["post"]["teacher_forced"]
     return {
         "method": method,
+        "hparams": args.hparams,
         "batch": batch,
         "edits": len(cases),
         "checkpoint_every_edits": args.checkpoint_every,
@@ -172,6 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "the others stay measurable; 1000 edits = 250 people x 4 facts",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--hparams", type=json.loads, default={}, help="JSON overrides for every method"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sequential"))
     args = parser.parse_args(argv)
     if args.edits < 1 or args.batch < 1 or args.checkpoint_every < 1:

@@ -47,6 +47,12 @@ def test_sequential_writes_a_curve_json_and_plots(tmp_path):
     assert json.loads((tmp_path / "tiny-gpt2.json").read_text()) == report
     assert (tmp_path / "tiny-gpt2.png").is_file() and (tmp_path / "tiny-gpt2-ft-m.png").is_file()
 
+    # other hyper-parameters: recorded, and run in a folder of their own (no resume clash)
+    tuned = sequential.main([*argv, "--heldout-n", "10", "--out", str(tmp_path), "--hparams",
+                             '{"steps": 3}'])  # fmt: skip
+    assert tuned["results"][0]["hparams"] == {"steps": 3}
+    assert len(list((tmp_path / "runs" / "tiny-gpt2").iterdir())) == 2
+
 
 def test_device_check_reports_outcome_and_bit_exact_round_trips():
     rows = device_check.check("tiny-gpt2", "cpu", n=1, batch=2, methods=["ft-m", "kn"])
