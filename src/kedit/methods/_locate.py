@@ -239,6 +239,7 @@ class _ValueBatch:
 
     owner: torch.Tensor  # request index of each row
     is_rewrite: torch.Tensor  # True for prompt rows, False for essence rows
+    target_row: torch.Tensor  # for each prompt row, its row of the target tensors
     at: torch.Tensor  # position of the subject's last token in the suffix
     context_ids: torch.Tensor
     context_mask: torch.Tensor
@@ -299,9 +300,11 @@ class _ValueBatch:
                 rewrite += 1
         cut_t = torch.tensor(cuts)
         device = lm.device
+        is_rewrite = torch.tensor([t is not None for t in targets], device=device)
         return cls(
             owner=torch.tensor(owners, device=device),
-            is_rewrite=torch.tensor([t is not None for t in targets], device=device),
+            is_rewrite=is_rewrite,
+            target_row=is_rewrite.long().cumsum(0) - 1,
             at=(torch.tensor(lookups) - cut_t).to(device),
             context_ids=context_ids.to(device),
             context_mask=context_mask.to(device),
@@ -319,7 +322,7 @@ class _ValueBatch:
         """Per request, the mean over its prompt rows (of `rows`, whose `logits` these are) of
         each row's mean target-token NLL, and the largest row NLL (detached)."""
         rewrite = self.is_rewrite[rows]
-        targets = torch.cumsum(self.is_rewrite.long(), 0)[rows[rewrite]] - 1
+        targets = self.target_row[rows[rewrite]]
         picked = logits[rewrite][
             torch.arange(len(targets), device=logits.device)[:, None],
             self.target_positions[targets],
