@@ -17,7 +17,7 @@ import time
 METHODS = ["rome", "r-rome", "ft-m", "ft-l"]
 
 
-def measure(model: str, method: str, n: int) -> dict:
+def measure(model: str, method: str, n: int, hparams: dict) -> dict:
     import torch
 
     import kedit
@@ -27,16 +27,17 @@ def measure(model: str, method: str, n: int) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     requests = load_requests(benchmark_path("knowedit"), n=n + 1)
     lm = kedit.load(model)
-    kedit.edit(lm, requests[0], method=method).undo()
+    kedit.edit(lm, requests[0], method=method, hparams=hparams).undo()
     times = []
     for request in requests[1:]:
         started = time.perf_counter()
-        edit = kedit.edit(lm, request, method=method)
+        edit = kedit.edit(lm, request, method=method, hparams=hparams)
         times.append(time.perf_counter() - started)
         edit.undo()
     return {
         "model": model,
         "method": method,
+        "hparams": hparams,
         "edits": len(times),
         "median_seconds": statistics.median(times),
         "p90_seconds": sorted(times)[int(0.9 * (len(times) - 1))],
@@ -50,14 +51,18 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-gpt2")
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--n", type=int, default=30, help="timed edits per method")
+    parser.add_argument(
+        "--hparams", type=json.loads, default={}, help="JSON overrides for every method"
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.model, args.methods[0], args.n)))
+        print(json.dumps(measure(args.model, args.methods[0], args.n, args.hparams)))
         return
     results = []
     for method in args.methods:
         command = [sys.executable, __file__, "--one", "--model", args.model, "--n", str(args.n)]
+        command += ["--hparams", json.dumps(args.hparams)]
         out = subprocess.run([*command, "--methods", method], capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(out.stderr)

@@ -1,5 +1,6 @@
-"""Smoke tests of benchmarks/batch_scale.py, sequential.py, device_check.py and subject_swap.py
-on tiny settings (mostly FT-M, which needs no statistics); timings are not checked."""
+"""Smoke tests of benchmarks/batch_scale.py, sequential.py, speed.py, device_check.py and
+subject_swap.py on tiny settings (mostly FT-M, which needs no statistics); timings are not
+checked."""
 
 import json
 import sys
@@ -11,6 +12,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import batch_scale  # noqa: E402
 import device_check  # noqa: E402
 import sequential  # noqa: E402
+import speed  # noqa: E402
 from tinyworld_cases import distinct_fact_cases  # noqa: E402
 
 
@@ -52,6 +54,12 @@ def test_sequential_writes_a_curve_json_and_plots(tmp_path):
                              '{"steps": 3}'])  # fmt: skip
     assert tuned["results"][0]["hparams"] == {"steps": 3}
     assert len(list((tmp_path / "runs" / "tiny-gpt2").iterdir())) == 2
+
+
+def test_speed_times_one_method_with_its_overrides():
+    result = speed.measure("tiny-gpt2", "ft-m", 2, {"steps": 3})
+    assert (result["method"], result["edits"], result["hparams"]) == ("ft-m", 2, {"steps": 3})
+    assert result["median_seconds"] > 0
 
 
 def test_device_check_reports_outcome_and_bit_exact_round_trips():

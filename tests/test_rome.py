@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 import kedit
-from kedit.methods._locate import delta_decay
+from kedit.methods._locate import context_prefixes, delta_decay, optimize_values
 from kedit.methods.registry import resolve_hparams
 from kedit.methods.rome import ROMEHyperParams, compute_rank_one, rank_one_update
 
@@ -70,8 +71,6 @@ def test_rome_edited_weight_maps_its_denominator_key_to_v_star(tiny_gpt2):
 
 
 def test_hparams_accept_easyedit_names_and_refuse_unknown_keys(tiny_gpt2):
-    import pytest
-
     params = resolve_hparams("rome", tiny_gpt2, {"v_num_grad_steps": 7, "mom2_dataset": "x.txt"})
     assert isinstance(params, ROMEHyperParams)
     assert (params.v_steps, params.mom2_corpus) == (7, "x.txt")
@@ -83,6 +82,8 @@ def test_hparams_accept_easyedit_names_and_refuse_unknown_keys(tiny_gpt2):
         kedit.edit(tiny_gpt2, _request(), method="rome", hparams={"layers": [99]})
     with pytest.raises(ValueError, match="v_weight_decay_form: expected one of squared, easyedit"):
         resolve_hparams("rome", tiny_gpt2, {"v_weight_decay_form": "cubic"})
+    with pytest.raises(ValueError, match="v_first_step: expected a number >= 0, got -1"):
+        resolve_hparams("rome", tiny_gpt2, {"v_first_step": -1})
 
 
 def test_value_decay_is_scale_free_squared_or_easyedits_term():
@@ -94,3 +95,23 @@ def test_value_decay_is_scale_free_squared_or_easyedits_term():
     assert torch.equal(
         delta_decay(10 * delta, 10 * start, "squared"), delta_decay(delta, start, "squared")
     )
+
+
+def test_first_step_goes_downhill_by_its_length_for_each_request(tiny_gpt2):
+    lm = tiny_gpt2
+    requests = [_request(0), _request(1)]
+
+    def optimise(**overrides):
+        params = resolve_hparams("rome", lm, {"v_steps": 1, **overrides})
+        site = lm.layout.mlp_out_name(params.layers[0])
+        found = optimize_values(
+            lm, requests, params.layers[0], context_prefixes(lm, params), params, [site]
+        )
+        return [result[0] for result in found]
+
+    unedited = optimise(v_stop_nll=1e9)
+    stepped = optimise(v_stop_nll=0.0, v_first_step=0.5)
+    for before, after in zip(unedited, stepped, strict=True):
+        assert before.steps == 0 and after.steps == 1
+        assert float(after.delta.norm()) == pytest.approx(0.5 * float(after.initial_output.norm()))
+        assert after.target_nll < before.target_nll

@@ -36,6 +36,11 @@ class LocateHyperParams(HyperParams):
     layers: list[int] = hp([5], "Layers whose MLP output projection is edited.")
     v_steps: int = hp(25, "Maximum gradient steps of the value optimisation.")
     v_lr: float = hp(0.5, "Adam learning rate of the value optimisation.")
+    v_first_step: float = hp(
+        0.0,
+        "Length of a first step against the gradient's sign, as a multiple of the unedited"
+        " output's norm, before Adam takes over (0: none, Adam from zero as in ROME).",
+    )
     v_weight_decay: float = hp(0.5, "Weight of the decay term on each value delta.")
     v_weight_decay_form: str = hp(
         "squared",
@@ -85,6 +90,8 @@ class LocateHyperParams(HyperParams):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not self.v_first_step >= 0:
+            raise ValueError(f"v_first_step: expected a number >= 0, got {self.v_first_step!r}")
         for name in ("v_lr", "clamp_norm_factor"):
             value = getattr(self, name)
             if not value > 0:
@@ -485,7 +492,10 @@ def _optimize_chunk(
                 frozen = [d.detach()[~active].clone() for d in deltas]
                 optimizer.zero_grad()
                 loss.backward()
-                optimizer.step()
+                if step == 0 and hparams.v_first_step > 0:
+                    _first_step(deltas, initial, hparams.v_first_step)
+                else:
+                    optimizer.step()
                 with torch.no_grad():
                     for delta, max_norm, kept in zip(deltas, max_norms, frozen, strict=True):
                         delta[~active] = kept
@@ -501,6 +511,21 @@ def _optimize_chunk(
         ]
         for r in range(len(requests))
     ]
+
+
+@torch.no_grad()
+def _first_step(deltas: list[torch.Tensor], initial: list[torch.Tensor], length: float) -> None:
+    """Move each delta from zero against the sign of its gradient (Adam's first direction) by
+    `length` times its site's unedited output norm.
+
+    Adam's first step has length v_lr·√d whatever the output's scale, while the deltas that
+    make a target likely are about as long as the output itself; from zero the target NLL can
+    sit on a plateau for tens of steps while the decay term pulls the delta back. Requests
+    without a gradient (finished at step 0) stay at zero.
+    """
+    for delta, start in zip(deltas, initial, strict=True):
+        direction = delta.grad.sign() / delta.shape[1] ** 0.5
+        delta.sub_(length * start.norm(dim=1, keepdim=True) * direction)
 
 
 def mlp_out_param(lm: LM, layer: int) -> str:
