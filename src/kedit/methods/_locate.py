@@ -397,7 +397,8 @@ def _optimize_chunk(
     with torch.no_grad():
         if batch.context_ids.shape[1]:
             positions = (batch.context_mask.cumsum(1) - 1).clamp(min=0)
-            out = model(
+            # Only the KV cache is needed: the base model skips the unembedding.
+            out = model.base_model(
                 input_ids=batch.context_ids,
                 attention_mask=batch.context_mask,
                 position_ids=positions,
