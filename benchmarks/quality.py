@@ -1,7 +1,8 @@
 """Quality per method on the tinyworld benchmark and both bundled models; prints JSON.
 
 Independent editing (edit, evaluate, undo, per case) under the teacher-forced protocol;
-per-case results go to runs/quality/<model>/<method>/ and resume if interrupted.
+per-case results go to runs/quality/<model>/<method>/ (with a `-h<hash>` suffix under
+`--hparams`) and resume if interrupted.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from hparams_option import add_hparams_option, hparams_folder
 
 METHODS = ["rome", "r-rome", "ft-m", "ft-l"]
 MODELS = ["tiny-gpt2", "tiny-llama"]
@@ -25,9 +28,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
-    parser.add_argument(
-        "--hparams", type=json.loads, default={}, help="JSON overrides for every method"
-    )
+    add_hparams_option(parser)
     args = parser.parse_args()
     data = benchmark_path("knowedit")
     requests = load_requests(data, n=args.n)
@@ -36,7 +37,8 @@ def main() -> None:
         lm = kedit.load(model)
         for method in args.methods:
             config = BenchConfig(method=method, data=data.name, hparams=args.hparams)
-            summary = run_bench(lm, requests, config, args.out / model / method)
+            folder = hparams_folder(args.out / model / method, args.hparams)
+            summary = run_bench(lm, requests, config, folder)
             post = summary["metrics"]["post"]["teacher_forced"]
             results.append(
                 {

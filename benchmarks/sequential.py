@@ -26,13 +26,14 @@ later edits change.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from hparams_option import add_hparams_option, hparams_folder
 
 METHODS = ["r-rome", "memit", "alphaedit", "ft-m"]
 METRICS = ["reliability", "generalization", "locality"]
@@ -73,10 +74,9 @@ def run_method(lm: Any, method: str, cases: list, heldout: list[str], args: Any)
         data="tinyworld distinct facts (benchmarks/tinyworld_cases.py)",
     )
     ordered, order_kept = in_bench_order(cases, config)
-    folder = args.out / "runs" / lm.name / f"{method}-e{len(cases)}-b{batch}"
-    if args.hparams:  # a run with other hyper-parameters resumes in a folder of its own
-        digest = hashlib.sha1(json.dumps(args.hparams, sort_keys=True).encode()).hexdigest()
-        folder = folder.with_name(f"{folder.name}-h{digest[:8]}")
+    folder = hparams_folder(
+        args.out / "runs" / lm.name / f"{method}-e{len(cases)}-b{batch}", args.hparams
+    )
 
     seen: set[str] = set()
 
@@ -178,9 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "the others stay measurable; 1000 edits = 250 people x 4 facts",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--hparams", type=json.loads, default={}, help="JSON overrides for every method"
-    )
+    add_hparams_option(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sequential"))
     args = parser.parse_args(argv)
     if args.edits < 1 or args.batch < 1 or args.checkpoint_every < 1:

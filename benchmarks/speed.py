@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from hparams_option import add_hparams_option
+
 METHODS = ["rome", "r-rome", "ft-m", "ft-l"]
 
 
@@ -51,9 +53,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-gpt2")
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--n", type=int, default=30, help="timed edits per method")
-    parser.add_argument(
-        "--hparams", type=json.loads, default={}, help="JSON overrides for every method"
-    )
+    add_hparams_option(parser)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
