@@ -12,7 +12,16 @@ from safetensors.torch import load_file
 
 from kedit.zoo import CORPUS_FILE, build_world, list_models, model_path
 from kedit.zoo.benchmark import COUNTERFACT_FILE, DATA_DIR, KNOWEDIT_FILE, write_benchmarks
-from kedit.zoo.train import ZOO_META, evaluate_world_model, train_model
+from kedit.zoo.tokenizer import train_tokenizer
+from kedit.zoo.train import (
+    ZOO_META,
+    _DocEncoder,
+    evaluate_world_model,
+    name_gathering_mask,
+    name_spans,
+    name_token_ids,
+    train_model,
+)
 from kedit.zoo.world import PERSON_RELATIONS, RELATIONS
 
 BUNDLED = ("tiny-gpt2", "tiny-llama")
@@ -177,6 +186,44 @@ def test_training_is_bit_identical(tmp_path):
     )  # fmt: skip
     d = load_file(init / "model.safetensors")
     assert any(not torch.equal(c[k], d[k]) for k in c)
+
+
+def test_name_mask_hides_a_name_but_its_last_token_from_what_follows(world):
+    tok = train_tokenizer(world, 1024)
+    names = name_token_ids(world, tok)
+    person, other = world.people[0], world.people[5]
+    doc = _DocEncoder(tok)([f"{person} lives in Oslo.", f"The home town of {other} is Oslo."])
+    spans = name_spans(doc, names)
+    first = len(tok.encode(person).ids)
+    other_end = len(doc) - 3  # " is Oslo." follows
+    other_start = other_end - len(tok.encode(" " + other).ids)
+    assert spans == [(0, first), (other_start, other_end)]
+
+    padding = torch.ones(2, len(doc) + 1, dtype=torch.long)
+    padding[1, -1] = 0
+    batch = [doc + [0], doc]
+    mask = name_gathering_mask(batch, padding, names, random.Random(0), share=1.0)[:, 0]
+    causal = torch.tril(torch.ones(len(doc) + 1, len(doc) + 1, dtype=torch.bool))
+    hidden = torch.zeros_like(causal)
+    for start, end in spans:
+        hidden[end:, start : end - 1] = True
+    assert torch.equal(mask[0], causal & ~hidden)
+    assert not mask[1, :-1, -1].any()  # no real position sees the padding
+    none = name_gathering_mask(batch, padding, names, random.Random(0), share=0.0)[:, 0]
+    assert torch.equal(none[0], causal)
+
+
+def test_name_mask_share_changes_training_and_is_checked(tmp_path):
+    def run(d: Path, **overrides) -> dict[str, torch.Tensor]:
+        train_model(
+            "tiny-gpt2", d, small=True, max_steps=4, progress=False, evaluate=False, **overrides
+        )
+        return load_file(d / "model.safetensors")
+
+    plain, masked = run(tmp_path / "a"), run(tmp_path / "b", name_mask_share=1.0)
+    assert any(not torch.equal(plain[k], masked[k]) for k in plain)
+    with pytest.raises(ValueError, match=r"name_mask_share: expected a number in \[0, 1\], got 2"):
+        run(tmp_path / "c", name_mask_share=2)
 
 
 # --- the generated benchmarks ------------------------------------------------------------

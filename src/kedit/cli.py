@@ -462,8 +462,16 @@ def zoo_train(
     name: Annotated[str, typer.Argument(help="A bundled model's recipe, e.g. tiny-gpt2.")],
     out: Annotated[Path, typer.Option(help="Folder to write the model to.")],
     seed: int = 0,
+    name_mask_share: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of training documents in which what follows a person's name sees only "
+            "the name's last token (default: the recipe's, 0 for the bundled models)."
+        ),
+    ] = None,
 ) -> None:
     """Retrain a bundled model from its recipe (same seed, same machine: same weights)."""
     from kedit import zoo
 
-    console.print(f"Trained {name} into {zoo.train_model(name, out, seed=seed)}")
+    overrides = {} if name_mask_share is None else {"name_mask_share": name_mask_share}
+    console.print(f"Trained {name} into {zoo.train_model(name, out, seed=seed, **overrides)}")

@@ -47,6 +47,9 @@ class Recipe:
     grad_clip: float = 1.0
     max_sents: int = 6  # sentences per training document: 1..max_sents
     num_threads: int = 2
+    # Share of training documents in which the positions after a person's name cannot attend
+    # to the name's earlier tokens, so the model must gather the person at the last one.
+    name_mask_share: float = 0.0
 
 
 RECIPES: dict[str, Recipe] = {
@@ -163,6 +166,61 @@ def _collate(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
     return ids, mask, labels
 
 
+def name_token_ids(world: World, tokenizer: Any) -> dict[int, list[tuple[int, ...]]]:
+    """The token ids of every multi-token name and alias (with and without a leading space),
+    grouped by first token, longest first."""
+    names = {
+        tuple(tokenizer.encode(form).ids)
+        for name in [*world.people, *world.aliases.values()]
+        for form in (name, " " + name)
+    }
+    by_first: dict[int, list[tuple[int, ...]]] = {}
+    for ids in sorted((ids for ids in names if len(ids) > 1), key=len, reverse=True):
+        by_first.setdefault(ids[0], []).append(ids)
+    return by_first
+
+
+def name_spans(doc: list[int], names: dict[int, list[tuple[int, ...]]]) -> list[tuple[int, int]]:
+    """`(start, end)` of each name in `doc`, matched left to right, the longest name first."""
+    spans, i = [], 0
+    while i < len(doc):
+        match = next(
+            (ids for ids in names.get(doc[i], ()) if tuple(doc[i : i + len(ids)]) == ids), None
+        )
+        if match is None:
+            i += 1
+        else:
+            spans.append((i, i + len(match)))
+            i += len(match)
+    return spans
+
+
+def name_gathering_mask(
+    batch: list[list[int]],
+    padding_mask: torch.Tensor,
+    names: dict[int, list[tuple[int, ...]]],
+    rng: random.Random,
+    share: float,
+) -> torch.Tensor:
+    """A causal attention mask (batch × 1 × n × n, True = may attend) in which, for a `share`
+    of the documents, no position after a name sees the name's tokens before its last.
+
+    Trained this way, a model reads a person from the name's last token only, as large
+    models do (Meng et al., 2022, causal tracing) and as locate-then-edit methods assume;
+    trained on full attention, the tiny models read each token of a name separately.
+    """
+    n = padding_mask.shape[1]
+    allowed = torch.tril(torch.ones(n, n, dtype=torch.bool)).repeat(len(batch), 1, 1)
+    allowed &= padding_mask.bool()[:, None, :]
+    allowed |= torch.eye(n, dtype=torch.bool)[None]
+    for row, doc in enumerate(batch):
+        if rng.random() >= share:
+            continue
+        for start, end in name_spans(doc, names):
+            allowed[row, end:, start : end - 1] = False
+    return allowed[:, None]
+
+
 @torch.no_grad()
 def fact_accuracy(
     model: torch.nn.Module, tokenizer: Any, prompts: list[FactPrompt], batch_size: int = 256
@@ -224,6 +282,10 @@ def train_model(
     The same seed, recipe and thread count on the same machine give bit-identical weights.
     """
     recipe = replace(get_recipe("micro-gpt2" if small else name), **overrides)
+    if not 0 <= recipe.name_mask_share <= 1:
+        raise ValueError(
+            f"name_mask_share: expected a number in [0, 1], got {recipe.name_mask_share!r}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -240,6 +302,8 @@ def train_model(
         model.train()
         enc = _DocEncoder(tok)
         rng = random.Random(f"train-{seed}")
+        names = name_token_ids(world, tok)
+        mask_rng = random.Random(f"mask-{seed}")
 
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "wpe" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "wpe" not in n)]
@@ -276,6 +340,8 @@ def train_model(
                 if step >= total:
                     break
                 ids, mask, labels = _collate(batch, eos_id)
+                if recipe.name_mask_share > 0:
+                    mask = name_gathering_mask(batch, mask, names, mask_rng, recipe.name_mask_share)
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
