@@ -4,6 +4,7 @@ import torch
 
 import kedit
 from kedit.eval.runner import summarize
+from kedit.methods import memit as memit_module
 from kedit.methods import pmet as pmet_module
 from kedit.methods._locate import mlp_out_param
 from kedit.methods.memit import residuals_at_subject
@@ -21,18 +22,18 @@ def test_pmet_update_solves_its_normal_equations_per_layer(tiny_gpt2, monkeypatc
     lm = tiny_gpt2
     requests = _requests(3, start=16)
     solved, targets = [], []
-    least_squares, value_targets = pmet_module.least_squares_update, pmet_module.value_targets
+    least_squares, value_targets = memit_module.least_squares_update, pmet_module.value_targets
 
-    def record_solve(residuals, keys, moment, weight):
+    def record_solve(residuals, keys, moment, weight, inverse=None):
         solved.append((residuals, keys, moment, weight))
-        return least_squares(residuals, keys, moment, weight)
+        return least_squares(residuals, keys, moment, weight, inverse)
 
     def record_targets(*args):
         found = value_targets(*args)
         targets.append(found[0])
         return found
 
-    monkeypatch.setattr(pmet_module, "least_squares_update", record_solve)
+    monkeypatch.setattr(memit_module, "least_squares_update", record_solve)
     monkeypatch.setattr(pmet_module, "value_targets", record_targets)
     layers = sorted(resolve_hparams("pmet", lm).layers)
     ffn_output = residuals_at_subject(lm, layers[-1], requests, lm.layout.mlp_out_name(layers[-1]))

@@ -113,6 +113,14 @@ def layer_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> torch
     return lm.cache[key]
 
 
+def inverse_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> torch.Tensor:
+    """C⁻¹ for a layer, computed once per model and statistics and kept on `lm.cache`."""
+    key = ("inverse_mom2", layer, hparams.stats_key())
+    if key not in lm.cache:
+        lm.cache[key] = torch.linalg.inv(layer_second_moment(lm, hparams, layer))
+    return lm.cache[key]
+
+
 def context_prefixes(lm: LM, hparams: LocateHyperParams) -> list[str]:
     """Short texts sampled from the model, put before a prompt when computing keys and values.
 

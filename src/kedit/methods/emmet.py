@@ -28,12 +28,12 @@ from kedit.methods._locate import (
     LocateHyperParams,
     as_param_factors,
     context_prefixes,
+    inverse_second_moment,
     mlp_out_param,
     optimize_values,
 )
 from kedit.methods.memit import mean_keys
 from kedit.methods.registry import MethodResult, hp, register
-from kedit.methods.rome import inverse_second_moment
 from kedit.requests import EditRequest
 
 MAX_CONDITION = 1e12

@@ -28,6 +28,7 @@ from kedit.methods._locate import (
     LocateHyperParams,
     as_param_factors,
     context_prefixes,
+    inverse_second_moment,
     keys_at_subject,
     layer_second_moment,
     mlp_out_param,
@@ -58,16 +59,52 @@ class MEMITHyperParams(LocateHyperParams):
 
 
 def least_squares_update(
-    residuals: torch.Tensor, keys: torch.Tensor, moment: torch.Tensor, weight: float
+    residuals: torch.Tensor,
+    keys: torch.Tensor,
+    moment: torch.Tensor,
+    weight: float,
+    inverse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(left, right)` with ΔW = left @ right solving ΔW (λC + KᵀK) = Rᵀ K (rows of K, R = facts).
 
     left = Rᵀ (out × n), right = Kᵀ-solved (n × in); MEMIT Eq. 14 in row-per-fact notation.
+    Given `inverse` = C⁻¹ (and λ > 0), the n × n system of the push-through identity
+    (λC + KᵀK)⁻¹Kᵀ = C⁻¹Kᵀ(λI + K C⁻¹ Kᵀ)⁻¹ is solved instead of the in × in one.
     """
     keys, residuals = keys.double(), residuals.double()
+    if inverse is not None and weight > 0:
+        spread = inverse @ keys.T
+        gram = keys @ spread
+        gram.diagonal().add_(weight)
+        return residuals.T, torch.linalg.solve(gram, spread.T)
     system = weight * moment + keys.T @ keys
     right = torch.linalg.solve(system, keys.T).T
     return residuals.T, right
+
+
+def least_squares_solver(
+    lm: LM, hparams: MEMITHyperParams, layers: list[int], n_facts: int
+) -> Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """`solve(layer, residuals, keys)`: MEMIT Eq. 14 with the unedited model's statistics.
+
+    Every layer's C is fetched now, before any layer changes (fetched later, a higher layer's
+    statistics would be collected on a model whose lower layers are already updated, and
+    cached under the unedited model's name). With fewer facts than key dimensions C⁻¹, kept
+    per model like ROME's, makes each solve n × n.
+    """
+    moments = {layer: layer_second_moment(lm, hparams, layer) for layer in layers}
+    inverses = {
+        layer: inverse_second_moment(lm, hparams, layer)
+        for layer in layers
+        if n_facts < moments[layer].shape[0] and hparams.mom2_update_weight > 0
+    }
+
+    def solve(layer: int, residuals: torch.Tensor, keys: torch.Tensor):
+        return least_squares_update(
+            residuals, keys, moments[layer], hparams.mom2_update_weight, inverses.get(layer)
+        )
+
+    return solve
 
 
 @torch.no_grad()
@@ -113,15 +150,6 @@ def mean_keys(lm: LM, layer: int, requests: list[EditRequest], prefixes: list[st
     ).double()
 
 
-def unedited_second_moments(
-    lm: LM, hparams: LocateHyperParams, layers: list[int]
-) -> dict[int, torch.Tensor]:
-    """C = E[k kᵀ] of every layer, fetched before any layer changes (MEMIT Eq. 14 weighs the
-    unedited model's keys). Fetched later, a higher layer's statistics would be collected on a
-    model whose lower layers are already updated, and cached under the unedited model's name."""
-    return {layer: layer_second_moment(lm, hparams, layer) for layer in layers}
-
-
 def spread_over_layers(
     lm: LM,
     requests: list[EditRequest],
@@ -158,11 +186,7 @@ def spread_over_layers(
 )
 def memit(lm: LM, requests: list[EditRequest], hparams: MEMITHyperParams) -> MethodResult:
     layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
-    moments = unedited_second_moments(lm, hparams, layers)
+    solve = least_squares_solver(lm, hparams, layers, len(requests))
     targets, steps = memit_targets(lm, requests, hparams, layers[-1])
-
-    def solve(layer: int, residuals: torch.Tensor, keys: torch.Tensor):
-        return least_squares_update(residuals, keys, moments[layer], hparams.mom2_update_weight)
-
     deltas = spread_over_layers(lm, requests, hparams, targets, solve)
     return MethodResult(deltas, {"value_steps": steps})

@@ -25,14 +25,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from kedit.lm import LM
 from kedit.methods.memit import (
     MEMITHyperParams,
-    least_squares_update,
+    least_squares_solver,
     spread_over_layers,
-    unedited_second_moments,
     value_targets,
 )
 from kedit.methods.registry import MethodResult, register
@@ -56,13 +53,10 @@ class PMETHyperParams(MEMITHyperParams):
 )
 def pmet(lm: LM, requests: list[EditRequest], hparams: PMETHyperParams) -> MethodResult:
     layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
-    moments = unedited_second_moments(lm, hparams, layers)  # before any layer changes
+    solve = least_squares_solver(lm, hparams, layers, len(requests))  # before any layer changes
     top = layers[-1]
     sites = [lm.layout.attn_out_name(top), lm.layout.mlp_out_name(top)]
     (_, mlp_targets), steps = value_targets(lm, requests, hparams, top, sites)
-
-    def solve(layer: int, residuals: torch.Tensor, keys: torch.Tensor):
-        return least_squares_update(residuals, keys, moments[layer], hparams.mom2_update_weight)
 
     deltas = spread_over_layers(
         lm, requests, hparams, mlp_targets, solve, site=sites[1], divisor=math.sqrt

@@ -24,8 +24,8 @@ from kedit.methods._locate import (
     ValueResult,
     as_param_factors,
     context_prefixes,
+    inverse_second_moment,
     keys_at_subject,
-    layer_second_moment,
     mlp_out_param,
     optimize_value,
     optimize_values,
@@ -58,14 +58,6 @@ class RankOneUpdate:
     value: torch.Tensor
     steps: int
     target_nll: float
-
-
-def inverse_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> torch.Tensor:
-    """C⁻¹ for a layer, computed once per model and statistics and kept on `lm.cache`."""
-    key = ("inverse_mom2", layer, hparams.stats_key())
-    if key not in lm.cache:
-        lm.cache[key] = torch.linalg.inv(layer_second_moment(lm, hparams, layer))
-    return lm.cache[key]
 
 
 def rank_one_update(
