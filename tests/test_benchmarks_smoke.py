@@ -1,6 +1,6 @@
-"""Smoke tests of benchmarks/batch_scale.py, sequential.py, speed.py, device_check.py and
-subject_swap.py on tiny settings (mostly FT-M, which needs no statistics); timings are not
-checked."""
+"""Smoke tests of benchmarks/batch_scale.py, sequential.py, speed.py, device_check.py,
+solve_scale.py and subject_swap.py on tiny settings (mostly FT-M, which needs no statistics);
+timings are not checked."""
 
 import json
 import sys
@@ -12,6 +12,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import batch_scale  # noqa: E402
 import device_check  # noqa: E402
 import sequential  # noqa: E402
+import solve_scale  # noqa: E402
 import speed  # noqa: E402
 from tinyworld_cases import distinct_fact_cases  # noqa: E402
 
@@ -60,6 +61,12 @@ def test_speed_times_one_method_with_its_overrides():
     result = speed.measure("tiny-gpt2", "ft-m", 2, {"steps": 3})
     assert (result["method"], result["edits"], result["hparams"]) == ("ft-m", 2, {"steps": 3})
     assert result["median_seconds"] > 0
+
+
+def test_solve_scale_gives_the_direct_solution_through_the_factor():
+    rows = solve_scale.main(["--widths", "64", "--facts", "1", "3", "--repeats", "1"])
+    assert [(row["width"], row["facts"]) for row in rows] == [(64, 1), (64, 3)]
+    assert all(row["max_relative_difference"] < 1e-10 for row in rows)
 
 
 def test_device_check_reports_outcome_and_bit_exact_round_trips():

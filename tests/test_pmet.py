@@ -24,9 +24,9 @@ def test_pmet_update_solves_its_normal_equations_per_layer(tiny_gpt2, monkeypatc
     solved, targets = [], []
     least_squares, value_targets = memit_module.least_squares_update, pmet_module.value_targets
 
-    def record_solve(residuals, keys, moment, weight, inverse=None):
+    def record_solve(residuals, keys, moment, weight, cholesky=None):
         solved.append((residuals, keys, moment, weight))
-        return least_squares(residuals, keys, moment, weight, inverse)
+        return least_squares(residuals, keys, moment, weight, cholesky)
 
     def record_targets(*args):
         found = value_targets(*args)

@@ -117,7 +117,18 @@ def inverse_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> tor
     """C⁻¹ for a layer, computed once per model and statistics and kept on `lm.cache`."""
     key = ("inverse_mom2", layer, hparams.stats_key())
     if key not in lm.cache:
-        lm.cache[key] = torch.linalg.inv(layer_second_moment(lm, hparams, layer))
+        # linalg.inv returns a column-major result; products with it are then up to 30x slower.
+        lm.cache[key] = torch.linalg.inv(layer_second_moment(lm, hparams, layer)).contiguous()
+    return lm.cache[key]
+
+
+def second_moment_cholesky(lm: LM, hparams: LocateHyperParams, layer: int) -> torch.Tensor | None:
+    """The lower Cholesky factor of a layer's C, computed once per model and statistics and
+    kept on `lm.cache` (a third of the work of one direct solve); None where C is singular."""
+    key = ("cholesky_mom2", layer, hparams.stats_key())
+    if key not in lm.cache:
+        factor, info = torch.linalg.cholesky_ex(layer_second_moment(lm, hparams, layer))
+        lm.cache[key] = factor if int(info) == 0 else None
     return lm.cache[key]
 
 

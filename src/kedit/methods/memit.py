@@ -28,11 +28,11 @@ from kedit.methods._locate import (
     LocateHyperParams,
     as_param_factors,
     context_prefixes,
-    inverse_second_moment,
     keys_at_subject,
     layer_second_moment,
     mlp_out_param,
     optimize_values,
+    second_moment_cholesky,
     subject_end_index,
 )
 from kedit.methods.registry import MethodResult, hp, register
@@ -63,17 +63,17 @@ def least_squares_update(
     keys: torch.Tensor,
     moment: torch.Tensor,
     weight: float,
-    inverse: torch.Tensor | None = None,
+    cholesky: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(left, right)` with ΔW = left @ right solving ΔW (λC + KᵀK) = Rᵀ K (rows of K, R = facts).
 
     left = Rᵀ (out × n), right = Kᵀ-solved (n × in); MEMIT Eq. 14 in row-per-fact notation.
-    Given `inverse` = C⁻¹ (and λ > 0), the n × n system of the push-through identity
+    Given C's lower Cholesky factor (and λ > 0), the n × n system of the push-through identity
     (λC + KᵀK)⁻¹Kᵀ = C⁻¹Kᵀ(λI + K C⁻¹ Kᵀ)⁻¹ is solved instead of the in × in one.
     """
     keys, residuals = keys.double(), residuals.double()
-    if inverse is not None and weight > 0:
-        spread = inverse @ keys.T
+    if cholesky is not None and weight > 0:
+        spread = torch.cholesky_solve(keys.T, cholesky)
         gram = keys @ spread
         gram.diagonal().add_(weight)
         return residuals.T, torch.linalg.solve(gram, spread.T)
@@ -89,19 +89,19 @@ def least_squares_solver(
 
     Every layer's C is fetched now, before any layer changes (fetched later, a higher layer's
     statistics would be collected on a model whose lower layers are already updated, and
-    cached under the unedited model's name). With fewer facts than key dimensions C⁻¹, kept
-    per model like ROME's, makes each solve n × n.
+    cached under the unedited model's name). With fewer facts than key dimensions, C's
+    Cholesky factor, kept per model, makes each solve n × n.
     """
     moments = {layer: layer_second_moment(lm, hparams, layer) for layer in layers}
-    inverses = {
-        layer: inverse_second_moment(lm, hparams, layer)
+    factors = {
+        layer: second_moment_cholesky(lm, hparams, layer)
         for layer in layers
         if n_facts < moments[layer].shape[0] and hparams.mom2_update_weight > 0
     }
 
     def solve(layer: int, residuals: torch.Tensor, keys: torch.Tensor):
         return least_squares_update(
-            residuals, keys, moments[layer], hparams.mom2_update_weight, inverses.get(layer)
+            residuals, keys, moments[layer], hparams.mom2_update_weight, factors.get(layer)
         )
 
     return solve
