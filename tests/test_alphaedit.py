@@ -51,6 +51,9 @@ def test_projected_update_leaves_preserved_keys_outputs_unchanged(tiny_gpt2):
     earlier = torch.zeros_like(projection)
     left, right = null_space_update(residuals, keys, projection, earlier, params.ridge)
     alpha = left @ right
+    # With no earlier keys the n × n solve gives the same update.
+    left, right = null_space_update(residuals, keys, projection, None, params.ridge)
+    assert torch.allclose(left @ right, alpha, atol=1e-10 * alpha.abs().max())
     # The same solve without the projection (P = I), to see what the projection buys.
     left, right = null_space_update(
         residuals, keys, torch.eye(len(projection), dtype=torch.float64), earlier, params.ridge

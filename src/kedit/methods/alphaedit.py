@@ -130,17 +130,25 @@ def null_space_update(
     residuals: torch.Tensor,
     keys: torch.Tensor,
     projection: torch.Tensor,
-    earlier: torch.Tensor,
+    earlier: torch.Tensor | None,
     ridge: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(left, right)` with ΔW = left @ right = Rᵀ K P ((KᵀK + K_pᵀK_p) P + α I)⁻¹.
 
-    Rows of `keys`/`residuals` are facts; `earlier` is K_pᵀK_p. Solved transposed:
-    rightᵀ = (P (KᵀK + K_pᵀK_p) + α I)⁻¹ P Kᵀ, as P and the Gram matrices are symmetric.
+    Rows of `keys`/`residuals` are facts; `earlier` is K_pᵀK_p (None: no earlier edits). Solved
+    transposed: rightᵀ = (P (KᵀK + K_pᵀK_p) + α I)⁻¹ P Kᵀ, as P and the Gram matrices are
+    symmetric. Without earlier edits and with fewer facts than key dimensions, the push-through
+    identity (P KᵀK + α I)⁻¹ P Kᵀ = P Kᵀ (K P Kᵀ + α I)⁻¹ leaves an n × n system.
     """
     keys, residuals = keys.double(), residuals.double()
+    if earlier is None and len(keys) < projection.shape[0]:
+        projected = keys @ projection
+        gram = projected @ keys.T
+        gram.diagonal().add_(ridge)
+        return residuals.T, torch.linalg.solve(gram, projected)
     identity = torch.eye(projection.shape[0], dtype=torch.float64, device=projection.device)
-    system = projection @ (keys.T @ keys + earlier) + ridge * identity
+    gram = keys.T @ keys if earlier is None else keys.T @ keys + earlier
+    system = projection @ gram + ridge * identity
     right = torch.linalg.solve(system, projection @ keys.T).T
     return residuals.T, right
 
@@ -166,7 +174,8 @@ def alphaedit(
 
     def solve(layer: int, residuals: torch.Tensor, keys: torch.Tensor):
         batch_keys[layer] = keys
-        return null_space_update(residuals, keys, projections[layer], earlier[layer], hparams.ridge)
+        earlier_gram = earlier[layer] if state.n_keys else None
+        return null_space_update(residuals, keys, projections[layer], earlier_gram, hparams.ridge)
 
     deltas = spread_over_layers(lm, requests, hparams, targets, solve)
     info = {"value_steps": steps, "earlier_keys": state.n_keys}
