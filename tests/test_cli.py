@@ -115,3 +115,9 @@ def test_zoo_train_refuses_a_bad_name_mask_share(tmp_path):
     result = run("zoo", "train", "tiny-gpt2", "--out", str(tmp_path), "--name-mask-share", "1.5")
     assert result.exit_code != 0
     assert "name_mask_share: expected a number in [0, 1], got 1.5" in result.output
+
+
+def test_zoo_train_refuses_bad_epochs(tmp_path):
+    result = run("zoo", "train", "tiny-gpt2", "--out", str(tmp_path), "--epochs", "0")
+    assert result.exit_code != 0
+    assert "epochs: expected a positive integer, got 0" in result.output

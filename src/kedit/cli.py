@@ -469,9 +469,13 @@ def zoo_train(
             "the name's last token (default: the recipe's, 0 for the bundled models)."
         ),
     ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Training epochs (default: the recipe's).")
+    ] = None,
 ) -> None:
     """Retrain a bundled model from its recipe (same seed, same machine: same weights)."""
     from kedit import zoo
 
-    overrides = {} if name_mask_share is None else {"name_mask_share": name_mask_share}
+    given = {"name_mask_share": name_mask_share, "epochs": epochs}
+    overrides = {key: value for key, value in given.items() if value is not None}
     console.print(f"Trained {name} into {zoo.train_model(name, out, seed=seed, **overrides)}")

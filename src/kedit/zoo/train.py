@@ -282,6 +282,8 @@ def train_model(
     The same seed, recipe and thread count on the same machine give bit-identical weights.
     """
     recipe = replace(get_recipe("micro-gpt2" if small else name), **overrides)
+    if not isinstance(recipe.epochs, int) or recipe.epochs < 1:
+        raise ValueError(f"epochs: expected a positive integer, got {recipe.epochs!r}")
     if not 0 <= recipe.name_mask_share <= 1:
         raise ValueError(
             f"name_mask_share: expected a number in [0, 1], got {recipe.name_mask_share!r}"
