@@ -124,7 +124,7 @@ def inverse_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> tor
 
 def second_moment_cholesky(lm: LM, hparams: LocateHyperParams, layer: int) -> torch.Tensor | None:
     """The lower Cholesky factor of a layer's C, computed once per model and statistics and
-    kept on `lm.cache` (a third of the work of one direct solve); None where C is singular."""
+    kept on `lm.cache` (half the work of one direct solve); None where C is singular."""
     key = ("cholesky_mom2", layer, hparams.stats_key())
     if key not in lm.cache:
         factor, info = torch.linalg.cholesky_ex(layer_second_moment(lm, hparams, layer))

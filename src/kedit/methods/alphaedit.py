@@ -78,8 +78,8 @@ class AlphaEditState(MethodState):
     def reset(self) -> None:
         self.grams, self.n_keys, self.model_fingerprint = {}, 0, None
 
-    def earlier(self, lm: LM, sizes: dict[int, int]) -> dict[int, torch.Tensor]:
-        """K_pᵀK_p per layer (`sizes`: layer -> key width; zeros before the first edit).
+    def earlier(self, lm: LM, layers: list[int]) -> dict[int, torch.Tensor]:
+        """K_pᵀK_p per layer (empty before the first edit).
 
         Refuses the state of another model or of other layers."""
         if self.model_fingerprint not in (None, lm.fingerprint):
@@ -87,17 +87,12 @@ class AlphaEditState(MethodState):
                 f"state: it holds keys of model {self.model_fingerprint}, not of {lm.name!r} "
                 f"({lm.fingerprint}); use a fresh AlphaEditState or reset() it"
             )
-        if self.grams and set(self.grams) != set(sizes):
+        if self.grams and set(self.grams) != set(layers):
             raise ValueError(
                 f"state: it holds keys of layers {sorted(self.grams)}, not of layers "
-                f"{sorted(sizes)}; keep the layers of a session fixed or reset() the state"
+                f"{sorted(layers)}; keep the layers of a session fixed or reset() the state"
             )
-        return {
-            layer: self.grams.get(
-                layer, torch.zeros(size, size, dtype=torch.float64, device=lm.device)
-            )
-            for layer, size in sizes.items()
-        }
+        return self.grams
 
     def add(self, lm: LM, keys: dict[int, torch.Tensor]) -> None:
         """Remember one batch's keys (n × in per layer)."""
@@ -166,16 +161,15 @@ def alphaedit(
     layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
     # Before any layer changes: the statistics must be those of the unedited layers.
     projections = {layer: null_space_projection(lm, hparams, layer) for layer in layers}
-    earlier = state.earlier(
-        lm, {layer: len(projection) for layer, projection in projections.items()}
-    )
+    earlier = state.earlier(lm, layers)
     targets, steps = memit_targets(lm, requests, hparams, layers[-1])
     batch_keys: dict[int, torch.Tensor] = {}
 
     def solve(layer: int, residuals: torch.Tensor, keys: torch.Tensor):
         batch_keys[layer] = keys
-        earlier_gram = earlier[layer] if state.n_keys else None
-        return null_space_update(residuals, keys, projections[layer], earlier_gram, hparams.ridge)
+        return null_space_update(
+            residuals, keys, projections[layer], earlier.get(layer), hparams.ridge
+        )
 
     deltas = spread_over_layers(lm, requests, hparams, targets, solve)
     info = {"value_steps": steps, "earlier_keys": state.n_keys}

@@ -304,7 +304,7 @@ def train_model(
         model.train()
         enc = _DocEncoder(tok)
         rng = random.Random(f"train-{seed}")
-        names = name_token_ids(world, tok)
+        names = name_token_ids(world, tok) if recipe.name_mask_share > 0 else {}
         mask_rng = random.Random(f"mask-{seed}")
 
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "wpe" not in n]
