@@ -115,3 +115,55 @@ def test_first_step_goes_downhill_by_its_length_for_each_request(tiny_gpt2):
         assert before.steps == 0 and after.steps == 1
         assert float(after.delta.norm()) == pytest.approx(0.5 * float(after.initial_output.norm()))
         assert after.target_nll < before.target_nll
+
+
+def _targets_most_probable(lm, request, prefixes, site, delta):
+    """Whether, with `delta` added to `site`'s output at the subject's last token, every target
+    token is the argmax after every prefix (checked one prompt at a time, without the batch)."""
+    from kedit.hooks import replace_output
+    from kedit.methods._locate import subject_end_index
+
+    target = lm.encode(request.target_new)
+    for prefix in prefixes:
+        prompt = lm.encode_prompt(prefix + request.text)
+        at = subject_end_index(lm, prefix, request.text, request.subject)
+
+        def add(output, at=at):
+            output = output.clone()
+            output[0, at] += delta.to(output.dtype)
+            return output
+
+        ids = torch.tensor([prompt + target[:-1]])
+        with torch.no_grad(), replace_output(lm.model, site, add):
+            logits = lm.model(input_ids=ids).logits[0]
+        predicted = logits[len(prompt) - 1 : len(prompt) - 1 + len(target)].argmax(-1)
+        if predicted.tolist() != target:
+            return False
+    return True
+
+
+def test_most_probable_stop_ends_at_the_first_step_where_every_target_is_the_argmax(tiny_gpt2):
+    lm = tiny_gpt2
+    request = _request(0)
+
+    def optimise(**overrides):
+        params = resolve_hparams("rome", lm, {"v_stop": "most_probable", **overrides})
+        prefixes = context_prefixes(lm, params)
+        site = lm.layout.mlp_out_name(params.layers[0])
+        found = optimize_values(lm, [request], params.layers[0], prefixes, params, [site])
+        return found[0][0], prefixes, site
+
+    found, prefixes, site = optimise()
+    assert found.steps >= 2
+    assert _targets_most_probable(lm, request, prefixes, site, found.delta)
+    # The same run cut one step earlier (Adam is deterministic) had not got there yet.
+    earlier, _, _ = optimise(v_steps=found.steps - 1)
+    assert earlier.steps == found.steps - 1
+    assert not _targets_most_probable(lm, request, prefixes, site, earlier.delta)
+    # The NLL rule asks for more: at the tiny model's 0.2 it takes more steps.
+    assert optimise(v_stop="nll")[0].steps > found.steps
+
+
+def test_unknown_stop_rule_is_refused(tiny_gpt2):
+    with pytest.raises(ValueError, match="v_stop: expected one of nll, most_probable, got 'loss'"):
+        resolve_hparams("rome", tiny_gpt2, {"v_stop": "loss"})
