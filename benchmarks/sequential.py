@@ -20,7 +20,11 @@ only accumulation. The people never edited keep the locality probes that name th
 Held-out perplexity is measured on --heldout-n sentences drawn (with --seed) from the tinyworld
 corpus sentences (`kedit.eval.runner.context_sentences`, the sentences of the corpus the
 statistics are computed on); they are not probes of any case, though some state facts that
-later edits change.
+later edits change: a working edit makes those less likely. Each checkpoint therefore also gives
+the perplexity over the sentences that name none of the subjects edited so far
+(`heldout_perplexity_untouched`, with their number and their unedited perplexity), which only
+collapse moves. Names are matched as written, so a sentence naming an edited person by an alias
+still counts as untouched.
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ def in_bench_order(cases: list, config: Any) -> tuple[list, bool]:
         arranged[index] = cases[position]
     held = [r.case_id for r in select_cases(arranged, config)] == [r.case_id for r in cases]
     return (arranged if held else cases), held
+
+
+# Held-out perplexity over the texts that name no subject edited so far, before and after.
+UNTOUCHED = (
+    "heldout_untouched_texts",
+    "heldout_perplexity_untouched",
+    "heldout_perplexity_untouched_unedited",
+)
 
 
 def run_method(lm: Any, method: str, cases: list, heldout: list[str], args: Any) -> dict:
@@ -98,6 +110,9 @@ def run_method(lm: Any, method: str, cases: list, heldout: list[str], args: Any)
                 "edits": point["cases"],
                 **{name: round(value, 4) for name, value in post.items()},
                 "heldout_perplexity": round(point["heldout_perplexity"], 4),
+                **{
+                    name: round(point[name], 4) for name in UNTOUCHED if point.get(name) is not None
+                },
             }
         )
     if checkpoints:
@@ -142,7 +157,12 @@ def plot_comparison(results: list[dict], path: Path, title: str) -> Path:
         edits = [point["edits"] for point in result["curve"]]
         for axis, metric in zip(axes, METRICS, strict=False):
             axis.plot(edits, [p.get(metric) for p in result["curve"]], marker=".", label=label)
-        axes[-1].plot(edits, [p["heldout_perplexity"] for p in result["curve"]], marker=".")
+        (line,) = axes[-1].plot(
+            edits, [p["heldout_perplexity"] for p in result["curve"]], marker="."
+        )
+        untouched = [p.get("heldout_perplexity_untouched") for p in result["curve"]]
+        if any(value is not None for value in untouched):
+            axes[-1].plot(edits, untouched, ls=":", color=line.get_color())
     for axis, metric in zip(axes, METRICS, strict=False):
         axis.set_title(f"{metric} (teacher-forced)")
         axis.set_ylim(0, 1.05)
@@ -150,7 +170,7 @@ def plot_comparison(results: list[dict], path: Path, title: str) -> Path:
     if unedited:
         axes[-1].axhline(unedited, ls="--", color="gray", label="unedited")
     axes[-1].set_yscale("log")
-    axes[-1].set_title("held-out perplexity")
+    axes[-1].set_title("held-out perplexity (dotted: texts naming no edited subject)")
     for axis in axes:
         axis.set_xlabel("edits")
     axes[0].legend(fontsize="small")

@@ -47,6 +47,8 @@ def test_sequential_writes_a_curve_json_and_plots(tmp_path):
     (result,) = report["results"]
     assert [point["edits"] for point in result["curve"]] == [2, 4]
     assert all(point["heldout_perplexity"] > 1 for point in result["curve"])
+    assert all(0 < point["heldout_untouched_texts"] <= 10 for point in result["curve"])
+    assert all(point["heldout_perplexity_untouched"] > 1 for point in result["curve"])
     assert json.loads((tmp_path / "tiny-gpt2.json").read_text()) == report
     assert (tmp_path / "tiny-gpt2.png").is_file() and (tmp_path / "tiny-gpt2-ft-m.png").is_file()
 

@@ -284,7 +284,7 @@ def _sequential(
     run: _Run, chunks: list[list[int]], notify: Callable, heldout: list[str] | None
 ) -> None:
     from kedit.api import apply as apply_edit
-    from kedit.eval.protocols import perplexity
+    from kedit.eval.protocols import text_nll
     from kedit.session import Session
 
     config = run.config
@@ -292,7 +292,7 @@ def _sequential(
     edits_dir.mkdir(exist_ok=True)
     session = Session(run.lm, config.method, config.seeded_hparams())
     heldout = heldout or []
-    base_ppl = perplexity(run.lm, heldout) if heldout else None
+    base_scores = text_nll(run.lm, heldout) if heldout else []
     applied: list[int] = []
     edit_seconds: dict[int, float] = {}
     run.pre([])  # the pre scores are those of the unedited model: measure them before editing
@@ -321,7 +321,7 @@ def _sequential(
                     notify(record)
             at_checkpoint = config.checkpoint_every and (step + 1) % config.checkpoint_every == 0
             if at_checkpoint and len(run.checkpoints) < (step + 1) // config.checkpoint_every:
-                _checkpoint(run, applied, step + 1, heldout, base_ppl, perplexity)
+                _checkpoint(run, applied, step + 1, heldout, base_scores)
         if config.schedule == "after-all":
             todo = [i for i in applied if run.ids[i] not in run.done]
             if todo:
@@ -342,15 +342,31 @@ def _checkpoint(
     applied: list[int],
     edits: int,
     heldout: list[str],
-    base_ppl: float | None,
-    perplexity: Callable[[LM, list[str]], float],
+    base_scores: list[tuple[float, int]],
 ) -> None:
+    """Re-evaluate every case applied so far and the held-out perplexity, on all held-out
+    texts and on those that name none of the edited subjects ("untouched"): a text that
+    states a fact an edit changed gets less likely when the edit works, which is not
+    collapse."""
+    from kedit.eval.protocols import pooled_perplexity, text_nll
+
     cases = [run.requests[i] for i in applied]
     results = assemble(cases, run.pre(applied), run.measure(applied), run.edited(applied))
     point: dict[str, Any] = {"edits": edits, "cases": len(applied), **summarize(results)}
     if heldout:
-        point["heldout_perplexity"] = perplexity(run.lm, heldout)
-        point["heldout_perplexity_unedited"] = base_ppl
+        scores = text_nll(run.lm, heldout)
+        subjects = {request.subject for request in cases}
+        untouched = [i for i, text in enumerate(heldout) if not any(s in text for s in subjects)]
+        point["heldout_perplexity"] = pooled_perplexity(scores)
+        point["heldout_perplexity_unedited"] = pooled_perplexity(base_scores)
+        point["heldout_untouched_texts"] = len(untouched)
+        if untouched:
+            point["heldout_perplexity_untouched"] = pooled_perplexity(
+                [scores[i] for i in untouched]
+            )
+            point["heldout_perplexity_untouched_unedited"] = pooled_perplexity(
+                [base_scores[i] for i in untouched]
+            )
     with (run.out / CHECKPOINTS_FILE).open("a") as sink:
         sink.write(json.dumps(point) + "\n")
     run.checkpoints.append(point)

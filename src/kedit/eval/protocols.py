@@ -195,18 +195,31 @@ def sample_continuations(
 
 
 @torch.no_grad()
-def perplexity(lm: LM, texts: Sequence[str], batch_size: int = 32) -> float:
-    """exp of the mean NLL per predicted token over `texts` (each text scored on its own)."""
+def text_nll(lm: LM, texts: Sequence[str], batch_size: int = 32) -> list[tuple[float, int]]:
+    """For each text (scored on its own), the summed NLL of its predicted tokens and their
+    count: what perplexities over any subset of `texts` are made of."""
     check_batch_size(batch_size)
     if not texts:
         raise ValueError("texts: expected at least one text for perplexity, got none")
-    total, count = 0.0, 0
+    scores: list[tuple[float, int]] = []
     for start in range(0, len(texts), batch_size):
         ids, mask = lm.pad([lm.encode_prompt(t) for t in texts[start : start + batch_size]])
         logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         token_logp = logp.gather(2, ids[:, 1:, None]).squeeze(-1)
-        real = mask[:, 1:].bool()
-        total -= float(token_logp[real].sum())
-        count += int(real.sum())
+        real = mask[:, 1:]
+        nll = -(token_logp * real).sum(1)
+        scores.extend(zip(nll.tolist(), real.sum(1).tolist(), strict=True))
+    return scores
+
+
+def pooled_perplexity(scores: Sequence[tuple[float, int]]) -> float:
+    """exp of the mean NLL per predicted token over `text_nll` scores."""
+    total = sum(nll for nll, _ in scores)
+    count = sum(n for _, n in scores)
     return float(torch.exp(torch.tensor(total / max(count, 1))))
+
+
+def perplexity(lm: LM, texts: Sequence[str], batch_size: int = 32) -> float:
+    """exp of the mean NLL per predicted token over `texts` (each text scored on its own)."""
+    return pooled_perplexity(text_nll(lm, texts, batch_size))

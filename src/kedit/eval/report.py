@@ -134,6 +134,12 @@ def plot_curves(
     if any("heldout_perplexity" in p for p in checkpoints):
         right.plot(edits, [p.get("heldout_perplexity") for p in checkpoints], label="edited")
         right.axhline(checkpoints[0].get("heldout_perplexity_unedited"), ls="--", label="unedited")
+        if any("heldout_perplexity_untouched" in p for p in checkpoints):
+            right.plot(
+                edits,
+                [p.get("heldout_perplexity_untouched") for p in checkpoints],
+                label="edited, texts naming no edited subject",
+            )
         right.set_yscale("log")
         right.legend(fontsize="small")
     right.set_xlabel("edits")
