@@ -83,24 +83,6 @@ def test_checkpoint_perplexity_also_over_texts_that_name_no_edited_subject(tiny_
     assert perplexity(tiny_gpt2, texts) == pytest.approx(all_before)  # the run was undone
 
 
-def test_perplexity_is_the_exp_of_the_mean_token_nll_whatever_the_padding(tiny_gpt2):
-    from kedit.eval.protocols import perplexity, text_nll
-
-    texts = ["Mira Olsen lives in Lisbon.", "Oslo."]
-    nlls, counts = [], []
-    for text in texts:
-        ids = torch.tensor([tiny_gpt2.encode_prompt(text)])
-        with torch.no_grad():
-            logp = torch.log_softmax(tiny_gpt2.model(input_ids=ids).logits[0, :-1], dim=-1)
-        nlls.append(-float(logp.gather(1, ids[0, 1:, None]).sum()))
-        counts.append(ids.shape[1] - 1)
-    scores = text_nll(tiny_gpt2, texts)
-    assert [n for _, n in scores] == counts
-    assert [nll for nll, _ in scores] == pytest.approx(nlls, rel=1e-5)
-    expected = torch.exp(torch.tensor(sum(nlls) / sum(counts)))
-    assert perplexity(tiny_gpt2, texts) == pytest.approx(float(expected), rel=1e-5)
-
-
 def _batch_with_shared_subjects():
     """Two benchmark cases where the first's locality asks about the second's subject."""
     requests = load_requests(DATA_DIR / "tinyworld_knowedit.json", n=50)
