@@ -163,6 +163,8 @@ def plot_comparison(results: list[dict], path: Path, title: str) -> Path:
         untouched = [p.get("heldout_perplexity_untouched") for p in result["curve"]]
         if any(value is not None for value in untouched):
             axes[-1].plot(edits, untouched, ls=":", color=line.get_color())
+            before = [p.get("heldout_perplexity_untouched_unedited") for p in result["curve"]]
+            axes[-1].plot(edits, before, ls="-.", color=line.get_color(), alpha=0.5)
     for axis, metric in zip(axes, METRICS, strict=False):
         axis.set_title(f"{metric} (teacher-forced)")
         axis.set_ylim(0, 1.05)
@@ -170,7 +172,7 @@ def plot_comparison(results: list[dict], path: Path, title: str) -> Path:
     if unedited:
         axes[-1].axhline(unedited, ls="--", color="gray", label="unedited")
     axes[-1].set_yscale("log")
-    axes[-1].set_title("held-out perplexity (dotted: texts naming no edited subject)")
+    axes[-1].set_title("held-out perplexity\n(dotted: untouched texts, dash-dot: unedited)")
     for axis in axes:
         axis.set_xlabel("edits")
     axes[0].legend(fontsize="small")

@@ -135,10 +135,17 @@ def plot_curves(
         right.plot(edits, [p.get("heldout_perplexity") for p in checkpoints], label="edited")
         right.axhline(checkpoints[0].get("heldout_perplexity_unedited"), ls="--", label="unedited")
         if any("heldout_perplexity_untouched" in p for p in checkpoints):
-            right.plot(
+            (line,) = right.plot(
                 edits,
                 [p.get("heldout_perplexity_untouched") for p in checkpoints],
                 label="edited, texts naming no edited subject",
+            )
+            right.plot(
+                edits,
+                [p.get("heldout_perplexity_untouched_unedited") for p in checkpoints],
+                ls="--",
+                color=line.get_color(),
+                label="unedited, the same texts",
             )
         right.set_yscale("log")
         right.legend(fontsize="small")
