@@ -1,7 +1,14 @@
 import pytest
 
 from kedit.eval.plan import Plan, load_plan
-from kedit.eval.report import KNOWEDIT_COLUMNS, markdown, plot_bars, plot_curves, spread
+from kedit.eval.report import (
+    KNOWEDIT_COLUMNS,
+    checkpoint_markdown,
+    markdown,
+    plot_bars,
+    plot_curves,
+    spread,
+)
 
 
 def _summary(reliability, locality):
@@ -60,3 +67,24 @@ def test_plan_validation_names_fields(tmp_path):
     assert len(plan.configs()) == 2 * 3
     with pytest.raises(ValueError, match="shard"):
         plan.configs("2/2")
+
+
+def test_checkpoint_table_gives_each_perplexity_beside_its_unedited_value():
+    points = [
+        {
+            "edits": 1,
+            "cases": 50,
+            "post": {"teacher_forced": {"reliability": 0.8, "locality": 0.5}},
+            "heldout_perplexity": 5.0,
+            "heldout_perplexity_unedited": 4.0,
+            "heldout_untouched_texts": 12,
+            "heldout_perplexity_untouched": 6.5,
+            "heldout_perplexity_untouched_unedited": 6.0,
+        },
+        {"edits": 2, "post": {"teacher_forced": {"reliability": 0.7}}},
+    ]
+    lines = checkpoint_markdown("run", points, "teacher_forced").splitlines()
+    assert lines[0] == "### run"
+    assert "reliability (teacher_forced)" in lines[2]
+    assert lines[4] == "| 1 | 50 | 0.800 | – | 0.500 | 5.000 (4.000) | 6.500 (6.000, 12) |"
+    assert lines[5] == "| 2 | – | 0.700 | – | – | – (–) | – (–, 0) |"

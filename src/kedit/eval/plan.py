@@ -30,6 +30,7 @@ from kedit.eval.bench import BenchConfig, run_bench
 from kedit.eval.report import (
     COUNTERFACT_COLUMNS,
     KNOWEDIT_COLUMNS,
+    checkpoint_markdown,
     markdown,
     plot_bars,
     plot_curves,
@@ -145,6 +146,7 @@ def run_plan(
     out = Path(out_dir)
     runs = plan.configs(shard)
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    sequential: list[tuple[str, list[dict[str, Any]]]] = []  # (title, checkpoints) per run
     loaded: dict[str, Any] = {}
     data: dict[str, list] = {}
     for model, dataset, mode, config in runs:
@@ -167,10 +169,12 @@ def run_plan(
             on_case=on_case,
             heldout_texts=heldout,
         )
+        key = (model, config.method, Path(dataset).stem, _label(mode))
         if summary.get("checkpoints"):
             curves = folder / f"curves-seed-{config.seed}.png"
             plot_curves(summary["checkpoints"], plan.protocols[0], curves, config.method)
-        key = (model, config.method, Path(dataset).stem, _label(mode))
+            title = f"{' / '.join(key)} / seed {config.seed}: checkpoints"
+            sequential.append((title, summary["checkpoints"]))
         groups.setdefault(key, []).append(summary)
     aggregate = {
         "runs": [
@@ -189,11 +193,13 @@ def run_plan(
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(aggregate, indent=2))
     rows = [
-        (f"{r['model']} / {r['method']} / {r['dataset']} / {r['mode']}", r["metrics"])
-        for r in aggregate["runs"]
+        (" / ".join(key), summary["metrics"])
+        for key, summary in zip(groups, aggregate["runs"], strict=True)
     ]
     report = markdown("KnowEdit-style table", rows, KNOWEDIT_COLUMNS)
     report += "\n" + markdown("CounterFact table (ROME's columns)", rows, COUNTERFACT_COLUMNS)
+    for title, checkpoints in sequential:
+        report += "\n" + checkpoint_markdown(title, checkpoints, plan.protocols[0])
     (out / "report.md").write_text(report)
     for protocol in plan.protocols:
         plot_bars(rows, protocol, out / f"bars_{protocol}.png")

@@ -79,6 +79,43 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+CHECKPOINT_METRICS = ("reliability", "generalization", "locality")
+
+
+def checkpoint_markdown(title: str, checkpoints: list[dict[str, Any]], protocol: str) -> str:
+    """A sequential run's checkpoints as a Markdown table: post-edit metrics of every case
+    edited so far and the held-out perplexity, on all texts and on those that name no edited
+    subject, each beside its unedited value."""
+
+    def number(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    header = [
+        "edit steps",
+        "cases",
+        *(f"{metric} ({protocol})" for metric in CHECKPOINT_METRICS),
+        "held-out ppl (unedited)",
+        "untouched texts: ppl (unedited, count)",
+    ]
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join(["---"] * len(header)) + "|")
+    for point in checkpoints:
+        post = point.get("post", {}).get(protocol, {})
+        cells = [str(point["edits"]), str(point.get("cases", "–"))]
+        cells += [number(post.get(metric)) for metric in CHECKPOINT_METRICS]
+        cells.append(
+            f"{number(point.get('heldout_perplexity'))}"
+            f" ({number(point.get('heldout_perplexity_unedited'))})"
+        )
+        cells.append(
+            f"{number(point.get('heldout_perplexity_untouched'))}"
+            f" ({number(point.get('heldout_perplexity_untouched_unedited'))},"
+            f" {point.get('heldout_untouched_texts', 0)})"
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_bars(rows: list[tuple[str, dict[str, Any]]], protocol: str, path: str | Path) -> Path:
     """One bar group per run, one bar per post-edit metric of `protocol`; error bars show the
     min-max spread over seeds."""
