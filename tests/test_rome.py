@@ -167,3 +167,39 @@ def test_most_probable_stop_ends_at_the_first_step_where_every_target_is_the_arg
 def test_unknown_stop_rule_is_refused(tiny_gpt2):
     with pytest.raises(ValueError, match="v_stop: expected one of nll, most_probable, got 'loss'"):
         resolve_hparams("rome", tiny_gpt2, {"v_stop": "loss"})
+
+
+def test_patience_stops_a_request_once_its_nll_has_set_no_new_low_for_that_many_steps(
+    tiny_gpt2, monkeypatch
+):
+    from kedit.methods import _locate
+
+    lm, patience = tiny_gpt2, 4
+    worst: list[float] = []
+    unpatched = _locate._ValueBatch.target_nll
+
+    def recording(self, logits, rows, n_requests):
+        out = unpatched(self, logits, rows, n_requests)
+        worst.append(float(out[1][0]))
+        return out
+
+    monkeypatch.setattr(_locate._ValueBatch, "target_nll", recording)
+    # An unreachable NLL stop, so that only the patience rule can end it before v_steps.
+    params = resolve_hparams(
+        "rome",
+        lm,
+        {"v_stop_nll": 0.0, "v_patience": patience, "v_steps": 300, "prefix_lengths": []},
+    )
+    site = lm.layout.mlp_out_name(params.layers[0])
+    found = optimize_values(lm, [_request(0)], params.layers[0], [""], params, [site])[0][0]
+
+    lowest, stale, expected = float("inf"), 0, None
+    for step, nll in enumerate(worst):
+        lowest, stale = (nll, 0) if nll < lowest else (lowest, stale + 1)
+        if stale >= patience:
+            expected = step
+            break
+    assert expected is not None and expected < params.v_steps
+    assert found.steps == expected and len(worst) == expected + 1
+    with pytest.raises(ValueError, match="v_patience: expected an integer >= 0, got -1"):
+        resolve_hparams("rome", lm, {"v_patience": -1})

@@ -59,6 +59,12 @@ class LocateHyperParams(HyperParams):
         " under sequential editing, fewer steps).",
     )
     v_stop_nll: float = hp(0.05, "Stop once every prompt's mean target NLL is below this.")
+    v_patience: int = hp(
+        0,
+        "Also stop a request once its worst prompt's target NLL has not reached a new low for"
+        " this many steps (0: never). Requests that the decay and KL terms hold above the stop"
+        " rule then end where they level off instead of running all v_steps.",
+    )
     mom2_corpus: str = hp("tinyworld", "Corpus of the second moment: 'tinyworld' or a file.")
     mom2_n_samples: int = hp(100000, "Maximum number of corpus documents for the second moment.")
     mom2_max_length: int = hp(256, "Token cap per document for the second moment.")
@@ -98,6 +104,8 @@ class LocateHyperParams(HyperParams):
             raise ValueError(
                 f"fact_token: only 'subject_last' is supported, got {self.fact_token!r}"
             )
+        if self.v_patience < 0:
+            raise ValueError(f"v_patience: expected an integer >= 0, got {self.v_patience!r}")
         for name in ("v_steps", "mom2_n_samples", "mom2_max_length", "v_batch_tokens"):
             value = getattr(self, name)
             if value < 1:
@@ -247,7 +255,8 @@ def optimize_values(
     for each site, v_weight_decay times `delta_decay` of its delta. Each delta is clamped
     to clamp_norm_factor times its site's unedited output norm. A request stops once each of
     its prompts' mean target NLL is below `v_stop_nll` (`v_stop` 'nll') or once each target
-    token is the most probable one after each prompt ('most_probable').
+    token is the most probable one after each prompt ('most_probable'), or, with `v_patience`,
+    once its worst prompt's NLL has not reached a new low for that many steps.
 
     The requests are optimised together, each with its own deltas (the losses are summed, so
     the gradients do not mix), in chunks of about `v_batch_tokens` tokens. Nothing before the
@@ -473,6 +482,8 @@ def _optimize_chunk(
     essence_logp: torch.Tensor | None = None
     device = lm.device
     active = torch.ones(len(requests), dtype=torch.bool, device=device)
+    lowest = torch.full((len(requests),), float("inf"), device=device)
+    stale = torch.zeros(len(requests), dtype=torch.long, device=device)
     done: list[tuple[int, float] | None] = [None] * len(requests)
 
     current = {"rows": all_rows}  # the rows of this step's forward pass, read by the hooks
@@ -511,6 +522,11 @@ def _optimize_chunk(
                     if hparams.v_stop == "most_probable"
                     else nll_max < hparams.v_stop_nll
                 )
+                if hparams.v_patience:
+                    lower = nll_max < lowest
+                    lowest = torch.where(lower, nll_max, lowest)
+                    stale = torch.where(lower, 0, stale + 1)
+                    reached = reached | (stale >= hparams.v_patience)
                 finished = active.clone() if step == hparams.v_steps else active & reached
                 index = finished.nonzero().flatten()
                 for r, nll in zip(index.tolist(), nll_mean.detach()[index].tolist(), strict=True):
