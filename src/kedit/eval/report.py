@@ -73,9 +73,13 @@ def markdown(
 ) -> str:
     """A Markdown table whose header names each column's protocol."""
     header = ["run", *(f"{name} ({protocol})" for name, _, protocol, _ in columns)]
+    return _markdown_table(title, header, table(rows, columns))
+
+
+def _markdown_table(title: str, header: list[str], rows: list[list[str]]) -> str:
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |"]
     lines.append("|" + "|".join(["---"] * len(header)) + "|")
-    lines += ["| " + " | ".join(cells) + " |" for cells in table(rows, columns)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -97,8 +101,7 @@ def checkpoint_markdown(title: str, checkpoints: list[dict[str, Any]], protocol:
         "held-out ppl (unedited)",
         "untouched texts: ppl (unedited, count)",
     ]
-    lines = [f"### {title}", "", "| " + " | ".join(header) + " |"]
-    lines.append("|" + "|".join(["---"] * len(header)) + "|")
+    rows = []
     for point in checkpoints:
         post = point.get("post", {}).get(protocol, {})
         cells = [str(point["edits"]), str(point.get("cases", "–"))]
@@ -112,8 +115,8 @@ def checkpoint_markdown(title: str, checkpoints: list[dict[str, Any]], protocol:
             f" ({number(point.get('heldout_perplexity_untouched_unedited'))},"
             f" {point.get('heldout_untouched_texts', 0)})"
         )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return _markdown_table(title, header, rows)
 
 
 def plot_bars(rows: list[tuple[str, dict[str, Any]]], protocol: str, path: str | Path) -> Path:
