@@ -60,9 +60,11 @@ def test_sequential_writes_a_curve_json_and_plots(tmp_path):
 
 
 def test_speed_times_one_method_with_its_overrides():
-    result = speed.measure("tiny-gpt2", "ft-m", 2, {"steps": 3})
+    result = speed.measure("tiny-gpt2", "ft-m", 2, {"steps": 3}, repeat=3)
     assert (result["method"], result["edits"], result["hparams"]) == ("ft-m", 2, {"steps": 3})
-    assert result["median_seconds"] > 0
+    rounds = result["round_medians"]
+    assert len(rounds) == 3 and all(t > 0 for t in rounds)
+    assert result["median_seconds"] == sorted(rounds)[1]
 
 
 def test_solve_scale_gives_the_direct_solution_through_the_factor():
