@@ -25,6 +25,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from kedit.eval.protocols import pooled_perplexity, text_nll
 from kedit.eval.runner import Raw, assemble, measure, summarize, with_contexts
 from kedit.lm import LM
 from kedit.requests import EditRequest
@@ -284,7 +285,6 @@ def _sequential(
     run: _Run, chunks: list[list[int]], notify: Callable, heldout: list[str] | None
 ) -> None:
     from kedit.api import apply as apply_edit
-    from kedit.eval.protocols import text_nll
     from kedit.session import Session
 
     config = run.config
@@ -348,8 +348,6 @@ def _checkpoint(
     texts and on those that name none of the edited subjects ("untouched"): a text that
     states a fact an edit changed gets less likely when the edit works, which is not
     collapse."""
-    from kedit.eval.protocols import pooled_perplexity, text_nll
-
     cases = [run.requests[i] for i in applied]
     results = assemble(cases, run.pre(applied), run.measure(applied), run.edited(applied))
     point: dict[str, Any] = {"edits": edits, "cases": len(applied), **summarize(results)}
