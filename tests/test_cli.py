@@ -1,10 +1,12 @@
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
 
 from kedit.cli import app
-from kedit.zoo import DATA_DIR
+from kedit.eval.plan import model_folder_name
+from kedit.zoo import DATA_DIR, model_path
 
 runner = CliRunner()
 KNOWEDIT = str(DATA_DIR / "tinyworld_knowedit.json")
@@ -90,6 +92,21 @@ def test_bench_writes_jsonl_and_resumes(tmp_path):
     assert [r["case_id"] for r in records] == [json.loads(line)["case_id"] for line in lines]
     changed = run(*args, "--seeds", "1", "--contexts", "1")
     assert changed.exit_code == 2 and "other settings" in changed.output
+
+
+def test_bench_runs_of_a_model_folder_stay_inside_out(tmp_path):
+    model = tmp_path / "models" / "my-model"
+    shutil.copytree(model_path("tiny-gpt2"), model)
+    out = tmp_path / "run"
+    args = ["bench", "--data", KNOWEDIT, "--model", str(model), "--method", "ft-m", "--n", "1"]
+    result = run(*args, "--seeds", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    leaf = out / "my-model" / "ft-m" / "tinyworld_knowedit" / "independent" / "seed-0"
+    assert (leaf / "cases.jsonl").is_file()
+    assert sorted(p.name for p in model.iterdir()) == sorted(
+        p.name for p in model_path("tiny-gpt2").iterdir()
+    )
+    assert model_folder_name("org/some-model") == "org--some-model"
 
 
 def test_bench_shards_merge_to_the_whole_run(tmp_path):

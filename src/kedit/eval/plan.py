@@ -1,7 +1,8 @@
 """A benchmark plan: models × methods × datasets × modes × seeds, run into one folder.
 
 Each combination runs with `run_bench` into `<out>/<model>/<method>/<dataset>/<mode>/seed-<k>`
-(so everything resumes), then the seeds are aggregated (mean, min, max) into `summary.json`,
+(so everything resumes; `<model>` is a local folder's own name, a hub id with `/` as `--`),
+then the seeds are aggregated (mean, min, max) into `summary.json`,
 a Markdown report with the KnowEdit-style and CounterFact tables, and bar plots.
 
 A plan file is YAML:
@@ -121,6 +122,15 @@ def _label(mode: dict[str, Any]) -> str:
     return mode["mode"] + (f"[{','.join(extra)}]" if extra else "")
 
 
+def model_folder_name(model: str) -> str:
+    """The folder a model's runs go to under the output folder: a local folder by its own name,
+    a bundled name or hub id with `/` as `--`, so that no model string leads outside `out`."""
+    path = Path(model)
+    if path.is_dir():
+        return path.resolve().name
+    return model.replace("/", "--")
+
+
 def heldout_texts(n: int, seed: int) -> list[str]:
     """`n` sentences of the tinyworld corpus drawn with `seed`, for the held-out perplexity of
     sequential runs (drawn, not the first ones: sorted, those all name the same few people)."""
@@ -155,7 +165,7 @@ def run_plan(
             loaded[model] = kedit.load(model)
         if dataset not in data:
             data[dataset] = load_requests(dataset, n=plan.n)
-        folder = out / model / config.method / Path(dataset).stem / _label(mode)
+        folder = out / model_folder_name(model) / config.method / Path(dataset).stem / _label(mode)
         if on_run is not None:
             on_run(
                 f"{model} {config.method} {Path(dataset).name} {_label(mode)} seed {config.seed}"
