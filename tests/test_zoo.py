@@ -154,6 +154,24 @@ def test_bundled_model_knows_the_world(name):
     assert abs(measured["heldout_acc"] - meta["heldout_acc"]) <= 0.10
 
 
+def test_zoo_model_folder_gets_its_recipes_hyper_parameters(tmp_path):
+    import shutil
+
+    import kedit
+    from kedit.methods.registry import default_hparams
+
+    copy = tmp_path / "retrained"
+    shutil.copytree(model_path("tiny-gpt2"), copy)
+    lm = kedit.load(str(copy))
+    assert (lm.name, lm.recipe) == (str(copy), "tiny-gpt2")
+    bundled = default_hparams("memit", kedit.load("tiny-gpt2"))
+    assert default_hparams("memit", lm) == bundled and bundled["layers"] == [0]
+    (copy / ZOO_META).unlink()
+    plain = kedit.load(str(copy))
+    assert plain.recipe is None
+    assert default_hparams("memit", plain)["layers"] == [13, 14, 15, 16, 17]  # gpt2 family's
+
+
 # --- training ----------------------------------------------------------------------------
 
 

@@ -21,14 +21,18 @@ SAMPLED_BYTES_PER_TENSOR = 2**16
 class LM:
     """A causal LM ready for editing: `.model`, `.tokenizer`, `.layout` and a `.name`.
 
-    `.cache` holds work derived from the unedited model that does not depend on any edit
-    (context prefixes, inverse covariances), so it is computed once per model.
+    `.recipe` names the zoo recipe a model folder was trained with (its `kedit_zoo.json`), so a
+    retrained or copied zoo model gets that recipe's hyper-parameters whatever its folder is called.
+
+        `.cache` holds work derived from the unedited model that does not depend on any edit
+        (context prefixes, inverse covariances), so it is computed once per model.
     """
 
     model: nn.Module
     tokenizer: object
     layout: Layout = field(init=False)
     name: str = "model"
+    recipe: str | None = None
     cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +134,14 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def _zoo_recipe(folder: str) -> str | None:
+    """The recipe name in a zoo model folder's `kedit_zoo.json`; None elsewhere (or a hub id)."""
+    from kedit.zoo import ZOO_META
+
+    meta = Path(folder) / ZOO_META
+    return json.loads(meta.read_text()).get("name") if meta.is_file() else None
+
+
 def load(
     name_or_path: str,
     device: str | torch.device | None = None,
@@ -149,7 +161,7 @@ def load(
     if device is not None:
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    lm = LM(model=model, tokenizer=tokenizer, name=name_or_path)
+    lm = LM(model=model, tokenizer=tokenizer, name=name_or_path, recipe=_zoo_recipe(source))
     _ = lm.fingerprint
     return lm
 

@@ -241,11 +241,13 @@ def _defaults_table(name: str) -> dict[str, Any]:
 
 
 def default_hparams(method: str, lm: LM) -> dict[str, Any]:
-    """The method's YAML defaults: `default`, then the model's family, then its exact name."""
+    """The method's YAML defaults: `default`, then the model's family, then its exact name (or,
+    for a zoo model folder under another name, its recipe's name)."""
     table = _defaults_table(get_method(method).defaults)
+    models = table.get("models") or {}
     values = dict(table.get("default") or {})
     values.update((table.get("families") or {}).get(lm.layout.family) or {})
-    values.update((table.get("models") or {}).get(lm.name) or {})
+    values.update(models.get(lm.name) or models.get(lm.recipe) or {})
     return copy.deepcopy(values)
 
 

@@ -9,6 +9,7 @@ from kedit.zoo.world import World, build_world
 MODELS_DIR = Path(__file__).parent / "models"
 DATA_DIR = Path(__file__).parent / "data"
 CORPUS_FILE = DATA_DIR / "tinyworld_corpus.txt"
+ZOO_META = "kedit_zoo.json"  # a trained zoo model's recipe, seed and fact accuracies
 
 
 def list_models() -> list[str]:
@@ -43,7 +44,7 @@ def model_info(name: str) -> dict:
     """What a bundled model's `kedit_zoo.json` records: recipe, seeds, fact accuracies."""
     import json
 
-    path = model_path(name) / "kedit_zoo.json"
+    path = model_path(name) / ZOO_META
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

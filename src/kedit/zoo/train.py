@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 
+from kedit.zoo import ZOO_META
 from kedit.zoo.tokenizer import EOS, save_tokenizer, train_tokenizer
 from kedit.zoo.world import FactPrompt, World, build_world
-
-ZOO_META = "kedit_zoo.json"
 
 
 @dataclass(frozen=True)
