@@ -44,7 +44,7 @@ def test_projected_update_leaves_preserved_keys_outputs_unchanged(tiny_gpt2):
     lm = tiny_gpt2
     params = resolve_hparams("alphaedit", lm)
     layer = params.layers[0]
-    keys = mean_keys(lm, layer, _requests(8), context_prefixes(lm, params))
+    keys = mean_keys(lm, layer, _requests(8), context_prefixes(lm, params), params.fact_token)
     torch.manual_seed(0)
     residuals = torch.randn(len(keys), lm.model.config.hidden_size, dtype=torch.float64)
     projection = null_space_projection(lm, params, layer)

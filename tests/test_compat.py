@@ -230,7 +230,7 @@ def test_batch_method_files_of_easyedit_map_onto_kedit(tmp_path):
         ({"v_sample": 3}, r"unknown hyper-parameter 'v_sample'"),
         ({"alg_name": "MEMIT"}, r"alg_name: ROMEHyperParams reads files of rome, got 'MEMIT'"),
         ({"layers": [1, 2]}, r"layers: ROME edits exactly one layer"),
-        ({"fact_token": "last"}, r"fact_token: only 'subject_last'"),
+        ({"fact_token": "subject_first"}, r"fact_token: expected one of subject_last, last"),
         ({"v_lr": "fast"}, r"rome.v_lr: expected float, got 'fast'"),
         ({"model_name": None}, r"model_name: expected a bundled model name"),
     ],

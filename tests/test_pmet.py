@@ -7,7 +7,7 @@ from kedit.eval.runner import summarize
 from kedit.methods import memit as memit_module
 from kedit.methods import pmet as pmet_module
 from kedit.methods._locate import mlp_out_param
-from kedit.methods.memit import residuals_at_subject
+from kedit.methods.memit import residuals_at_lookup
 from kedit.methods.registry import resolve_hparams
 
 
@@ -36,7 +36,9 @@ def test_pmet_update_solves_its_normal_equations_per_layer(tiny_gpt2, monkeypatc
     monkeypatch.setattr(memit_module, "least_squares_update", record_solve)
     monkeypatch.setattr(pmet_module, "value_targets", record_targets)
     layers = sorted(resolve_hparams("pmet", lm).layers)
-    ffn_output = residuals_at_subject(lm, layers[-1], requests, lm.layout.mlp_out_name(layers[-1]))
+    ffn_output = residuals_at_lookup(
+        lm, layers[-1], requests, "subject_last", lm.layout.mlp_out_name(layers[-1])
+    )
     with kedit.edit(lm, requests, method="pmet") as edit:
         deltas = edit.deltas
     # Only the FFN output projections change, one update per layer.

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import kedit
+from kedit.hooks import capture
 from kedit.methods._locate import context_prefixes, delta_decay, optimize_values
 from kedit.methods.registry import resolve_hparams
 from kedit.methods.rome import ROMEHyperParams, compute_rank_one, rank_one_update
@@ -117,16 +118,16 @@ def test_first_step_goes_downhill_by_its_length_for_each_request(tiny_gpt2):
         assert after.target_nll < before.target_nll
 
 
-def _targets_most_probable(lm, request, prefixes, site, delta):
-    """Whether, with `delta` added to `site`'s output at the subject's last token, every target
-    token is the argmax after every prefix (checked one prompt at a time, without the batch)."""
+def _targets_most_probable(lm, request, prefixes, site, delta, fact_token="subject_last"):
+    """Whether, with `delta` added to `site`'s output at the edited token (`fact_token`), every
+    target token is the argmax after every prefix (checked one prompt at a time, no batch)."""
     from kedit.hooks import replace_output
-    from kedit.methods._locate import subject_end_index
+    from kedit.methods._locate import lookup_index
 
     target = lm.encode(request.target_new)
     for prefix in prefixes:
         prompt = lm.encode_prompt(prefix + request.text)
-        at = subject_end_index(lm, prefix, request.text, request.subject)
+        at = lookup_index(lm, prefix, request.text, request.subject, fact_token)
 
         def add(output, at=at):
             output = output.clone()
@@ -162,6 +163,36 @@ def test_most_probable_stop_ends_at_the_first_step_where_every_target_is_the_arg
     assert not _targets_most_probable(lm, request, prefixes, site, earlier.delta)
     # The NLL rule asks for more: at the tiny model's 0.2 it takes more steps.
     assert optimise(v_stop="nll")[0].steps > found.steps
+
+
+def test_fact_token_last_edits_the_prompts_last_token(tiny_gpt2):
+    from kedit.methods._locate import keys_at_lookup, lookup_index
+
+    lm, request = tiny_gpt2, _request(0)
+    prompt = lm.encode_prompt("A prefix. " + request.text)
+    assert lookup_index(lm, "A prefix. ", request.text, request.subject, "last") == len(prompt) - 1
+    subject_end = lookup_index(lm, "A prefix. ", request.text, request.subject)
+    assert subject_end < len(prompt) - 1  # the knowedit prompts go on after the subject
+
+    params = resolve_hparams(
+        "rome", lm, {"fact_token": "last", "layers": [4], "v_stop": "most_probable"}
+    )
+    prefixes = context_prefixes(lm, params)
+    site = lm.layout.mlp_out_name(4)
+    found = optimize_values(lm, [request], 4, prefixes, params, [site])[0][0]
+    assert found.steps >= 1
+    assert _targets_most_probable(lm, request, prefixes, site, found.delta, "last")
+    assert not _targets_most_probable(lm, request, prefixes, site, found.delta, "subject_last")
+    # The key is the MLP projection's input at the last token, as a plain forward pass sees it.
+    keys, _ = keys_at_lookup(lm, 4, [""], request, "last")
+    with torch.no_grad(), capture(lm.model, [site], "input") as seen:
+        lm.model(input_ids=torch.tensor([lm.encode_prompt(request.text)]))
+    assert torch.allclose(keys[0], seen[site][0, -1].float())
+    # r-ROME at the last token: the edited weight maps that key to the value found.
+    update = compute_rank_one(lm, request, params, corrected=True)
+    with kedit.edit(lm, request, method="r-rome", hparams=params.to_dict()):
+        mapped = _mlp_out(lm, 4, update.k_star)
+    assert torch.allclose(mapped, update.value.double(), atol=1e-4 * update.value.norm())
 
 
 def test_unknown_stop_rule_is_refused(tiny_gpt2):

@@ -1,7 +1,8 @@
 """What the locate-then-edit family shares: context prefixes, keys, and the value optimisation.
 
 Notation follows ROME (Meng et al., 2022): a key k is the input of an MLP output projection
-W at the subject's last token; a value v is that projection's output there.
+W at the edited token (`fact_token`: the subject's last token, as in ROME, or the prompt's
+last); a value v is that projection's output there.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kedit.stats import second_moment
 
 DECAY_FORMS = ("squared", "easyedit")
 STOP_RULES = ("nll", "most_probable")
+FACT_TOKENS = ("subject_last", "last")
 
 
 def delta_decay(delta: torch.Tensor, start: torch.Tensor, form: str) -> torch.Tensor:
@@ -76,7 +78,12 @@ class LocateHyperParams(HyperParams):
         ["The", "Therefore", "Because", "I", "You"], "Words the context prefixes start from."
     )
     prefix_seed: int = hp(0, "Random seed of the context prefixes.")
-    fact_token: str = hp("subject_last", "Token whose key is edited (only 'subject_last').")
+    fact_token: str = hp(
+        "subject_last",
+        "Token whose key and value are edited: 'subject_last' (the subject's last token) or "
+        "'last' (the prompt's last token, where models that read the subject from the "
+        "prediction position hold the fact).",
+    )
     v_batch_tokens: int = hp(
         4096, "Token budget of one value-optimisation batch (requests are optimised together)."
     )
@@ -100,9 +107,9 @@ class LocateHyperParams(HyperParams):
             raise ValueError(
                 f"v_stop: expected one of {', '.join(STOP_RULES)}, got {self.v_stop!r}"
             )
-        if self.fact_token != "subject_last":
+        if self.fact_token not in FACT_TOKENS:
             raise ValueError(
-                f"fact_token: only 'subject_last' is supported, got {self.fact_token!r}"
+                f"fact_token: expected one of {', '.join(FACT_TOKENS)}, got {self.fact_token!r}"
             )
         if self.v_patience < 0:
             raise ValueError(f"v_patience: expected an integer >= 0, got {self.v_patience!r}")
@@ -184,25 +191,29 @@ def context_prefixes(lm: LM, hparams: LocateHyperParams) -> list[str]:
     return prefixes
 
 
-def subject_end_index(lm: LM, prefix: str, text: str, subject: str) -> int:
-    """Token index of the subject's last token in `prefix + text` (the subject is in `text`)."""
+def lookup_index(
+    lm: LM, prefix: str, text: str, subject: str, fact_token: str = "subject_last"
+) -> int:
+    """Token index in `prefix + text` of the edited token (`fact_token`): the subject's last
+    token, or the prompt's last one (the subject is in `text`)."""
     start = text.find(subject)
     if start < 0:
         raise ValueError(f"subject {subject!r} does not occur in prompt {text!r}")
-    return len(lm.encode_prompt(prefix + text[: start + len(subject)])) - 1
+    end = len(text) if fact_token == "last" else start + len(subject)
+    return len(lm.encode_prompt(prefix + text[:end])) - 1
 
 
 @torch.no_grad()
-def keys_at_subject(
-    lm: LM, layer: int, prefixes: list[str], request: EditRequest
+def keys_at_lookup(
+    lm: LM, layer: int, prefixes: list[str], request: EditRequest, fact_token: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys (inputs of the MLP output projection) at the subject's last token.
+    """Keys (inputs of the MLP output projection) at the edited token (`lookup_index`).
 
     Returns `(keys, outputs)`: one row per prefix, the key and the projection's output.
     """
     texts = [prefix + request.text for prefix in prefixes]
     positions = torch.tensor(
-        [subject_end_index(lm, prefix, request.text, request.subject) for prefix in prefixes]
+        [lookup_index(lm, prefix, request.text, request.subject, fact_token) for prefix in prefixes]
     )
     ids, mask = lm.pad([lm.encode_prompt(text) for text in texts])
     name = lm.layout.mlp_out_name(layer)
@@ -247,11 +258,12 @@ def optimize_values(
     essence_prompt: str = "{} is a",
 ) -> list[list[ValueResult]]:
     """For each request, vectors delta_s that, added to the outputs of the modules `sites` (all
-    in block `layer`) at the subject's last token, make `target_new` likely after every prefix
+    in block `layer`) at the edited token, make `target_new` likely after every prefix
     (ROME Eq. 4; several sites at once as in PMET). One list per request, one result per site.
 
     Loss per request = mean NLL of the target tokens + kl_factor * KL(new || old) of the
-    next-token distribution at the subject of `essence_prompt` (keeps what the subject "is") +
+    next-token distribution at the edited token of `essence_prompt` (keeps what the subject
+    "is") +
     for each site, v_weight_decay times `delta_decay` of its delta. Each delta is clamped
     to clamp_norm_factor times its site's unedited output norm. A request stops once each of
     its prompts' mean target NLL is below `v_stop_nll` (`v_stop` 'nll') or once each target
@@ -260,7 +272,7 @@ def optimize_values(
 
     The requests are optimised together, each with its own deltas (the losses are summed, so
     the gradients do not mix), in chunks of about `v_batch_tokens` tokens. Nothing before the
-    subject's last token depends on a delta: those positions run once and are fed to every
+    edited token depends on a delta: those positions run once and are fed to every
     step as cached keys and values, and so do the blocks below `layer` for the others.
     """
     results: list[list[ValueResult]] = []
@@ -282,13 +294,13 @@ def optimize_values(
 @dataclass
 class _ValueBatch:
     """The rows of a value optimisation: for each request, one row per prefix (prompt and all
-    target tokens but the last) and its essence row. Each row is split at the subject's last
-    token into a context (left-padded, run once) and a suffix (right-padded, run every step)."""
+    target tokens but the last) and its essence row. Each row is split at the edited token
+    into a context (left-padded, run once) and a suffix (right-padded, run every step)."""
 
     owner: torch.Tensor  # request index of each row
     is_rewrite: torch.Tensor  # True for prompt rows, False for essence rows
     target_row: torch.Tensor  # for each prompt row, its row of the target tensors
-    at: torch.Tensor  # position of the subject's last token in the suffix
+    at: torch.Tensor  # position of the edited token in the suffix
     context_ids: torch.Tensor
     context_mask: torch.Tensor
     suffix_ids: torch.Tensor
@@ -300,7 +312,12 @@ class _ValueBatch:
 
     @classmethod
     def build(
-        cls, lm: LM, requests: list[EditRequest], prefixes: list[str], essence_prompt: str
+        cls,
+        lm: LM,
+        requests: list[EditRequest],
+        prefixes: list[str],
+        essence_prompt: str,
+        fact_token: str,
     ) -> _ValueBatch:
         rows: list[list[int]] = []
         lookups, owners, targets = [], [], []
@@ -309,12 +326,12 @@ class _ValueBatch:
             for prefix in prefixes:
                 prompt_ids = lm.encode_prompt(prefix + request.text)
                 rows.append(prompt_ids + target_ids[:-1])
-                lookups.append(subject_end_index(lm, prefix, request.text, request.subject))
+                lookups.append(lookup_index(lm, prefix, request.text, request.subject, fact_token))
                 owners.append(index)
                 targets.append((len(prompt_ids) - 1, target_ids))
             essence = essence_prompt.replace("{}", request.subject)
             rows.append(lm.encode_prompt(essence))
-            lookups.append(subject_end_index(lm, "", essence, request.subject))
+            lookups.append(lookup_index(lm, "", essence, request.subject, fact_token))
             owners.append(index)
             targets.append(None)
         # A row whose subject ends at its first token has no context; then none is cached.
@@ -397,13 +414,13 @@ class _ValueBatch:
     def essence_logp(
         self, logits: torch.Tensor, rows: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token log-probabilities at the subject of each essence row among `rows`, and
+        """Next-token log-probabilities at the edited token of each essence row among `rows`, and
         the request each belongs to."""
         essence = ~self.is_rewrite[rows]
-        at_subject = logits[essence][
+        at_lookup = logits[essence][
             torch.arange(int(essence.sum()), device=logits.device), self.at[rows[essence]]
         ]
-        return torch.log_softmax(at_subject.float(), dim=-1), self.owner[rows][essence]
+        return torch.log_softmax(at_lookup.float(), dim=-1), self.owner[rows][essence]
 
 
 def _cache_argument(model: Any) -> str:
@@ -434,7 +451,7 @@ def _optimize_chunk(
     from transformers import DynamicCache
 
     model, layout = lm.model, lm.layout
-    batch = _ValueBatch.build(lm, requests, prefixes, essence_prompt)
+    batch = _ValueBatch.build(lm, requests, prefixes, essence_prompt, hparams.fact_token)
     n_rows = len(batch.owner)
     cache_argument = _cache_argument(model)
     context: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -470,7 +487,7 @@ def _optimize_chunk(
         with stop_after(model, block):
             forward(all_rows)
     hidden = seen[block]
-    # The unedited output of each site at the subject of each request's first (bare) prompt.
+    # The unedited output of each site at the edited token of each request's first (bare) prompt.
     first_rows = torch.tensor(
         [int((batch.owner == r).nonzero()[0]) for r in range(len(requests))], device=lm.device
     )

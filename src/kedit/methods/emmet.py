@@ -95,7 +95,7 @@ def compute_emmet(lm: LM, requests: list[EditRequest], hparams: EMMETHyperParams
     layer = lm.check_layer(hparams.layers[0])
     prefixes = context_prefixes(lm, hparams)
     site = lm.layout.mlp_out_name(layer)
-    keys = mean_keys(lm, layer, requests, prefixes)
+    keys = mean_keys(lm, layer, requests, prefixes, hparams.fact_token)
     right = equality_constrained_factor(
         keys, inverse_second_moment(lm, hparams, layer), hparams.ridge
     )

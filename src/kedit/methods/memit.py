@@ -28,12 +28,12 @@ from kedit.methods._locate import (
     LocateHyperParams,
     as_param_factors,
     context_prefixes,
-    keys_at_subject,
+    keys_at_lookup,
     layer_second_moment,
+    lookup_index,
     mlp_out_param,
     optimize_values,
     second_moment_cholesky,
-    subject_end_index,
 )
 from kedit.methods.registry import MethodResult, hp, register
 from kedit.requests import EditRequest
@@ -108,13 +108,15 @@ def least_squares_solver(
 
 
 @torch.no_grad()
-def residuals_at_subject(
-    lm: LM, layer: int, requests: list[EditRequest], site: str | None = None
+def residuals_at_lookup(
+    lm: LM, layer: int, requests: list[EditRequest], fact_token: str, site: str | None = None
 ) -> torch.Tensor:
-    """Output of module `site` (block `layer` by default) at each request's subject last token,
+    """Output of module `site` (block `layer` by default) at each request's edited token,
     bare prompt (n × hidden)."""
     ids, mask = lm.pad([lm.encode_prompt(r.text) for r in requests])
-    positions = torch.tensor([subject_end_index(lm, "", r.text, r.subject) for r in requests])
+    positions = torch.tensor(
+        [lookup_index(lm, "", r.text, r.subject, fact_token) for r in requests]
+    )
     site = site or lm.layout.block(layer)
     with capture(lm.model, [site]) as seen, stop_after(lm.model, site):
         lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -143,10 +145,15 @@ def memit_targets(
     return targets[0], steps
 
 
-def mean_keys(lm: LM, layer: int, requests: list[EditRequest], prefixes: list[str]) -> torch.Tensor:
+def mean_keys(
+    lm: LM, layer: int, requests: list[EditRequest], prefixes: list[str], fact_token: str
+) -> torch.Tensor:
     """Each request's key at `layer`, averaged over the context prefixes (n × in)."""
     return torch.stack(
-        [keys_at_subject(lm, layer, prefixes, request)[0].mean(dim=0) for request in requests]
+        [
+            keys_at_lookup(lm, layer, prefixes, request, fact_token)[0].mean(dim=0)
+            for request in requests
+        ]
     ).double()
 
 
@@ -172,8 +179,8 @@ def spread_over_layers(
 
     def compute(index: int) -> list[WeightDelta]:
         layer = layers[index]
-        keys = mean_keys(lm, layer, requests, prefixes)
-        current = residuals_at_subject(lm, layers[-1], requests, site)
+        keys = mean_keys(lm, layer, requests, prefixes, hparams.fact_token)
+        current = residuals_at_lookup(lm, layers[-1], requests, hparams.fact_token, site)
         residuals = (targets - current) / divisor(len(layers) - index)
         left, right = solve(layer, residuals, keys)
         return [WeightDelta.low_rank(mlp_out_param(lm, layer), *as_param_factors(lm, left, right))]

@@ -25,7 +25,7 @@ from kedit.methods._locate import (
     as_param_factors,
     context_prefixes,
     inverse_second_moment,
-    keys_at_subject,
+    keys_at_lookup,
     mlp_out_param,
     optimize_value,
     optimize_values,
@@ -83,7 +83,7 @@ def compute_rank_one(
     its value optimisation when already done (on the model as it is now)."""
     layer = lm.check_layer(hparams.layers[0])
     prefixes = context_prefixes(lm, hparams)
-    keys, outputs = keys_at_subject(lm, layer, prefixes, request)
+    keys, outputs = keys_at_lookup(lm, layer, prefixes, request, hparams.fact_token)
     k_star = keys.mean(dim=0)
     site = lm.layout.mlp_out_name(layer)
     found = found or optimize_value(lm, request, layer, prefixes, hparams, site)
