@@ -94,6 +94,21 @@ def test_bench_writes_jsonl_and_resumes(tmp_path):
     assert changed.exit_code == 2 and "other settings" in changed.output
 
 
+def test_bench_refused_for_bad_input_leaves_out_as_it_was(tmp_path):
+    out = tmp_path / "run"
+    args = ["bench", "--data", KNOWEDIT, "--n", "1", "--seeds", "1", "--out", str(out)]
+    for bad, message in [
+        (["--method", "ft-m", "-p", "nope=1"], "unknown hyper-parameter 'nope'"),
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--method", "ft-m", "--protocol", "sampling"], "protocols: expected some of"),
+        (["--method", "rome", "--mode", "batch", "--batch-size", "2"], "one request at a time"),
+    ]:
+        result = run(*args, *bad)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not out.exists() or not any(out.rglob("*.json")), bad
+    assert run(*args, "--method", "ft-m").exit_code == 0
+
+
 def test_bench_runs_of_a_model_folder_stay_inside_out(tmp_path):
     model = tmp_path / "models" / "my-model"
     shutil.copytree(model_path("tiny-gpt2"), model)

@@ -25,7 +25,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from kedit.eval.protocols import pooled_perplexity, text_nll
+from kedit.eval.protocols import PROTOCOLS, pooled_perplexity, text_nll
 from kedit.eval.runner import Raw, assemble, measure, summarize, with_contexts
 from kedit.lm import LM
 from kedit.requests import EditRequest
@@ -70,6 +70,12 @@ class BenchConfig:
             )
         if self.mode == "independent" and self.batch_size != 1:
             raise ValueError("batch_size: independent mode edits one case at a time; use batch")
+        if not self.protocols or any(p not in PROTOCOLS for p in self.protocols):
+            raise ValueError(
+                f"protocols: expected some of {', '.join(PROTOCOLS)}, got {self.protocols!r}"
+            )
+        if not isinstance(self.contexts, int) or self.contexts < 0:
+            raise ValueError(f"contexts: expected an integer >= 0, got {self.contexts!r}")
         self.shard_index()
 
     def shard_index(self) -> tuple[int, int]:
@@ -178,10 +184,21 @@ def run_bench(
     on_case: Callable[[dict[str, Any]], None] | None = None,
     heldout_texts: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run a benchmark into `out_dir` (resuming what is there); returns the summary."""
+    """Run a benchmark into `out_dir` (resuming what is there); returns the summary.
+
+    Everything is checked (method, hyper-parameters, settings) before anything is written, so
+    a run refused for bad input leaves `out_dir` as it was."""
+    from kedit.methods.registry import get_method, resolve_hparams
+
     config.validate()
     if not requests:
         raise ValueError("requests: the benchmark has no cases")
+    spec = get_method(config.method)
+    resolve_hparams(spec.name, lm, config.seeded_hparams())
+    if config.batch_size > 1 and not spec.batchable:
+        raise ValueError(
+            f"batch_size: method {spec.name!r} edits one request at a time; use batch size 1"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     header = {"model": lm.name, "model_fingerprint": lm.fingerprint, "n_cases": len(requests)}
