@@ -47,31 +47,18 @@ def test_every_layers_statistics_are_those_of_the_unedited_model(tiny_gpt2, monk
     assert sorted(fetched) == [(0, True), (1, True)]
 
 
-@pytest.mark.parametrize(
-    "model",
-    [
-        pytest.param(
-            "tiny_gpt2",
-            marks=pytest.mark.xfail(
-                reason="measured on tiny-gpt2 at 10 edits with its defaults: reliability 0.8, "
-                "locality 0.94; layer 0 is the only layer the subject is read from, and its "
-                "keys are too alike for every fact to hold with others kept",
-                strict=False,
-            ),
-        ),
-        "tiny_llama",  # measured: reliability 1.0, locality 0.96
-    ],
-)
-def test_memit_batch_edit_writes_facts_and_keeps_others(model, request):
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_batch_edit_writes_facts_and_keeps_others(model, method, request):
     lm = request.getfixturevalue(model)
     requests = _requests(10)
-    with kedit.edit(lm, requests, method="memit") as edit:
-        params = resolve_hparams("memit", lm)
+    with kedit.edit(lm, requests, method=method) as edit:
+        params = resolve_hparams(method, lm)
         assert {d.param for d in edit.deltas} == {
             f"{lm.layout.mlp_out_name(layer)}.weight" for layer in params.layers
         }
         results = kedit.evaluate(lm, requests, edit=edit, contexts=0)
     reliability = sum(r["post"]["teacher_forced"]["reliability"] for r in results) / len(results)
     locality = sum(r["post"]["teacher_forced"]["locality"] for r in results) / len(results)
-    assert reliability >= 0.9
-    assert locality >= 0.85
+    assert reliability >= 0.95  # measured 1.0 for both methods on both models
+    assert locality >= 0.9  # measured 1.0

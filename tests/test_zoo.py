@@ -165,7 +165,7 @@ def test_zoo_model_folder_gets_its_recipes_hyper_parameters(tmp_path):
     lm = kedit.load(str(copy))
     assert (lm.name, lm.recipe) == (str(copy), "tiny-gpt2")
     bundled = default_hparams("memit", kedit.load("tiny-gpt2"))
-    assert default_hparams("memit", lm) == bundled and bundled["layers"] == [0]
+    assert default_hparams("memit", lm) == bundled and bundled["fact_token"] == "last"
     (copy / ZOO_META).unlink()
     plain = kedit.load(str(copy))
     assert plain.recipe is None

@@ -17,10 +17,11 @@ factors. For α > 0 the right factor lies in the range of P, which is why ΔW K�
 The threshold on the eigenvalues is relative to the largest one, not absolute as in the
 reference code: the keys' scale differs between models and layers (the largest eigenvalue is
 30-60 on tiny-gpt2's layers 0-2 and 60-9000 on tiny-llama's), and a relative cut means the
-same thing everywhere. On the tiny models the projection helps little: at the layers that can
-take an edit (0-1), the edited subjects' keys put only 1.5-4x as large a share of their energy
-into the null space as the corpus keys do, so keeping the preserved keys still also mutes the
-edit. The earlier edits live in an `AlphaEditState` (held by a `kedit.Session` or passed to
+same thing everywhere. On the tiny models the projection helped little at the subject's last
+token, where only layers 0-1 take an edit: there the edited subjects' keys put only 1.5-4x as
+large a share of their energy into the null space as the corpus keys do, so keeping the
+preserved keys also muted the edit. Their defaults edit the prompt's last token at layers 4-5
+(`fact_token: last`, hparams/alphaedit.yaml). The earlier edits live in an `AlphaEditState` (held by a `kedit.Session` or passed to
 `kedit.edit(state=...)`) as their Gram matrix K_pᵀK_p per layer.
 """
 
