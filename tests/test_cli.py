@@ -34,6 +34,7 @@ def test_methods_lists_and_describes():
             "v_stepz",
         ),
         (["edit", "--prompt", "{} is", "--subject", "y", "--target", " z", "-p", "nokey"], "key"),
+        (["demo", "--model", "./no-such-model"], "'./no-such-model' is a path that does not exist"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message):
@@ -41,6 +42,20 @@ def test_bad_input_is_one_clear_line(args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_hub_id_that_cannot_be_loaded_is_one_clear_line(monkeypatch):
+    import transformers
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to the hub.\nCheck your connection.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", unreachable)
+    result = run("demo", "--model", "some-org/some-model")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    output = " ".join(result.output.split())  # the console wraps long lines
+    assert "'some-org/some-model' is not a bundled model" in output
+    assert "failed: We couldn't connect to the hub." in output
 
 
 def test_malformed_record_names_its_index(tmp_path):

@@ -131,6 +131,11 @@ def resolve_model_path(name_or_path: str) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model folder {str(path)!r} has no config.json")
         return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(
+            f"model: {name_or_path!r} is a path that does not exist (bundled models: "
+            f"{', '.join(zoo.list_models())})"
+        )
     return name_or_path
 
 
@@ -157,10 +162,18 @@ def load(
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype: {dtype!r} is not a torch dtype (e.g. 'float32')")
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        from kedit import zoo
+
+        raise ValueError(
+            f"model: {name_or_path!r} is not a bundled model ({', '.join(zoo.list_models())}) "
+            f"or a local folder, and loading it as a hub id failed: {str(error).splitlines()[0]}"
+        ) from error
     if device is not None:
         model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(source)
     lm = LM(model=model, tokenizer=tokenizer, name=name_or_path, recipe=_zoo_recipe(source))
     _ = lm.fingerprint
     return lm
