@@ -62,8 +62,14 @@ def test_plan_validation_names_fields(tmp_path):
     path.write_text("models: [m]\nmethods: [rome]\ndatasets: [d]\ncolour: red\n")
     with pytest.raises(ValueError, match="colour"):
         load_plan(path)
-    path.write_text("models: m\nmethods: [rome, ft-m]\ndatasets: [d]\nmodes: [independent]\n")
+    path.write_text("methods: [rome]\ndatasets: [d]\n")
+    with pytest.raises(ValueError, match=r"lacks the key\(s\) \['models'\]"):
+        load_plan(path)
+    with pytest.raises(ValueError, match="models: expected a list"):
+        Plan(models=3, methods=["rome"], datasets=["d"])
+    path.write_text("models: m\nmethods: [rome, ft-m]\ndatasets: [d]\nmodes: independent\n")
     plan = load_plan(path)
+    assert plan.modes == [{"mode": "independent"}]
     assert len(plan.configs()) == 2 * 3
     with pytest.raises(ValueError, match="shard"):
         plan.configs("2/2")

@@ -55,16 +55,17 @@ class Plan:
     contexts: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("models", "methods", "datasets"):
+        for name in ("models", "methods", "datasets", "modes", "protocols"):
             value = getattr(self, name)
-            if isinstance(value, str):
+            if isinstance(value, str | dict):
                 setattr(self, name, [value])
-            elif not value:
-                raise ValueError(f"{name}: expected at least one entry, got {value!r}")
-        self.modes = [{"mode": m} if isinstance(m, str) else dict(m) for m in self.modes]
+            elif not isinstance(value, list) or not value:
+                raise ValueError(f"{name}: expected a list of at least one entry, got {value!r}")
+        if not isinstance(self.hparams, dict):
+            raise ValueError(f"hparams: expected a mapping of method to settings: {self.hparams!r}")
+        self.modes = [{"mode": m} if isinstance(m, str) else m for m in self.modes]
         for index, mode in enumerate(self.modes):
-            unknown = set(mode) - MODE_KEYS
-            if unknown or "mode" not in mode:
+            if not isinstance(mode, dict) or set(mode) - MODE_KEYS or "mode" not in mode:
                 raise ValueError(
                     f"modes[{index}]: expected a mode name or a mapping with 'mode' and some of "
                     f"{sorted(MODE_KEYS - {'mode'})}, got {mode!r}"
@@ -112,6 +113,9 @@ def load_plan(path: str | Path) -> Plan:
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"plan: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    missing = {"models", "methods", "datasets"} - set(data)
+    if missing:
+        raise ValueError(f"plan: {str(path)!r} lacks the key(s) {sorted(missing)}")
     return Plan(**data)
 
 
