@@ -21,6 +21,11 @@ def test_methods_lists_and_describes():
     assert result.exit_code == 0 and "r-rome" in result.output
     result = run("methods", "rome")
     assert result.exit_code == 0 and "clamp_norm_factor" in result.output
+    assert "[length in tokens, count]" in " ".join(result.output.replace("│", " ").split())
+    result = run("methods", "memit", "--model", "tiny-gpt2")
+    assert result.exit_code == 0 and "memit on tiny-gpt2" in result.output
+    fact_token = next(line for line in result.output.splitlines() if "fact_token" in line)
+    assert '"last"' in fact_token  # the model's default, not the dataclass's "subject_last"
 
 
 @pytest.mark.parametrize(

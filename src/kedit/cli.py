@@ -185,7 +185,7 @@ def bench(
     contexts: Annotated[
         int, typer.Option(help="Unrelated sentences per case for the robustness metric.")
     ] = 3,
-    seeds: Annotated[int, typer.Option(help="Seeds to run; numbers report mean [min, max].")] = 3,
+    seeds: Annotated[int, typer.Option(help="Seeds to run; numbers report mean \\[min, max].")] = 3,
     shard: Annotated[str, typer.Option(help="Run only shard i of n, written i/n.")] = "0/1",
     hparam: HparamOpt = None,
     hparams_file: HparamFileOpt = None,
@@ -289,9 +289,14 @@ def hparams_markdown(method: str) -> str:
 def methods(
     name: Annotated[str | None, typer.Argument(help="Show this method's hparams.")] = None,
     markdown: Annotated[bool, typer.Option(help="Print Markdown (for the docs).")] = False,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Show the defaults used for this model.")
+    ] = None,
 ) -> None:
     """List the editing methods, or one method's hyper-parameters."""
-    from kedit.methods.registry import get_method, list_methods
+    from rich.markup import escape
+
+    from kedit.methods.registry import get_method, list_methods, resolve_hparams
 
     if markdown:
         names = [name] if name else list_methods()
@@ -304,9 +309,17 @@ def methods(
             table.add_row(method, "yes" if spec.batchable else "no", spec.summary)
     else:
         spec = get_method(name)
-        table = Table("hyper-parameter", "default", "help", title=spec.name, title_justify="left")
-        for field, (default, help_text) in spec.hparams.field_help().items():
-            table.add_row(field, json.dumps(default), help_text)
+        defaults = {field: default for field, (default, _) in spec.hparams.field_help().items()}
+        title = spec.name
+        if model is not None:
+            import kedit
+
+            lm = kedit.load(model)
+            defaults = resolve_hparams(spec.name, lm).to_dict()
+            title = f"{spec.name} on {model}"
+        table = Table("hyper-parameter", "default", "help", title=title, title_justify="left")
+        for field, (_, help_text) in spec.hparams.field_help().items():
+            table.add_row(field, escape(json.dumps(defaults[field])), escape(help_text))
     console.print(table)
 
 
