@@ -151,10 +151,15 @@ def test_bench_shards_merge_to_the_whole_run(tmp_path):
         assert result.exit_code == 0, result.output
     leaf = ("tiny-gpt2", "ft-m", "tinyworld_knowedit", "independent", "seed-0")
     folders = [str(tmp_path.joinpath(f"s{i}", *leaf)) for i in range(2)]
+    for incomplete in ([folders[0]], [folders[0], folders[0]]):
+        refused = run("bench", "merge", *incomplete, "--out", str(tmp_path / "part"))
+        assert refused.exit_code == 2 and "expected the shards 0/2, 1/2 once each" in refused.output
     merged = run("bench", "merge", *folders, "--out", str(tmp_path / "all"))
     assert merged.exit_code == 0, merged.output
     summary = json.loads((tmp_path / "all" / "summary.json").read_text())
     assert summary["metrics"]["n_cases"] == 4
+    sequential = run(*base, "--mode", "sequential", "--shard", "0/2", "--out", str(tmp_path / "q"))
+    assert sequential.exit_code == 2 and "cannot be" in sequential.output
 
 
 def test_zoo_list_shows_bundled_models():

@@ -267,6 +267,9 @@ def test_import_of_rome_npz(random_gpt2, corpus, tmp_path):
     np.savez(path, mom2=np.zeros((128, 128)))
     with pytest.raises(ValueError, match="'mom2.mom2' and 'mom2.count'"):
         import_npz(random_gpt2, path, 1, corpus=corpus, n_samples=6)
+    np.savez(path, **{"mom2.mom2": np.full((128, 128), np.nan), "mom2.count": np.array(5)})
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        import_npz(random_gpt2, path, 1, corpus=corpus, n_samples=6)
 
 
 def test_cli_collect_import_and_list(model_dir, corpus, tmp_path):

@@ -518,6 +518,8 @@ def import_npz(
         )
     if count < 1:
         raise ValueError(f"path: 'mom2.count' in {str(path)!r} is {count}, expected >= 1")
+    if not torch.isfinite(total).all():
+        raise ValueError(f"path: 'mom2.mom2' in {str(path)!r} holds NaN or infinite values")
     dtype = dtype or ("float64" if total.dtype == torch.float64 else "float32")
     _check_key_args(n_samples, max_length, dtype)
     key = _stats_key(lm, layer, open_corpus(corpus, n_samples), max_length, dtype)

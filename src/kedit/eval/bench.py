@@ -68,6 +68,11 @@ class BenchConfig:
             raise ValueError(
                 f"checkpoint_every: expected an integer >= 0, got {self.checkpoint_every!r}"
             )
+        if self.mode == "sequential" and self.shard != "0/1":
+            raise ValueError(
+                f"shard: a sequential run's edits build on each other, so it cannot be split "
+                f"into shards; got {self.shard!r}"
+            )
         if self.mode == "independent" and self.batch_size != 1:
             raise ValueError("batch_size: independent mode edits one case at a time; use batch")
         if not self.protocols or any(p not in PROTOCOLS for p in self.protocols):
@@ -391,16 +396,35 @@ def merge_runs(folders: list[str | Path], out_dir: str | Path) -> dict[str, Any]
     """Combine the shards of one benchmark (same settings but the shard) into `out_dir`."""
     if not folders:
         raise ValueError("folders: expected the output folders of the shards to merge")
-    configs, records = [], {}
+    configs, shards, records = [], [], {}
     for folder in map(Path, folders):
         path = folder / CONFIG_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{str(folder)!r} is not a benchmark output folder")
-        configs.append({k: v for k, v in json.loads(path.read_text()).items() if k != "shard"})
+            raise FileNotFoundError(
+                f"{str(folder)!r} is not a benchmark run folder (one that holds {CONFIG_FILE}: "
+                "with `kedit bench --out O` that is O/<model>/<method>/<dataset>/<mode>/seed-<k>)"
+            )
+        config = json.loads(path.read_text())
+        shards.append(config.pop("shard"))
+        configs.append(config)
         for record in _read_jsonl(folder / CASES_FILE):
             records.setdefault(record["case_id"], record)
-    if any(config != configs[0] for config in configs):
-        raise ValueError("folders: the shards were run with different settings")
+    differing = sorted(
+        {k for config in configs for k in config if config.get(k) != configs[0].get(k)}
+    )
+    if differing:
+        raise ValueError(f"folders: the shards were run with different {', '.join(differing)}")
+    count = BenchConfig(method="", shard=shards[0]).shard_index()[1]
+    expected = [f"{index}/{count}" for index in range(count)]
+    if sorted(shards) != sorted(expected):
+        raise ValueError(
+            f"folders: expected the shards {', '.join(expected)} once each, got {', '.join(shards)}"
+        )
+    if len(records) != configs[0]["n_cases"]:
+        raise ValueError(
+            f"folders: the shards hold {len(records)} of the {configs[0]['n_cases']} cases; "
+            "finish them first (re-running a shard resumes it)"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     header = {**configs[0], "shard": "merged", "merged_from": [str(f) for f in folders]}
