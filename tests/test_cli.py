@@ -40,6 +40,11 @@ def test_methods_lists_and_describes():
         ),
         (["edit", "--prompt", "{} is", "--subject", "y", "--target", " z", "-p", "nokey"], "key"),
         (["demo", "--model", "./no-such-model"], "'./no-such-model' is a path that does not exist"),
+        (
+            ["edit", "--prompt", "{} is", "--subject", "Mira Olsen", "--target", " x"]
+            + ["--method", "ft-m", "-p", "lr=1e30"],
+            "non-finite",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message):

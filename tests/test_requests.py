@@ -42,6 +42,7 @@ def test_probes_are_normalised_and_filled():
         ({"locality": [("only a prompt",)]}, "locality[0]"),
         ({"locality": [("prompt", "")]}, "locality[0].answer"),
         ({"portability": "x"}, "portability"),
+        ({"prompt": "{} and {} live in"}, "more than one"),
     ],
 )
 def test_bad_fields_are_named(kwargs, field):
@@ -75,3 +76,5 @@ def test_as_requests():
         as_requests([])
     with pytest.raises(TypeError, match=r"requests\[1\]"):
         as_requests([req, "nope"])
+    with pytest.raises(TypeError, match="got a dict"):
+        as_requests({"prompt": "{} is", "subject": "x", "target_new": " y"})

@@ -29,6 +29,7 @@ USER_ERRORS = (
     TypeError,
     KeyError,
     FileNotFoundError,
+    FloatingPointError,  # an edit whose weights would not be finite (the model is left as it was)
     json.JSONDecodeError,
     yaml.YAMLError,
 )
@@ -141,11 +142,16 @@ def edit_command(
     hparam: HparamOpt = None,
     hparams_file: HparamFileOpt = None,
     save: Annotated[Path | None, typer.Option(help="Write the edit to this .kedit file.")] = None,
+    target_true: Annotated[
+        str | None, typer.Option(help="The current answer, e.g. ' Paris' (KN needs it).")
+    ] = None,
 ) -> None:
     """Edit one fact and print the top predictions before and after."""
     import kedit
 
-    request = kedit.EditRequest(prompt=prompt, subject=subject, target_new=target)
+    request = kedit.EditRequest(
+        prompt=prompt, subject=subject, target_new=target, target_true=target_true
+    )
     hparams = parse_hparams(hparam, hparams_file)
     lm = kedit.load(model)
     edit = _edit_and_show(lm, request, method, hparams)

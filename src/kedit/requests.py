@@ -76,6 +76,8 @@ class EditRequest:
         _require_text("target_new", self.target_new)
         if self.target_true is not None:
             _require_text("target_true", self.target_true)
+        if self.prompt.count(SUBJECT_SLOT) > 1:
+            raise ValueError(f"prompt: {self.prompt!r} has more than one '{{}}' for the subject")
         if SUBJECT_SLOT not in self.prompt and self.subject not in self.prompt:
             raise ValueError(
                 f"prompt: {self.prompt!r} contains neither '{{}}' nor the subject {self.subject!r}"
@@ -126,6 +128,11 @@ class EditRequest:
 
 def as_requests(requests: EditRequest | Iterable[EditRequest]) -> list[EditRequest]:
     """Normalise one request or an iterable of them into a non-empty list."""
+    if isinstance(requests, dict | str):
+        raise TypeError(
+            f"requests: expected an EditRequest or a list of them, got a {type(requests).__name__}"
+            " (build one with kedit.EditRequest(prompt=..., subject=..., target_new=...))"
+        )
     items = [requests] if isinstance(requests, EditRequest) else list(requests)
     if not items:
         raise ValueError("requests: expected at least one EditRequest, got none")
