@@ -67,6 +67,10 @@ def test_plan_validation_names_fields(tmp_path):
         load_plan(path)
     with pytest.raises(ValueError, match="models: expected a list"):
         Plan(models=3, methods=["rome"], datasets=["d"])
+    for folder in (tmp_path / "a" / "m", tmp_path / "b" / "m"):
+        folder.mkdir(parents=True)
+    with pytest.raises(ValueError, match="would share the run folder 'm'"):
+        Plan(models=[str(tmp_path / "a" / "m"), str(tmp_path / "b" / "m")], methods=["rome"], datasets=["d"])
     path.write_text("models: m\nmethods: [rome, ft-m]\ndatasets: [d]\nmodes: independent\n")
     plan = load_plan(path)
     assert plan.modes == [{"mode": "independent"}]

@@ -74,6 +74,14 @@ class Plan:
             raise ValueError(f"seeds: expected a positive number of seeds, got {self.seeds!r}")
         if self.n is not None and (not isinstance(self.n, int) or self.n < 1):
             raise ValueError(f"n: expected a positive number of cases, got {self.n!r}")
+        folders: dict[str, str] = {}
+        for model in self.models:
+            other = folders.setdefault(model_folder_name(model), model)
+            if other != model:
+                raise ValueError(
+                    f"models: {other!r} and {model!r} would share the run folder "
+                    f"{model_folder_name(model)!r}; give one of them a folder of another name"
+                )
         for method in self.hparams:
             if method not in self.methods:
                 raise ValueError(f"hparams: {method!r} is not one of the plan's methods")
