@@ -70,7 +70,7 @@ def test_plan_validation_names_fields(tmp_path):
     for folder in (tmp_path / "a" / "m", tmp_path / "b" / "m"):
         folder.mkdir(parents=True)
     with pytest.raises(ValueError, match="would share the run folder 'm'"):
-        Plan(models=[str(tmp_path / "a" / "m"), str(tmp_path / "b" / "m")], methods=["rome"], datasets=["d"])
+        Plan(models=[str(tmp_path / d / "m") for d in "ab"], methods=["rome"], datasets=["d"])
     path.write_text("models: m\nmethods: [rome, ft-m]\ndatasets: [d]\nmodes: independent\n")
     plan = load_plan(path)
     assert plan.modes == [{"mode": "independent"}]
