@@ -23,9 +23,8 @@ class LM:
 
     `.recipe` names the zoo recipe a model folder was trained with (its `kedit_zoo.json`), so a
     retrained or copied zoo model gets that recipe's hyper-parameters whatever its folder is called.
-
-        `.cache` holds work derived from the unedited model that does not depend on any edit
-        (context prefixes, inverse covariances), so it is computed once per model.
+    `.cache` holds work derived from the unedited model that does not depend on any edit
+    (context prefixes, inverse covariances), so it is computed once per model.
     """
 
     model: nn.Module
