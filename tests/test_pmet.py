@@ -35,9 +35,10 @@ def test_pmet_update_solves_its_normal_equations_per_layer(tiny_gpt2, monkeypatc
 
     monkeypatch.setattr(memit_module, "least_squares_update", record_solve)
     monkeypatch.setattr(pmet_module, "value_targets", record_targets)
-    layers = sorted(resolve_hparams("pmet", lm).layers)
+    params = resolve_hparams("pmet", lm)
+    layers = sorted(params.layers)
     ffn_output = residuals_at_lookup(
-        lm, layers[-1], requests, "subject_last", lm.layout.mlp_out_name(layers[-1])
+        lm, layers[-1], requests, params.fact_token, lm.layout.mlp_out_name(layers[-1])
     )
     with kedit.edit(lm, requests, method="pmet") as edit:
         deltas = edit.deltas
