@@ -134,6 +134,14 @@ def test_bench_refused_for_bad_input_leaves_out_as_it_was(tmp_path):
     assert run(*args, "--method", "ft-m").exit_code == 0
 
 
+def test_bench_config_refuses_options_it_would_ignore(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"models: [tiny-gpt2]\nmethods: [ft-m]\ndatasets: [{KNOWEDIT}]\n")
+    result = run("bench", "--config", str(plan), "--out", str(tmp_path / "o"), "--n", "1")
+    assert result.exit_code == 2 and "--n would be ignored" in result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_bench_runs_of_a_model_folder_stay_inside_out(tmp_path):
     model = tmp_path / "models" / "my-model"
     shutil.copytree(model_path("tiny-gpt2"), model)

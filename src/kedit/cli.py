@@ -206,6 +206,19 @@ def bench(
     if out is None:
         raise ValueError("--out: give the output folder of the run")
     if config is not None:
+        plan_keys = ["data", "model", "method", "n", "mode", "batch_size", "schedule"]
+        plan_keys += ["checkpoint_every", "protocol", "contexts", "seeds", "hparam", "hparams_file"]
+        given = [
+            "--" + key.replace("_", "-")
+            for key in plan_keys
+            # compared by name: recent typer vendors its own click, whose enum is not click's
+            if getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE"
+        ]
+        if given:
+            raise ValueError(
+                f"--config: the plan file sets the run; {', '.join(given)} would be ignored, "
+                "so put them in the plan or drop --config"
+            )
         plan = load_plan(config)
     else:
         if data is None:
