@@ -39,6 +39,10 @@ def test_methods_lists_and_describes():
             "v_stepz",
         ),
         (["edit", "--prompt", "{} is", "--subject", "y", "--target", " z", "-p", "nokey"], "key"),
+        (
+            ["edit", "--prompt", "{} is", "--subject", "y", "--target", " z", "-p", "layers=[0"],
+            "--hparam 'layers=[0'",
+        ),
         (["demo", "--model", "./no-such-model"], "'./no-such-model' is a path that does not exist"),
         (
             ["edit", "--prompt", "{} is", "--subject", "Mira Olsen", "--target", " x"]

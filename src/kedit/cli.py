@@ -52,11 +52,19 @@ def friendly_errors(command: Callable) -> Callable:
 
 def parse_hparams(pairs: list[str] | None, path: Path | None) -> dict[str, Any]:
     """Hyper-parameters from a YAML file and `key=value` pairs (values parsed as YAML)."""
+
+    def parse(text: str, where: str) -> Any:
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or "not valid YAML"
+            raise ValueError(f"{where}: {problem}") from error
+
     values: dict[str, Any] = {}
     if path is not None:
         if not path.is_file():
-            raise FileNotFoundError(f"--hparams-file: {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+            raise FileNotFoundError(f"--hparams-file: {str(path)!r} is not a file")
+        loaded = parse(path.read_text(), f"--hparams-file {str(path)!r}") or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"--hparams-file: {str(path)!r} must hold a mapping of keys to values")
         values.update(loaded)
@@ -64,7 +72,7 @@ def parse_hparams(pairs: list[str] | None, path: Path | None) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--hparam: expected key=value, got {pair!r}")
-        values[key.strip()] = yaml.safe_load(raw)
+        values[key.strip()] = parse(raw, f"--hparam {pair!r}")
     return values
 
 
