@@ -138,6 +138,19 @@ def test_bench_refused_for_bad_input_leaves_out_as_it_was(tmp_path):
     assert run(*args, "--method", "ft-m").exit_code == 0
 
 
+def test_save_to_a_folder_and_out_on_a_file_are_one_line(tmp_path):
+    args = ["edit", "--prompt", "{} lives in", "--subject", "Wim Dunmont", "--target", " Lisbon"]
+    result = run(*args, "--method", "ft-m", "--save", str(tmp_path))
+    assert result.exit_code == 2 and "is a folder; give a file name" in " ".join(
+        result.output.split()
+    )
+    taken = tmp_path / "taken.txt"
+    taken.write_text("x")
+    result = run("bench", "--data", KNOWEDIT, "--n", "1", "--method", "ft-m", "--out", str(taken))
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "is a file; give a folder" in output
+
+
 def test_bench_config_refuses_options_it_would_ignore(tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"models: [tiny-gpt2]\nmethods: [ft-m]\ndatasets: [{KNOWEDIT}]\n")

@@ -206,6 +206,8 @@ class Edit:
     def save(self, path: str | Path) -> Path:
         """Write the edit to one safetensors file with its metadata as JSON."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"path: {str(path)!r} is a folder; give a file name (e.g. fact.kedit)")
         tensors: dict[str, torch.Tensor] = {}
         storages: set[int] = set()
 

@@ -166,6 +166,8 @@ def run_plan(
     from kedit.data import load_requests
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {str(out)!r} is a file; give a folder for the run")
     runs = plan.configs(shard)
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     sequential: list[tuple[str, list[dict[str, Any]]]] = []  # (title, checkpoints) per run
