@@ -260,6 +260,9 @@ def test_import_of_rome_npz(random_gpt2, corpus, tmp_path):
     torch.testing.assert_close(found.double(), torch.from_numpy(expected), rtol=1e-5, atol=1e-6)
     (entry,) = list_cached()
     assert entry["tokens"] == 37 and entry["source"] == str(path.resolve())
+    with pytest.raises(ValueError, match="already cached"):
+        import_npz(random_gpt2, path, 1, corpus=corpus, n_samples=6, max_length=32)
+    import_npz(random_gpt2, path, 1, corpus=corpus, n_samples=6, max_length=32, overwrite=True)
 
     rome_npz(path, width=16)
     with pytest.raises(ValueError, match=r"\(128, 128\) was expected"):

@@ -463,6 +463,9 @@ def stats_import(
     dtype: Annotated[
         str | None, typer.Option(help="float64 or float32 (default: the file's).")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace statistics already cached under the same settings.")
+    ] = False,
 ) -> None:
     """Cache a second moment computed by ROME/MEMIT/EasyEdit (`layer_stats` .npz files).
 
@@ -474,7 +477,9 @@ def stats_import(
     from kedit.stats import import_npz
 
     lm = kedit.load(model)
-    key = import_npz(lm, file, layer, corpus, n_samples, max_length=max_length, dtype=dtype)
+    key = import_npz(
+        lm, file, layer, corpus, n_samples, max_length=max_length, dtype=dtype, overwrite=overwrite
+    )
     console.print(f"Imported {file} as {key.module} of {lm.name}: {key.path()}")
 
 

@@ -489,8 +489,10 @@ def import_npz(
     n_samples: int,
     max_length: int = DEFAULT_MAX_LENGTH,
     dtype: str | None = None,
+    overwrite: bool = False,
 ) -> StatsKey:
-    """Cache a second moment from a ROME/MEMIT/EasyEdit `.npz` file as this model's `layer`.
+    """Cache a second moment from a ROME/MEMIT/EasyEdit `.npz` file as this model's `layer`
+    (an entry already cached under the same key is replaced only with `overwrite`).
 
     Those files hold a running-statistics state: `mom2.mom2` is the sum Σ k kᵀ over all
     tokens and `mom2.count` the number of tokens, so E[k kᵀ] = mom2 / count. The file does
@@ -523,6 +525,11 @@ def import_npz(
     dtype = dtype or ("float64" if total.dtype == torch.float64 else "float32")
     _check_key_args(n_samples, max_length, dtype)
     key = _stats_key(lm, layer, open_corpus(corpus, n_samples), max_length, dtype)
+    if key.path().exists() and not overwrite:
+        raise ValueError(
+            f"overwrite: statistics for {key.module} of {lm.name} with these settings are already "
+            f"cached ({key.path()}); pass overwrite (--overwrite) to replace them"
+        )
     moment = (total.double() / count).to(DTYPES[dtype])
     _save_entry(key, moment, {"tokens": count, "model": lm.name, "source": str(path.resolve())})
     return key
