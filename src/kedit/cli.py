@@ -214,13 +214,12 @@ def bench(
     if out is None:
         raise ValueError("--out: give the output folder of the run")
     if config is not None:
-        plan_keys = ["data", "model", "method", "n", "mode", "batch_size", "schedule"]
-        plan_keys += ["checkpoint_every", "protocol", "contexts", "seeds", "hparam", "hparams_file"]
         given = [
             "--" + key.replace("_", "-")
-            for key in plan_keys
+            for key in ctx.params
+            if key not in ("out", "config", "shard")
             # compared by name: recent typer vendors its own click, whose enum is not click's
-            if getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE"
+            and getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE"
         ]
         if given:
             raise ValueError(
