@@ -132,10 +132,16 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise FileNotFoundError(
-            f"model: {name_or_path!r} is a path that does not exist (bundled models: "
-            f"{', '.join(zoo.list_models())})"
+            f"model: {name_or_path!r} is a path that does not exist ({_bundled_models()})"
         )
     return name_or_path
+
+
+def _bundled_models() -> str:
+    """The bundled models' names, for error messages."""
+    from kedit import zoo
+
+    return f"bundled models: {', '.join(zoo.list_models())}"
 
 
 def _zoo_recipe(folder: str) -> str | None:
@@ -165,11 +171,9 @@ def load(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as error:
-        from kedit import zoo
-
         raise ValueError(
-            f"model: {name_or_path!r} is not a bundled model ({', '.join(zoo.list_models())}) "
-            f"or a local folder, and loading it as a hub id failed: {str(error).splitlines()[0]}"
+            f"model: {name_or_path!r} is not a bundled model ({_bundled_models()}) or a local "
+            f"folder, and loading it as a hub id failed: {str(error).splitlines()[0]}"
         ) from error
     if device is not None:
         model.to(device)
