@@ -208,3 +208,66 @@ def test_zoo_train_refuses_bad_epochs(tmp_path):
     result = run("zoo", "train", "tiny-gpt2", "--out", str(tmp_path), "--epochs", "0")
     assert result.exit_code != 0
     assert "epochs: expected a positive integer, got 0" in result.output
+
+
+EDIT_ARGS = ["edit", "--prompt", "{} lives in", "--subject", "Wim Dunmont", "--target", " Lisbon"]
+
+
+def test_an_easyedit_file_chooses_method_and_model_unless_the_options_do(tmp_path, monkeypatch):
+    import kedit.cli as cli
+
+    chosen = []
+    monkeypatch.setattr(
+        cli, "_edit_and_show", lambda lm, request, method, hparams: chosen.append((lm, method))
+    )
+    monkeypatch.setattr("kedit.load", lambda model: model)
+    easyedit = tmp_path / "memit.yaml"
+    easyedit.write_text('alg_name: "MEMIT"\nmodel_name: "tiny-llama"\nlayers: [5]\n')
+    assert run(*EDIT_ARGS, "--hparams-file", str(easyedit)).exit_code == 0
+    assert run(*EDIT_ARGS, "--hparams-file", str(easyedit), "-m", "tiny-gpt2").exit_code == 0
+    assert chosen == [("tiny-llama", "memit"), ("tiny-gpt2", "memit")]
+
+
+def test_an_alg_name_of_another_method_is_refused_before_anything_is_printed(tmp_path):
+    easyedit = tmp_path / "memit.yaml"
+    easyedit.write_text('alg_name: "MEMIT"\nlayers: [5]\n')
+    result = run(*EDIT_ARGS, "--method", "rome", "--hparams-file", str(easyedit))
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2
+    assert "alg_name: 'MEMIT' is EasyEdit's name of method 'memit'" in output
+    assert "but these hyper-parameters are for 'rome'" in output
+    assert "Before the edit" not in output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["-p", "v_lr=abc"], "v_lr"),
+        (["-p", "layers=[99]"], "out of range"),
+        (["--method", "kn"], "target_true"),
+    ],
+)
+def test_edit_errors_come_before_any_table(args, message):
+    result = run(*EDIT_ARGS, *args)
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert "Before the edit" not in result.output
+
+
+def test_save_to_a_folder_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    def no_load(model):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("kedit.load", no_load)
+    result = run(*EDIT_ARGS, "--save", str(tmp_path))
+    assert result.exit_code == 2 and "is a folder" in result.output
+
+
+def test_bench_takes_the_method_from_an_easyedit_file(tmp_path):
+    easyedit = tmp_path / "ft.yaml"
+    easyedit.write_text('alg_name: "FT"\nobjective_optimization: "target_new"\nnum_steps: 5\n')
+    out = tmp_path / "o"
+    args = ["bench", "--data", KNOWEDIT, "--n", "1", "--seeds", "1", "--out", str(out)]
+    result = run(*args, "--hparams-file", str(easyedit))
+    assert result.exit_code == 0, result.output
+    assert [folder.name for folder in (out / "tiny-gpt2").iterdir()] == ["ft-m"]

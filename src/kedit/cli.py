@@ -76,13 +76,11 @@ def parse_hparams(pairs: list[str] | None, path: Path | None) -> dict[str, Any]:
     return values
 
 
-def show_predictions(lm: Any, prompt: str, title: str) -> None:
-    from kedit.lm import top_next_tokens
-
+def show_predictions(predictions: list[tuple[str, float]], title: str) -> None:
     table = Table(title=title, title_justify="left")
     table.add_column("next token")
     table.add_column("probability", justify="right")
-    for token, prob in top_next_tokens(lm, prompt):
+    for token, prob in predictions:
         table.add_row(repr(token), f"{prob:.3f}")
     console.print(table)
 
@@ -100,16 +98,44 @@ def show_metrics(result: dict[str, Any]) -> None:
 
 
 def _edit_and_show(lm: Any, request: Any, method: str, hparams: dict[str, Any]) -> Any:
+    """Edit and print the top predictions before and after, and the metrics. Nothing is printed
+    before the edit has succeeded, so bad input gives only its error line."""
     import kedit
+    from kedit.lm import top_next_tokens
+    from kedit.methods.registry import resolve_hparams
 
-    console.print(f"[bold]{request.text}[/bold] -> {request.target_new!r} ({method}, {lm.name})")
-    show_predictions(lm, request.text, "Before the edit")
+    params = resolve_hparams(method, lm, hparams)
+    before = top_next_tokens(lm, request.text)
     started = time.perf_counter()
-    edit = kedit.edit(lm, request, method=method, hparams=hparams)
+    edit = kedit.edit(lm, request, method=method, hparams=params)
     seconds = time.perf_counter() - started
-    show_predictions(lm, request.text, f"After the edit ({seconds:.2f} s)")
+    console.print(f"[bold]{request.text}[/bold] -> {request.target_new!r} ({method}, {lm.name})")
+    show_predictions(before, "Before the edit")
+    show_predictions(top_next_tokens(lm, request.text), f"After the edit ({seconds:.2f} s)")
     show_metrics(kedit.evaluate(lm, request, edit=edit))
     return edit
+
+
+def given_on_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was typed, not defaulted."""
+    # Compared by name: recent typer vendors its own click, whose enum is not click's.
+    return getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+
+
+def easyedit_names(
+    ctx: typer.Context, hparams: dict[str, Any], method: str, model: str
+) -> tuple[str, str]:
+    """The method and model: an EasyEdit file's `alg_name` and `model_name` choose them where
+    --method and --model are not given (a given --method must agree with `alg_name`)."""
+    from kedit.methods.registry import method_for_alg_name
+
+    if "alg_name" in hparams and not given_on_command_line(ctx, "method"):
+        method = method_for_alg_name(hparams["alg_name"], hparams)
+    if "model_name" in hparams and not given_on_command_line(ctx, "model"):
+        model = hparams["model_name"]
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model_name: expected a model name, folder or hub id, got {model!r}")
+    return method, model
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled name, folder or hub id.")]
@@ -142,6 +168,7 @@ def demo(model: ModelOpt = DEMO_MODEL, method: MethodOpt = "rome", case: int = 0
 @app.command("edit")
 @friendly_errors
 def edit_command(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Option(help="Prompt, with {} for the subject or containing it.")],
     subject: Annotated[str, typer.Option(help="The subject whose fact changes.")],
     target: Annotated[str, typer.Option(help="The new target, e.g. ' Lisbon'.")],
@@ -161,6 +188,9 @@ def edit_command(
         prompt=prompt, subject=subject, target_new=target, target_true=target_true
     )
     hparams = parse_hparams(hparam, hparams_file)
+    method, model = easyedit_names(ctx, hparams, method, model)
+    if save is not None and save.is_dir():
+        raise ValueError(f"--save: {str(save)!r} is a folder; give a file name (e.g. fact.kedit)")
     lm = kedit.load(model)
     edit = _edit_and_show(lm, request, method, hparams)
     if save is not None:
@@ -217,9 +247,7 @@ def bench(
         given = [
             "--" + key.replace("_", "-")
             for key in ctx.params
-            if key not in ("out", "config", "shard")
-            # compared by name: recent typer vendors its own click, whose enum is not click's
-            and getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE"
+            if key not in ("out", "config", "shard") and given_on_command_line(ctx, key)
         ]
         if given:
             raise ValueError(
@@ -232,6 +260,8 @@ def bench(
             raise ValueError("--data: give a benchmark file, or a plan with --config")
         if not data.is_file():
             raise FileNotFoundError(f"--data: {str(data)!r} does not exist")
+        hparams = parse_hparams(hparam, hparams_file)
+        method, model = easyedit_names(ctx, hparams, method, model)
         plan = Plan(
             models=[model],
             methods=[method],
@@ -245,7 +275,7 @@ def bench(
                 }
             ],
             protocols=protocol or ["teacher_forced"],
-            hparams={method: parse_hparams(hparam, hparams_file)},
+            hparams={method: hparams},
             n=n,
             seeds=seeds,
             contexts=contexts,

@@ -40,7 +40,13 @@ from kedit.eval.protocols import TokenScore, sample_continuations, score_teacher
 from kedit.lm import LM, load
 from kedit.methods._locate import LocateHyperParams
 from kedit.methods.ft import FTHyperParams as _KeditFTHyperParams
-from kedit.methods.registry import get_method, list_methods, resolve_hparams
+from kedit.methods.registry import (
+    get_method,
+    list_methods,
+    method_for_alg_name,
+    name_key,
+    resolve_hparams,
+)
 from kedit.requests import EditRequest
 
 __all__ = [
@@ -54,38 +60,13 @@ __all__ = [
 
 log = logging.getLogger("kedit.compat")
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-FT_OBJECTIVES = {"prompt_last": "ft-l", "target_new": "ft-m"}
 # EasyEdit keys that this module handles itself rather than the method's hyper-parameters.
-HANDLED_HERE = {"batch_size", "objective_optimization"}
+HANDLED_HERE = {"alg_name", "batch_size", "objective_optimization"}
 # `edit` keyword arguments EasyEdit scripts pass that change nothing here: the in-context
 # training set (IKE only), and the weight-keeping switches EasyEdit itself no longer reads.
 IGNORED_KWARGS = {"train_ds", "keep_original_weight", "copy", "return_orig_weights"}
 TOKEN_ACCURACY_METRICS = {"token_em", "exact match"}
 NO_GROUND_TRUTH = "<|endoftext|>"
-
-
-def _key(name: str) -> str:
-    """A method or algorithm name reduced to lower-case letters and digits ("R-ROME" -> "rrome")."""
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
-def _method_for(alg_name: str, config: dict[str, Any]) -> str:
-    """The kedit method an EasyEdit `alg_name` (and, for FT, `objective_optimization`) means."""
-    key = _key(alg_name)
-    if key == "ft":
-        objective = config.get("objective_optimization", "prompt_last")
-        if objective not in FT_OBJECTIVES:
-            raise ValueError(
-                f"objective_optimization: expected one of {list(FT_OBJECTIVES)}, got {objective!r}"
-            )
-        return FT_OBJECTIVES[objective]
-    for method in list_methods():
-        if _key(method) == key:
-            return method
-    raise ValueError(
-        f"alg_name: {alg_name!r} is not a method kedit has; kedit's methods: "
-        f"{', '.join(list_methods())}"
-    )
 
 
 class EasyEditHyperParams:
@@ -133,7 +114,7 @@ class EasyEditHyperParams:
     @property
     def method(self) -> str:
         """The kedit method these hyper-parameters drive."""
-        return _method_for(self.config["alg_name"], self.config)
+        return method_for_alg_name(self.config["alg_name"], self.config)
 
     def kedit_values(self) -> dict[str, Any]:
         """The keys that go to the method's kedit hyper-parameters, in kedit's conventions."""
@@ -150,7 +131,7 @@ class EasyEditHyperParams:
         alg_name = self.config.get("alg_name")
         if not isinstance(alg_name, str):
             raise ValueError(f"alg_name: expected the EasyEdit algorithm name, got {alg_name!r}")
-        if self.ALG_NAMES and _key(alg_name) not in self.ALG_NAMES:
+        if self.ALG_NAMES and name_key(alg_name) not in self.ALG_NAMES:
             raise ValueError(
                 f"alg_name: {type(self).__name__} reads files of {'/'.join(self.ALG_NAMES)}, "
                 f"got {alg_name!r}; use the class of that algorithm"
@@ -188,8 +169,8 @@ def __getattr__(name: str) -> type[EasyEditHyperParams]:
     """`<Method>HyperParams` for any method registered with kedit (e.g. later additions)."""
     for suffix in ("HyperParams", "Hparams"):
         if name.endswith(suffix) and name[: -len(suffix)]:
-            key = _key(name[: -len(suffix)])
-            if any(_key(method) == key for method in list_methods()):
+            key = name_key(name[: -len(suffix)])
+            if any(name_key(method) == key for method in list_methods()):
                 return _hparams_class(name, (key,))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

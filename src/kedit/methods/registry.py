@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import re
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,7 +68,16 @@ class HyperParams:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], method: str = "") -> HyperParams:
-        """Build from a dict, accepting EasyEdit key names; unknown keys raise a clear error."""
+        """Build from a dict, accepting EasyEdit key names; unknown keys raise a clear error, and
+        so does an EasyEdit `alg_name` of another method than `method`."""
+        if method and "alg_name" in values:
+            named = method_for_alg_name(values["alg_name"], values)
+            if named != method:
+                raise ValueError(
+                    f"alg_name: {values['alg_name']!r} is EasyEdit's name of method {named!r}, "
+                    f"but these hyper-parameters are for {method!r}; use method {named!r} or "
+                    "drop alg_name"
+                )
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
@@ -88,6 +98,36 @@ class HyperParams:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# EasyEdit's FT is one algorithm; its `objective_optimization` picks what kedit calls FT-L or FT-M.
+FT_OBJECTIVES = {"prompt_last": "ft-l", "target_new": "ft-m"}
+
+
+def name_key(name: str) -> str:
+    """A method or algorithm name reduced to lower-case letters and digits ("R-ROME" -> "rrome")."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def method_for_alg_name(alg_name: Any, values: dict[str, Any]) -> str:
+    """The kedit method an EasyEdit `alg_name` (and, for FT, `objective_optimization`) means."""
+    if not isinstance(alg_name, str):
+        raise ValueError(f"alg_name: expected the EasyEdit algorithm name, got {alg_name!r}")
+    key = name_key(alg_name)
+    if key == "ft":
+        objective = values.get("objective_optimization", "prompt_last")
+        if objective not in FT_OBJECTIVES:
+            raise ValueError(
+                f"objective_optimization: expected one of {list(FT_OBJECTIVES)}, got {objective!r}"
+            )
+        return FT_OBJECTIVES[objective]
+    for method in list_methods():
+        if name_key(method) == key:
+            return method
+    raise ValueError(
+        f"alg_name: {alg_name!r} is not a method kedit has; kedit's methods: "
+        f"{', '.join(list_methods())}"
+    )
 
 
 def _coerce(method: str, name: str, value: Any, annotation: Any) -> Any:
