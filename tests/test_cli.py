@@ -129,7 +129,8 @@ def test_bench_refused_for_bad_input_leaves_out_as_it_was(tmp_path):
     for bad, message in [
         (["--method", "ft-m", "-p", "nope=1"], "unknown hyper-parameter 'nope'"),
         (["--method", "nope"], "unknown method 'nope'"),
-        (["--method", "ft-m", "--protocol", "sampling"], "protocols: expected some of"),
+        (["--method", "ft-m", "--protocol", "nope"], "protocols: expected some of"),
+        (["--method", "ft-m", "--protocol", "sampling"], "sampling only adds fluency"),
         (["--method", "rome", "--mode", "batch", "--batch-size", "2"], "one request at a time"),
     ]:
         result = run(*args, *bad)
@@ -271,3 +272,15 @@ def test_bench_takes_the_method_from_an_easyedit_file(tmp_path):
     result = run(*args, "--hparams-file", str(easyedit))
     assert result.exit_code == 0, result.output
     assert [folder.name for folder in (out / "tiny-gpt2").iterdir()] == ["ft-m"]
+
+
+def test_bench_protocol_sampling_fills_the_fluency_columns(tmp_path):
+    out = tmp_path / "o"
+    args = ["bench", "--data", KNOWEDIT, "--n", "1", "--seeds", "1", "--method", "ft-m"]
+    result = run(*args, "--protocol", "teacher_forced", "--protocol", "sampling", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    folder = out / "tiny-gpt2" / "ft-m" / "tinyworld_knowedit" / "independent" / "seed-0"
+    summary = json.loads((folder / "summary.json").read_text())
+    fluency = summary["metrics"]["post"]["sampling"]["fluency"]
+    row = next(line for line in (out / "report.md").read_text().splitlines() if "/ ft-m /" in line)
+    assert row.rstrip(" |").endswith(f"{fluency:.3f}") and fluency > 0

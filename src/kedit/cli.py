@@ -224,7 +224,8 @@ def bench(
         int, typer.Option(help="Sequential: re-evaluate everything every K edits (0: never).")
     ] = 0,
     protocol: Annotated[
-        list[str] | None, typer.Option(help="teacher_forced, probability or generation.")
+        list[str] | None,
+        typer.Option(help="teacher_forced, probability, generation; sampling adds fluency."),
     ] = None,
     contexts: Annotated[
         int, typer.Option(help="Unrelated sentences per case for the robustness metric.")

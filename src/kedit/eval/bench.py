@@ -25,7 +25,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from kedit.eval.protocols import PROTOCOLS, pooled_perplexity, text_nll
+from kedit.eval.protocols import PROTOCOLS, SAMPLING, pooled_perplexity, text_nll
 from kedit.eval.runner import Raw, assemble, measure, summarize, with_contexts
 from kedit.lm import LM
 from kedit.requests import EditRequest
@@ -75,13 +75,22 @@ class BenchConfig:
             )
         if self.mode == "independent" and self.batch_size != 1:
             raise ValueError("batch_size: independent mode edits one case at a time; use batch")
-        if not self.protocols or any(p not in PROTOCOLS for p in self.protocols):
+        if not self.protocols or any(p not in (*PROTOCOLS, SAMPLING) for p in self.protocols):
             raise ValueError(
-                f"protocols: expected some of {', '.join(PROTOCOLS)}, got {self.protocols!r}"
+                f"protocols: expected some of {', '.join(PROTOCOLS)} and optionally {SAMPLING} "
+                f"(fluency of sampled text), got {self.protocols!r}"
+            )
+        if not self.scoring_protocols():
+            raise ValueError(
+                f"protocols: {SAMPLING} only adds fluency; give one of {', '.join(PROTOCOLS)} too"
             )
         if not isinstance(self.contexts, int) or self.contexts < 0:
             raise ValueError(f"contexts: expected an integer >= 0, got {self.contexts!r}")
         self.shard_index()
+
+    def scoring_protocols(self) -> list[str]:
+        """The protocols that score probes; `sampling` (fluency) is measured beside them."""
+        return [p for p in self.protocols if p != SAMPLING]
 
     def shard_index(self) -> tuple[int, int]:
         """`(i, n)` of a shard written "i/n": this run takes cases i, i+n, i+2n, ..."""
@@ -149,7 +158,9 @@ class _Run:
 
     def measure(self, indices: list[int]) -> Raw:
         c = self.config
-        return measure(self.lm, [self.requests[i] for i in indices], c.protocols, seed=c.seed)
+        requests = [self.requests[i] for i in indices]
+        fluency = SAMPLING in c.protocols
+        return measure(self.lm, requests, c.scoring_protocols(), fluency=fluency, seed=c.seed)
 
     def pre(self, indices: list[int]) -> Raw:
         if self._pre is None:
