@@ -189,8 +189,16 @@ def test_bench_shards_merge_to_the_whole_run(tmp_path):
     assert merged.exit_code == 0, merged.output
     summary = json.loads((tmp_path / "all" / "summary.json").read_text())
     assert summary["metrics"]["n_cases"] == 4
+    reliability = summary["metrics"]["post"]["teacher_forced"]["reliability"]
+    report = (tmp_path / "all" / "report.md").read_text()
+    assert f"tiny-gpt2 / ft-m / tinyworld_knowedit / independent | {reliability:.3f} |" in report
+    assert (tmp_path / "all" / "bars_teacher_forced.png").stat().st_size > 0
     sequential = run(*base, "--mode", "sequential", "--shard", "0/2", "--out", str(tmp_path / "q"))
     assert sequential.exit_code == 2 and "cannot be" in sequential.output
+    assert run(*base, "--mode", "sequential", "--out", str(tmp_path / "q")).exit_code == 0
+    (seq_run,) = (tmp_path / "q" / "tiny-gpt2" / "ft-m").glob("*/sequential*/seed-0")
+    refused = run("bench", "merge", str(seq_run), "--out", str(tmp_path / "qm"))
+    assert refused.exit_code == 2 and "is a sequential run" in " ".join(refused.output.split())
 
 
 def test_zoo_list_shows_bundled_models():

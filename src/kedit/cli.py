@@ -304,9 +304,9 @@ def bench_merge(
     out: Annotated[Path, typer.Option(help="Folder for the merged run.")],
 ) -> None:
     """Combine the shards of one benchmark run (`--shard i/n`) into one."""
-    from kedit.eval.bench import merge_runs
+    from kedit.eval.plan import merge_shards
 
-    summary = merge_runs(folders, out)
+    summary = merge_shards(folders, out)
     show_summary({"metrics": summary["metrics"]}, f"merged {len(folders)} shards")
 
 

@@ -40,6 +40,11 @@ MODES = ("independent", "batch", "sequential")
 SCHEDULES = ("after-each", "after-all")
 
 
+def scoring_protocols(protocols: list[str]) -> list[str]:
+    """The protocols that score probes; `sampling` (fluency) is measured beside them."""
+    return [p for p in protocols if p != SAMPLING]
+
+
 @dataclass
 class BenchConfig:
     """Everything that determines a benchmark run; stored in `config.json` beside the results."""
@@ -80,17 +85,13 @@ class BenchConfig:
                 f"protocols: expected some of {', '.join(PROTOCOLS)} and optionally {SAMPLING} "
                 f"(fluency of sampled text), got {self.protocols!r}"
             )
-        if not self.scoring_protocols():
+        if not scoring_protocols(self.protocols):
             raise ValueError(
                 f"protocols: {SAMPLING} only adds fluency; give one of {', '.join(PROTOCOLS)} too"
             )
         if not isinstance(self.contexts, int) or self.contexts < 0:
             raise ValueError(f"contexts: expected an integer >= 0, got {self.contexts!r}")
         self.shard_index()
-
-    def scoring_protocols(self) -> list[str]:
-        """The protocols that score probes; `sampling` (fluency) is measured beside them."""
-        return [p for p in self.protocols if p != SAMPLING]
 
     def shard_index(self) -> tuple[int, int]:
         """`(i, n)` of a shard written "i/n": this run takes cases i, i+n, i+2n, ..."""
@@ -159,8 +160,8 @@ class _Run:
     def measure(self, indices: list[int]) -> Raw:
         c = self.config
         requests = [self.requests[i] for i in indices]
-        fluency = SAMPLING in c.protocols
-        return measure(self.lm, requests, c.scoring_protocols(), fluency=fluency, seed=c.seed)
+        protocols, fluency = scoring_protocols(c.protocols), SAMPLING in c.protocols
+        return measure(self.lm, requests, protocols, fluency=fluency, seed=c.seed)
 
     def pre(self, indices: list[int]) -> Raw:
         if self._pre is None:
@@ -416,6 +417,11 @@ def merge_runs(folders: list[str | Path], out_dir: str | Path) -> dict[str, Any]
                 "with `kedit bench --out O` that is O/<model>/<method>/<dataset>/<mode>/seed-<k>)"
             )
         config = json.loads(path.read_text())
+        if config.get("mode") == "sequential":
+            raise ValueError(
+                f"{str(folder)!r} is a sequential run: its edits build on each other, so it is "
+                "never split into shards and there is nothing to merge"
+            )
         shards.append(config.pop("shard"))
         configs.append(config)
         for record in _read_jsonl(folder / CASES_FILE):

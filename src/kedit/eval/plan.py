@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from kedit.eval.bench import BenchConfig, run_bench
+from kedit.eval.bench import BenchConfig, merge_runs, run_bench, scoring_protocols
 from kedit.eval.report import (
     COUNTERFACT_COLUMNS,
     KNOWEDIT_COLUMNS,
@@ -196,7 +196,8 @@ def run_plan(
         key = (model, config.method, Path(dataset).stem, _label(mode))
         if summary.get("checkpoints"):
             curves = folder / f"curves-seed-{config.seed}.png"
-            plot_curves(summary["checkpoints"], plan.protocols[0], curves, config.method)
+            scored = scoring_protocols(plan.protocols)[0]
+            plot_curves(summary["checkpoints"], scored, curves, config.method)
             title = f"{' / '.join(key)} / seed {config.seed}: checkpoints"
             sequential.append((title, summary["checkpoints"]))
         groups.setdefault(key, []).append(summary)
@@ -220,11 +221,34 @@ def run_plan(
         (" / ".join(key), summary["metrics"])
         for key, summary in zip(groups, aggregate["runs"], strict=True)
     ]
+    write_report(out, rows, plan.protocols, sequential)
+    return aggregate
+
+
+def write_report(
+    out: Path,
+    rows: list[tuple[str, dict[str, Any]]],
+    protocols: list[str],
+    sequential: list[tuple[str, list[dict[str, Any]]]] = (),
+) -> None:
+    """`report.md` (the KnowEdit-style and CounterFact tables, then each sequential run's
+    checkpoints) and one bar plot per protocol, for `rows` of (label, metrics)."""
+    scored = scoring_protocols(protocols)[0]
     report = markdown("KnowEdit-style table", rows, KNOWEDIT_COLUMNS)
     report += "\n" + markdown("CounterFact table (ROME's columns)", rows, COUNTERFACT_COLUMNS)
     for title, checkpoints in sequential:
-        report += "\n" + checkpoint_markdown(title, checkpoints, plan.protocols[0])
+        report += "\n" + checkpoint_markdown(title, checkpoints, scored)
     (out / "report.md").write_text(report)
-    for protocol in plan.protocols:
+    for protocol in protocols:
         plot_bars(rows, protocol, out / f"bars_{protocol}.png")
-    return aggregate
+
+
+def merge_shards(folders: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """`merge_runs` of the shards into `out_dir`, with the merged run's report and plots."""
+    out = Path(out_dir)
+    summary = merge_runs(folders, out)
+    label = " / ".join(
+        [summary["model"], summary["method"], Path(summary["data"]).stem, summary["mode"]]
+    )
+    write_report(out, [(label, summary["metrics"])], summary["protocols"])
+    return summary
