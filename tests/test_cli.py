@@ -205,6 +205,8 @@ def test_zoo_list_shows_bundled_models():
     result = run("zoo", "list")
     assert result.exit_code == 0
     assert "tiny-gpt2" in result.output and "tiny-llama" in result.output
+    cells = "".join(result.output.replace("│", " ").split())  # the console is 80 columns wide
+    assert "".join(str(model_path("tiny-llama")).split()) in cells
 
 
 def test_zoo_train_refuses_a_bad_name_mask_share(tmp_path):

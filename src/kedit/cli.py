@@ -519,7 +519,8 @@ def zoo_list() -> None:
     """List the bundled models and their measured fact accuracy."""
     from kedit import zoo
 
-    table = Table("model", "training facts", "held-out paraphrases", "path")
+    table = Table("model", "training facts", "held-out paraphrases")
+    table.add_column("path", overflow="fold")  # wrapped, never cut: it is there to be copied
     for name in zoo.list_models():
         info = zoo.model_info(name)
         table.add_row(
