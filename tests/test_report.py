@@ -1,6 +1,6 @@
 import pytest
 
-from kedit.eval.plan import Plan, load_plan
+from kedit.eval.plan import Plan, load_plan, mode_label
 from kedit.eval.report import (
     KNOWEDIT_COLUMNS,
     checkpoint_markdown,
@@ -98,3 +98,10 @@ def test_checkpoint_table_gives_each_perplexity_beside_its_unedited_value():
     assert "reliability (teacher_forced)" in lines[2]
     assert lines[4] == "| 1 | 50 | 0.800 | – | 0.500 | 5.000 (4.000) | 6.500 (6.000, 12) |"
     assert lines[5] == "| 2 | – | 0.700 | – | – | – (–) | – (–, 0) |"
+
+
+def test_run_folders_are_named_without_shell_patterns():
+    assert mode_label({"mode": "independent"}) == "independent"
+    label = mode_label({"mode": "sequential", "batch_size": 2, "schedule": "after-all"})
+    assert label == "sequential,batch_size=2,schedule=after-all"
+    assert not set(label) & set("[]*?{}()$ '\"\\;&|<>")

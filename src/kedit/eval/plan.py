@@ -127,11 +127,15 @@ def load_plan(path: str | Path) -> Plan:
     return Plan(**data)
 
 
-def _label(mode: dict[str, Any]) -> str:
-    """The mode's name, with the settings that differ from BenchConfig's defaults."""
+def mode_label(mode: dict[str, Any]) -> str:
+    """The mode's name, with the settings that differ from BenchConfig's defaults
+    ("sequential,batch_size=2,schedule=after-all"): a folder name with no character a shell
+    would expand."""
     defaults = BenchConfig(method="")
-    extra = [f"{k}={v}" for k, v in sorted(mode.items()) if getattr(defaults, k) != v]
-    return mode["mode"] + (f"[{','.join(extra)}]" if extra else "")
+    extra = [
+        f"{k}={v}" for k, v in sorted(mode.items()) if k != "mode" and getattr(defaults, k) != v
+    ]
+    return ",".join([mode["mode"], *extra])
 
 
 def model_folder_name(model: str) -> str:
@@ -179,11 +183,10 @@ def run_plan(
             loaded[model] = kedit.load(model)
         if dataset not in data:
             data[dataset] = load_requests(dataset, n=plan.n)
-        folder = out / model_folder_name(model) / config.method / Path(dataset).stem / _label(mode)
+        label = mode_label(mode)
+        folder = out / model_folder_name(model) / config.method / Path(dataset).stem / label
         if on_run is not None:
-            on_run(
-                f"{model} {config.method} {Path(dataset).name} {_label(mode)} seed {config.seed}"
-            )
+            on_run(f"{model} {config.method} {Path(dataset).name} {label} seed {config.seed}")
         heldout = heldout_texts(200, config.seed) if config.checkpoint_every else None
         summary = run_bench(
             loaded[model],
@@ -193,7 +196,7 @@ def run_plan(
             on_case=on_case,
             heldout_texts=heldout,
         )
-        key = (model, config.method, Path(dataset).stem, _label(mode))
+        key = (model, config.method, Path(dataset).stem, label)
         if summary.get("checkpoints"):
             curves = folder / f"curves-seed-{config.seed}.png"
             scored = scoring_protocols(plan.protocols)[0]
