@@ -96,3 +96,19 @@ def test_subject_swap_curves_start_at_the_other_persons_answer_and_end_at_none()
         assert curves["name"][0] == 1.0 and curves["name"][-1] == 0.0
         assert curves["last_token"][-1] == 0.0
     assert report["same_but_last"]["last_token"] == report["same_but_last"]["name"]
+
+
+def test_nullspace_overlap_reports_shares_per_layer(tmp_path):
+    import nullspace_overlap
+
+    argv = ["--edits", "12", "--people", "6", "--probes", "5", "--steps", "4", "12"]
+    report = nullspace_overlap.main([*argv, "--out", str(tmp_path / "o.json")])
+    assert report["unedited_probes"] == 5
+    assert [layer["layer"] for layer in report["layers"]] == report["hparams"]["layers"]
+    for layer in report["layers"]:
+        assert 0 < layer["null_space_dim"] <= layer["key_dim"]
+        assert 0 <= layer["edited_share_in_null_space"] <= 1
+        shares = [point["unedited_share_in_edit_span"] for point in layer["curve"]]
+        assert [point["edits"] for point in layer["curve"]] == [4, 12]
+        assert 0 <= shares[0] <= shares[1] <= 1 + 1e-9  # a larger span holds more of each key
+    assert json.loads((tmp_path / "o.json").read_text()) == report
