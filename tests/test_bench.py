@@ -145,3 +145,24 @@ def test_batch_run_counts_the_locality_probes_it_leaves_out(tiny_gpt2, tmp_path)
     assert (
         "locality_excluded" not in run_bench(tiny_gpt2, batch, every, tmp_path / "all")["metrics"]
     )
+
+
+def test_a_run_made_under_other_defaults_is_not_resumed(tiny_gpt2, tmp_path, monkeypatch):
+    import kedit.methods.registry as registry
+
+    requests = load_requests(DATA_DIR / "tinyworld_knowedit.json", n=1)
+    config = _config(method="ft-m", mode="independent", batch_size=1, checkpoint_every=0)
+    config.hparams = {"steps": 2}
+    run_bench(tiny_gpt2, requests, config, tmp_path)
+    recorded = json.loads((tmp_path / "config.json").read_text())["effective_hparams"]
+    assert (
+        recorded["steps"] == 2
+        and recorded["layers"] == registry.default_hparams("ft-m", tiny_gpt2)["layers"]
+    )
+    assert run_bench(tiny_gpt2, requests, config, tmp_path)["metrics"]["n_cases"] == 1
+    table = registry._defaults_table("ft")
+    models = {**table["models"], "tiny-gpt2": {**table["models"]["tiny-gpt2"], "lr": 0.123}}
+    changed = {**table, "models": models}
+    monkeypatch.setattr(registry, "_defaults_table", lambda name: changed)
+    with pytest.raises(ValueError, match=r"other settings \(effective_hparams\)"):
+        run_bench(tiny_gpt2, requests, config, tmp_path)

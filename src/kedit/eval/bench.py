@@ -211,7 +211,7 @@ def run_bench(
     if not requests:
         raise ValueError("requests: the benchmark has no cases")
     spec = get_method(config.method)
-    resolve_hparams(spec.name, lm, config.seeded_hparams())
+    params = resolve_hparams(spec.name, lm, config.seeded_hparams())
     if config.batch_size > 1 and not spec.batchable:
         raise ValueError(
             f"batch_size: method {spec.name!r} edits one request at a time; use batch size 1"
@@ -220,6 +220,9 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     header = {"model": lm.name, "model_fingerprint": lm.fingerprint, "n_cases": len(requests)}
     header.update(asdict(config))
+    # What the method ran with (its defaults for this model, then the overrides), as JSON reads
+    # it back: a resume under other defaults (a new kedit version, an edited YAML) is refused.
+    header["effective_hparams"] = json.loads(json.dumps(params.to_dict(), default=str))
     config_path = out / CONFIG_FILE
     if config_path.exists():
         earlier = json.loads(config_path.read_text())
