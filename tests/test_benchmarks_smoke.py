@@ -1,5 +1,5 @@
 """Smoke tests of benchmarks/batch_scale.py, sequential.py, speed.py, device_check.py,
-solve_scale.py and subject_swap.py on tiny settings (mostly FT-M, which needs no statistics);
+solve_scale.py, subject_swap.py and nullspace_overlap.py on tiny settings (mostly FT-M, which needs no statistics);
 timings are not checked."""
 
 import json
