@@ -1,6 +1,6 @@
 """Smoke tests of benchmarks/batch_scale.py, sequential.py, speed.py, device_check.py,
-solve_scale.py, subject_swap.py and nullspace_overlap.py on tiny settings (mostly FT-M, which needs no statistics);
-timings are not checked."""
+solve_scale.py, subject_swap.py and nullspace_overlap.py on tiny settings (mostly FT-M, which
+needs no statistics); timings are not checked."""
 
 import json
 import sys

@@ -44,6 +44,9 @@ def test_methods_lists_and_describes():
             "--hparam 'layers=[0'",
         ),
         (["demo", "--model", "./no-such-model"], "'./no-such-model' is a path that does not exist"),
+        (["demo", "--model", "README.md"], "'README.md' is a file; give a model folder"),
+        (["stats", "collect", "--layers", "1", "--device", "nope"], "'nope' is not a torch device"),
+        (["stats", "collect", "--layers", "1", "--device", "cuda:99"], "'cuda:99' asked for"),
         (
             ["edit", "--prompt", "{} is", "--subject", "Mira Olsen", "--target", " x"]
             + ["--method", "ft-m", "-p", "lr=1e30"],
@@ -56,6 +59,12 @@ def test_bad_input_is_one_clear_line(args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_bench_without_arguments_prints_its_help():
+    result = run("bench")
+    assert result.exit_code in (0, 2) and "bench [OPTIONS] COMMAND" in result.output
+    assert "error" not in result.output
 
 
 def test_a_hub_id_that_cannot_be_loaded_is_one_clear_line(monkeypatch):

@@ -54,6 +54,10 @@ def test_apply_to_another_model_is_refused(tiny_gpt2, tiny_llama, tmp_path):
     with pytest.raises(ModelMismatchError, match="fingerprint"):
         kedit.apply(tiny_llama, path)
     assert _same(before, _state(tiny_llama))
+    with pytest.raises(TypeError, match="lm: expected a kedit.LM"):
+        kedit.apply("tiny-gpt2", path)
+    with pytest.raises(ValueError, match="is a folder; give a .kedit file written by Edit.save"):
+        kedit.apply(tiny_gpt2, tmp_path)
 
 
 def test_undo_twice_and_apply_twice_are_refused(tiny_gpt2):

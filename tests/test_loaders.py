@@ -244,7 +244,7 @@ def test_load_requests_errors(tmp_path):
         load_requests(write(tmp_path, COUNTERFACT), format="zsre-v9")
     with pytest.raises(ValueError, match="cannot tell the benchmark format"):
         load_requests(write(tmp_path, [{"question": "?"}]))
-    with pytest.raises(ValueError, match="cannot tell the benchmark format"):
+    with pytest.raises(ValueError, match="holds no records"):
         load_requests(write(tmp_path, []))
     with pytest.raises(ValueError, match="expected a JSON list"):
         load_requests(write(tmp_path, {"requested_rewrite": {}}))

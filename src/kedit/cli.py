@@ -197,7 +197,9 @@ def edit_command(
         console.print(f"Saved the edit to {edit.save(save)}")
 
 
-bench_app = typer.Typer(help="Run benchmarks; `kedit bench merge` combines shards.")
+bench_app = typer.Typer(
+    help="Run benchmarks; `kedit bench merge` combines shards.", no_args_is_help=True
+)
 app.add_typer(bench_app, name="bench")
 
 

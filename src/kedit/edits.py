@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kedit.lm import LM
+from kedit.lm import LM, require_lm
 from kedit.requests import EditRequest
 
 FORMAT_VERSION = 1
@@ -236,6 +236,10 @@ def read_edit_file(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"path: {str(path)!r} is a folder; give a .kedit file written by Edit.save"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"edit file {str(path)!r} does not exist")
     try:
@@ -262,6 +266,7 @@ def read_edit_file(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]
 
 def apply_edit_file(lm: LM, path: str | Path) -> Edit:
     """Re-apply a saved edit to `lm`; refuses a model with another fingerprint."""
+    require_lm(lm)
     meta, deltas = read_edit_file(path)
     if meta["model_fingerprint"] != lm.fingerprint:
         raise ModelMismatchError(

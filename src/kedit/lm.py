@@ -119,6 +119,22 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch device this machine has; a clear ValueError otherwise."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: {device!r} is not a torch device (e.g. cpu, cuda:0)") from error
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index or 0) >= count:
+            raise ValueError(
+                f"device: {device!r} asked for, but torch {torch.__version__} sees {count} CUDA "
+                "device(s) here"
+            )
+    return parsed
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A bundled model's folder, a local folder, or the hub id unchanged."""
     from kedit import zoo
@@ -126,6 +142,11 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path in zoo.list_models():
         return str(zoo.model_path(name_or_path))
     path = Path(name_or_path).expanduser()
+    if path.is_file():
+        raise ValueError(
+            f"model: {name_or_path!r} is a file; give a model folder (with config.json), a "
+            f"hub id or a bundled name ({_bundled_models()})"
+        )
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model folder {str(path)!r} has no config.json")
@@ -163,6 +184,7 @@ def load(
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"model: expected a model name, folder or hub id, got {name_or_path!r}")
     source = resolve_model_path(name_or_path)
+    target = None if device is None else check_device(device)
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype: {dtype!r} is not a torch dtype (e.g. 'float32')")
@@ -175,8 +197,8 @@ def load(
             f"model: {name_or_path!r} is not a bundled model ({_bundled_models()}) or a local "
             f"folder, and loading it as a hub id failed: {str(error).splitlines()[0]}"
         ) from error
-    if device is not None:
-        model.to(device)
+    if target is not None:
+        model.to(target)
     lm = LM(model=model, tokenizer=tokenizer, name=name_or_path, recipe=_zoo_recipe(source))
     _ = lm.fingerprint
     return lm

@@ -78,7 +78,10 @@ def detect_format(data: Any, source: str = "<records>") -> str:
     be skipped)."""
     if isinstance(data, dict) and any(keys[0] in data for keys in SANITATION_KEYS):
         return "sanitation"
-    found = (_signature(record) for record in as_list(data, source)[:DETECT_RECORDS])
+    records = as_list(data, source)
+    if not records:
+        raise ValueError(f"{source}: holds no records (an empty list)")
+    found = (_signature(record) for record in records[:DETECT_RECORDS])
     name = next((name for name in found if name is not None), None)
     if name is None:
         raise ValueError(
