@@ -183,14 +183,15 @@ def edit_command(
 ) -> None:
     """Edit one fact and print the top predictions before and after."""
     import kedit
+    from kedit.edits import writable_edit_path
 
     request = kedit.EditRequest(
         prompt=prompt, subject=subject, target_new=target, target_true=target_true
     )
     hparams = parse_hparams(hparam, hparams_file)
     method, model = easyedit_names(ctx, hparams, method, model)
-    if save is not None and save.is_dir():
-        raise ValueError(f"--save: {str(save)!r} is a folder; give a file name (e.g. fact.kedit)")
+    if save is not None:
+        writable_edit_path(save, "--save")
     lm = kedit.load(model)
     edit = _edit_and_show(lm, request, method, hparams)
     if save is not None:

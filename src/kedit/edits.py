@@ -205,9 +205,7 @@ class Edit:
 
     def save(self, path: str | Path) -> Path:
         """Write the edit to one safetensors file with its metadata as JSON."""
-        path = Path(path)
-        if path.is_dir():
-            raise ValueError(f"path: {str(path)!r} is a folder; give a file name (e.g. fact.kedit)")
+        path = writable_edit_path(path)
         tensors: dict[str, torch.Tensor] = {}
         storages: set[int] = set()
 
@@ -229,6 +227,14 @@ class Edit:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={"kedit": meta})
         return path
+
+
+def writable_edit_path(path: str | Path, name: str = "path") -> Path:
+    """`path` as a Path, refused (naming the option or argument `name`) if it is a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is a folder; give a file name (e.g. fact.kedit)")
+    return path
 
 
 def read_edit_file(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
