@@ -20,7 +20,7 @@ A plan file is YAML:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -232,7 +232,7 @@ def write_report(
     out: Path,
     rows: list[tuple[str, dict[str, Any]]],
     protocols: list[str],
-    sequential: list[tuple[str, list[dict[str, Any]]]] = (),
+    sequential: Iterable[tuple[str, list[dict[str, Any]]]] = (),
 ) -> None:
     """`report.md` (the KnowEdit-style and CounterFact tables, then each sequential run's
     checkpoints) and one bar plot per protocol, for `rows` of (label, metrics)."""
