@@ -274,6 +274,16 @@ def test_edit_errors_come_before_any_table(args, message):
     assert "Before the edit" not in result.output
 
 
+def test_a_target_without_its_leading_space_gets_a_note(monkeypatch):
+    import kedit.cli as cli
+
+    monkeypatch.setattr(cli, "_edit_and_show", lambda *args: None)
+    monkeypatch.setattr("kedit.load", lambda model: model)
+    bare = run("edit", "--prompt", "{} lives in", "--subject", "Wim Dunmont", "--target", "Lisbon")
+    assert bare.exit_code == 0 and "expect ' Lisbon'" in " ".join(bare.output.split())
+    assert "note:" not in run(*EDIT_ARGS).output
+
+
 def test_save_to_a_folder_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     def no_load(model):
         raise AssertionError("the model was loaded")

@@ -188,6 +188,12 @@ def edit_command(
     request = kedit.EditRequest(
         prompt=prompt, subject=subject, target_new=target, target_true=target_true
     )
+    if not target[0].isspace() and not request.text[-1:].isspace():
+        Console(stderr=True).print(
+            f"note: --target {target!r} has no leading space; after a prompt, tokenizers such as "
+            f"GPT-2's and Llama's expect {' ' + target!r} (the target is used as given)",
+            highlight=False,
+        )
     hparams = parse_hparams(hparam, hparams_file)
     method, model = easyedit_names(ctx, hparams, method, model)
     if save is not None:
