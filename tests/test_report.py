@@ -3,6 +3,7 @@ import pytest
 from kedit.eval.plan import Plan, load_plan, mode_label
 from kedit.eval.report import (
     KNOWEDIT_COLUMNS,
+    bars_top,
     checkpoint_markdown,
     markdown,
     plot_bars,
@@ -105,3 +106,9 @@ def test_run_folders_are_named_without_shell_patterns():
     label = mode_label({"mode": "sequential", "batch_size": 2, "schedule": "after-all"})
     assert label == "sequential,batch_size=2,schedule=after-all"
     assert not set(label) & set("[]*?{}()$ '\"\\;&|<>")
+
+
+def test_bars_of_rates_end_above_one_and_other_metrics_above_the_tallest():
+    assert bars_top([0.2, 1.0]) == 1.05
+    assert bars_top([0.5, 4.2]) == pytest.approx(4.62)
+    assert bars_top([]) == 1.05

@@ -119,6 +119,13 @@ def checkpoint_markdown(title: str, checkpoints: list[dict[str, Any]], protocol:
     return _markdown_table(title, header, rows)
 
 
+def bars_top(values: list[float]) -> float:
+    """The bar plot's upper limit: just above 1 for rates, above the tallest bar for metrics
+    that are not (fluency is an entropy in bits)."""
+    tallest = max(values, default=0.0)
+    return 1.05 if tallest <= 1 else 1.1 * tallest
+
+
 def plot_bars(rows: list[tuple[str, dict[str, Any]]], protocol: str, path: str | Path) -> Path:
     """One bar group per run, one bar per post-edit metric of `protocol`; error bars show the
     min-max spread over seeds."""
@@ -131,6 +138,7 @@ def plot_bars(rows: list[tuple[str, dict[str, Any]]], protocol: str, path: str |
     metrics = [m for m in metrics if not m.endswith("_nll")]
     fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(rows) * max(1, len(metrics)) / 3), 4))
     width = 0.8 / max(1, len(metrics))
+    tops = [0.0]
     for k, metric in enumerate(metrics):
         heights, lows, highs = [], [], []
         for _, run in rows:
@@ -140,10 +148,11 @@ def plot_bars(rows: list[tuple[str, dict[str, Any]]], protocol: str, path: str |
             heights.append(value)
             lows.append(value - (leaf["min"] if leaf["min"] is not None else value))
             highs.append((leaf["max"] if leaf["max"] is not None else value) - value)
+        tops.extend(height + high for height, high in zip(heights, highs, strict=True))
         positions = [i + k * width for i in range(len(rows))]
         ax.bar(positions, heights, width, yerr=[lows, highs], label=metric, capsize=2)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [label for label, _ in rows])
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, bars_top(tops))
     ax.set_title(f"post-edit metrics ({protocol})")
     ax.legend(fontsize="small")
     fig.tight_layout()
