@@ -98,6 +98,8 @@ def run_method(lm: Any, method: str, cases: list, heldout: list[str], args: Any)
         if len(seen) > before and len(seen) % args.checkpoint_every == 0:
             print(f"{method}: {len(seen)} edits", file=sys.stderr, flush=True)
 
+    done_file = folder / "cases.jsonl"
+    resumed = len(done_file.read_text().splitlines()) if done_file.exists() else 0
     started = time.perf_counter()
     summary = run_bench(lm, ordered, config, folder, on_case=progress, heldout_texts=heldout)
     seconds = time.perf_counter() - started
@@ -134,7 +136,8 @@ def run_method(lm: Any, method: str, cases: list, heldout: list[str], args: Any)
         "curve": curve,
         "immediate": {name: round(value, 4) for name, value in immediate.items()},
         "edit_seconds_median_per_step": round(summary["edit_seconds_median"], 4),
-        "wall_seconds": round(seconds, 1),
+        "wall_seconds": round(seconds, 1),  # of this invocation: a resumed run's is shorter
+        "cases_done_before": resumed,
         "folder": str(folder),
     }
 

@@ -51,6 +51,9 @@ def test_sequential_writes_a_curve_json_and_plots(tmp_path):
     assert all(point["heldout_perplexity_untouched"] > 1 for point in result["curve"])
     assert json.loads((tmp_path / "tiny-gpt2.json").read_text()) == report
     assert (tmp_path / "tiny-gpt2.png").is_file() and (tmp_path / "tiny-gpt2-ft-m.png").is_file()
+    again = sequential.main([*argv, "--heldout-n", "10", "--out", str(tmp_path)])
+    assert result["cases_done_before"] == 0 and again["results"][0]["cases_done_before"] == 4
+    assert again["results"][0]["curve"] == result["curve"]
 
     # other hyper-parameters: recorded, and run in a folder of their own (no resume clash)
     tuned = sequential.main([*argv, "--heldout-n", "10", "--out", str(tmp_path), "--hparams",
