@@ -19,6 +19,7 @@ from kedit.stats import (
     list_cached,
     open_corpus,
     second_moment,
+    second_moment_eigh,
     second_moments,
     token_batches,
     tokenize_sorted,
@@ -273,6 +274,39 @@ def test_import_of_rome_npz(random_gpt2, corpus, tmp_path):
     np.savez(path, **{"mom2.mom2": np.full((128, 128), np.nan), "mom2.count": np.array(5)})
     with pytest.raises(ValueError, match="NaN or infinite"):
         import_npz(random_gpt2, path, 1, corpus=corpus, n_samples=6)
+
+
+def test_eigendecomposition_is_cached_beside_its_statistic(random_gpt2, corpus, tmp_path):
+    settings = {"corpus": corpus, "n_samples": 6, "max_length": 32, "progress": False}
+    values, vectors = second_moment_eigh(random_gpt2, 1, **settings)
+    moment = second_moment(random_gpt2, 1, **settings).double()
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, moment)
+    assert values.dtype == torch.float64 and bool((values[1:] >= values[:-1]).all())
+
+    real_eigh = torch.linalg.eigh
+
+    def no_eigh(matrix):
+        raise AssertionError("decomposed again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.linalg, "eigh", no_eigh)
+        again = second_moment_eigh(random_gpt2, 1, **settings)
+    assert torch.equal(again[0], values) and torch.equal(again[1], vectors)
+
+    path = tmp_path / "replacement.npz"
+    rome_npz(path, width=128)
+    replacement = {"corpus": corpus, "n_samples": 6, "max_length": 32, "dtype": "float64"}
+    import_npz(random_gpt2, path, 1, overwrite=True, **replacement)
+    calls = []
+
+    def counted_eigh(matrix):
+        calls.append(matrix.shape)
+        return real_eigh(matrix)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.linalg, "eigh", counted_eigh)
+        replaced = second_moment_eigh(random_gpt2, 1, **settings)
+    assert calls == [(128, 128)] and not torch.equal(replaced[0], values)
 
 
 def test_cli_collect_import_and_list(model_dir, corpus, tmp_path):

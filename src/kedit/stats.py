@@ -279,6 +279,36 @@ def second_moment(lm: LM, layer: int, **kwargs: object) -> torch.Tensor:
     return second_moments(lm, [layer], **kwargs)[layer]
 
 
+def second_moment_eigh(
+    lm: LM,
+    layer: int,
+    corpus: str | Path | None = None,
+    n_samples: int = 100_000,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    dtype: str = "float64",
+    **kwargs: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a layer's E[k kᵀ] in float64, cached on disk
+    beside the statistic (computed once: at a width of 14,336 it takes minutes on a CPU).
+
+    The cached decomposition records a digest of the statistic it came from, so a statistic
+    replaced later (`import_npz(..., overwrite=True)`) is decomposed anew."""
+    settings = {"corpus": corpus, "n_samples": n_samples, "max_length": max_length}
+    moment = second_moment(lm, layer, dtype=dtype, **settings, **kwargs)
+    key = _stats_key(lm, layer, open_corpus(corpus, n_samples), max_length, dtype)
+    digest = hashlib.sha256(moment.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    path = key.path().with_name(key.path().stem + ".eigh.safetensors")
+    if path.exists():
+        tensors, meta = _read(path)
+        if meta.get("moment_sha256") == digest:
+            return tensors["values"].to(lm.device), tensors["vectors"].to(lm.device)
+    values, vectors = torch.linalg.eigh(moment.double())
+    if _rank() == 0:
+        meta = {**asdict(key), "moment_sha256": digest}
+        _write(path, {"values": values, "vectors": vectors}, meta)
+    return values, vectors
+
+
 def tokenize_sorted(lm: LM, docs: list[str], max_length: int) -> list[list[int]]:
     """Token ids of each document as a sequence start, capped at `max_length`, non-empty ones
     sorted by length (stably, so the order is the same on every rank and every run)."""

@@ -125,18 +125,23 @@ class LocateHyperParams(HyperParams):
                 raise ValueError(f"{name}: expected a positive number, got {value!r}")
 
     def stats_key(self) -> tuple:
-        return (self.mom2_corpus, self.mom2_n_samples, self.mom2_max_length, self.mom2_dtype)
+        return tuple(self.stats_settings().values())
+
+    def stats_settings(self) -> dict[str, Any]:
+        """The statistics these hyper-parameters ask for, as `kedit.stats` takes them."""
+        return {
+            "corpus": self.mom2_corpus,
+            "n_samples": self.mom2_n_samples,
+            "max_length": self.mom2_max_length,
+            "dtype": self.mom2_dtype,
+        }
 
 
 def layer_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> torch.Tensor:
     """C = E[k kᵀ] of a layer's keys in float64, kept on `lm.cache` after the first use."""
     key = ("mom2", layer, hparams.stats_key())
     if key not in lm.cache:
-        corpus, n_samples, max_length, dtype = hparams.stats_key()
-        moment = second_moment(
-            lm, layer, corpus=corpus, n_samples=n_samples, max_length=max_length, dtype=dtype
-        )
-        lm.cache[key] = moment.double()
+        lm.cache[key] = second_moment(lm, layer, **hparams.stats_settings()).double()
     return lm.cache[key]
 
 

@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 import torch
 
 from kedit.lm import LM
-from kedit.methods._locate import LocateHyperParams, layer_second_moment
+from kedit.methods._locate import LocateHyperParams
 from kedit.methods.memit import memit_targets, spread_over_layers
 from kedit.methods.registry import MethodResult, MethodState, hp, register
 from kedit.requests import EditRequest
+from kedit.stats import second_moment_eigh
 
 
 @dataclass
@@ -108,11 +109,12 @@ class AlphaEditState(MethodState):
 
 def null_space_projection(lm: LM, hparams: AlphaEditHyperParams, layer: int) -> torch.Tensor:
     """P = Û Ûᵀ over the eigenvectors Û of C with eigenvalue < threshold × the largest (in × in),
-    cached on `lm.cache` per layer, statistics and threshold (AlphaEdit Sec. 3.1)."""
+    cached on `lm.cache` per layer, statistics and threshold (AlphaEdit Sec. 3.1); C's
+    decomposition is cached on disk beside C (`kedit.stats.second_moment_eigh`)."""
     threshold = hparams.nullspace_threshold
     key = ("alphaedit_projection", layer, hparams.stats_key(), threshold)
     if key not in lm.cache:
-        values, vectors = torch.linalg.eigh(layer_second_moment(lm, hparams, layer))
+        values, vectors = second_moment_eigh(lm, layer, **hparams.stats_settings())
         kept = vectors[:, values < threshold * values.max()]
         if kept.shape[1] == 0:
             raise ValueError(
