@@ -313,3 +313,15 @@ def test_bench_protocol_sampling_fills_the_fluency_columns(tmp_path):
     fluency = summary["metrics"]["post"]["sampling"]["fluency"]
     row = next(line for line in (out / "report.md").read_text().splitlines() if "/ ft-m /" in line)
     assert row.rstrip(" |").endswith(f"{fluency:.3f}") and fluency > 0
+
+
+def test_bench_format_option_is_checked_and_used(tmp_path):
+    args = ["bench", "--data", KNOWEDIT, "--n", "1", "--seeds", "1", "--method", "ft-m"]
+    refused = run(*args, "--format", "zsre-v9", "--out", str(tmp_path / "bad"))
+    output = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "formats: 'zsre-v9'" in output and "knowedit" in output
+    assert not (tmp_path / "bad").exists()
+    wrong = run(*args, "--format", "wikibigedit", "--out", str(tmp_path / "w"))
+    assert wrong.exit_code == 2 and "update: missing" in " ".join(wrong.output.split())
+    result = run(*args, "--format", "knowedit", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output

@@ -59,6 +59,10 @@ def test_plan_validation_names_fields(tmp_path):
         Plan(models=["m"], methods=["rome"], datasets=["d"], modes=[{"batch_size": 3}])
     with pytest.raises(ValueError, match="hparams"):
         Plan(models=["m"], methods=["rome"], datasets=["d"], hparams={"memit": {}})
+    with pytest.raises(ValueError, match="formats: 'e' is not one of the plan's datasets"):
+        Plan(models=["m"], methods=["rome"], datasets=["d"], formats={"e": "zsre"})
+    with pytest.raises(ValueError, match="formats: 'zsre2' .* expected one of"):
+        Plan(models=["m"], methods=["rome"], datasets=["d"], formats={"d": "zsre2"})
     path = tmp_path / "plan.yaml"
     path.write_text("models: [m]\nmethods: [rome]\ndatasets: [d]\ncolour: red\n")
     with pytest.raises(ValueError, match="colour"):

@@ -241,6 +241,9 @@ def bench(
     ] = 3,
     seeds: Annotated[int, typer.Option(help="Seeds to run; numbers report mean \\[min, max].")] = 3,
     shard: Annotated[str, typer.Option(help="Run only shard i of n, written i/n.")] = "0/1",
+    format: Annotated[
+        str | None, typer.Option(help="The --data file's format, where it is not detected.")
+    ] = None,
     hparam: HparamOpt = None,
     hparams_file: HparamFileOpt = None,
 ) -> None:
@@ -289,6 +292,7 @@ def bench(
             n=n,
             seeds=seeds,
             contexts=contexts,
+            formats={str(data): format} if format else {},
         )
     plan.configs(shard)
     with Progress(console=console, transient=True) as bar:

@@ -86,7 +86,7 @@ def detect_format(data: Any, source: str = "<records>") -> str:
     if name is None:
         raise ValueError(
             f"{source}: cannot tell the benchmark format from its first records; pass format= "
-            f"one of {list(FORMATS)}"
+            f"(kedit bench --format, a plan's formats) one of {list(FORMATS)}"
         )
     return name
 

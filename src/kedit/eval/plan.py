@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from kedit.data import FORMATS
 from kedit.eval.bench import BenchConfig, merge_runs, run_bench, scoring_protocols
 from kedit.eval.report import (
     COUNTERFACT_COLUMNS,
@@ -53,6 +54,7 @@ class Plan:
     n: int | None = None
     seeds: int = DEFAULT_SEEDS
     contexts: int = 3
+    formats: dict[str, str] = field(default_factory=dict)  # dataset -> format, if not detected
 
     def __post_init__(self) -> None:
         for name in ("models", "methods", "datasets", "modes", "protocols"):
@@ -85,6 +87,16 @@ class Plan:
         for method in self.hparams:
             if method not in self.methods:
                 raise ValueError(f"hparams: {method!r} is not one of the plan's methods")
+        if not isinstance(self.formats, dict):
+            raise ValueError(f"formats: expected a mapping of dataset to format: {self.formats!r}")
+        for dataset, name in self.formats.items():
+            if dataset not in self.datasets:
+                raise ValueError(f"formats: {dataset!r} is not one of the plan's datasets")
+            if name not in FORMATS:
+                raise ValueError(
+                    f"formats: {name!r} (for {dataset!r}) is not a format; expected one of "
+                    f"{', '.join(FORMATS)}"
+                )
 
     def configs(self, shard: str = "0/1") -> list[tuple[str, str, dict[str, Any], BenchConfig]]:
         """`(model, dataset, mode, config)` for every run of the plan, validated."""
@@ -182,7 +194,7 @@ def run_plan(
             loaded.clear()
             loaded[model] = kedit.load(model)
         if dataset not in data:
-            data[dataset] = load_requests(dataset, n=plan.n)
+            data[dataset] = load_requests(dataset, format=plan.formats.get(dataset), n=plan.n)
         label = mode_label(mode)
         folder = out / model_folder_name(model) / config.method / Path(dataset).stem / label
         if on_run is not None:
