@@ -21,6 +21,7 @@ def main() -> None:
     import kedit
     from kedit.data import load_requests
     from kedit.eval.bench import BenchConfig, run_bench
+    from kedit.eval.plan import model_folder_name
     from kedit.zoo import benchmark_path
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -37,7 +38,7 @@ def main() -> None:
         lm = kedit.load(model)
         for method in args.methods:
             config = BenchConfig(method=method, data=data.name, hparams=args.hparams)
-            folder = hparams_folder(args.out / model / method, args.hparams)
+            folder = hparams_folder(args.out / model_folder_name(model) / method, args.hparams)
             summary = run_bench(lm, requests, config, folder)
             post = summary["metrics"]["post"]["teacher_forced"]
             results.append(

@@ -69,6 +69,7 @@ UNTOUCHED = (
 def run_method(lm: Any, method: str, cases: list, heldout: list[str], args: Any) -> dict:
     """One sequential run of `method` over `cases`; its curve and summary."""
     from kedit.eval.bench import BenchConfig, run_bench
+    from kedit.eval.plan import model_folder_name
     from kedit.eval.report import plot_curves
     from kedit.methods.registry import get_method
 
@@ -87,7 +88,8 @@ def run_method(lm: Any, method: str, cases: list, heldout: list[str], args: Any)
     )
     ordered, order_kept = in_bench_order(cases, config)
     folder = hparams_folder(
-        args.out / "runs" / lm.name / f"{method}-e{len(cases)}-b{batch}", args.hparams
+        args.out / "runs" / model_folder_name(lm.name) / f"{method}-e{len(cases)}-b{batch}",
+        args.hparams,
     )
 
     seen: set[str] = set()
@@ -118,7 +120,7 @@ def run_method(lm: Any, method: str, cases: list, heldout: list[str], args: Any)
             }
         )
     if checkpoints:
-        plot = args.out / f"{lm.name}-{method}.png"
+        plot = args.out / f"{model_folder_name(lm.name)}-{method}.png"
         plot_curves(relabel(checkpoints), "teacher_forced", plot, f"{lm.name} {method}")
     immediate = summary["metrics"]["post"]["teacher_forced"]
     return {
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--edits, --batch and --checkpoint-every must be positive")
 
     import kedit
-    from kedit.eval.plan import heldout_texts
+    from kedit.eval.plan import heldout_texts, model_folder_name
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from tinyworld_cases import distinct_fact_cases
@@ -231,10 +233,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "heldout": f"{len(heldout)} tinyworld corpus sentences drawn with seed {args.seed}",
         "results": results,
     }
-    (args.out / f"{args.model}.json").write_text(json.dumps(report, indent=2))
+    # A model given as a folder is named by the folder, so that nothing is written outside --out.
+    (args.out / f"{model_folder_name(args.model)}.json").write_text(json.dumps(report, indent=2))
     if any(r["curve"] for r in results):
         title = f"sequential editing, {args.model}"
-        plot_comparison(results, args.out / f"{args.model}.png", title)
+        plot_comparison(results, args.out / f"{model_folder_name(args.model)}.png", title)
     print(json.dumps(report, indent=2))
     return report
 

@@ -115,3 +115,18 @@ def test_nullspace_overlap_reports_shares_per_layer(tmp_path):
         assert [point["edits"] for point in layer["curve"]] == [4, 12]
         assert 0 <= shares[0] <= shares[1] <= 1 + 1e-9  # a larger span holds more of each key
     assert json.loads((tmp_path / "o.json").read_text()) == report
+
+
+def test_sequential_on_a_model_folder_writes_only_under_out(tmp_path):
+    import shutil
+
+    from kedit.zoo import model_path
+
+    folder = tmp_path / "models" / "copy"
+    shutil.copytree(model_path("tiny-gpt2"), folder)
+    before = sorted(p.name for p in folder.iterdir())
+    argv = ["--methods", "ft-m", "--edits", "2", "--checkpoint-every", "2", "--heldout-n", "5"]
+    sequential.main([*argv, "--model", str(folder), "--out", str(tmp_path / "out")])
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert (tmp_path / "out" / "copy.json").is_file()
+    assert (tmp_path / "out" / "runs" / "copy").is_dir()
