@@ -224,10 +224,12 @@ def test_zoo_train_refuses_a_bad_name_mask_share(tmp_path):
     assert "name_mask_share: expected a number in [0, 1], got 1.5" in result.output
 
 
-def test_zoo_train_refuses_bad_epochs(tmp_path):
-    result = run("zoo", "train", "tiny-gpt2", "--out", str(tmp_path), "--epochs", "0")
+@pytest.mark.parametrize("option", ["--epochs", "--d-ff", "--threads"])
+def test_zoo_train_refuses_bad_sizes(tmp_path, option):
+    result = run("zoo", "train", "tiny-gpt2", "--out", str(tmp_path), option, "0")
     assert result.exit_code != 0
-    assert "epochs: expected a positive integer, got 0" in result.output
+    field = {"--epochs": "epochs", "--d-ff": "d_ff", "--threads": "num_threads"}[option]
+    assert f"{field}: expected a positive integer, got 0" in result.output
 
 
 EDIT_ARGS = ["edit", "--prompt", "{} lives in", "--subject", "Wim Dunmont", "--target", " Lisbon"]

@@ -206,6 +206,24 @@ def test_training_is_bit_identical(tmp_path):
     assert any(not torch.equal(c[k], d[k]) for k in c)
 
 
+def test_cli_width_and_threads_reach_the_recipe(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import kedit.zoo
+    from kedit.cli import app
+
+    seen = {}
+    monkeypatch.setattr(
+        kedit.zoo, "train_model", lambda name, out, seed, **over: seen.update(over) or out
+    )
+    args = ["zoo", "train", "tiny-gpt2", "--out", str(tmp_path), "--d-ff", "1024", "--threads", "2"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert seen == {"d_ff": 1024, "num_threads": 2}
+    out = train_model("tiny-gpt2", tmp_path / "w", small=True, max_steps=1, progress=False,
+                      evaluate=False, d_ff=96)  # fmt: skip
+    assert json.loads((out / "config.json").read_text())["n_inner"] == 96
+
+
 def test_name_mask_hides_a_name_but_its_last_token_from_what_follows(world):
     tok = train_tokenizer(world, 1024)
     names = name_token_ids(world, tok)

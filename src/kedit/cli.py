@@ -561,10 +561,18 @@ def zoo_train(
     epochs: Annotated[
         int | None, typer.Option(help="Training epochs (default: the recipe's).")
     ] = None,
+    d_ff: Annotated[
+        int | None, typer.Option(help="Width of the MLPs' hidden layer (default: the recipe's).")
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Torch threads (default: the recipe's); the weights depend on it."),
+    ] = None,
 ) -> None:
-    """Retrain a bundled model from its recipe (same seed, same machine: same weights)."""
+    """Retrain a bundled model from its recipe (same seed, threads and machine: same weights)."""
     from kedit import zoo
 
-    given = {"name_mask_share": name_mask_share, "epochs": epochs}
+    given = {"name_mask_share": name_mask_share, "epochs": epochs, "d_ff": d_ff}
+    given["num_threads"] = threads
     overrides = {key: value for key, value in given.items() if value is not None}
     console.print(f"Trained {name} into {zoo.train_model(name, out, seed=seed, **overrides)}")

@@ -281,8 +281,10 @@ def train_model(
     The same seed, recipe and thread count on the same machine give bit-identical weights.
     """
     recipe = replace(get_recipe("micro-gpt2" if small else name), **overrides)
-    if not isinstance(recipe.epochs, int) or recipe.epochs < 1:
-        raise ValueError(f"epochs: expected a positive integer, got {recipe.epochs!r}")
+    for field_name in ("epochs", "d_ff", "num_threads"):
+        value = getattr(recipe, field_name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field_name}: expected a positive integer, got {value!r}")
     if not 0 <= recipe.name_mask_share <= 1:
         raise ValueError(
             f"name_mask_share: expected a number in [0, 1], got {recipe.name_mask_share!r}"
