@@ -572,7 +572,11 @@ def zoo_train(
     """Retrain a bundled model from its recipe (same seed, threads and machine: same weights)."""
     from kedit import zoo
 
-    given = {"name_mask_share": name_mask_share, "epochs": epochs, "d_ff": d_ff}
-    given["num_threads"] = threads
+    given = {
+        "name_mask_share": name_mask_share,
+        "epochs": epochs,
+        "d_ff": d_ff,
+        "num_threads": threads,
+    }
     overrides = {key: value for key, value in given.items() if value is not None}
     console.print(f"Trained {name} into {zoo.train_model(name, out, seed=seed, **overrides)}")

@@ -79,11 +79,14 @@ class Corpus:
     load: Callable[[], list[str]] = field(repr=False, compare=False)
 
 
-def open_corpus(corpus: str | Path | None = None, n_samples: int | None = None) -> Corpus:
+def open_corpus(corpus: str | Path | Corpus | None = None, n_samples: int | None = None) -> Corpus:
     """The first `n_samples` documents of `corpus`: 'tinyworld' (the bundled corpus), a .txt
     file (one document per non-empty line), a .jsonl file (a "text" field per line), or a
     Hugging Face dataset `NAME` or `NAME:CONFIG` (its train split's "text" column; needs the
-    optional `datasets` package and, unless cached, the network)."""
+    optional `datasets` package and, unless cached, the network). A corpus already opened is
+    returned as it is, so that a caller can open a large file once."""
+    if isinstance(corpus, Corpus):
+        return corpus
     if corpus is None or str(corpus) == DEFAULT_CORPUS:
         text = resources.files("kedit").joinpath("zoo/data/tinyworld_corpus.txt").read_text()
         return _local_corpus(DEFAULT_CORPUS, text, n_samples)
@@ -228,7 +231,7 @@ def _key_width(lm: LM, layer: int) -> int:
 def second_moments(
     lm: LM,
     layers: list[int],
-    corpus: str | Path | None = None,
+    corpus: str | Path | Corpus | None = None,
     n_samples: int = 100_000,
     max_length: int = DEFAULT_MAX_LENGTH,
     dtype: str = "float64",
@@ -282,7 +285,7 @@ def second_moment(lm: LM, layer: int, **kwargs: object) -> torch.Tensor:
 def second_moment_eigh(
     lm: LM,
     layer: int,
-    corpus: str | Path | None = None,
+    corpus: str | Path | Corpus | None = None,
     n_samples: int = 100_000,
     max_length: int = DEFAULT_MAX_LENGTH,
     dtype: str = "float64",
@@ -293,9 +296,10 @@ def second_moment_eigh(
 
     The cached decomposition records a digest of the statistic it came from, so a statistic
     replaced later (`import_npz(..., overwrite=True)`) is decomposed anew."""
-    settings = {"corpus": corpus, "n_samples": n_samples, "max_length": max_length}
-    moment = second_moment(lm, layer, dtype=dtype, **settings, **kwargs)
-    key = _stats_key(lm, layer, open_corpus(corpus, n_samples), max_length, dtype)
+    source = open_corpus(corpus, n_samples)
+    settings = {"n_samples": n_samples, "max_length": max_length, "dtype": dtype}
+    moment = second_moment(lm, layer, corpus=source, **settings, **kwargs)
+    key = _stats_key(lm, layer, source, max_length, dtype)
     digest = hashlib.sha256(moment.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
     path = key.path().with_name(key.path().stem + ".eigh.safetensors")
     if path.exists():
