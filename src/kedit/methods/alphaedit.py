@@ -21,9 +21,10 @@ same thing everywhere. On the tiny models the projection helped little at the su
 token, where only layers 0-1 take an edit: there the edited subjects' keys put only 1.5-4x as
 large a share of their energy into the null space as the corpus keys do, so keeping the
 preserved keys also muted the edit. Their defaults edit the prompt's last token at layers 4-5
-(`fact_token: last`, hparams/alphaedit.yaml). The earlier edits live in an `AlphaEditState`
-(held by a `kedit.Session` or passed to `kedit.edit(state=...)`) as their Gram matrix K_pᵀK_p
-per layer.
+(`fact_token: last`, hparams/alphaedit.yaml); there too edited and unedited prompts put the
+same share into the null space, which 300 edits fill (`benchmarks/nullspace_overlap.py`).
+The earlier edits live in an `AlphaEditState` (held by a `kedit.Session` or passed to
+`kedit.edit(state=...)`) as their Gram matrix K_pᵀK_p per layer.
 """
 
 from __future__ import annotations
