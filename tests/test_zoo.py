@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from kedit.zoo.train import (
     ZOO_META,
     _DocEncoder,
     evaluate_world_model,
+    get_recipe,
     name_gathering_mask,
     name_spans,
     name_token_ids,
@@ -24,7 +26,7 @@ from kedit.zoo.train import (
 )
 from kedit.zoo.world import PERSON_RELATIONS, RELATIONS
 
-BUNDLED = ("tiny-gpt2", "tiny-llama")
+BUNDLED = ("tiny-gpt2", "tiny-llama", "tiny-gpt2-wide")
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +142,29 @@ def test_bundled_model_loads_and_is_small(name):
     assert weights.stat().st_size <= 10 * 2**20
     assert all(t.dtype == torch.float32 for t in load_file(weights).values())
     model = AutoModelForCausalLM.from_pretrained(path)
-    expected = {"tiny-gpt2": "GPT2LMHeadModel", "tiny-llama": "LlamaForCausalLM"}[name]
+    expected = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[get_recipe(name).arch]
     assert type(model).__name__ == expected
     assert model.config.num_hidden_layers >= 6
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_model_was_trained_by_its_recipe(name):
+    # `kedit zoo train NAME` retrains a bundled model only if its recipe is the one it was
+    # trained by.
+    meta = json.loads((model_path(name) / ZOO_META).read_text())
+    recipe = asdict(get_recipe(name))
+    assert meta["name"] == name
+    assert {key: recipe[key] for key in meta["recipe"]} == meta["recipe"]
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_every_method_has_settings_for_a_bundled_model(name):
+    # Without its own entry a bundled model would get its family's defaults, which are a large
+    # model's (GPT-2 XL's layers 13-17 for MEMIT).
+    from kedit.methods.registry import _defaults_table, get_method, list_methods
+
+    for method in list_methods():
+        assert name in _defaults_table(get_method(method).defaults)["models"], method
 
 
 @pytest.mark.parametrize("name", BUNDLED)
