@@ -250,6 +250,7 @@ def bench(
     """Run a benchmark: edit, evaluate (pre and post), undo; results stream to --out."""
     from rich.progress import Progress
 
+    from kedit.data import check_format
     from kedit.eval.plan import Plan, load_plan, run_plan
 
     if ctx.invoked_subcommand is not None:
@@ -273,6 +274,8 @@ def bench(
             raise ValueError("--data: give a benchmark file, or a plan with --config")
         if not data.is_file():
             raise FileNotFoundError(f"--data: {str(data)!r} does not exist")
+        if format is not None:
+            check_format(format, "--format")
         hparams = parse_hparams(hparam, hparams_file)
         method, model = easyedit_names(ctx, hparams, method, model)
         plan = Plan(

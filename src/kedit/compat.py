@@ -128,9 +128,8 @@ class EasyEditHyperParams:
 
     def validate(self) -> None:
         """Check the algorithm, the model and every key against the kedit method."""
-        alg_name = self.config.get("alg_name")
-        if not isinstance(alg_name, str):
-            raise ValueError(f"alg_name: expected the EasyEdit algorithm name, got {alg_name!r}")
+        method = method_for_alg_name(self.config.get("alg_name"), self.config)
+        alg_name = self.config["alg_name"]
         if self.ALG_NAMES and name_key(alg_name) not in self.ALG_NAMES:
             raise ValueError(
                 f"alg_name: {type(self).__name__} reads files of {'/'.join(self.ALG_NAMES)}, "
@@ -144,7 +143,7 @@ class EasyEditHyperParams:
         batch_size = self.config.get("batch_size", 1)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-        spec = get_method(self.method)
+        spec = get_method(method)
         spec.hparams.from_dict(self.kedit_values(), spec.name)
 
 

@@ -106,6 +106,12 @@ def _read(path: str | Path, split: str | None) -> tuple[str, Any]:
     return read_json(path)
 
 
+def check_format(name: str, field: str = "format") -> None:
+    """Refuse a format name that is not one of FORMATS, naming the field it came from."""
+    if name not in FORMATS:
+        raise ValueError(f"{field}: unknown format {name!r}; expected one of {list(FORMATS)}")
+
+
 def load_requests(
     path: str | Path,
     format: str | None = None,
@@ -124,8 +130,8 @@ def load_requests(
     Other `options` go to the format's parser (e.g. `seed` for "convsent", `template` for
     "sanitation").
     """
-    if format is not None and format not in FORMATS:
-        raise ValueError(f"format: unknown format {format!r}; expected one of {list(FORMATS)}")
+    if format is not None:
+        check_format(format)
     source, data = _read(path, split)
     name = format or detect_format(data, source)
     parse = FORMATS[name]

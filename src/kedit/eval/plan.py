@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from kedit.data import FORMATS
+from kedit.data import check_format
 from kedit.eval.bench import BenchConfig, merge_runs, run_bench, scoring_protocols
 from kedit.eval.report import (
     COUNTERFACT_COLUMNS,
@@ -92,11 +92,7 @@ class Plan:
         for dataset, name in self.formats.items():
             if dataset not in self.datasets:
                 raise ValueError(f"formats: {dataset!r} is not one of the plan's datasets")
-            if name not in FORMATS:
-                raise ValueError(
-                    f"formats: {name!r} (for {dataset!r}) is not a format; expected one of "
-                    f"{', '.join(FORMATS)}"
-                )
+            check_format(name, f"formats[{dataset!r}]")
 
     def configs(self, shard: str = "0/1") -> list[tuple[str, str, dict[str, Any], BenchConfig]]:
         """`(model, dataset, mode, config)` for every run of the plan, validated."""
