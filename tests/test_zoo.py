@@ -338,3 +338,21 @@ def test_knowedit_format(world):
             assert i["ground_truth"] == r["target_new"]
             n_alias += 1
     assert n_reasoning >= 150 and n_alias >= 40
+
+
+def test_wide_model_takes_edits_at_its_defaults():
+    # tiny-gpt2-wide's settings differ from tiny-gpt2's where its facts are edited (rome.yaml).
+    import kedit
+    from kedit.data import load_requests
+    from kedit.lm import top_next_tokens
+    from kedit.zoo import benchmark_path
+
+    lm = kedit.load("tiny-gpt2-wide")
+    requests = load_requests(benchmark_path("knowedit"), n=4)
+    before = {name: value.clone() for name, value in lm.model.state_dict().items()}
+    for method in ("r-rome", "alphaedit"):
+        edit = kedit.edit(lm, requests, method=method)
+        answers = [top_next_tokens(lm, request.text, k=1)[0][0] for request in requests]
+        assert answers == [request.target_new for request in requests], method
+        edit.undo()
+    assert all(torch.equal(value, before[name]) for name, value in lm.model.state_dict().items())
