@@ -1,4 +1,4 @@
-"""Quality per method on the tinyworld benchmark and both bundled models; prints JSON.
+"""Quality per method on the tinyworld benchmark and the bundled models; prints JSON.
 
 Independent editing (edit, evaluate, undo, per case) under the teacher-forced protocol;
 per-case results go to runs/quality/<model>/<method>/ (with a `-h<hash>` suffix under
@@ -14,7 +14,7 @@ from pathlib import Path
 from hparams_option import add_hparams_option, hparams_folder
 
 METHODS = ["rome", "r-rome", "ft-m", "ft-l"]
-MODELS = ["tiny-gpt2", "tiny-llama"]
+MODELS = ["tiny-gpt2", "tiny-llama", "tiny-gpt2-wide"]
 
 
 def main() -> None:
