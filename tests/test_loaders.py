@@ -4,8 +4,6 @@ import json
 import pytest
 
 from kedit.data import load_requests
-from kedit.data.counterfact import load_counterfact
-from kedit.data.knowedit import load_knowedit
 
 COUNTERFACT = [
     {
@@ -121,7 +119,7 @@ def write(tmp_path, records, name="data.json"):
 
 
 def test_counterfact_records_become_requests(tmp_path):
-    first, second = load_counterfact(write(tmp_path, COUNTERFACT))
+    first, second = load_requests(write(tmp_path, COUNTERFACT), format="counterfact")
     assert first.case_id == "0"
     assert first.text == "The mother tongue of Danielle Darrieux is"
     assert (first.target_new, first.target_true) == (" English", " French")
@@ -145,7 +143,7 @@ def test_counterfact_records_become_requests(tmp_path):
 
 def test_counterfact_options(tmp_path):
     path = write(tmp_path, COUNTERFACT)
-    (only,) = load_counterfact(path, n=1, add_space=False)
+    (only,) = load_requests(path, format="counterfact", n=1, add_space=False)
     assert (only.target_new, only.target_true) == ("English", "French")
     assert only.locality[0].answer == "French"
 
@@ -170,11 +168,13 @@ def test_malformed_counterfact_record_names_file_record_and_field(tmp_path, chan
     change(records[1])
     path = write(tmp_path, records, "cf.json")
     with pytest.raises(ValueError, match=rf"cf\.json: record 1: .*{field}"):
-        load_counterfact(path)
+        load_requests(path, format="counterfact")
 
 
 def test_knowedit_records_become_requests(tmp_path):
-    recent, counterfact, zsre = load_knowedit(write(tmp_path, [RECENT, WIKI_COUNTERFACT, ZSRE]))
+    recent, counterfact, zsre = load_requests(
+        write(tmp_path, [RECENT, WIKI_COUNTERFACT, ZSRE]), format="knowedit"
+    )
 
     assert recent.text == "The place of death of Leo Arons is"
     assert (recent.target_new, recent.target_true) == (" Berlin", None)
@@ -199,7 +199,9 @@ def test_knowedit_records_become_requests(tmp_path):
 
 
 def test_knowedit_options(tmp_path):
-    (only,) = load_knowedit(write(tmp_path, [WIKI_COUNTERFACT, ZSRE]), n=1, add_space=False)
+    (only,) = load_requests(
+        write(tmp_path, [WIKI_COUNTERFACT, ZSRE]), format="knowedit", n=1, add_space=False
+    )
     assert (only.target_new, only.target_true) == ("Archbishop of León, Mexico", "mayor of Vienna")
     assert only.locality[0].answer == "male"
 
@@ -228,7 +230,7 @@ def test_malformed_knowedit_record_names_file_record_and_field(tmp_path, change,
     change(records[1])
     path = write(tmp_path, records, "ke.json")
     with pytest.raises(ValueError, match=rf"ke\.json: record 1: .*{field}"):
-        load_knowedit(path)
+        load_requests(path, format="knowedit")
 
 
 def test_load_requests_detects_the_format(tmp_path):

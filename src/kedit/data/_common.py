@@ -7,6 +7,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,26 @@ class Record:
             return EditRequest(**fields)
         except ValueError as exc:
             raise ValueError(f"{self.source}: {self.label} {self.index}: {exc}") from exc
+
+
+def records_reader(
+    format: str, parse: Callable[..., Any], doc: str, flatten: bool = False
+) -> Callable[..., Loaded]:
+    """The reader of one format's parsed records: `read(records, source, n, add_space,
+    skip_bad)` gives each record, with `add_space`, to `parse` and collects the results."""
+
+    def read(
+        records: list[Any],
+        source: str = "<records>",
+        n: int | None = None,
+        add_space: bool = True,
+        skip_bad: bool = False,
+    ) -> Loaded:
+        parse_one = partial(parse, add_space=add_space)
+        return collect(records, source, format, parse_one, n, skip_bad, flatten=flatten)
+
+    read.__doc__ = doc
+    return read
 
 
 def collect(

@@ -13,11 +13,7 @@ EasyEdit's flat format (`counterfact-edit.json`), format name "counterfact-easye
 
 from __future__ import annotations
 
-from functools import partial
-from pathlib import Path
-from typing import Any
-
-from kedit.data._common import Loaded, Record, collect, read_records, with_space
+from kedit.data._common import Record, records_reader, with_space
 from kedit.requests import EditRequest
 
 USED = {"case_id", "requested_rewrite", "paraphrase_prompts", "neighborhood_prompts"}
@@ -51,16 +47,11 @@ def _request(record: Record, add_space: bool) -> EditRequest:
     )
 
 
-def counterfact_requests(
-    records: list[Any],
-    source: str = "<records>",
-    n: int | None = None,
-    add_space: bool = True,
-    skip_bad: bool = False,
-) -> Loaded:
-    """EditRequests from parsed ROME-format CounterFact records; `source` names them in errors."""
-    parse = partial(_request, add_space=add_space)
-    return collect(records, source, "counterfact", parse, n, skip_bad)
+counterfact_requests = records_reader(
+    "counterfact",
+    _request,
+    "EditRequests from parsed ROME-format CounterFact records; `source` names them in errors.",
+)
 
 
 def _flat_request(record: Record, add_space: bool) -> EditRequest:
@@ -82,21 +73,8 @@ def _flat_request(record: Record, add_space: bool) -> EditRequest:
     )
 
 
-def easyedit_counterfact_requests(
-    records: list[Any],
-    source: str = "<records>",
-    n: int | None = None,
-    add_space: bool = True,
-    skip_bad: bool = False,
-) -> Loaded:
-    """EditRequests from parsed records of EasyEdit's flat CounterFact format."""
-    parse = partial(_flat_request, add_space=add_space)
-    return collect(records, source, "counterfact-easyedit", parse, n, skip_bad)
-
-
-def load_counterfact(
-    path: str | Path, n: int | None = None, add_space: bool = True, skip_bad: bool = False
-) -> Loaded:
-    """Load a local ROME-format CounterFact JSON file (e.g. `counterfact.json`)."""
-    source, records = read_records(path)
-    return counterfact_requests(records, source=source, n=n, add_space=add_space, skip_bad=skip_bad)
+easyedit_counterfact_requests = records_reader(
+    "counterfact-easyedit",
+    _flat_request,
+    "EditRequests from parsed records of EasyEdit's flat CounterFact format.",
+)

@@ -26,10 +26,16 @@ from __future__ import annotations
 
 import random
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-from kedit.data._common import Loaded, Record, as_list, collect, read_records, with_space
+from kedit.data._common import (
+    Loaded,
+    Record,
+    as_list,
+    collect,
+    records_reader,
+    with_space,
+)
 from kedit.requests import EditRequest
 
 USED = {
@@ -124,24 +130,11 @@ def knowedit_request(record: Record, add_space: bool) -> EditRequest:
     )
 
 
-def knowedit_requests(
-    records: list[Any],
-    source: str = "<records>",
-    n: int | None = None,
-    add_space: bool = True,
-    skip_bad: bool = False,
-) -> Loaded:
-    """EditRequests from parsed KnowEdit records; `source` names them in errors."""
-    parse = partial(knowedit_request, add_space=add_space)
-    return collect(records, source, "knowedit", parse, n, skip_bad)
-
-
-def load_knowedit(
-    path: str | Path, n: int | None = None, add_space: bool = True, skip_bad: bool = False
-) -> Loaded:
-    """Load a local KnowEdit JSON file (e.g. `recent_test.json`, `test_cf.json`)."""
-    source, records = read_records(path)
-    return knowedit_requests(records, source=source, n=n, add_space=add_space, skip_bad=skip_bad)
+knowedit_requests = records_reader(
+    "knowedit",
+    knowedit_request,
+    "EditRequests from parsed KnowEdit records; `source` names them in errors.",
+)
 
 
 def _wikibio_request(record: Record, add_space: bool) -> EditRequest:
@@ -158,16 +151,11 @@ def _wikibio_request(record: Record, add_space: bool) -> EditRequest:
     )
 
 
-def wikibio_requests(
-    records: list[Any],
-    source: str = "<records>",
-    n: int | None = None,
-    add_space: bool = True,
-    skip_bad: bool = False,
-) -> Loaded:
-    """EditRequests from parsed KnowEdit WikiBio records (`text`, `labels`, `concept`)."""
-    parse = partial(_wikibio_request, add_space=add_space)
-    return collect(records, source, "wikibio", parse, n, skip_bad)
+wikibio_requests = records_reader(
+    "wikibio",
+    _wikibio_request,
+    "EditRequests from parsed KnowEdit WikiBio records (`text`, `labels`, `concept`).",
+)
 
 
 def _neighbour_probe(records: list[Any], index: int, sentiment: str) -> tuple[str, str] | None:

@@ -17,11 +17,10 @@ once all of them are applied: evaluate such cases with every edit of the case to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kedit.data._common import Loaded, Record, collect, read_records, with_space
+from kedit.data._common import Loaded, Record, read_records, records_reader, with_space
 from kedit.requests import EditRequest
 
 USED = {"case_id", "requested_rewrite", "questions", "new_answer", "new_answer_alias"}
@@ -99,27 +98,15 @@ def _case_requests(record: Record, add_space: bool) -> tuple[EditRequest, ...]:
     return _case(record, add_space).requests
 
 
-def mquake_cases(
-    records: list[Any],
-    source: str = "<records>",
-    n: int | None = None,
-    add_space: bool = True,
-    skip_bad: bool = False,
-) -> Loaded:
-    """MultiHopCases from parsed MQuAKE records; `n` counts cases."""
-    return collect(records, source, "mquake", partial(_case, add_space=add_space), n, skip_bad)
-
-
-def mquake_requests(
-    records: list[Any],
-    source: str = "<records>",
-    n: int | None = None,
-    add_space: bool = True,
-    skip_bad: bool = False,
-) -> Loaded:
-    """The EditRequests of the first `n` MQuAKE cases, case after case."""
-    parse = partial(_case_requests, add_space=add_space)
-    return collect(records, source, "mquake", parse, n, skip_bad, flatten=True)
+mquake_cases = records_reader(
+    "mquake", _case, "MultiHopCases from parsed MQuAKE records; `n` counts cases."
+)
+mquake_requests = records_reader(
+    "mquake",
+    _case_requests,
+    "The EditRequests of the first `n` MQuAKE cases, case after case.",
+    flatten=True,
+)
 
 
 def load_mquake(

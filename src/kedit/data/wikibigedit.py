@@ -11,10 +11,7 @@ paraphrase), `personas` (the question asked in a persona's voice; answered with 
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any
-
-from kedit.data._common import Loaded, Record, collect, with_space
+from kedit.data._common import Record, records_reader, with_space
 from kedit.requests import EditRequest
 
 USED = {
@@ -65,13 +62,8 @@ def _request(record: Record, add_space: bool) -> EditRequest:
     )
 
 
-def wikibigedit_requests(
-    records: list[Any],
-    source: str = "<records>",
-    n: int | None = None,
-    add_space: bool = True,
-    skip_bad: bool = False,
-) -> Loaded:
-    """EditRequests from parsed WikiBigEdit records; `source` names them in errors."""
-    parse = partial(_request, add_space=add_space)
-    return collect(records, source, "wikibigedit", parse, n, skip_bad)
+wikibigedit_requests = records_reader(
+    "wikibigedit",
+    _request,
+    "EditRequests from parsed WikiBigEdit records; `source` names them in errors.",
+)

@@ -14,10 +14,7 @@ Records written in the KnowEdit ZsRE layout (`ZsRE-test-all.json`: `prompt`, `ta
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any
-
-from kedit.data._common import Loaded, Record, collect, with_space
+from kedit.data._common import Record, records_reader, with_space
 from kedit.data.knowedit import knowedit_request
 from kedit.requests import EditRequest
 
@@ -69,13 +66,8 @@ def _request(record: Record, add_space: bool) -> EditRequest:
     return knowedit_request(record, add_space)
 
 
-def zsre_requests(
-    records: list[Any],
-    source: str = "<records>",
-    n: int | None = None,
-    add_space: bool = True,
-    skip_bad: bool = False,
-) -> Loaded:
-    """EditRequests from parsed zsRE records (MEND's split, or KnowEdit's ZsRE file)."""
-    parse = partial(_request, add_space=add_space)
-    return collect(records, source, "zsre", parse, n, skip_bad)
+zsre_requests = records_reader(
+    "zsre",
+    _request,
+    "EditRequests from parsed zsRE records (MEND's split, or KnowEdit's ZsRE file).",
+)
