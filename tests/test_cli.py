@@ -215,6 +215,7 @@ def test_zoo_list_shows_bundled_models():
     assert result.exit_code == 0
     assert "tiny-gpt2" in result.output and "tiny-llama" in result.output
     cells = "".join(result.output.replace("│", " ").split())  # the console is 80 columns wide
+    assert "tiny-gpt2-wide6/128/1024" in cells and "tiny-llama6/128/352" in cells
     assert "".join(str(model_path("tiny-llama")).split()) in cells
 
 

@@ -532,15 +532,23 @@ def stats_import(
 @zoo_app.command("list")
 @friendly_errors
 def zoo_list() -> None:
-    """List the bundled models and their measured fact accuracy."""
+    """List the bundled models, their size and their measured fact accuracy."""
     from kedit import zoo
 
-    table = Table("model", "training facts", "held-out paraphrases")
+    names = zoo.list_models()
+    table = Table()
+    table.add_column("model", no_wrap=True, min_width=max(map(len, names), default=5))
+    table.add_column("layers/width/MLP", no_wrap=True)
+    for header in ("training facts", "held-out paraphrases"):
+        table.add_column(header)
     table.add_column("path", overflow="fold")  # wrapped, never cut: it is there to be copied
-    for name in zoo.list_models():
+    for name in names:
         info = zoo.model_info(name)
+        recipe = info.get("recipe") or {}
+        shape = [recipe.get(key, "?") for key in ("n_layer", "d_model", "d_ff")]
         table.add_row(
             name,
+            "/".join(map(str, shape)),
             f"{info.get('train_acc', float('nan')):.3f}",
             f"{info.get('heldout_acc', float('nan')):.3f}",
             str(zoo.model_path(name)),
