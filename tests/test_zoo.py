@@ -356,3 +356,14 @@ def test_wide_model_takes_edits_at_its_defaults():
         assert answers == [request.target_new for request in requests], method
         edit.undo()
     assert all(torch.equal(value, before[name]) for name, value in lm.model.state_dict().items())
+
+
+def test_bundled_model_loads_without_a_progress_bar(capfd):
+    from transformers.utils import logging as hf_logging
+
+    import kedit
+
+    assert hf_logging.is_progress_bar_enabled()
+    kedit.load("tiny-gpt2")
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # as it was: only the bundled load was quiet

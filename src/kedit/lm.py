@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -173,6 +175,22 @@ def _zoo_recipe(folder: str) -> str | None:
     return json.loads(meta.read_text()).get("name") if meta.is_file() else None
 
 
+@contextlib.contextmanager
+def _no_progress_bar(quiet: bool) -> Iterator[None]:
+    """transformers' progress bars off while `quiet` (a bundled model loads in a blink, so its
+    "Loading weights" bar is noise), as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load(
     name_or_path: str,
     device: str | torch.device | None = None,
@@ -180,6 +198,8 @@ def load(
 ) -> LM:
     """Load a bundled model (`kedit zoo list`), a local Hugging Face folder or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kedit import zoo
 
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"model: expected a model name, folder or hub id, got {name_or_path!r}")
@@ -190,7 +210,8 @@ def load(
             raise ValueError(f"dtype: {dtype!r} is not a torch dtype (e.g. 'float32')")
         dtype = getattr(torch, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+        with _no_progress_bar(quiet=name_or_path in zoo.list_models()):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as error:
         raise ValueError(
