@@ -176,18 +176,16 @@ def _zoo_recipe(folder: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _no_progress_bar(quiet: bool) -> Iterator[None]:
-    """transformers' progress bars off while `quiet` (a bundled model loads in a blink, so its
-    "Loading weights" bar is noise), as they were afterwards."""
+def _no_progress_bar() -> Iterator[None]:
+    """transformers' progress bars off inside the block, as they were afterwards."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
-    if quiet:
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if quiet and was_enabled:
+        if was_enabled:
             hf_logging.enable_progress_bar()
 
 
@@ -210,7 +208,9 @@ def load(
             raise ValueError(f"dtype: {dtype!r} is not a torch dtype (e.g. 'float32')")
         dtype = getattr(torch, dtype)
     try:
-        with _no_progress_bar(quiet=name_or_path in zoo.list_models()):
+        # A bundled model loads in a blink: its "Loading weights" bar would only be noise.
+        bundled = Path(source).parent == zoo.MODELS_DIR
+        with _no_progress_bar() if bundled else contextlib.nullcontext():
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as error:
