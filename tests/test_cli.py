@@ -74,6 +74,7 @@ def test_a_hub_id_that_cannot_be_loaded_is_one_clear_line(monkeypatch):
         raise OSError("We couldn't connect to the hub.\nCheck your connection.")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", unreachable)
+    monkeypatch.setattr("kedit.lm.hub_reachable", lambda: True)  # reachable, yet loading fails
     result = run("demo", "--model", "some-org/some-model")
     assert result.exit_code == 2 and "Traceback" not in result.output
     output = " ".join(result.output.split())  # the console wraps long lines
@@ -216,7 +217,8 @@ def test_zoo_list_shows_bundled_models():
     assert "tiny-gpt2" in result.output and "tiny-llama" in result.output
     cells = "".join(result.output.replace("│", " ").split())  # the console is 80 columns wide
     assert "tiny-gpt2-wide6/128/1024" in cells and "tiny-llama6/128/352" in cells
-    assert "".join(str(model_path("tiny-llama")).split()) in cells
+    folder = str(model_path("tiny-llama").parent)
+    assert any(line.endswith(folder) for line in result.output.splitlines())  # never cut
 
 
 def test_zoo_train_refuses_a_bad_name_mask_share(tmp_path):

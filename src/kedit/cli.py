@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from kedit.files import read_text
+
 app = typer.Typer(
     help="Locate, edit, erase and explain knowledge inside transformer language models.",
     no_args_is_help=True,
@@ -22,6 +25,23 @@ app = typer.Typer(
 zoo_app = typer.Typer(help="The bundled tiny models.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 console = Console()
+
+
+@app.callback()
+def main(
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Torch CPU threads for every command (also $KEDIT_THREADS). Default: one for "
+            "models under 50M parameters (the bundled ones), torch's default for larger ones.",
+        ),
+    ] = None,
+) -> None:
+    """Locate, edit, erase and explain knowledge inside transformer language models."""
+    if threads is not None:
+        os.environ["KEDIT_THREADS"] = str(threads)
+
 
 DEMO_MODEL = "tiny-gpt2"
 USER_ERRORS = (
@@ -62,9 +82,7 @@ def parse_hparams(pairs: list[str] | None, path: Path | None) -> dict[str, Any]:
 
     values: dict[str, Any] = {}
     if path is not None:
-        if not path.is_file():
-            raise FileNotFoundError(f"--hparams-file: {str(path)!r} is not a file")
-        loaded = parse(path.read_text(), f"--hparams-file {str(path)!r}") or {}
+        loaded = parse(read_text(path, "--hparams-file"), f"--hparams-file {str(path)!r}") or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"--hparams-file: {str(path)!r} must hold a mapping of keys to values")
         values.update(loaded)
@@ -535,14 +553,12 @@ def zoo_list() -> None:
     """List the bundled models, their size and their measured fact accuracy."""
     from kedit import zoo
 
-    names = zoo.list_models()
     table = Table()
-    table.add_column("model", no_wrap=True, min_width=max(map(len, names), default=5))
+    table.add_column("model", no_wrap=True)
     table.add_column("layers/width/MLP", no_wrap=True)
     for header in ("training facts", "held-out paraphrases"):
         table.add_column(header)
-    table.add_column("path", overflow="fold")  # wrapped, never cut: it is there to be copied
-    for name in names:
+    for name in zoo.list_models():
         info = zoo.model_info(name)
         recipe = info.get("recipe") or {}
         shape = [recipe.get(key, "?") for key in ("n_layer", "d_model", "d_ff")]
@@ -551,9 +567,10 @@ def zoo_list() -> None:
             "/".join(map(str, shape)),
             f"{info.get('train_acc', float('nan')):.3f}",
             f"{info.get('heldout_acc', float('nan')):.3f}",
-            str(zoo.model_path(name)),
         )
     console.print(table)
+    # On a line of its own, whole at any terminal width: it is there to be copied.
+    console.print(f"Each model is a Hugging Face folder in {zoo.MODELS_DIR}", soft_wrap=True)
 
 
 @zoo_app.command("train")

@@ -37,6 +37,7 @@ from kedit.data._common import flatten_strings, with_space
 from kedit.edits import Edit
 from kedit.eval.metrics import fluency_entropy, locality_agreement
 from kedit.eval.protocols import TokenScore, sample_continuations, score_teacher_forced
+from kedit.files import read_text
 from kedit.lm import LM, load
 from kedit.methods._locate import LocateHyperParams
 from kedit.methods.ft import FTHyperParams as _KeditFTHyperParams
@@ -89,9 +90,7 @@ class EasyEditHyperParams:
         path = Path(path).expanduser()
         if not path.is_file() and ".yaml" not in path.name:
             path = path.with_name(path.name + ".yaml")
-        if not path.is_file():
-            raise FileNotFoundError(f"hparams: file {str(path)!r} does not exist")
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = yaml.safe_load(read_text(path, "hparams"))
         if not isinstance(config, dict):
             raise ValueError(f"{path}: expected a mapping of hyper-parameters, got {config!r:.80}")
         try:

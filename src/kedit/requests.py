@@ -20,6 +20,15 @@ class Probe:
 def _require_text(field_name: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{field_name}: expected a non-empty string, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # Bytes that are not UTF-8 reach Python strings as lone surrogates (command-line
+        # arguments, files read with errors="surrogateescape"); tokenizers reject them.
+        raise ValueError(
+            f"{field_name}: {value!r} is not valid UTF-8 text (character {error.start}); "
+            "give the text in UTF-8"
+        ) from None
     return value
 
 
