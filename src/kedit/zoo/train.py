@@ -54,7 +54,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "tiny-gpt2": Recipe(arch="gpt2", epochs=50, num_threads=1),
     # Twice the MLP width, so that many edits leave room in the key space (AlphaEdit's null
-    # space; see the README's results).
+    # space; see docs/results.md).
     "tiny-gpt2-wide": Recipe(arch="gpt2", d_ff=1024, epochs=50, num_threads=1),
     "tiny-llama": Recipe(arch="llama", d_ff=352, tie_embeddings=False, epochs=50, num_threads=1),
     # Very small world and model, for tests: trains end to end in seconds.
