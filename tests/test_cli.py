@@ -201,6 +201,10 @@ def test_bench_shards_merge_to_the_whole_run(tmp_path):
     reliability = summary["metrics"]["post"]["teacher_forced"]["reliability"]
     report = (tmp_path / "all" / "report.md").read_text()
     assert f"tiny-gpt2 / ft-m / tinyworld_knowedit / independent | {reliability:.3f} |" in report
+    assert report.splitlines()[0] == (
+        "# Benchmark of ft-m: model tiny-gpt2; data tinyworld_knowedit.json; mode independent; "
+        "seed 0, merged from 2 shards"
+    )
     assert (tmp_path / "all" / "bars_teacher_forced.png").stat().st_size > 0
     sequential = run(*base, "--mode", "sequential", "--shard", "0/2", "--out", str(tmp_path / "q"))
     assert sequential.exit_code == 2 and "cannot be" in sequential.output
@@ -359,9 +363,9 @@ def test_bench_resumes_with_the_data_given_by_another_path_or_from_another_folde
     changed = run("bench", "--data", "cases.json", *args)
     output = " ".join(changed.output.split())
     assert changed.exit_code == 2 and "other settings (data_digest)" in output
-    assert (out / "report.md").read_text().startswith(
-        "# Benchmark of ft-m: model tiny-gpt2; data cases.json; mode independent; 1 seed(s)\n"
-    )
+    title = (out / "report.md").read_text().splitlines()[0]
+    expected = "model tiny-gpt2; data cases.json; mode independent; 1 seed(s)"
+    assert title == f"# Benchmark of ft-m: {expected}"
 
 
 def test_bench_progress_counts_cases_and_gives_the_time_left_of_this_run():
