@@ -18,8 +18,8 @@ def main() -> None:
     import torch
 
     import kedit
+    from kedit.bench.runs import BenchConfig, run_bench
     from kedit.data import load_requests
-    from kedit.eval.bench import BenchConfig, run_bench
     from kedit.zoo import benchmark_path
 
     parser = argparse.ArgumentParser(description=__doc__)

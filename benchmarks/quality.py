@@ -19,9 +19,9 @@ MODELS = ["tiny-gpt2", "tiny-llama", "tiny-gpt2-wide"]
 
 def main() -> None:
     import kedit
+    from kedit.bench.plan import model_folder_name
+    from kedit.bench.runs import BenchConfig, run_bench
     from kedit.data import load_requests
-    from kedit.eval.bench import BenchConfig, run_bench
-    from kedit.eval.plan import model_folder_name
     from kedit.zoo import benchmark_path
 
     parser = argparse.ArgumentParser(description=__doc__)

@@ -2,7 +2,7 @@
 held-out perplexity against the number of edits applied to one model; writes JSON and PNG plots
 to --out and prints the JSON.
 
-Each method runs `kedit.eval.bench.run_bench` in mode "sequential" (edits pile up on one model,
+Each method runs `kedit.bench.runs.run_bench` in mode "sequential" (edits pile up on one model,
 each computed on the model the earlier ones left), schedule "after-each" (each batch evaluated
 right after it is applied: the "immediate" numbers), and a checkpoint every --checkpoint-every
 edits that re-evaluates every case edited so far and the held-out perplexity: the curve.
@@ -15,7 +15,7 @@ benchmark (default 250 of 320): first one fact of each (in an order shuffled by 
 second fact of each, and so on, up to four facts per person. Past --people edits a curve
 therefore also shows two facts of one person interfering (they share the subject's key), not
 only accumulation. The people never edited keep the locality probes that name them measurable
-(probes naming an edited person are left out, see `kedit.eval.bench`).
+(probes naming an edited person are left out, see `kedit.bench.runs`).
 
 Held-out perplexity is measured on --heldout-n sentences drawn (with --seed) from the tinyworld
 corpus sentences (`kedit.eval.runner.context_sentences`, the sentences of the corpus the
@@ -47,7 +47,7 @@ BATCHED = {"memit", "alphaedit", "emmet", "pmet"}  # edited --batch cases per st
 def in_bench_order(cases: list, config: Any) -> tuple[list, bool]:
     """`cases` arranged so that run_bench's seeded shuffle (`select_cases`) restores their
     order; returns them and whether that was checked to hold."""
-    from kedit.eval.bench import select_cases
+    from kedit.bench.runs import select_cases
 
     order = list(range(len(cases)))
     random.Random(config.seed).shuffle(order)  # the permutation select_cases applies
@@ -68,9 +68,9 @@ UNTOUCHED = (
 
 def run_method(lm: Any, method: str, cases: list, heldout: list[str], args: Any) -> dict:
     """One sequential run of `method` over `cases`; its curve and summary."""
-    from kedit.eval.bench import BenchConfig, run_bench
-    from kedit.eval.plan import model_folder_name
-    from kedit.eval.report import plot_curves
+    from kedit.bench.plan import model_folder_name
+    from kedit.bench.report import plot_curves
+    from kedit.bench.runs import BenchConfig, run_bench
     from kedit.methods.registry import get_method
 
     batch = args.batch if get_method(method).name in BATCHED else 1
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--edits, --batch and --checkpoint-every must be positive")
 
     import kedit
-    from kedit.eval.plan import heldout_texts, model_folder_name
+    from kedit.bench.plan import heldout_texts, model_folder_name
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from tinyworld_cases import distinct_fact_cases

@@ -4,8 +4,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from kedit.bench.runs import BenchConfig, run_bench
 from kedit.data import load_requests
-from kedit.eval.bench import BenchConfig, run_bench
 from kedit.zoo import DATA_DIR
 
 HELDOUT = ["Mira Olsen lives in Lisbon.", "The capital of Norway is Oslo."]
@@ -166,3 +166,21 @@ def test_a_run_made_under_other_defaults_is_not_resumed(tiny_gpt2, tmp_path, mon
     monkeypatch.setattr(registry, "_defaults_table", lambda name: changed)
     with pytest.raises(ValueError, match=r"other settings \(effective_hparams\)"):
         run_bench(tiny_gpt2, requests, config, tmp_path)
+
+
+def test_shards_of_the_same_cases_merge_whatever_path_named_the_data(tiny_gpt2, tmp_path):
+    from kedit.bench.runs import merge_runs
+
+    requests = load_requests(DATA_DIR / "tinyworld_knowedit.json", n=2)
+    config = _config(method="ft-m", mode="independent", batch_size=1, checkpoint_every=0)
+    config.hparams = {"steps": 2}
+    names = ["data/cases.json", str(tmp_path / "data" / "cases.json")]
+    for index, name in enumerate(names):
+        shard = replace(config, data=name, shard=f"{index}/2")
+        run_bench(tiny_gpt2, requests, shard, tmp_path / f"s{index}")
+    merged = merge_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "all")
+    assert merged["metrics"]["n_cases"] == 2
+    other = [replace(requests[1], target_new=" Quillmark"), requests[0]]
+    run_bench(tiny_gpt2, other, replace(config, shard="1/2"), tmp_path / "o1")
+    with pytest.raises(ValueError, match="different data_digest"):
+        merge_runs([tmp_path / "s0", tmp_path / "o1"], tmp_path / "bad")

@@ -4,8 +4,8 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
+from kedit.bench.plan import model_folder_name
 from kedit.cli import app
-from kedit.eval.plan import model_folder_name
 from kedit.zoo import DATA_DIR, model_path
 
 runner = CliRunner()
@@ -202,6 +202,10 @@ def test_bench_shards_merge_to_the_whole_run(tmp_path):
     reliability = summary["metrics"]["post"]["teacher_forced"]["reliability"]
     report = (tmp_path / "all" / "report.md").read_text()
     assert f"tiny-gpt2 / ft-m / tinyworld_knowedit / independent | {reliability:.3f} |" in report
+    assert report.splitlines()[0] == (
+        "# Benchmark of ft-m: model tiny-gpt2; data tinyworld_knowedit.json; mode independent; "
+        "seed 0, merged from 2 shards"
+    )
     assert (tmp_path / "all" / "bars_teacher_forced.png").stat().st_size > 0
     sequential = run(*base, "--mode", "sequential", "--shard", "0/2", "--out", str(tmp_path / "q"))
     assert sequential.exit_code == 2 and "cannot be" in sequential.output
@@ -331,3 +335,56 @@ def test_bench_format_option_is_checked_and_used(tmp_path):
     assert wrong.exit_code == 2 and "update: missing" in " ".join(wrong.output.split())
     result = run(*args, "--format", "knowedit", "--out", str(tmp_path / "o"))
     assert result.exit_code == 0, result.output
+
+
+def test_bench_resumes_with_the_data_given_by_another_path_or_from_another_folder(
+    tmp_path, monkeypatch
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(KNOWEDIT, data / "cases.json")
+    out = tmp_path / "run"
+    args = ["--method", "ft-m", "--n", "2", "--seeds", "1", "--out", str(out), "-p", "steps=3"]
+    monkeypatch.chdir(tmp_path)
+    assert run("bench", "--data", "data/cases.json", *args).exit_code == 0
+    cases = out / "tiny-gpt2" / "ft-m" / "cases" / "independent" / "seed-0" / "cases.jsonl"
+    first, second = cases.read_text().splitlines()
+    cases.write_text(first + "\n")  # as if interrupted after the first case
+    monkeypatch.chdir(data)
+    resumed = run("bench", "--data", "cases.json", *args)
+    assert resumed.exit_code == 0, resumed.output
+    lines = cases.read_text().splitlines()
+    assert lines[0] == first and len(lines) == 2
+    assert json.loads(lines[1])["case_id"] == json.loads(second)["case_id"]
+    absolute = run("bench", "--data", str(data / "cases.json"), *args)
+    assert absolute.exit_code == 0, absolute.output
+    assert cases.read_text().splitlines() == lines
+    records = json.loads((data / "cases.json").read_text())
+    records[0]["target_new"] = "Quillmark"
+    (data / "cases.json").write_text(json.dumps(records))
+    changed = run("bench", "--data", "cases.json", *args)
+    output = " ".join(changed.output.split())
+    assert changed.exit_code == 2 and "other settings (data_digest)" in output
+    title = (out / "report.md").read_text().splitlines()[0]
+    expected = "model tiny-gpt2; data cases.json; mode independent; 1 seed(s)"
+    assert title == f"# Benchmark of ft-m: {expected}"
+
+
+def test_bench_progress_counts_cases_and_gives_the_time_left_of_this_run():
+    import io
+
+    from rich.console import Console
+
+    from kedit.cli import bench_progress
+
+    now = [0.0]
+    console = Console(file=io.StringIO(), width=200, force_terminal=True, color_system=None)
+    bar = bench_progress(console, get_time=lambda: now[0])
+    task = bar.add_task("tiny-gpt2 rome", total=None)
+    bar.reset(task, total=10, completed=4)  # four cases done by an earlier run
+    for now[0] in (100.0, 110.0, 120.0):
+        bar.advance(task)
+    console.print(bar.make_tasks_table(bar.tasks))
+    shown = console.file.getvalue()
+    # 7 of 10 done; this run's speed is 2 cases in 20 s after its first, so 3 left take 30 s.
+    assert "7/10 cases" in shown and "ETA 0:00:30" in shown

@@ -1,7 +1,9 @@
+import json
+
 import pytest
 
-from kedit.eval.plan import Plan, load_plan, mode_label
-from kedit.eval.report import (
+from kedit.bench.plan import Plan, load_plan, mode_label, report_title, run_plan
+from kedit.bench.report import (
     KNOWEDIT_COLUMNS,
     bars_top,
     checkpoint_markdown,
@@ -116,3 +118,46 @@ def test_bars_of_rates_end_above_one_and_other_metrics_above_the_tallest():
     assert bars_top([0.2, 1.0]) == 1.05
     assert bars_top([0.5, 4.2]) == pytest.approx(4.62)
     assert bars_top([]) == 1.05
+
+
+def test_the_report_title_names_methods_models_data_and_modes():
+    title = report_title(
+        ["tiny-gpt2", "tiny-llama"], ["rome", "memit"], ["zsre.json"], ["independent"], "3 seed(s)"
+    )
+    assert title == (
+        "# Benchmark of rome, memit: models tiny-gpt2, tiny-llama; data zsre.json; "
+        "mode independent; 3 seed(s)"
+    )
+    one = report_title(["m"], ["ft-m"], ["a", "b"], ["batch", "sequential"], "1 seed")
+    assert one == "# Benchmark of ft-m: model m; data a, b; modes batch, sequential; 1 seed"
+
+
+def test_run_plan_tells_the_cases_of_all_runs_then_only_the_cases_it_runs(tmp_path):
+    from kedit.zoo import DATA_DIR
+
+    plan = Plan(
+        models=["tiny-gpt2"],
+        methods=["ft-m"],
+        datasets=[str(DATA_DIR / "tinyworld_knowedit.json")],
+        hparams={"ft-m": {"steps": 2}},
+        n=3,
+        seeds=2,
+    )
+
+    def progress():
+        """Run the plan; what it told: (total, done) first, then each case's id."""
+        events = []
+        run_plan(
+            plan,
+            tmp_path,
+            on_start=lambda total, done: events.append((total, done)),
+            on_case=lambda record: events.append(record["case_id"]),
+        )
+        return events[0], sorted(events[1:])
+
+    assert progress() == ((6, 0), sorted(["0", "1", "2"] * 2))
+    cases = tmp_path / "tiny-gpt2" / "ft-m" / "tinyworld_knowedit" / "independent" / "seed-1"
+    kept = (cases / "cases.jsonl").read_text().splitlines()[0]
+    (cases / "cases.jsonl").write_text(kept + "\n")  # as if interrupted after one case
+    left = sorted({"0", "1", "2"} - {json.loads(kept)["case_id"]})
+    assert progress() == ((6, 4), left)

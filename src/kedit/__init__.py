@@ -1,5 +1,6 @@
 """kedit: locate, edit, erase and explain knowledge inside transformer language models."""
 
+from kedit._version import __version__ as __version__
 from kedit.api import apply, edit, edit_each, list_methods, load
 from kedit.edits import Edit, WeightDelta
 from kedit.eval.runner import evaluate
@@ -21,4 +22,3 @@ __all__ = [
     "list_methods",
     "load",
 ]
-__version__ = "0.1.0"

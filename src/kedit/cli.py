@@ -13,6 +13,14 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from kedit.files import read_text
@@ -228,6 +236,24 @@ bench_app = typer.Typer(
 app.add_typer(bench_app, name="bench")
 
 
+def bench_progress(console: Console, get_time: Callable[[], float] | None = None) -> Progress:
+    """The bench progress bar: the run, cases done of all, time spent and time left (from the
+    speed of this run's cases; `get_time` is the clock, by default rich's)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("cases"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        speed_estimate_period=600,  # a case can take minutes on a large model
+        get_time=get_time,
+    )
+
+
 @bench_app.callback(invoke_without_command=True)
 @friendly_errors
 def bench(
@@ -266,10 +292,8 @@ def bench(
     hparams_file: HparamFileOpt = None,
 ) -> None:
     """Run a benchmark: edit, evaluate (pre and post), undo; results stream to --out."""
-    from rich.progress import Progress
-
+    from kedit.bench.plan import Plan, load_plan, run_plan
     from kedit.data import check_format
-    from kedit.eval.plan import Plan, load_plan, run_plan
 
     if ctx.invoked_subcommand is not None:
         return
@@ -316,7 +340,7 @@ def bench(
             formats={str(data): format} if format else {},
         )
     plan.configs(shard)
-    with Progress(console=console, transient=True) as bar:
+    with bench_progress(console) as bar:
         task = bar.add_task("benchmark", total=None)
         aggregate = run_plan(
             plan,
@@ -324,6 +348,8 @@ def bench(
             shard=shard,
             on_case=lambda _: bar.advance(task),
             on_run=lambda label: bar.update(task, description=label),
+            # Cases done by an earlier run count as done, not as speed: the ETA is this run's.
+            on_start=lambda total, done: bar.reset(task, total=total, completed=done),
         )
     for run in aggregate["runs"]:
         title = f"{run['model']} / {run['method']} / {run['dataset']} / {run['mode']}"
@@ -338,7 +364,7 @@ def bench_merge(
     out: Annotated[Path, typer.Option(help="Folder for the merged run.")],
 ) -> None:
     """Combine the shards of one benchmark run (`--shard i/n`) into one."""
-    from kedit.eval.plan import merge_shards
+    from kedit.bench.plan import merge_shards
 
     summary = merge_shards(folders, out)
     show_summary({"metrics": summary["metrics"]}, f"merged {len(folders)} shards")

@@ -20,6 +20,7 @@ A plan file is YAML:
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,9 +28,8 @@ from typing import Any
 
 import yaml
 
-from kedit.data import check_format
-from kedit.eval.bench import BenchConfig, merge_runs, run_bench, scoring_protocols
-from kedit.eval.report import (
+from kedit.api import load
+from kedit.bench.report import (
     COUNTERFACT_COLUMNS,
     KNOWEDIT_COLUMNS,
     checkpoint_markdown,
@@ -38,6 +38,16 @@ from kedit.eval.report import (
     plot_curves,
     spread,
 )
+from kedit.bench.runs import (
+    BenchConfig,
+    merge_runs,
+    recorded_case_ids,
+    run_bench,
+    scoring_protocols,
+    select_cases,
+)
+from kedit.data import check_format, load_requests
+from kedit.eval.runner import context_sentences
 
 DEFAULT_SEEDS = 3
 MODE_KEYS = {"mode", "batch_size", "schedule", "checkpoint_every"}
@@ -158,10 +168,6 @@ def model_folder_name(model: str) -> str:
 def heldout_texts(n: int, seed: int) -> list[str]:
     """`n` sentences of the tinyworld corpus drawn with `seed`, for the held-out perplexity of
     sequential runs (drawn, not the first ones: sorted, those all name the same few people)."""
-    import random
-
-    from kedit.eval.runner import context_sentences
-
     sentences = list(context_sentences())
     return random.Random(seed).sample(sentences, min(n, len(sentences)))
 
@@ -172,27 +178,38 @@ def run_plan(
     shard: str = "0/1",
     on_case: Callable[[dict[str, Any]], None] | None = None,
     on_run: Callable[[str], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every combination of the plan; returns the aggregate written to `summary.json`."""
-    import kedit
-    from kedit.data import load_requests
+    """Run every combination of the plan; returns the aggregate written to `summary.json`.
 
+    For a progress bar: `on_start(total, done)` is called once, before any work, with the
+    number of cases this shard of the plan holds and how many of them earlier runs into
+    `out_dir` recorded; then `on_run(label)` before each run and `on_case(record)` after each
+    case run now."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {str(out)!r} is a file; give a folder for the run")
     runs = plan.configs(shard)
+    data = {d: load_requests(d, format=plan.formats.get(d), n=plan.n) for d in plan.datasets}
+    folders = [
+        out / model_folder_name(model) / config.method / Path(dataset).stem / mode_label(mode)
+        for model, dataset, mode, config in runs
+    ]
+    recorded = [
+        recorded_case_ids(folder / f"seed-{config.seed}")
+        for folder, (_, _, _, config) in zip(folders, runs, strict=True)
+    ]
+    if on_start is not None:
+        total = sum(len(select_cases(data[dataset], config)) for _, dataset, _, config in runs)
+        on_start(total, sum(map(len, recorded)))
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     sequential: list[tuple[str, list[dict[str, Any]]]] = []  # (title, checkpoints) per run
     loaded: dict[str, Any] = {}
-    data: dict[str, list] = {}
-    for model, dataset, mode, config in runs:
+    for (model, dataset, mode, config), folder, done in zip(runs, folders, recorded, strict=True):
         if model not in loaded:
             loaded.clear()
-            loaded[model] = kedit.load(model)
-        if dataset not in data:
-            data[dataset] = load_requests(dataset, format=plan.formats.get(dataset), n=plan.n)
+            loaded[model] = load(model)
         label = mode_label(mode)
-        folder = out / model_folder_name(model) / config.method / Path(dataset).stem / label
         if on_run is not None:
             on_run(f"{model} {config.method} {Path(dataset).name} {label} seed {config.seed}")
         heldout = heldout_texts(200, config.seed) if config.checkpoint_every else None
@@ -201,7 +218,7 @@ def run_plan(
             data[dataset],
             config,
             folder / f"seed-{config.seed}",
-            on_case=on_case,
+            on_case=_new_cases_only(on_case, done),
             heldout_texts=heldout,
         )
         key = (model, config.method, Path(dataset).stem, label)
@@ -232,23 +249,62 @@ def run_plan(
         (" / ".join(key), summary["metrics"])
         for key, summary in zip(groups, aggregate["runs"], strict=True)
     ]
-    write_report(out, rows, plan.protocols, sequential)
+    title = report_title(
+        plan.models,
+        plan.methods,
+        [Path(dataset).name for dataset in plan.datasets],
+        [mode_label(mode) for mode in plan.modes],
+        f"{plan.seeds} seed(s)" + ("" if shard == "0/1" else f", shard {shard}"),
+    )
+    write_report(out, title, rows, plan.protocols, sequential)
     return aggregate
+
+
+def _new_cases_only(
+    on_case: Callable[[dict[str, Any]], None] | None, recorded: set[str]
+) -> Callable[[dict[str, Any]], None] | None:
+    """`on_case` for the cases not `recorded` by an earlier run (run_bench also passes those)."""
+    if on_case is None:
+        return None
+
+    def notify(record: dict[str, Any]) -> None:
+        if record["case_id"] not in recorded:
+            on_case(record)
+
+    return notify
+
+
+def report_title(
+    models: list[str], methods: list[str], datasets: list[str], modes: list[str], detail: str
+) -> str:
+    """The report's first line: which methods ran on which models, data and modes."""
+
+    def named(one: str, many: str, values: list[str]) -> str:
+        return f"{one if len(values) == 1 else many} {', '.join(values)}"
+
+    parts = [
+        named("model", "models", models),
+        named("data", "data", datasets),
+        named("mode", "modes", modes),
+        detail,
+    ]
+    return f"# Benchmark of {', '.join(methods)}: {'; '.join(parts)}"
 
 
 def write_report(
     out: Path,
+    title: str,
     rows: list[tuple[str, dict[str, Any]]],
     protocols: list[str],
     sequential: Iterable[tuple[str, list[dict[str, Any]]]] = (),
 ) -> None:
-    """`report.md` (the KnowEdit-style and CounterFact tables, then each sequential run's
-    checkpoints) and one bar plot per protocol, for `rows` of (label, metrics)."""
+    """`report.md` (`title`, the KnowEdit-style and CounterFact tables, then each sequential
+    run's checkpoints) and one bar plot per protocol, for `rows` of (label, metrics)."""
     scored = scoring_protocols(protocols)[0]
-    report = markdown("KnowEdit-style table", rows, KNOWEDIT_COLUMNS)
+    report = title + "\n\n" + markdown("KnowEdit-style table", rows, KNOWEDIT_COLUMNS)
     report += "\n" + markdown("CounterFact table (ROME's columns)", rows, COUNTERFACT_COLUMNS)
-    for title, checkpoints in sequential:
-        report += "\n" + checkpoint_markdown(title, checkpoints, scored)
+    for heading, checkpoints in sequential:
+        report += "\n" + checkpoint_markdown(heading, checkpoints, scored)
     (out / "report.md").write_text(report)
     for protocol in protocols:
         plot_bars(rows, protocol, out / f"bars_{protocol}.png")
@@ -258,8 +314,10 @@ def merge_shards(folders: list[str | Path], out_dir: str | Path) -> dict[str, An
     """`merge_runs` of the shards into `out_dir`, with the merged run's report and plots."""
     out = Path(out_dir)
     summary = merge_runs(folders, out)
-    label = " / ".join(
-        [summary["model"], summary["method"], Path(summary["data"]).stem, summary["mode"]]
-    )
-    write_report(out, [(label, summary["metrics"])], summary["protocols"])
+    mode = mode_label({key: summary[key] for key in MODE_KEYS})
+    data = Path(summary["data"])
+    label = " / ".join([summary["model"], summary["method"], data.stem, mode])
+    detail = f"seed {summary['seed']}, merged from {len(folders)} shards"
+    title = report_title([summary["model"]], [summary["method"]], [data.name], [mode], detail)
+    write_report(out, title, [(label, summary["metrics"])], summary["protocols"])
     return summary

@@ -17,7 +17,9 @@ an interrupted run resumes where it stopped (a sequential run re-applies its sav
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -25,10 +27,15 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from kedit.api import apply as apply_edit
+from kedit.api import edit as edit_model
+from kedit.api import edit_each
 from kedit.eval.protocols import PROTOCOLS, SAMPLING, pooled_perplexity, text_nll
 from kedit.eval.runner import Raw, assemble, measure, summarize, with_contexts
 from kedit.lm import LM
+from kedit.methods.registry import get_method, resolve_hparams
 from kedit.requests import EditRequest
+from kedit.session import Session
 
 CASES_FILE = "cases.jsonl"
 CHECKPOINTS_FILE = "checkpoints.jsonl"
@@ -38,6 +45,9 @@ EDITS_DIR = "edits"
 STATE_FILE = "session-state.pt"
 MODES = ("independent", "batch", "sequential")
 SCHEDULES = ("after-each", "after-all")
+# How the user named the model and the data: recorded, not compared when a run resumes or
+# shards merge, since `model_fingerprint` and `data_digest` identify them whatever the path.
+NAMES = ("model", "data")
 
 
 def scoring_protocols(protocols: list[str]) -> list[str]:
@@ -106,8 +116,6 @@ class BenchConfig:
 
     def seeded_hparams(self) -> dict[str, Any]:
         """The user's hparams, with the context-prefix seed following the run's seed."""
-        from kedit.methods.registry import get_method
-
         fields = get_method(self.method).hparams.field_help()
         if "prefix_seed" in fields and "prefix_seed" not in self.hparams:
             return {**self.hparams, "prefix_seed": self.seed}
@@ -116,8 +124,6 @@ class BenchConfig:
 
 def select_cases(requests: list[EditRequest], config: BenchConfig) -> list[EditRequest]:
     """This shard's cases; a sequential run takes them in an order shuffled by the seed."""
-    import random
-
     index, count = config.shard_index()
     cases = [
         r if r.case_id is not None else replace(r, case_id=str(i)) for i, r in enumerate(requests)
@@ -127,8 +133,14 @@ def select_cases(requests: list[EditRequest], config: BenchConfig) -> list[EditR
     return cases
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Complete records of an earlier run; a line cut off by an interruption is dropped."""
+def data_digest(requests: list[EditRequest]) -> str:
+    """sha256 of the cases as loaded: the same data whatever path or folder it was read from."""
+    cases = json.dumps([r.to_dict() for r in requests], sort_keys=True, default=str)
+    return hashlib.sha256(cases.encode()).hexdigest()
+
+
+def _complete_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file up to the first line an interruption cut off."""
     if not path.exists():
         return []
     records = []
@@ -137,8 +149,20 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             break
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return records
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Complete records of an earlier run; a line cut off by an interruption is dropped."""
+    records = _complete_records(path)
+    if path.exists():
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def recorded_case_ids(out_dir: str | Path) -> set[str]:
+    """Ids of the cases a run into `out_dir` has recorded so far (the folder is left as it is)."""
+    return {record["case_id"] for record in _complete_records(Path(out_dir) / CASES_FILE)}
 
 
 def _pick(raw: Raw, indices: list[int]) -> Raw:
@@ -205,8 +229,6 @@ def run_bench(
 
     Everything is checked (method, hyper-parameters, settings) before anything is written, so
     a run refused for bad input leaves `out_dir` as it was."""
-    from kedit.methods.registry import get_method, resolve_hparams
-
     config.validate()
     if not requests:
         raise ValueError("requests: the benchmark has no cases")
@@ -220,13 +242,14 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     header = {"model": lm.name, "model_fingerprint": lm.fingerprint, "n_cases": len(requests)}
     header.update(asdict(config))
+    header["data_digest"] = data_digest(requests)
     # What the method ran with (its defaults for this model, then the overrides), as JSON reads
     # it back: a resume under other defaults (a new kedit version, an edited YAML) is refused.
     header["effective_hparams"] = json.loads(json.dumps(params.to_dict(), default=str))
     config_path = out / CONFIG_FILE
     if config_path.exists():
         earlier = json.loads(config_path.read_text())
-        changed = sorted(k for k in header if earlier.get(k) != header[k])
+        changed = sorted(k for k in header if k not in NAMES and earlier.get(k) != header[k])
         if changed:
             raise ValueError(
                 f"out: {str(out)!r} holds a run with other settings ({', '.join(changed)}); "
@@ -264,8 +287,6 @@ def _write_summary(
 
 
 def _independent(run: _Run, chunks: list[list[int]], notify: Callable) -> None:
-    from kedit.api import edit as edit_model
-
     config = run.config
     if config.batch_size == 1:
         _one_by_one(run, notify)
@@ -291,8 +312,6 @@ def _independent(run: _Run, chunks: list[list[int]], notify: Callable) -> None:
 def _one_by_one(run: _Run, notify: Callable, group: int = 32) -> None:
     """Independent single-request edits, computed `group` at a time by `kedit.edit_each` (each
     on the unedited model); a case's edit time is its share of its group's."""
-    from kedit.api import edit_each
-
     config = run.config
     todo = [i for i in range(len(run.requests)) if run.ids[i] not in run.done]
     run.pre([])  # the pre scores are those of the unedited model: measure them before editing
@@ -321,9 +340,6 @@ def _one_by_one(run: _Run, notify: Callable, group: int = 32) -> None:
 def _sequential(
     run: _Run, chunks: list[list[int]], notify: Callable, heldout: list[str] | None
 ) -> None:
-    from kedit.api import apply as apply_edit
-    from kedit.session import Session
-
     config = run.config
     edits_dir = run.out / EDITS_DIR
     edits_dir.mkdir(exist_ok=True)
@@ -430,7 +446,12 @@ def merge_runs(folders: list[str | Path], out_dir: str | Path) -> dict[str, Any]
         for record in _read_jsonl(folder / CASES_FILE):
             records.setdefault(record["case_id"], record)
     differing = sorted(
-        {k for config in configs for k in config if config.get(k) != configs[0].get(k)}
+        {
+            k
+            for config in configs
+            for k in config
+            if k not in NAMES and config.get(k) != configs[0].get(k)
+        }
     )
     if differing:
         raise ValueError(f"folders: the shards were run with different {', '.join(differing)}")
