@@ -363,13 +363,20 @@ def methods(
     name: Annotated[str | None, typer.Argument(help="Show this method's hparams.")] = None,
     markdown: Annotated[bool, typer.Option(help="Print Markdown (for the docs).")] = False,
     model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Show the defaults used for this model.")
+        str | None,
+        typer.Option(
+            "--model", "-m", help=f"Show the values used for this model (default {DEMO_MODEL})."
+        ),
     ] = None,
+    hparam: HparamOpt = None,
+    hparams_file: HparamFileOpt = None,
 ) -> None:
-    """List the editing methods, or one method's hyper-parameters."""
+    """List the editing methods, or the hyper-parameters a method uses on a model and where each
+    value comes from: the method's default, the model table (with its source), relative depth,
+    the model's default corpus, or your override."""
     from rich.markup import escape
 
-    from kedit.methods.registry import get_method, list_methods, resolve_hparams
+    from kedit.methods.registry import explain_hparams, get_method, list_methods
 
     if markdown:
         names = [name] if name else list_methods()
@@ -380,20 +387,25 @@ def methods(
         for method in list_methods():
             spec = get_method(method)
             table.add_row(method, "yes" if spec.batchable else "no", spec.summary)
-    else:
-        spec = get_method(name)
-        defaults = {field: default for field, (default, _) in spec.hparams.field_help().items()}
-        title = spec.name
-        if model is not None:
-            import kedit
+        console.print(table)
+        return
+    import kedit
 
-            lm = kedit.load(model)
-            defaults = resolve_hparams(spec.name, lm).to_dict()
-            title = f"{spec.name} on {model}"
-        table = Table("hyper-parameter", "default", "help", title=title, title_justify="left")
-        for field, (_, help_text) in spec.hparams.field_help().items():
-            table.add_row(field, escape(json.dumps(defaults[field])), escape(help_text))
+    spec = get_method(name)
+    lm = kedit.load(model or DEMO_MODEL)
+    settings = explain_hparams(spec.name, lm, parse_hparams(hparam, hparams_file))
+    title = f"{spec.name} on {lm.name}" + ("" if model else " (the CLI's default model; -m MODEL)")
+    table = Table("hyper-parameter", "value", "from", "help", title=title, title_justify="left")
+    notes: dict[str, int] = {}
+    for field, (_, help_text) in spec.hparams.field_help().items():
+        source = settings[field].source
+        if source not in ("default", "override"):
+            source = f"[{notes.setdefault(source, len(notes) + 1)}]"
+        value = escape(json.dumps(settings[field].value))
+        table.add_row(field, value, escape(source), escape(help_text))
     console.print(table)
+    for source, number in notes.items():
+        console.print(f"[{number}] {escape(source)}", highlight=False)
 
 
 stats_app = typer.Typer(
