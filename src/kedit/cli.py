@@ -414,8 +414,12 @@ stats_app = typer.Typer(
 )
 app.add_typer(stats_app, name="stats")
 CorpusOpt = Annotated[
-    str,
-    typer.Option(help="'tinyworld', a .txt/.jsonl file, or a Hugging Face dataset NAME[:CONFIG]."),
+    str | None,
+    typer.Option(
+        help="'tinyworld', a .txt/.jsonl/.parquet file or folder, a dataset saved with "
+        "save_to_disk, or a hub dataset NAME[:CONFIG] (default: the model's: tinyworld for the "
+        "bundled models, Wikitext-103 for others)."
+    ),
 ]
 MaxLengthOpt = Annotated[int, typer.Option(help="Token cap per document.")]
 
@@ -425,13 +429,19 @@ MaxLengthOpt = Annotated[int, typer.Option(help="Token cap per document.")]
 def stats_collect(
     layers: Annotated[str, typer.Option(help="Comma-separated layer indices, e.g. 1,2,3.")],
     model: ModelOpt = DEMO_MODEL,
-    corpus: CorpusOpt = "tinyworld",
+    corpus: CorpusOpt = None,
     n_samples: Annotated[
         int, typer.Option("--n-samples", "-n", help="Maximum number of documents.")
     ] = 100_000,
     max_length: MaxLengthOpt = 256,
     dtype: Annotated[str, typer.Option(help="Accumulation dtype: float64 or float32.")] = "float64",
-    batch_tokens: Annotated[int, typer.Option(help="Tokens per batch and rank.")] = 8192,
+    batch_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens per batch and rank (default: 8192 on a CPU; on GPUs what half the free "
+            "memory holds)."
+        ),
+    ] = None,
     checkpoint_every: Annotated[
         int, typer.Option(help="Save partial sums every N batches (0: never).")
     ] = 200,
@@ -513,7 +523,7 @@ def stats_import(
     file: Annotated[Path, typer.Argument(help="A ROME/MEMIT/EasyEdit second-moment .npz file.")],
     layer: Annotated[int, typer.Option(help="The layer whose MLP keys the file describes.")],
     model: ModelOpt = DEMO_MODEL,
-    corpus: CorpusOpt = "tinyworld",
+    corpus: CorpusOpt = None,
     n_samples: Annotated[
         int, typer.Option("--n-samples", "-n", help="Number of documents it was collected on.")
     ] = 100_000,
