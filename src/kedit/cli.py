@@ -44,7 +44,10 @@ def friendly_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except USER_ERRORS as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+            # One line however long: the terminal wraps it, rich does not break it.
+            Console(stderr=True).print(
+                f"[red]error:[/red] {message}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2) from None
 
     return wrapper
