@@ -4,7 +4,9 @@ One pass over a corpus collects every requested layer and stops after the deepes
 Documents are tokenised, capped at `max_length` tokens and sorted by length, so that
 token-budgeted batches carry little padding; padding is left out of the sums. Results are
 cached on disk keyed by model fingerprint, module, corpus, sample count, length cap and dtype,
-with that metadata in a JSON file beside the numbers.
+with that metadata in a JSON file beside the numbers. Unless told, a bundled model's statistics
+come from tinyworld and every other model's from Wikitext-103 (`default_corpus`), never
+silently from the synthetic corpus. `recording_use` tells which statistics an edit used.
 
 A long collection persists its partial sums every few batches beside the cache entry, and a
 later call with the same key resumes there. Progress is counted in documents of the sorted
