@@ -131,8 +131,10 @@ def test_other_models_get_layers_by_relative_depth_and_one_notice(bpe_tokenizer,
     assert rome["layers"].value == [4]
     assert rome["layers"].source.startswith("relative depth: gpt2-xl's layers [17] of 48")
     assert resolve_hparams("memit", small).layers == [3, 4]
+    # No GPT-2 has PMET settings: GPT-J-6B's 3..8 of 28 (the nearest depth) at 12: 1.3..3.4.
+    assert resolve_hparams("pmet", small).layers == [1, 2, 3]
     notices = [r.getMessage() for r in caplog.records if "my-gpt2" in r.getMessage()]
-    assert len(notices) == 2 and "\n" not in notices[0]
+    assert len(notices) == 3 and "\n" not in notices[0]
     assert "no tuned rome settings for my-gpt2" in notices[0] and "layers [4]" in notices[0]
     assert "no tuned memit settings" in notices[1]
 

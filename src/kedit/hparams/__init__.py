@@ -94,7 +94,7 @@ def model_settings(method: str, group: str, lm: LM) -> dict[str, Setting]:
         reference = _reference_entry(group, ModelShape.of(lm))
         if reference is not None:
             settings["layers"] = relative_layers(group, reference, lm.n_layers)
-        _notice_untuned(method, group, lm, settings.get("layers"))
+        _notice_untuned(method, lm, settings.get("layers"))
     return settings
 
 
@@ -127,25 +127,31 @@ def relative_layers(group: str, reference: str, depth: int) -> Setting:
 
 
 def _reference_entry(group: str, shape: ModelShape) -> str | None:
-    """The table entry whose layers an unmatched model scales: of its family the one nearest
-    in depth that has the method's layers, else GPT-2 XL's (None where that has none either)."""
-    candidates = [
-        (abs(spec["config"]["layers"] - shape.layers), entry)
+    """The table entry whose layers for a method group an unmatched model scales: the nearest in
+    depth of its family, else GPT-2 XL, else the nearest in depth of any family (None where no
+    entry has layers for the group)."""
+    having = {
+        entry: spec["config"]
         for entry, spec in model_table().items()
-        if spec.get("config", {}).get("family") == shape.family
-        and "layers" in spec["methods"].get(group, {})
-    ]
-    if candidates:
-        return min(candidates)[1]
-    fallback = model_table()[REFERENCE_ENTRY]["methods"].get(group, {})
-    return REFERENCE_ENTRY if "layers" in fallback else None
+        if "config" in spec and "layers" in spec["methods"].get(group, {})
+    }
+
+    def nearest(entries: list[str]) -> str | None:
+        return min(
+            entries, key=lambda e: (abs(having[e]["layers"] - shape.layers), e), default=None
+        )
+
+    family = [entry for entry, config in having.items() if config["family"] == shape.family]
+    if family:
+        return nearest(family)
+    return REFERENCE_ENTRY if REFERENCE_ENTRY in having else nearest(list(having))
 
 
-def _notice_untuned(method: str, group: str, lm: LM, layers: Setting | None) -> None:
-    """Say once per model and method group that its defaults are untuned."""
-    if (lm.name, group) in _noticed:
+def _notice_untuned(method: str, lm: LM, layers: Setting | None) -> None:
+    """Say once per model and method that its defaults are untuned."""
+    if (lm.name, method) in _noticed:
         return
-    _noticed.add((lm.name, group))
+    _noticed.add((lm.name, method))
     where = f"layers {layers.value} by relative depth" if layers else "the method's defaults"
     logger.warning(
         "kedit: no tuned %s settings for %s (%s); using %s, untuned: check them with "
