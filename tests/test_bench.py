@@ -160,10 +160,13 @@ def test_a_run_made_under_other_defaults_is_not_resumed(tiny_gpt2, tmp_path, mon
         and recorded["layers"] == registry.default_hparams("ft-m", tiny_gpt2)["layers"]
     )
     assert run_bench(tiny_gpt2, requests, config, tmp_path)["metrics"]["n_cases"] == 1
-    table = registry._defaults_table("ft")
-    models = {**table["models"], "tiny-gpt2": {**table["models"]["tiny-gpt2"], "lr": 0.123}}
-    changed = {**table, "models": models}
-    monkeypatch.setattr(registry, "_defaults_table", lambda name: changed)
+    import kedit.hparams
+
+    table = kedit.hparams.model_table()
+    methods = table["tiny-gpt2"]["methods"]
+    changed_methods = {**methods, "ft": {**methods["ft"], "lr": 0.123}}
+    changed = {**table, "tiny-gpt2": {**table["tiny-gpt2"], "methods": changed_methods}}
+    monkeypatch.setattr(kedit.hparams, "model_table", lambda: changed)
     with pytest.raises(ValueError, match=r"other settings \(effective_hparams\)"):
         run_bench(tiny_gpt2, requests, config, tmp_path)
 

@@ -3,7 +3,6 @@ import os
 import socket
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,12 @@ import kedit
 from kedit.cli import app
 from kedit.hooks import capture
 from kedit.stats import (
+    DEFAULT_BATCH_TOKENS,
+    REAL_TEXT_CORPUS,
+    CorpusUnavailable,
+    corpora_dir,
+    default_corpus,
+    fitting_batch_tokens,
     import_npz,
     list_cached,
     open_corpus,
@@ -22,6 +27,7 @@ from kedit.stats import (
     second_moment_eigh,
     second_moments,
     token_batches,
+    token_bytes,
     tokenize_sorted,
 )
 
@@ -191,7 +197,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(
     assert [entry["status"] for entry in list_cached()] == ["complete", "complete"]
 
 
-def test_corpus_sources(tmp_path, monkeypatch):
+def test_local_corpus_files_and_folders(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     lines = tmp_path / "docs.jsonl"
     lines.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in DOCUMENTS[:3]))
     source = open_corpus(lines, n_samples=2)
@@ -205,18 +214,155 @@ def test_corpus_sources(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="line 1"):
         open_corpus(bad, 5)
 
-    hub = open_corpus("wikitext:wikitext-103-raw-v1", 100)  # named without reading it
-    assert hub.id == "hf-wikitext-wikitext-103-raw-v1" and hub.n_samples == 100
+    table = pa.table({"id": list(range(5)), "text": [*DOCUMENTS[3:5], "  ", *DOCUMENTS[5:7]]})
+    parquet = tmp_path / "docs.parquet"
+    pq.write_table(table, parquet)
+    source = open_corpus(parquet, n_samples=3)
+    assert source.id.startswith("docs.parquet-") and source.load() == DOCUMENTS[3:6]
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nameless.parquet")
+    with pytest.raises(ValueError, match=r"expected a 'text' column, found \['body'\]"):
+        open_corpus(tmp_path / "nameless.parquet")
+
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("\n".join(DOCUMENTS[:2]) + "\n")
+    (folder / "b.jsonl").write_text(json.dumps({"text": DOCUMENTS[2]}) + "\n")
+    pq.write_table(pa.table({"text": DOCUMENTS[3:5]}), folder / "sub" / "c.parquet")
+    (folder / "notes.md").write_text("not a corpus file")
+    source = open_corpus(folder)
+    assert source.id.startswith("folder-") and source.load() == DOCUMENTS[:5]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no .txt/.jsonl/.parquet files"):
+        open_corpus(tmp_path / "empty")
+
+
+def test_dataset_saved_on_disk_is_a_corpus(random_gpt2, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    rows = {"text": [DOCUMENTS[0], "", *DOCUMENTS[1:]], "n": list(range(len(DOCUMENTS) + 1))}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "plain"))
+    splits = {"train": datasets.Dataset.from_dict(rows), "test": datasets.Dataset.from_dict(rows)}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "split"))
+    for name in ("plain", "split"):
+        source = open_corpus(tmp_path / name, n_samples=6)
+        assert source.id.startswith(f"{name}-") and source.n_samples == 6
+        assert source.load() == DOCUMENTS[:6]
+
+    moment = second_moment(random_gpt2, 1, corpus=tmp_path / "plain", n_samples=6, progress=False)
+    assert_same_moment(moment, direct_moment(random_gpt2, 1, DOCUMENTS[:6], 64))
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the dataset was read again")
+
+    monkeypatch.setattr(datasets, "load_from_disk", unread)
+    again = second_moment(random_gpt2, 1, corpus=tmp_path / "plain", n_samples=6, progress=False)
+    assert torch.equal(again, moment)
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)}).save_to_disk(
+        str(tmp_path / "no-train")
+    )
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"expected a 'train' split, found \['test'\]"):
+        open_corpus(tmp_path / "no-train").load()
+
+
+WIKITEXT_ID = "hf-Salesforce-wikitext-wikitext-103-raw-v1"
+
+
+def test_hub_corpus_offline_says_at_once_how_to_go_on(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = open_corpus(REAL_TEXT_CORPUS, 100)  # named without reading it
+    assert hub.id == WIKITEXT_ID and hub.n_samples == 100
+    with pytest.raises(CorpusUnavailable) as raised:
+        hub.load()
+    message = str(raised.value)
+    assert "\n" not in message and "Salesforce/wikitext:wikitext-103-raw-v1" in message
+    assert "mom2_corpus=PATH" in message and "kedit stats collect --corpus PATH" in message
+    assert "kedit stats import" in message
+
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(ValueError, match="needs the optional `datasets` package"):
+    with pytest.raises(CorpusUnavailable, match=r"pip install 'kedit\[corpus\]'"):
         hub.load()
 
-    def offline(*args, **kwargs):
-        raise ConnectionError("no network")
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
-    with pytest.raises(ValueError, match="could not read the Hugging Face dataset.*no network"):
-        hub.load()
+def test_hub_corpus_is_downloaded_once_then_read_offline(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    import kedit.stats as stats
+
+    asked = []
+
+    def fake_hub(name, config, split, cache_dir):
+        asked.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": ["", *DOCUMENTS]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    monkeypatch.setattr(stats, "_hub_reachable", lambda: True)
+    assert open_corpus(REAL_TEXT_CORPUS, 4).load() == DOCUMENTS[:4]
+    assert asked == [("Salesforce/wikitext", "wikitext-103-raw-v1", "train")]
+    assert (corpora_dir() / WIKITEXT_ID / "state.json").is_file()
+
+    monkeypatch.setattr(stats, "_hub_reachable", lambda: False)
+    assert open_corpus(REAL_TEXT_CORPUS, 5).load() == DOCUMENTS[:5] and len(asked) == 1
+
+    def broken_hub(*args, **kwargs):
+        raise ConnectionError("reset by peer")
+
+    monkeypatch.setattr(stats, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", broken_hub)
+    with pytest.raises(ValueError, match="could not read the Hugging Face dataset 'x/y'.*reset"):
+        open_corpus("x/y").load()
+    assert not (corpora_dir() / "hf-x-y").exists()
+
+
+def test_a_model_that_is_not_bundled_never_gets_tinyworld(random_gpt2, tiny_gpt2, monkeypatch):
+    from kedit.methods.registry import resolve_hparams
+
+    assert default_corpus(tiny_gpt2) == "tinyworld"
+    assert default_corpus(random_gpt2) == REAL_TEXT_CORPUS
+    assert resolve_hparams("rome", random_gpt2).mom2_corpus == REAL_TEXT_CORPUS
+    assert resolve_hparams("rome", tiny_gpt2).mom2_corpus == "tinyworld"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CorpusUnavailable, match="hub cannot be reached"):
+        second_moments(random_gpt2, [0], progress=False)
+
+
+def test_an_edit_records_the_statistics_it_used(random_gpt2, corpus, tmp_path):
+    request = kedit.EditRequest(prompt="{} lives in", subject="Mira Olsen", target_new=" Oslo")
+    settings = {"mom2_corpus": str(corpus), "mom2_n_samples": 6, "v_steps": 2}
+    tokens = sum(len(random_gpt2.encode_prompt(doc)) for doc in DOCUMENTS[:6])
+
+    def expected(layer):
+        module = random_gpt2.layout.mlp_out_name(layer)
+        return {"layer": layer, "module": module, "n_samples": 6, "tokens": tokens}
+
+    for method, layers in [("rome", [1]), ("memit", [0, 1]), ("alphaedit", [0, 1])]:
+        for _ in range(2):  # computed, then from the model's cache
+            hparams = {**settings, "layers": layers}
+            edit = kedit.edit(random_gpt2, request, method=method, hparams=hparams)
+            edit.undo()
+            records = edit.info["statistics"]
+            assert [{k: r[k] for k in expected(0)} for r in records] == [
+                expected(layer) for layer in layers
+            ], method
+            for record in records:
+                assert record["corpus"].startswith("corpus.txt-") and record["max_length"] == 64
+                assert record["dtype"] == "float64" and Path(record["path"]).is_file()
+    saved = edit.save(tmp_path / "alphaedit.kedit")
+    assert kedit.apply(random_gpt2, saved).info["statistics"] == records
+    plain = kedit.edit(random_gpt2, request, method="ft-l", hparams={"layers": [1], "steps": 1})
+    assert "statistics" not in plain.info
+
+
+def test_batch_tokens_fit_the_device(random_gpt2):
+    assert fitting_batch_tokens(random_gpt2, [0, 1], 64) == DEFAULT_BATCH_TOKENS  # on a CPU
+    # float32; width 32, 2 heads, MLP 128: 6*32 + 3*128 + 2*64 + 2*128 values, 128 in float32.
+    assert token_bytes(random_gpt2, [0, 1], 64) == 4 * (192 + 384 + 128 + 256) + 4 * 128
 
 
 def test_bad_arguments_name_the_field(random_gpt2, corpus):

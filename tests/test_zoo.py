@@ -159,12 +159,12 @@ def test_bundled_model_was_trained_by_its_recipe(name):
 
 @pytest.mark.parametrize("name", BUNDLED)
 def test_every_method_has_settings_for_a_bundled_model(name):
-    # Without its own entry a bundled model would get its family's defaults, which are a large
-    # model's (GPT-2 XL's layers 13-17 for MEMIT).
-    from kedit.methods.registry import _defaults_table, get_method, list_methods
+    # Without its own entry a bundled model would get untuned layers by relative depth.
+    from kedit.hparams import model_table
+    from kedit.methods.registry import get_method, list_methods
 
     for method in list_methods():
-        assert name in _defaults_table(get_method(method).defaults)["models"], method
+        assert get_method(method).defaults in model_table()[name]["methods"], method
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -191,7 +191,7 @@ def test_zoo_model_folder_gets_its_recipes_hyper_parameters(tmp_path):
     (copy / ZOO_META).unlink()
     plain = kedit.load(str(copy))
     assert plain.recipe is None
-    assert default_hparams("memit", plain)["layers"] == [13, 14, 15, 16, 17]  # gpt2 family's
+    assert default_hparams("memit", plain)["layers"] == [2]  # GPT-2 XL's 13-17 of 48 at 6
 
 
 # --- training ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from kedit.methods.registry import (
     resolve_hparams,
 )
 from kedit.requests import EditRequest, as_requests
+from kedit.stats import recording_use
 
 __all__ = ["apply", "edit", "edit_each", "list_methods", "load"]
 
@@ -36,7 +37,8 @@ def edit(
     the others edit one request after another. Stateful methods (AlphaEdit) read and update
     `state`, what they remember of earlier edits (a fresh one when None; `kedit.Session` holds
     one for you). Returns an applied `Edit`; if the method fails, the model and `state` are left
-    exactly as they were.
+    exactly as they were. The edit's `info["statistics"]` records the second-moment statistics
+    it used (layer, corpus, documents, tokens, length cap, dtype, cache file).
     """
     require_lm(lm)
     items = as_requests(requests)
@@ -65,9 +67,13 @@ def edit(
         infos.append(result.info)
         return result.deltas
 
-    with nullcontext() if state is None else state.rollback_on_error():
+    with (
+        recording_use() as statistics,
+        nullcontext() if state is None else state.rollback_on_error(),
+    ):
         deltas = compute_in_sequence(lm.model, chunks, compute)
         info = infos[0] if len(infos) == 1 else {"batches": infos}
+        info = {**info, "statistics": statistics} if statistics else info
         return Edit(lm, spec.name, params.to_dict(), items, deltas, info).apply()
 
 
@@ -101,12 +107,14 @@ def edit_each(
             raise RuntimeError("edit_each: undo the last edit before taking the next one")
         if index % group == 0:
             chunk = items[index : index + group]
-            if spec.each is not None:
-                results = spec.each(lm, chunk, params)
-            else:
-                results = [spec.fn(lm, [one], params) for one in chunk]
+            with recording_use() as statistics:
+                if spec.each is not None:
+                    results = spec.each(lm, chunk, params)
+                else:
+                    results = [spec.fn(lm, [one], params) for one in chunk]
         result = results[index % group]
-        last = Edit(lm, spec.name, params.to_dict(), [request], result.deltas, result.info)
+        info = {**result.info, "statistics": statistics} if statistics else result.info
+        last = Edit(lm, spec.name, params.to_dict(), [request], result.deltas, info)
         yield last
 
 

@@ -72,7 +72,10 @@ def friendly_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except USER_ERRORS as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+            # One line however long: the terminal wraps it, rich does not break it.
+            Console(stderr=True).print(
+                f"[red]error:[/red] {message}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2) from None
 
     return wrapper
@@ -407,13 +410,20 @@ def methods(
     name: Annotated[str | None, typer.Argument(help="Show this method's hparams.")] = None,
     markdown: Annotated[bool, typer.Option(help="Print Markdown (for the docs).")] = False,
     model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Show the defaults used for this model.")
+        str | None,
+        typer.Option(
+            "--model", "-m", help=f"Show the values used for this model (default {DEMO_MODEL})."
+        ),
     ] = None,
+    hparam: HparamOpt = None,
+    hparams_file: HparamFileOpt = None,
 ) -> None:
-    """List the editing methods, or one method's hyper-parameters."""
+    """List the editing methods, or the hyper-parameters a method uses on a model and where each
+    value comes from: the method's default, the model table (with its source), relative depth,
+    the model's default corpus, or your override."""
     from rich.markup import escape
 
-    from kedit.methods.registry import get_method, list_methods, resolve_hparams
+    from kedit.methods.registry import explain_hparams, get_method, list_methods
 
     if markdown:
         names = [name] if name else list_methods()
@@ -424,20 +434,25 @@ def methods(
         for method in list_methods():
             spec = get_method(method)
             table.add_row(method, "yes" if spec.batchable else "no", spec.summary)
-    else:
-        spec = get_method(name)
-        defaults = {field: default for field, (default, _) in spec.hparams.field_help().items()}
-        title = spec.name
-        if model is not None:
-            import kedit
+        console.print(table)
+        return
+    import kedit
 
-            lm = kedit.load(model)
-            defaults = resolve_hparams(spec.name, lm).to_dict()
-            title = f"{spec.name} on {model}"
-        table = Table("hyper-parameter", "default", "help", title=title, title_justify="left")
-        for field, (_, help_text) in spec.hparams.field_help().items():
-            table.add_row(field, escape(json.dumps(defaults[field])), escape(help_text))
+    spec = get_method(name)
+    lm = kedit.load(model or DEMO_MODEL)
+    settings = explain_hparams(spec.name, lm, parse_hparams(hparam, hparams_file))
+    title = f"{spec.name} on {lm.name}" + ("" if model else " (the CLI's default model; -m MODEL)")
+    table = Table("hyper-parameter", "value", "from", "help", title=title, title_justify="left")
+    notes: dict[str, int] = {}
+    for field, (_, help_text) in spec.hparams.field_help().items():
+        source = settings[field].source
+        if source not in ("default", "override"):
+            source = f"[{notes.setdefault(source, len(notes) + 1)}]"
+        value = escape(json.dumps(settings[field].value))
+        table.add_row(field, value, escape(source), escape(help_text))
     console.print(table)
+    for source, number in notes.items():
+        console.print(f"[{number}] {escape(source)}", highlight=False)
 
 
 stats_app = typer.Typer(
@@ -446,8 +461,12 @@ stats_app = typer.Typer(
 )
 app.add_typer(stats_app, name="stats")
 CorpusOpt = Annotated[
-    str,
-    typer.Option(help="'tinyworld', a .txt/.jsonl file, or a Hugging Face dataset NAME[:CONFIG]."),
+    str | None,
+    typer.Option(
+        help="'tinyworld', a .txt/.jsonl/.parquet file or folder, a dataset saved with "
+        "save_to_disk, or a hub dataset NAME[:CONFIG] (default: the model's: tinyworld for the "
+        "bundled models, Wikitext-103 for others)."
+    ),
 ]
 MaxLengthOpt = Annotated[int, typer.Option(help="Token cap per document.")]
 
@@ -457,13 +476,19 @@ MaxLengthOpt = Annotated[int, typer.Option(help="Token cap per document.")]
 def stats_collect(
     layers: Annotated[str, typer.Option(help="Comma-separated layer indices, e.g. 1,2,3.")],
     model: ModelOpt = DEMO_MODEL,
-    corpus: CorpusOpt = "tinyworld",
+    corpus: CorpusOpt = None,
     n_samples: Annotated[
         int, typer.Option("--n-samples", "-n", help="Maximum number of documents.")
     ] = 100_000,
     max_length: MaxLengthOpt = 256,
     dtype: Annotated[str, typer.Option(help="Accumulation dtype: float64 or float32.")] = "float64",
-    batch_tokens: Annotated[int, typer.Option(help="Tokens per batch and rank.")] = 8192,
+    batch_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens per batch and rank (default: 8192 on a CPU; on GPUs what half the free "
+            "memory holds)."
+        ),
+    ] = None,
     checkpoint_every: Annotated[
         int, typer.Option(help="Save partial sums every N batches (0: never).")
     ] = 200,
@@ -545,7 +570,7 @@ def stats_import(
     file: Annotated[Path, typer.Argument(help="A ROME/MEMIT/EasyEdit second-moment .npz file.")],
     layer: Annotated[int, typer.Option(help="The layer whose MLP keys the file describes.")],
     model: ModelOpt = DEMO_MODEL,
-    corpus: CorpusOpt = "tinyworld",
+    corpus: CorpusOpt = None,
     n_samples: Annotated[
         int, typer.Option("--n-samples", "-n", help="Number of documents it was collected on.")
     ] = 100_000,

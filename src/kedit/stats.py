@@ -4,7 +4,9 @@ One pass over a corpus collects every requested layer and stops after the deepes
 Documents are tokenised, capped at `max_length` tokens and sorted by length, so that
 token-budgeted batches carry little padding; padding is left out of the sums. Results are
 cached on disk keyed by model fingerprint, module, corpus, sample count, length cap and dtype,
-with that metadata in a JSON file beside the numbers.
+with that metadata in a JSON file beside the numbers. Unless told, a bundled model's statistics
+come from tinyworld and every other model's from Wikitext-103 (`default_corpus`), never
+silently from the synthetic corpus. `recording_use` tells which statistics an edit used.
 
 A long collection persists its partial sums every few batches beside the cache entry, and a
 later call with the same key resumes there. Progress is counted in documents of the sorted
@@ -16,16 +18,18 @@ takes a share of each batch, the sums are all-reduced, and only rank 0 writes fi
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TypeVar
+from types import ModuleType
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,32 +50,42 @@ from safetensors.torch import save_file
 from kedit.hooks import capture, stop_after
 from kedit.lm import LM
 
-DEFAULT_CORPUS = "tinyworld"
+DEFAULT_CORPUS = "tinyworld"  # the bundled models'
+REAL_TEXT_CORPUS = "Salesforce/wikitext:wikitext-103-raw-v1"  # every other model's
+CORPUS_INSTALL = "pip install 'kedit[corpus]' (or pip install datasets)"
+HUB_CHECK_SECONDS = 3.0
 DEFAULT_MAX_LENGTH = 256
 DEFAULT_BATCH_TOKENS = 8192
 DEFAULT_CHECKPOINT_EVERY = 200
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-LOCAL_SUFFIXES = (".txt", ".jsonl")
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 T = TypeVar("T")
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("KEDIT_CACHE") or Path.home() / ".cache" / "kedit")
 
 
 def cache_dir() -> Path:
     """Where statistics are cached: $KEDIT_CACHE/stats, by default ~/.cache/kedit/stats."""
-    root = os.environ.get("KEDIT_CACHE") or Path.home() / ".cache" / "kedit"
-    return Path(root) / "stats"
+    return _cache_root() / "stats"
 
 
 # ---------------------------------------------------------------------------------------------
 # Corpora
 
 
+class CorpusUnavailable(ValueError):
+    """A corpus that cannot be read here (offline, or a package missing); says how to go on."""
+
+
 @dataclass(frozen=True)
 class Corpus:
     """The documents statistics are collected on, named by `id` in cache keys.
 
-    `n_samples` is the number of documents it gives (None: all). For a Hugging Face dataset
-    that is the count asked for, and the id is the dataset's name, so that a cached result is
-    found without reading the dataset.
+    `n_samples` is the number of documents it gives (None: all). For a `datasets` dataset
+    (on the hub or saved on disk) that is the count asked for, and the id names the dataset,
+    so that a cached result is found without reading the dataset.
     """
 
     id: str
@@ -79,25 +93,56 @@ class Corpus:
     load: Callable[[], list[str]] = field(repr=False, compare=False)
 
 
+def default_corpus(lm: LM) -> str:
+    """The corpus of a model's statistics unless one is given: tinyworld for the bundled models
+    (and models trained from their recipes), which learnt from it; Wikitext-103 for every other
+    model, as ROME, MEMIT and EasyEdit whiten with Wikipedia text."""
+    return DEFAULT_CORPUS if lm.recipe else REAL_TEXT_CORPUS
+
+
 def open_corpus(corpus: str | Path | Corpus | None = None, n_samples: int | None = None) -> Corpus:
-    """The first `n_samples` documents of `corpus`: 'tinyworld' (the bundled corpus), a .txt
-    file (one document per non-empty line), a .jsonl file (a "text" field per line), or a
-    Hugging Face dataset `NAME` or `NAME:CONFIG` (its train split's "text" column; needs the
-    optional `datasets` package and, unless cached, the network). A corpus already opened is
-    returned as it is, so that a caller can open a large file once."""
+    """The first `n_samples` documents of `corpus`, which is one of:
+
+    - 'tinyworld' (the bundled corpus; also None);
+    - a .txt file (one document per non-empty line), a .jsonl file (a "text" field per line) or
+      a .parquet file (a "text" column), or a folder of such files (all, in path order);
+    - a folder written by `datasets`' `save_to_disk` (its "train" split's "text" column);
+    - a Hugging Face hub dataset `NAME` or `NAME:CONFIG` (its train split's "text" column),
+      downloaded once into kedit's cache (`corpora_dir()`); offline and not there, reading it
+      raises `CorpusUnavailable` at once, without the hub client's retries.
+
+    Parquet files and datasets need the optional `datasets` package (`pip install
+    'kedit[corpus]'`). A corpus already opened is returned as it is.
+    """
     if isinstance(corpus, Corpus):
         return corpus
     if corpus is None or str(corpus) == DEFAULT_CORPUS:
         text = resources.files("kedit").joinpath("zoo/data/tinyworld_corpus.txt").read_text()
-        return _local_corpus(DEFAULT_CORPUS, text, n_samples)
-    path = Path(corpus)
+        return _documents_corpus(DEFAULT_CORPUS, _text_documents(text), n_samples)
+    path = Path(corpus).expanduser()
+    if path.is_dir():
+        if _saved_dataset_state(path) is not None:
+            return _saved_dataset_corpus(path, n_samples)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise ValueError(
+                f"corpus: folder {str(corpus)!r} holds no {'/'.join(LOCAL_SUFFIXES)} files and is "
+                "not a dataset saved with save_to_disk"
+            )
+        docs = [doc for file in files for doc in _file_documents(file)]
+        return _documents_corpus(path.name, docs, n_samples)
     if path.is_file():
-        return _local_corpus(path.name, path.read_text(encoding="utf-8"), n_samples)
-    if path.suffix in LOCAL_SUFFIXES:
-        raise FileNotFoundError(f"corpus: file {str(corpus)!r} does not exist")
+        return _documents_corpus(path.name, _file_documents(path), n_samples)
+    if path.suffix in LOCAL_SUFFIXES or str(corpus).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"corpus: {str(corpus)!r} does not exist")
     spec = str(corpus)
     name = "hf-" + re.sub(r"[^\w.-]+", "-", spec)
-    return Corpus(name, n_samples, lambda: _read_hub(spec, n_samples))
+    return Corpus(name, n_samples, lambda: _hub_documents(spec, name, n_samples))
+
+
+def _open_for(lm: LM, corpus: str | Path | Corpus | None, n_samples: int | None) -> Corpus:
+    """`open_corpus`, with None meaning the model's `default_corpus`."""
+    return open_corpus(default_corpus(lm) if corpus is None else corpus, n_samples)
 
 
 def read_corpus(corpus: str | Path | None = None) -> tuple[str, list[str]]:
@@ -106,18 +151,12 @@ def read_corpus(corpus: str | Path | None = None) -> tuple[str, list[str]]:
     return source.id, source.load()
 
 
-def _local_corpus(name: str, text: str, n_samples: int | None) -> Corpus:
-    if name.endswith(".jsonl"):
-        docs = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"corpus {name} line {number}: expected an object with 'text'")
-            docs.append(record["text"])
-    else:
-        docs = [line for line in text.splitlines() if line.strip()]
+def corpora_dir() -> Path:
+    """Where hub datasets are kept once downloaded: $KEDIT_CACHE/corpora."""
+    return _cache_root() / "corpora"
+
+
+def _documents_corpus(name: str, docs: list[str], n_samples: int | None) -> Corpus:
     if not docs:
         raise ValueError(f"corpus {name!r} holds no documents")
     digest = hashlib.sha256("\n".join(docs).encode()).hexdigest()[:12]
@@ -125,29 +164,156 @@ def _local_corpus(name: str, text: str, n_samples: int | None) -> Corpus:
     return Corpus(f"{name}-{digest}", len(docs), lambda: docs)
 
 
-def _read_hub(spec: str, n_samples: int | None) -> list[str]:
+def _text_documents(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _file_documents(path: Path) -> list[str]:
+    """The documents of one local file, by its suffix (.jsonl, .parquet, else plain text)."""
+    if path.suffix == ".parquet":
+        return _parquet_documents(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        return _text_documents(text)
+    docs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"corpus {path.name} line {number}: expected an object with 'text'")
+        docs.append(record["text"])
+    return docs
+
+
+def _parquet_documents(path: Path) -> list[str]:
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise CorpusUnavailable(
+            f"corpus: reading {path.name} needs pyarrow, which the optional `datasets` package "
+            f"brings: {CORPUS_INSTALL}"
+        ) from None
+    columns = parquet.read_schema(path).names
+    if "text" not in columns:
+        raise ValueError(f"corpus {path.name}: expected a 'text' column, found {columns}")
+    texts = parquet.read_table(path, columns=["text"]).column("text").to_pylist()
+    return [text for text in texts if isinstance(text, str) and text.strip()]
+
+
+def _import_datasets(what: str) -> ModuleType:
     try:
         import datasets
     except ImportError:
-        raise ValueError(
-            f"corpus: {spec!r} is neither 'tinyworld' nor an existing file, and reading it as a "
-            "Hugging Face dataset needs the optional `datasets` package (pip install datasets)"
+        raise CorpusUnavailable(
+            f"corpus: reading {what} needs the optional `datasets` package: {CORPUS_INSTALL}"
         ) from None
-    name, _, config = spec.partition(":")
-    try:
-        stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
-        rows = list(itertools.islice(stream, n_samples))
-    except Exception as exc:  # the hub or the dataset's script can fail in many ways
-        raise ValueError(
-            f"corpus: could not read the Hugging Face dataset {spec!r} "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
-    if rows and "text" not in rows[0]:
-        raise ValueError(f"corpus {spec!r}: expected a 'text' column, found {sorted(rows[0])}")
-    docs = [row["text"] for row in rows if row["text"].strip()]
+    return datasets
+
+
+def _saved_dataset_state(path: Path) -> Path | None:
+    """The file that identifies a folder written by `save_to_disk`: a Dataset's `state.json`, a
+    DatasetDict's "train" split's (or its `dataset_dict.json` where it has no such split); None
+    for any other folder."""
+    if (path / "state.json").is_file():
+        return path / "state.json"
+    if (path / "dataset_dict.json").is_file():
+        train = path / "train" / "state.json"
+        return train if train.is_file() else path / "dataset_dict.json"
+    return None
+
+
+def _saved_dataset_corpus(path: Path, n_samples: int | None) -> Corpus:
+    """A dataset saved with `save_to_disk`, named by its folder and a digest of its state (which
+    records its fingerprint and files), so its statistics are found without reading it."""
+    state = _saved_dataset_state(path)
+    digest = hashlib.sha256(state.read_bytes()).hexdigest()[:12]
+    return Corpus(
+        f"{path.name}-{digest}",
+        n_samples,
+        lambda: _dataset_documents(_load_saved(path), path.name, n_samples),
+    )
+
+
+def _load_saved(path: Path) -> Any:
+    datasets = _import_datasets(f"the saved dataset {str(path)!r}")
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ValueError(
+                f"corpus {str(path)!r}: expected a 'train' split, found {list(loaded)}"
+            )
+        loaded = loaded["train"]
+    return loaded
+
+
+def _dataset_documents(dataset: Any, where: str, n_samples: int | None) -> list[str]:
+    """The first `n_samples` non-empty texts of a `datasets.Dataset`'s "text" column."""
+    if "text" not in dataset.column_names:
+        raise ValueError(f"corpus {where}: expected a 'text' column, found {dataset.column_names}")
+    docs: list[str] = []
+    for batch in dataset.select_columns(["text"]).iter(batch_size=4096):
+        docs.extend(text for text in batch["text"] if isinstance(text, str) and text.strip())
+        if n_samples is not None and len(docs) >= n_samples:
+            break
     if not docs:
-        raise ValueError(f"corpus {spec!r} holds no documents")
-    return docs
+        raise ValueError(f"corpus {where} holds no documents")
+    return docs[:n_samples]
+
+
+def _hub_documents(spec: str, name: str, n_samples: int | None) -> list[str]:
+    """A hub dataset's documents, from kedit's copy, downloaded first where there is none."""
+    datasets = _import_datasets(f"the Hugging Face dataset {spec!r}")
+    saved = corpora_dir() / name
+    if not saved.is_dir():
+        if not _hub_reachable():
+            raise CorpusUnavailable(
+                f"corpus: the Hugging Face dataset {spec!r} is not in kedit's cache and the hub "
+                "cannot be reached; give a local corpus with mom2_corpus=PATH or `kedit stats "
+                "collect --corpus PATH` (a .txt/.jsonl/.parquet file, a folder of them, or a "
+                "dataset saved with save_to_disk), or import statistics with `kedit stats "
+                "import FILE.npz --layer N`"
+            )
+        _download(datasets, spec, saved)
+    return _dataset_documents(datasets.load_from_disk(str(saved)), spec, n_samples)
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub answers within a few seconds; False at once in offline mode. An offline
+    machine thus gets its answer at once instead of after the hub client's retries."""
+    from huggingface_hub import constants, get_session
+
+    flags = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if constants.is_offline_mode() or any(flag in {"1", "ON", "YES", "TRUE"} for flag in flags):
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_CHECK_SECONDS)
+    except Exception:  # whatever stops the request (DNS, refused, timeout, proxy): not reachable
+        return False
+    return True
+
+
+def _download(datasets: ModuleType, spec: str, target: Path) -> None:
+    """Download a hub dataset's train split and keep it under `target` (`save_to_disk`)."""
+    dataset_name, _, config = spec.partition(":")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
+        try:
+            dataset = datasets.load_dataset(
+                dataset_name, config or None, split="train", cache_dir=scratch
+            )
+        except Exception as exc:  # the hub or the dataset's files can fail in many ways
+            raise ValueError(
+                f"corpus: could not read the Hugging Face dataset {spec!r} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
+        staged = Path(scratch) / "saved"
+        dataset.save_to_disk(str(staged))
+        try:
+            os.replace(staged, target)
+        except OSError:
+            if not target.is_dir():  # else another process saved it first
+                raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +401,7 @@ def second_moments(
     n_samples: int = 100_000,
     max_length: int = DEFAULT_MAX_LENGTH,
     dtype: str = "float64",
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_tokens: int | None = None,
     progress: bool = True,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     on_batch: Callable[[int, int], None] | None = None,
@@ -243,19 +409,20 @@ def second_moments(
     """E[k kᵀ] of the inputs of each layer's MLP output projection, from cache or computed.
 
     Sums accumulate in `dtype` over the first `n_samples` documents of `corpus` (see
-    `open_corpus`), each capped at `max_length` tokens (and at the model's context); each
-    batch's own Σ k kᵀ is computed in float32. A batch holds about `batch_tokens` tokens per
-    rank. Every `checkpoint_every` batches (0: never)
-    the partial sums are saved; an interrupted call resumes there when called again.
-    `on_batch(documents_done, documents_total)` runs after each batch.
+    `open_corpus`; None: `default_corpus(lm)`), each capped at `max_length` tokens (and at the
+    model's context); each batch's own Σ k kᵀ is computed in float32. A batch holds about
+    `batch_tokens` tokens per rank (None: `fitting_batch_tokens`). Every `checkpoint_every`
+    batches (0: never) the partial sums are saved; an interrupted call resumes there when
+    called again. `on_batch(documents_done, documents_total)` runs after each batch.
     """
     if not isinstance(layers, list | tuple) or not layers:
         raise ValueError(f"layers: expected a non-empty list of layer indices, got {layers!r}")
     layers = sorted({lm.check_layer(layer) for layer in layers})
     _check_key_args(n_samples, max_length, dtype)
-    _check_int("batch_tokens", batch_tokens, 1)
+    if batch_tokens is not None:
+        _check_int("batch_tokens", batch_tokens, 1)
     _check_int("checkpoint_every", checkpoint_every, 0)
-    source = open_corpus(corpus, n_samples)
+    source = _open_for(lm, corpus, n_samples)
     keys = {layer: _stats_key(lm, layer, source, max_length, dtype) for layer in layers}
     missing = _from_rank0([layer for layer, key in keys.items() if not key.path().exists()])
     result = {
@@ -282,6 +449,37 @@ def second_moment(lm: LM, layer: int, **kwargs: object) -> torch.Tensor:
     return second_moments(lm, [layer], **kwargs)[layer]
 
 
+def fitting_batch_tokens(lm: LM, layers: list[int], max_length: int) -> int:
+    """Tokens per statistics batch and rank that fit the model's devices.
+
+    On a CPU, DEFAULT_BATCH_TOKENS (8192: larger batches gain little there). On GPUs, as many as
+    half the free memory of the fullest GPU the model uses holds at `token_bytes` per token,
+    between one document of `max_length` tokens and 8 x DEFAULT_BATCH_TOKENS. E.g. a 7B LLaMA in
+    float16 on an 80 GB GPU gets the upper cap; on a 24 GB GPU, with its 14 GB of weights and
+    the sums of five layers (4.8 GB), about 7,000.
+    """
+    devices = {p.device for p in lm.model.parameters() if p.device.type == "cuda"}
+    if not devices:
+        return DEFAULT_BATCH_TOKENS
+    free = min(torch.cuda.mem_get_info(device)[0] for device in devices)
+    fitting = int(free // 2 // token_bytes(lm, layers, max_length))
+    return max(max_length, min(fitting, 8 * DEFAULT_BATCH_TOKENS))
+
+
+def token_bytes(lm: LM, layers: list[int], max_length: int) -> int:
+    """An upper estimate of the memory one token of a statistics batch takes: in the model's
+    dtype its residual and attention states (6 × width), its MLP states (3 × MLP width), its
+    attention scores (heads × `max_length`) and its captured keys (MLP width per layer); and
+    one layer's keys in float32 at a time for Σ k kᵀ."""
+    config = lm.model.config
+    width = config.hidden_size
+    heads = getattr(config, "num_attention_heads", 1)
+    mlp_width = max(_key_width(lm, layer) for layer in layers)
+    item = next(lm.model.parameters()).element_size()
+    per_token = 6 * width + 3 * mlp_width + heads * max_length + len(layers) * mlp_width
+    return item * per_token + 4 * mlp_width
+
+
 def second_moment_eigh(
     lm: LM,
     layer: int,
@@ -296,7 +494,7 @@ def second_moment_eigh(
 
     The cached decomposition records a digest of the statistic it came from, so a statistic
     replaced later (`import_npz(..., overwrite=True)`) is decomposed anew."""
-    source = open_corpus(corpus, n_samples)
+    source = _open_for(lm, corpus, n_samples)
     settings = {"n_samples": n_samples, "max_length": max_length, "dtype": dtype}
     moment = second_moment(lm, layer, corpus=source, **settings, **kwargs)
     key = _stats_key(lm, layer, source, max_length, dtype)
@@ -340,7 +538,7 @@ def _collect(
     keys: dict[int, StatsKey],
     encoded: list[list[int]],
     dtype: torch.dtype,
-    batch_tokens: int,
+    batch_tokens: int | None,
     checkpoint_every: int,
     progress: bool,
     on_batch: Callable[[int, int], None] | None,
@@ -361,6 +559,8 @@ def _collect(
         sums[layer] = partial.get(layer, torch.zeros(width, width)).to(lm.device, dtype)
     count = torch.tensor(tokens, dtype=torch.int64, device=lm.device)
     lengths = [len(ids) for ids in encoded]
+    if batch_tokens is None:  # measured now, with the sums already in memory
+        batch_tokens = _from_rank0(fitting_batch_tokens(lm, list(keys), max(lengths, default=1)))
     with _progress_bar(progress and rank == 0) as bar:
         task = bar.add_task(
             f"second moments of layers {','.join(map(str, keys))}",
@@ -531,8 +731,9 @@ def import_npz(
     Those files hold a running-statistics state: `mom2.mom2` is the sum Σ k kᵀ over all
     tokens and `mom2.count` the number of tokens, so E[k kᵀ] = mom2 / count. The file does
     not say how it was made: `corpus`, `n_samples` and `max_length` name the collection it
-    stands for, so that `second_moments` with those arguments finds it. `dtype` defaults
-    to the file's ('float32' or 'float64').
+    stands for, so that `second_moments` with those arguments finds it (`corpus` None: the
+    model's `default_corpus`, which an edit asks for unless told). `dtype` defaults to the
+    file's ('float32' or 'float64').
     """
     path = Path(path)
     if not path.is_file():
@@ -558,7 +759,7 @@ def import_npz(
         raise ValueError(f"path: 'mom2.mom2' in {str(path)!r} holds NaN or infinite values")
     dtype = dtype or ("float64" if total.dtype == torch.float64 else "float32")
     _check_key_args(n_samples, max_length, dtype)
-    key = _stats_key(lm, layer, open_corpus(corpus, n_samples), max_length, dtype)
+    key = _stats_key(lm, layer, _open_for(lm, corpus, n_samples), max_length, dtype)
     if key.path().exists() and not overwrite:
         raise ValueError(
             f"overwrite: statistics for {key.module} of {lm.name} with these settings are already "
@@ -567,3 +768,56 @@ def import_npz(
     moment = (total.double() / count).to(DTYPES[dtype])
     _save_entry(key, moment, {"tokens": count, "model": lm.name, "source": str(path.resolve())})
     return key
+
+
+# ---------------------------------------------------------------------------------------------
+# Which statistics an edit used
+
+_IN_USE: ContextVar[list[dict] | None] = ContextVar("kedit_statistics_in_use", default=None)
+
+
+@contextmanager
+def recording_use() -> Iterator[list[dict]]:
+    """The records (`statistics_record`) of the statistics noted inside the block, each once,
+    in order of first use: what `kedit.edit` stores in an edit's `info["statistics"]`."""
+    records: list[dict] = []
+    token = _IN_USE.set(records)
+    try:
+        yield records
+    finally:
+        _IN_USE.reset(token)
+
+
+def note_use(record: dict) -> None:
+    """Add a statistic's record to the innermost `recording_use` block, if there is one."""
+    records = _IN_USE.get()
+    if records is not None and record not in records:
+        records.append(record)
+
+
+def statistics_record(
+    lm: LM,
+    layer: int,
+    corpus: str | Path | Corpus | None = None,
+    n_samples: int = 100_000,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    dtype: str = "float64",
+) -> dict:
+    """What a layer's statistic under these settings is: layer, module, corpus id, documents,
+    tokens, length cap, dtype and cache file (and, for an imported one, the file it came from).
+    `tokens` is None where nothing is cached under these settings."""
+    source = _open_for(lm, corpus, n_samples)
+    key = _stats_key(lm, layer, source, max_length, dtype)
+    beside = key.path().with_suffix(".json")
+    meta = json.loads(beside.read_text()) if beside.is_file() else {}
+    record = {
+        "layer": layer,
+        "module": key.module,
+        "corpus": key.corpus,
+        "n_samples": key.n_samples,
+        "tokens": meta.get("tokens"),
+        "max_length": key.max_length,
+        "dtype": key.dtype,
+        "path": str(key.path()),
+    }
+    return {**record, "source": meta["source"]} if "source" in meta else record

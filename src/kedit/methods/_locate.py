@@ -17,7 +17,7 @@ from kedit.hooks import capture, hooks, replace_output, start_at_block, stop_aft
 from kedit.lm import LM
 from kedit.methods.registry import HyperParams, hp
 from kedit.requests import EditRequest
-from kedit.stats import second_moment
+from kedit.stats import note_use, second_moment, statistics_record
 
 DECAY_FORMS = ("squared", "easyedit")
 STOP_RULES = ("nll", "most_probable")
@@ -67,7 +67,12 @@ class LocateHyperParams(HyperParams):
         " this many steps (0: never). Requests that the decay and KL terms hold above the stop"
         " rule then end where they level off instead of running all v_steps.",
     )
-    mom2_corpus: str = hp("tinyworld", "Corpus of the second moment: 'tinyworld' or a file.")
+    mom2_corpus: str | None = hp(
+        None,
+        "Corpus of the second moment: None for the model's default (tinyworld for the bundled"
+        " models, Wikitext-103 for others), 'tinyworld', a .txt/.jsonl/.parquet file or folder,"
+        " a dataset saved with save_to_disk, or a hub dataset NAME[:CONFIG].",
+    )
     mom2_n_samples: int = hp(100000, "Maximum number of corpus documents for the second moment.")
     mom2_max_length: int = hp(256, "Token cap per document for the second moment.")
     mom2_dtype: str = hp("float64", "Accumulation dtype of the second moment.")
@@ -142,6 +147,7 @@ def layer_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> torch
     key = ("mom2", layer, hparams.stats_key())
     if key not in lm.cache:
         lm.cache[key] = second_moment(lm, layer, **hparams.stats_settings()).double()
+    note_statistics(lm, hparams, layer)
     return lm.cache[key]
 
 
@@ -151,6 +157,7 @@ def inverse_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> tor
     if key not in lm.cache:
         # linalg.inv returns a column-major result; products with it are then up to 30x slower.
         lm.cache[key] = torch.linalg.inv(layer_second_moment(lm, hparams, layer)).contiguous()
+    note_statistics(lm, hparams, layer)
     return lm.cache[key]
 
 
@@ -161,7 +168,18 @@ def second_moment_cholesky(lm: LM, hparams: LocateHyperParams, layer: int) -> to
     if key not in lm.cache:
         factor, info = torch.linalg.cholesky_ex(layer_second_moment(lm, hparams, layer))
         lm.cache[key] = factor if int(info) == 0 else None
+    note_statistics(lm, hparams, layer)
     return lm.cache[key]
+
+
+def note_statistics(lm: LM, hparams: LocateHyperParams, layer: int) -> None:
+    """Note that the edit being computed uses this layer's statistics (`kedit.stats.note_use`),
+    from a record kept on `lm.cache`. Every helper that hands out C or work derived from it
+    calls this, cached or not, so each edit's `info["statistics"]` names what it used."""
+    key = ("mom2_record", layer, hparams.stats_key())
+    if key not in lm.cache:
+        lm.cache[key] = statistics_record(lm, layer, **hparams.stats_settings())
+    note_use(lm.cache[key])
 
 
 def context_prefixes(lm: LM, hparams: LocateHyperParams) -> list[str]:

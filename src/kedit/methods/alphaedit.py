@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kedit.lm import LM
-from kedit.methods._locate import LocateHyperParams
+from kedit.methods._locate import LocateHyperParams, note_statistics
 from kedit.methods.memit import memit_targets, spread_over_layers
 from kedit.methods.registry import MethodResult, MethodState, hp, register
 from kedit.requests import EditRequest
@@ -123,6 +123,7 @@ def null_space_projection(lm: LM, hparams: AlphaEditHyperParams, layer: int) -> 
                 f"{threshold} × the largest, so the null space is empty; raise the threshold"
             )
         lm.cache[key] = kept @ kept.T
+    note_statistics(lm, hparams, layer)
     return lm.cache[key]
 
 

@@ -42,7 +42,7 @@ MAX_CONDITION = 1e12
 @dataclass
 class EMMETHyperParams(LocateHyperParams):
     layers: list[int] = hp([5], "The one layer whose MLP output projection is edited.")
-    ridge: float = hp(0.0, "ρ: relative ridge on Kᵀ C⁻¹ K for ill-conditioned batches (0: exact).")
+    ridge: float = hp(0.1, "ρ: relative ridge on Kᵀ C⁻¹ K for ill-conditioned batches (0: exact).")
 
     IGNORED = LocateHyperParams.IGNORED | {"mom2_update_weight"}
 

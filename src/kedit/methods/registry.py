@@ -1,21 +1,18 @@
-"""Methods registered by name, their typed hyper-parameters and the YAML defaults."""
+"""Methods registered by name, their typed hyper-parameters and their defaults per model."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import re
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
-import yaml
-
 from kedit.edits import WeightDelta
+from kedit.hparams import DEFAULT, OVERRIDE, Setting, corpus_setting, model_settings
 from kedit.lm import LM
 from kedit.requests import EditRequest
 
@@ -234,8 +231,8 @@ def register(
 
     The function is called as `fn(lm, requests, hparams)`, or `fn(lm, requests, hparams, state)`
     when `state` names the method's `MethodState` class. `batchable` methods edit many requests
-    in one update; `defaults` names the YAML file of default hyper-parameters
-    (`hparams/<defaults>.yaml`, the method's name by default). `each`, where given, computes
+    in one update; `defaults` names the method's group in the model table
+    (`hparams/models.yaml`; the method's name by default). `each`, where given, computes
     independent single-request edits many at a time (see `kedit.edit_each`).
     """
 
@@ -273,22 +270,38 @@ def get_method(name: str) -> MethodSpec:
     return _METHODS[key]
 
 
-@functools.cache
-def _defaults_table(name: str) -> dict[str, Any]:
-    """A packaged `hparams/<name>.yaml`, parsed once per process (it took 24 ms per edit)."""
-    text = resources.files("kedit").joinpath(f"hparams/{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+def model_defaults(method: str, lm: LM) -> dict[str, Setting]:
+    """The values the model table (`kedit.hparams`) gives `method` on `lm` beyond its dataclass,
+    with their sources; a method with statistics also gets the model's default corpus."""
+    spec = get_method(method)
+    settings = model_settings(spec.name, spec.defaults, lm)
+    fields = {f.name for f in dataclasses.fields(spec.hparams)}
+    if "mom2_corpus" in fields and "mom2_corpus" not in settings:
+        settings["mom2_corpus"] = corpus_setting(lm)
+    return settings
 
 
 def default_hparams(method: str, lm: LM) -> dict[str, Any]:
-    """The method's YAML defaults: `default`, then the model's family, then its exact name (or,
-    for a zoo model folder under another name, its recipe's name)."""
-    table = _defaults_table(get_method(method).defaults)
-    models = table.get("models") or {}
-    values = dict(table.get("default") or {})
-    values.update((table.get("families") or {}).get(lm.layout.family) or {})
-    values.update(models.get(lm.name) or models.get(lm.recipe) or {})
-    return copy.deepcopy(values)
+    """The values of `model_defaults`, without their sources."""
+    return {name: copy.deepcopy(s.value) for name, s in model_defaults(method, lm).items()}
+
+
+def explain_hparams(
+    method: str, lm: LM, overrides: dict[str, Any] | None = None
+) -> dict[str, Setting]:
+    """Every hyper-parameter `resolve_hparams` gives, with where its value came from: the
+    user's override, the model table (with the entry's source), relative depth, the model's
+    default corpus, or the dataclass default."""
+    spec = get_method(method)
+    values = resolve_hparams(spec.name, lm, overrides).to_dict()
+    given = {spec.hparams.ALIASES.get(key, key) for key in overrides or {}}
+    settings = model_defaults(spec.name, lm)
+    return {
+        name: Setting(
+            value, OVERRIDE if name in given else getattr(settings.get(name), "source", DEFAULT)
+        )
+        for name, value in values.items()
+    }
 
 
 def resolve_hparams(
