@@ -11,12 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import kedit
-from kedit.edits import Edit, ModelMismatchError, UndoOrderError, WeightDelta
+from kedit.edits import Edit, UndoOrderError, WeightDelta
 from kedit.lm import LM
 from kedit.methods.registry import HyperParams, MethodResult, MethodSpec
 from kedit.requests import EditRequest
-
-METHODS = ["rome", "r-rome", "ft-l", "ft-m"]
 
 
 def _requests(n):
@@ -34,23 +32,6 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_undo_is_bit_exact_and_saved_edit_reapplies_identically(tiny_gpt2, method, tmp_path):
-    lm = tiny_gpt2
-    before = _state(lm)
-    edit = kedit.edit(lm, _requests(2), method=method)
-    edited = _state(lm)
-    assert not _same(before, edited)
-    path = edit.save(tmp_path / "e.kedit")
-    edit.undo()
-    assert _same(before, _state(lm))
-    again = kedit.apply(lm, path)
-    assert _same(edited, _state(lm))
-    assert again.method == method and len(again.requests) == 2
-    again.undo()
-    assert _same(before, _state(lm))
-
-
 def test_rome_edit_file_is_small(tiny_gpt2, tmp_path):
     with kedit.edit(tiny_gpt2, _requests(1), method="rome") as edit:
         path = edit.save(tmp_path / "one.kedit")
@@ -58,17 +39,13 @@ def test_rome_edit_file_is_small(tiny_gpt2, tmp_path):
     assert path.stat().st_size < 20_000 < weight_bytes
 
 
-def test_apply_to_another_model_is_refused(tiny_gpt2, tiny_llama, tmp_path):
-    with kedit.edit(tiny_gpt2, _requests(1), method="r-rome") as edit:
-        path = edit.save(tmp_path / "g.kedit")
-    before = _state(tiny_llama)
-    with pytest.raises(ModelMismatchError, match="fingerprint"):
-        kedit.apply(tiny_llama, path)
-    assert _same(before, _state(tiny_llama))
+def test_apply_checks_its_inputs(tiny_gpt2, tmp_path):
     with pytest.raises(TypeError, match="lm: expected a kedit.LM"):
-        kedit.apply("tiny-gpt2", path)
+        kedit.apply("tiny-gpt2", tmp_path / "e.kedit")
     with pytest.raises(ValueError, match="is a folder; give a .kedit file written by Edit.save"):
         kedit.apply(tiny_gpt2, tmp_path)
+    with pytest.raises(FileNotFoundError, match="e.kedit' does not exist"):
+        kedit.apply(tiny_gpt2, tmp_path / "e.kedit")
 
 
 def test_undo_twice_and_apply_twice_are_refused(tiny_gpt2):
@@ -78,44 +55,6 @@ def test_undo_twice_and_apply_twice_are_refused(tiny_gpt2):
     edit.undo()
     with pytest.raises(RuntimeError, match="not applied"):
         edit.undo()
-
-
-def _explodes(lm, requests, hparams):
-    name = f"{lm.layout.mlp_out_name(0)}.weight"
-    good = WeightDelta.from_dense(name, torch.ones_like(lm.model.get_parameter(name)))
-    bad = WeightDelta.from_dense(name, torch.full_like(lm.model.get_parameter(name), torch.inf))
-    return MethodResult([good, bad])
-
-
-def test_non_finite_edit_leaves_model_unchanged(tiny_gpt2, monkeypatch):
-    import kedit.methods.registry as registry
-
-    spec = MethodSpec("test-explodes", _explodes, HyperParams, "test double", False, "rome")
-    monkeypatch.setitem(registry._METHODS, spec.name, spec)
-    monkeypatch.setattr(registry, "default_hparams", lambda method, lm: {})
-    before = _state(tiny_gpt2)
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        kedit.edit(tiny_gpt2, _requests(1), method="test-explodes")
-    assert _same(before, _state(tiny_gpt2))
-
-
-def test_exception_mid_edit_leaves_model_unchanged(tiny_gpt2, monkeypatch):
-    import kedit.methods.rome as rome
-
-    calls = []
-    real = rome.compute_rank_one
-
-    def fail_on_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("boom")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rome, "compute_rank_one", fail_on_second)
-    before = _state(tiny_gpt2)
-    with pytest.raises(RuntimeError, match="boom"):
-        kedit.edit(tiny_gpt2, _requests(3), method="rome")
-    assert _same(before, _state(tiny_gpt2))
 
 
 def test_unknown_method_lists_available(tiny_gpt2):
