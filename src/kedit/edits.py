@@ -224,9 +224,10 @@ class Edit:
     def undo(self, cascade: bool = False) -> None:
         """Restore every touched parameter to its value before the edit, bit-exactly.
 
-        Edits applied later that change some of the same parameters must be undone first: this
-        raises `UndoOrderError` naming them, or, with `cascade=True`, undoes them first (the
-        latest first). Later edits of other parameters stay applied.
+        Edits applied later that change some of the same parameters (and, in turn, the later
+        edits of theirs) must be undone first: this raises `UndoOrderError` naming them, or, with
+        `cascade=True`, undoes them first, the latest first. Later edits of other parameters
+        stay applied.
         """
         if not self.applied:
             raise RuntimeError("this edit is not applied; nothing to undo")
