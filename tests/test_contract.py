@@ -88,8 +88,14 @@ def _cases():
     return list(load_requests(DATA_DIR / "tinyworld_knowedit.json", n=N_CASES))
 
 
-def _state(lm) -> dict[str, torch.Tensor]:
-    return {name: value.detach().clone() for name, value in lm.model.state_dict().items()}
+def _weights(lm, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A copy of the state_dict; tensors bit-identical to `base`'s are shared with it, not
+    copied (the module keeps dozens of snapshots of edited models)."""
+    base = base or {}
+    return {
+        name: base[name] if name in base and torch.equal(base[name], value) else value.clone()
+        for name, value in lm.model.state_dict().items()
+    }
 
 
 def _differing(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> list[str]:
@@ -161,7 +167,13 @@ def lms(tiny_gpt2, tiny_llama):
 
 
 @pytest.fixture(scope="module")
-def runs(lms, tmp_path_factory) -> Iterator:
+def originals(lms) -> dict[str, dict[str, torch.Tensor]]:
+    """Each model's state_dict as the contract found it: every run must leave it so."""
+    return {model: _weights(lm) for model, lm in lms.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(lms, originals, tmp_path_factory) -> Iterator:
     """`get(method, model)`: the shared edits of that pair, made on first use.
 
     One edit per case at the defaults (each checked against the target, undone and checked
@@ -173,13 +185,13 @@ def runs(lms, tmp_path_factory) -> Iterator:
     def get(method: str, model: str) -> Run:
         if (method, model) not in made:
             lm = lms[model]
-            run = Run(lm, method, model, _state(lm), _cases(), folder=folder)
+            run = Run(lm, method, model, originals[model], _cases(), folder=folder)
             for index, case in enumerate(run.cases):
                 edit = kedit.edit(lm, case, method)
                 run.edits.append(edit)
                 run.hits.append(_target_is_argmax(lm, case))
                 if index == 0:
-                    run.edited = _state(lm)
+                    run.edited = _weights(lm, run.before)
                     run.saved = edit.save(folder / f"{method}-{model}.kedit")
                 edit.undo()
                 run.left_after_undo.append(_differing(run.before, lm.model.state_dict()))
@@ -264,7 +276,7 @@ def test_a_saved_edit_reapplies_bit_exactly_to_a_fresh_load_only(
         assert not _differing(run.before, fresh.model.state_dict())
 
     other = lms[next(name for name in MODELS if name != model)]
-    untouched = _state(other)
+    untouched = _weights(other)
     with pytest.raises(ModelMismatchError, match="fingerprint"):
         kedit.apply(other, run.saved)
     assert not _differing(untouched, other.model.state_dict())
@@ -304,7 +316,8 @@ def _two_step(run: Run) -> dict:
             "failure at its last moment"
         )
         saved = edit.save(run.folder / f"{run.method}-{run.model}-two.kedit")
-        run.two_step = {**counts, "state": state, "weights": _state(run.lm), "saved": saved}
+        weights = _weights(run.lm, run.before)
+        run.two_step = {**counts, "state": state, "weights": weights, "saved": saved}
         edit.undo()
         assert not _differing(run.before, run.lm.model.state_dict())
     return run.two_step
@@ -397,7 +410,7 @@ def test_batches_of_one_equal_single_edits_one_after_the_other(runs, method, mod
     if state is not None:  # the same history as the two-step run's state: these cases once
         run.edit_two_step(state).undo()
     singles = [kedit.edit(run.lm, case, method, state=state) for case in run.cases[:2]]
-    weights = _state(run.lm)
+    weights = _weights(run.lm)
     for edit in reversed(singles):
         edit.undo()
     for name in weights:
