@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import kedit
+from kedit.edits import UndoOrderError
 from kedit.methods.alphaedit import AlphaEditState
 
 
@@ -40,14 +41,34 @@ def test_sequential_edits_then_undo_restore_the_model_bit_exactly(tiny_gpt2):
     assert all(torch.equal(before[name], after[name]) for name in before)
 
 
-def test_undo_is_exact_for_stateless_methods_and_edits_undone_on_their_own(tiny_gpt2):
+def test_session_undo_skips_edits_undone_on_their_own_and_keeps_the_stack_order(tiny_gpt2):
     lm = tiny_gpt2
     before = {name: value.clone() for name, value in lm.model.state_dict().items()}
     session = kedit.Session(lm, "r-rome", {"v_steps": 5})
     assert session.state is None
     edits = [session.edit(request) for request in _requests(3)]
-    edits[1].undo()
+    with pytest.raises(UndoOrderError, match="'Sofia Delric'.*#3 r-rome edit of 'Mira Brixmann'"):
+        edits[1].undo()
+    assert all(edit.applied for edit in edits)
+    edits[2].undo()
     session.reset_state()
+    session.undo()
+    assert len(session) == 0 and not any(edit.applied for edit in edits)
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_session_undo_refuses_while_a_later_edit_outside_it_changes_its_parameters(tiny_gpt2):
+    lm = tiny_gpt2
+    before = {name: value.clone() for name, value in lm.model.state_dict().items()}
+    requests = _requests(2)
+    session = kedit.Session(lm, "rome", {"v_steps": 5})
+    mine = session.edit(requests[0])
+    outside = kedit.edit(lm, requests[1], "rome", {"v_steps": 5})
+    with pytest.raises(UndoOrderError, match="#2 rome edit of 'Sofia Delric'"):
+        session.undo()
+    assert mine.applied and outside.applied and len(session) == 1
+    outside.undo()
     session.undo()
     after = lm.model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)

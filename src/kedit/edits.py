@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,11 +19,17 @@ from torch import nn
 from kedit.lm import LM, require_lm
 from kedit.requests import EditRequest
 
-FORMAT_VERSION = 1
+# Version 2 added the digest of the tensors and metadata (`DIGEST_KEY`); version 1 had none.
+FORMAT_VERSION = 2
+DIGEST_KEY = "kedit_sha256"
 
 
 class ModelMismatchError(ValueError):
     """An edit file was made on another model than the one it is applied to."""
+
+
+class UndoOrderError(RuntimeError):
+    """An edit was to be undone while later applied edits change some of the same parameters."""
 
 
 @dataclass
@@ -133,12 +142,42 @@ def compute_in_sequence(
     return deltas
 
 
+@dataclass(eq=False)
+class _Applied:
+    """An applied edit's entry on its model's stack: the values it overwrote and its name.
+
+    It holds neither the model nor the `Edit`, so an edit dropped by its caller while applied
+    keeps its place (and still blocks undoing the edits under it).
+    """
+
+    name: str
+    originals: dict[str, torch.Tensor]
+    on_stack: bool = True
+
+
+# The edits applied to each model, oldest first; an entry goes when its model does.
+_STACKS: weakref.WeakKeyDictionary[nn.Module, list[_Applied]] = weakref.WeakKeyDictionary()
+
+
+def _undo_order(stack: list[_Applied], index: int) -> list[_Applied]:
+    """The entries to undo, top first, so that `stack[index]` can be undone: it and every later
+    entry that changes a parameter of one already taken (each must go before the one under it)."""
+    taken = [stack[index]]
+    params = set(stack[index].originals)
+    for entry in stack[index + 1 :]:
+        if params & entry.originals.keys():
+            taken.append(entry)
+            params |= entry.originals.keys()
+    return taken[::-1]
+
+
 class Edit:
     """What one call to `kedit.edit` changed in a model.
 
     `undo()` restores the original weights bit-exactly; `save(path)` writes a single
-    `.kedit` file (safetensors with JSON metadata) that `kedit.apply` re-applies to a fresh
-    load of the same model.
+    `.kedit` file (safetensors with JSON metadata and a digest) that `kedit.apply` re-applies
+    to a fresh load of the same model. The edits applied to one model form a stack: an edit
+    under later applied edits that change the same parameters is undone only with them.
     """
 
     def __init__(
@@ -157,27 +196,60 @@ class Edit:
         self.deltas = deltas
         self.info = info or {}
         self.fingerprint = lm.fingerprint
-        self._originals: dict[str, torch.Tensor] | None = None
+        self._entry: _Applied | None = None
 
     @property
     def applied(self) -> bool:
-        return self._originals is not None
+        return self._entry is not None and self._entry.on_stack
+
+    @property
+    def name(self) -> str:
+        """The method and the (first) fact, as errors name the edit."""
+        if not self.requests:
+            return f"{self.method} edit"
+        first = self.requests[0]
+        more = f" and {len(self.requests) - 1} more" if len(self.requests) > 1 else ""
+        return f"{self.method} edit of {first.subject!r} -> {first.target_new!r}{more}"
 
     def apply(self) -> Edit:
-        """Write the deltas into the model (done by `kedit.edit`; again after `undo`)."""
+        """Write the deltas into the model, on top of its stack of applied edits (done by
+        `kedit.edit`; again after `undo`)."""
         if self.applied:
             raise RuntimeError("this edit is already applied")
-        self._originals = apply_deltas(self.lm.model, self.deltas)
+        entry = _Applied(self.name, apply_deltas(self.lm.model, self.deltas))
+        _STACKS.setdefault(self.lm.model, []).append(entry)
+        self._entry = entry
         return self
 
-    def undo(self) -> None:
-        """Restore every touched parameter to its value before the edit, bit-exactly."""
+    def undo(self, cascade: bool = False) -> None:
+        """Restore every touched parameter to its value before the edit, bit-exactly.
+
+        Edits applied later that change some of the same parameters (and, in turn, the later
+        edits of theirs) must be undone first: this raises `UndoOrderError` naming them, or, with
+        `cascade=True`, undoes them first, the latest first. Later edits of other parameters
+        stay applied.
+        """
         if not self.applied:
             raise RuntimeError("this edit is not applied; nothing to undo")
+        stack = _STACKS[self.lm.model]
+        index = next(i for i in range(len(stack) - 1, -1, -1) if stack[i] is self._entry)
+        order = _undo_order(stack, index)
+        if len(order) > 1 and not cascade:
+            later = "; ".join(
+                f"#{stack.index(entry) + 1} {entry.name} ({', '.join(sorted(entry.originals))})"
+                for entry in order[-2::-1]
+            )
+            raise UndoOrderError(
+                f"cannot undo {self.name} (#{index + 1} of {len(stack)} edits applied to "
+                f"{self.lm.name!r}): edits applied later change the same parameters: {later}. "
+                "Undo those first, or call undo(cascade=True) to undo them too"
+            )
         with torch.no_grad():
-            for name, value in self._originals.items():
-                _parameter(self.lm.model, name).copy_(value)
-        self._originals = None
+            for entry in order:
+                for name, value in entry.originals.items():
+                    _parameter(self.lm.model, name).copy_(value)
+                entry.on_stack = False
+        stack[:] = [entry for entry in stack if entry.on_stack]
 
     def __enter__(self) -> Edit:
         return self
@@ -225,8 +297,18 @@ class Edit:
                 tensors[f"{index}.right"] = own(delta.right)
         meta = json.dumps(self.metadata(), default=str)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"kedit": meta})
+        save_file(tensors, str(path), metadata={"kedit": meta, DIGEST_KEY: _digest(tensors, meta)})
         return path
+
+
+def _digest(tensors: dict[str, torch.Tensor], meta: str) -> str:
+    """sha256 over the metadata text and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(meta.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def writable_edit_path(path: str | Path, name: str = "path") -> Path:
@@ -250,13 +332,23 @@ def read_edit_file(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]
         raise FileNotFoundError(f"edit file {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get("kedit")
+            stored = handle.metadata() or {}
         tensors = load_file(str(path))
     except Exception as exc:
         raise ValueError(f"{str(path)!r} is not a kedit edit file: {exc}") from exc
+    raw = stored.get("kedit")
     if raw is None:
         raise ValueError(f"{str(path)!r} is a safetensors file without kedit metadata")
-    meta = json.loads(raw)
+    if DIGEST_KEY in stored and stored[DIGEST_KEY] != _digest(tensors, raw):
+        raise ValueError(
+            f"{str(path)!r} is damaged: its tensors or metadata do not match the sha256 digest "
+            "stored when it was saved; save the edit again"
+        )
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is damaged: its metadata is not JSON ({exc})") from exc
+    _check_version(path, meta.get("version"), DIGEST_KEY in stored)
     deltas = []
     for index, info in enumerate(meta["deltas"]):
         if f"{index}.dense" in tensors:
@@ -268,6 +360,30 @@ def read_edit_file(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]
                 )
             )
     return meta, deltas
+
+
+def _check_version(path: Path, version: Any, has_digest: bool) -> None:
+    """Refuse files of an unknown version, and files of version 2 or later without a digest
+    (it was removed or damaged). Version 1 files predate the digest: they are accepted with a
+    warning, since refusing them would strand saved edits and the sequential runs that resume
+    from them, and the file's other checks (model fingerprint, shapes) still hold."""
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(
+            f"{str(path)!r}: edit file version {version!r}; this kedit reads versions "
+            f"1..{FORMAT_VERSION}"
+        )
+    if has_digest:
+        return
+    if version >= 2:
+        raise ValueError(
+            f"{str(path)!r} is damaged: version {version} edit files carry a digest of their "
+            "tensors and this one has none"
+        )
+    warnings.warn(
+        f"{str(path)!r} was saved without a digest of its tensors (edit file version 1), so "
+        "damage to it cannot be detected; apply it and save it again to add one",
+        stacklevel=3,
+    )
 
 
 def apply_edit_file(lm: LM, path: str | Path) -> Edit:
