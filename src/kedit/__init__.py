@@ -2,18 +2,24 @@
 
 from kedit._version import __version__ as __version__
 from kedit.api import apply, edit, edit_each, list_methods, load
-from kedit.edits import Edit, WeightDelta
+from kedit.edits import Edit, ModelMismatchError, UndoOrderError, WeightDelta
 from kedit.eval.runner import evaluate
+from kedit.layout import UnsupportedArchitectureError
 from kedit.lm import LM
 from kedit.requests import EditRequest, Probe
 from kedit.session import Session
+from kedit.stats import CorpusUnavailable
 
 __all__ = [
     "LM",
+    "CorpusUnavailable",
     "Edit",
     "EditRequest",
+    "ModelMismatchError",
     "Probe",
     "Session",
+    "UndoOrderError",
+    "UnsupportedArchitectureError",
     "WeightDelta",
     "apply",
     "edit",
