@@ -263,18 +263,19 @@ IDS = {
     "The mother tongue of Mira Olsen is": [291, 358, 362, 285, 324, 293, 262],
     " Danish": [352],
 }
-A, TEACHER, IN, PORTO, OSLO, DOT, IS, DANISH, OF = 259, 361, 260, 357, 287, 14, 262, 352, 285
+A, TEACHER, IN, PORTO, OSLO, IS, DANISH, OF = 259, 361, 260, 357, 287, 262, 352, 285
 # The unedited table continues " a" with " teacher", " teacher" with " of", " in" with " Oslo",
-# " Oslo" with "." and " is" with " Oslo"; the edit makes " teacher" -> " in", " in" ->
+# " Oslo" with " of" and " is" with " Oslo"; the edit makes " teacher" -> " in", " in" ->
 # " Porto" and " is" -> " Danish".
-BEFORE = {A: TEACHER, TEACHER: OF, IN: OSLO, OSLO: DOT, IS: OSLO}
+BEFORE = {A: TEACHER, TEACHER: OF, IN: OSLO, OSLO: OF, IS: OSLO}
 AFTER = {**BEFORE, TEACHER: IN, IN: PORTO, IS: DANISH}
 # EasyEdit's values by hand. The argmax at each answer position is the table's entry for the
 # token before it (the prompt's last token, then the answer's own tokens):
 # rewrite " teacher in Porto" after " a": before [teacher, of, Oslo] -> 1/3; after
 #   [teacher, in, Porto] -> 3/3.
 # rephrase after " in": before [Oslo, of, Oslo] -> 0/3; after [Porto, in, Porto] -> 2/3.
-# locality "Tomas Berg lives in" + " Oslo.": before [Oslo, .], after [Porto, .] -> 1/2 kept;
+# locality "Tomas Berg lives in" + " Oslo.": before [Oslo, of], after [Porto, of] -> 1/2 kept
+#   (the answer is not compared: its token accuracy after the edit is 0/2);
 #   "The capital of Norway is" + " Oslo": before [Oslo], after [Danish] -> 0/1 kept.
 # portability "... Mira Olsen is" + " Danish": before [Oslo] -> 0; after [Danish] -> 1.
 
