@@ -56,25 +56,30 @@ def test_mismatched_denominator_blows_up_where_corrected_update_does_not():
 
 
 @torch.no_grad()
-def _plain_keys(lm, layer, prefixes, request, fact_token="subject_last"):
-    """Keys written out in the test: the input of `layer`'s MLP output projection at the edited
-    token of prefix + prompt, one row per prefix, each from a plain forward pass with a
-    forward pre-hook. The edited token is the last token of the text up to the subject's end
+def plain_at_edited_token(lm, name, prefixes, request, fact_token="subject_last", read="input"):
+    """What module `name` reads (`read="input"`) or writes ("output") at the edited token of
+    prefix + prompt, one row per prefix, each from a plain forward pass with a hook (not kedit's
+    key code). The edited token is the last token of the text up to the subject's end
     (`subject_last`) or of the whole text (`last`)."""
-    module = lm.model.get_submodule(lm.layout.mlp_out_name(layer))
+    module = lm.model.get_submodule(name)
     seen = []
-    handle = module.register_forward_pre_hook(lambda _module, args: seen.append(args[0][0]))
-    keys = []
+    if read == "input":
+        handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0]))
+    else:
+        handle = module.register_forward_hook(
+            lambda _m, _args, out: seen.append((out[0] if isinstance(out, tuple) else out)[0])
+        )
+    rows = []
     try:
         for prefix in prefixes:
             text = prefix + request.text
             end = len(prefix) + request.text.index(request.subject) + len(request.subject)
             at = len(lm.encode_prompt(text if fact_token == "last" else text[:end])) - 1
             lm.model(input_ids=torch.tensor([lm.encode_prompt(text)]))
-            keys.append(seen.pop()[at])
+            rows.append(seen.pop()[at])
     finally:
         handle.remove()
-    return torch.stack(keys).double()
+    return torch.stack(rows).double()
 
 
 def _maps_key_to_w_k_plus_delta(lm, request, method, hparams=None):
@@ -82,19 +87,20 @@ def _maps_key_to_w_k_plus_delta(lm, request, method, hparams=None):
     the key k to v* = W k + δ, with W the unedited projection (its bias included) and δ the
     optimised value delta.
 
-    k is r-ROME's k* (the keys of `_plain_keys` averaged over the context prefixes) or, for ROME,
-    the bare prompt's key k₀ (ROME's reference code puts k₀ in the denominator). δ is found by
-    the value optimisation (ROME Eq. 4) on the unedited model, a deterministic computation, so
-    it is the δ the method finds; the method's own record of k and v is never read. Also, with
-    covariance adjustment the update's input direction is C⁻¹k*: ΔW C x = 0 for every x ⊥ k*.
+    k is r-ROME's k* (the keys of `plain_at_edited_token` averaged over the context prefixes)
+    or, for ROME, the bare prompt's key k₀ (ROME's reference code puts k₀ in the denominator).
+    δ is found by the value optimisation (ROME Eq. 4) on the unedited model, a deterministic
+    computation, so it is the δ the method finds; the method's own record of k and v is never
+    read. Also, with covariance adjustment the update's input direction is C⁻¹k*: ΔW C x = 0
+    for every x ⊥ k*.
     """
     params = resolve_hparams(method, lm, hparams)
     layer = params.layers[0]
     prefixes = context_prefixes(lm, params)
-    keys = _plain_keys(lm, layer, prefixes, request, params.fact_token)
+    site = lm.layout.mlp_out_name(layer)
+    keys = plain_at_edited_token(lm, site, prefixes, request, params.fact_token)
     k_star = keys.mean(dim=0)
     key = k_star if method == "r-rome" else keys[0]
-    site = lm.layout.mlp_out_name(layer)
     delta = optimize_value(lm, request, layer, prefixes, params, site).delta.double()
     module = lm.model.get_submodule(site)
     unedited = module.weight.detach().double().clone()
