@@ -46,14 +46,20 @@ def forward_count(lm):
     return calls
 
 
+@torch.no_grad()
+def plain_argmax(lm, prompt, answer):
+    """The argmax token at each answer position of prompt + answer (one plain forward pass of
+    that row alone) and the answer's ids."""
+    prompt_ids, answer_ids = lm.encode(prompt), lm.encode(answer)
+    logits = lm.model(input_ids=torch.tensor([prompt_ids + answer_ids])).logits[0]
+    start = len(prompt_ids) - 1
+    return logits[start : start + len(answer_ids)].argmax(-1).tolist(), answer_ids
+
+
 def test_teacher_forced_matches_a_manual_computation(random_gpt2):
     lm = random_gpt2
     for (prompt, answer), score in zip(PAIRS, score_teacher_forced(lm, PAIRS), strict=True):
-        prompt_ids, answer_ids = lm.encode(prompt), lm.encode(answer)
-        ids = torch.tensor([prompt_ids + answer_ids])
-        with torch.no_grad():
-            logits = lm.model(input_ids=ids).logits[0]
-        predicted = [int(logits[len(prompt_ids) - 1 + i].argmax()) for i in range(len(answer_ids))]
+        predicted, answer_ids = plain_argmax(lm, prompt, answer)
         hits = sum(p == a for p, a in zip(predicted, answer_ids, strict=True))
         assert score.predicted == tuple(predicted)
         assert score.accuracy == pytest.approx(hits / len(answer_ids))
@@ -241,7 +247,7 @@ def test_probability_without_target_true_skips_efficacy_with_a_note(random_gpt2)
 
 def test_evaluate_measures_pre_and_post_around_a_real_edit(random_gpt2):
     lm = random_gpt2
-    req = request()
+    req = request(locality=[("Tomas Berg lives in", " Oslo"), ("Paris", " is a city in France")])
     protocols = ("teacher_forced", "probability", "generation")
     unedited = evaluate(lm, req, protocols=protocols)
     original = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -257,12 +263,20 @@ def test_evaluate_measures_pre_and_post_around_a_real_edit(random_gpt2):
     assert post["teacher_forced"]["reliability"] > pre["teacher_forced"]["reliability"]
     assert post["teacher_forced"]["reliability"] == 1.0
     assert post["probability"]["reliability_nll"] < pre["probability"]["reliability_nll"]
-    assert "locality" in post["teacher_forced"] and "locality" not in pre["teacher_forced"]
-    assert 0.0 <= post["teacher_forced"]["locality"] <= 1.0
+    assert "locality" not in pre["teacher_forced"]
     assert "locality" in post["generation"]
-    assert set(post["sampling"]) == {"fluency"} and post["sampling"]["fluency"] >= 0.0
+    # Sampled text is more varied than a loop over two words, which scores 1 (one word: 0).
+    assert set(post["sampling"]) == {"fluency"} and post["sampling"]["fluency"] > 1.0
 
+    # Locality by hand: the share of answer positions whose argmax the edit left as it was.
+    edited_argmax = [plain_argmax(lm, p.prompt, p.answer)[0] for p in req.locality]
     edit.undo()
+    kept = [
+        sum(a == b for a, b in zip(after, plain_argmax(lm, p.prompt, p.answer)[0], strict=True))
+        / len(after)
+        for p, after in zip(req.locality, edited_argmax, strict=True)
+    ]
+    assert post["teacher_forced"]["locality"] == pytest.approx(sum(kept) / len(kept))
     again = evaluate(lm, req, edit=edit, protocols=protocols)
     assert not edit.applied
     assert all(torch.equal(v, original[k]) for k, v in lm.model.state_dict().items())
