@@ -79,10 +79,11 @@ def test_teacher_forced_metrics_on_golden_values():
       before and after the edit; its value is the mean of their equality over the answer positions
       (`np.mean(np.equal(post, pre))`). The ground truth itself is not compared with anything. One
       value per locality prompt, reported after the edit only (the pre-edit entry is dropped).
-    - across cases, its summary (editors/utils.py `summary_metrics`) averages each case's
-      locality and portability lists (`np.mean(case[key][lkey])`), then the cases; a case
-      has one rewrite prompt and one rephrase prompt. kedit.evaluate reports each case's mean
-      over its prompts, and kedit.eval.runner.summarize averages the cases, the same numbers.
+    - across cases, its summary (editors/utils.py `summary_metrics`) takes `np.mean` of the
+      cases' lists: the mean over all prompts, which is the mean of the cases' means when every
+      case has as many prompts of the set (one rewrite and one rephrase prompt always).
+      kedit.evaluate reports each case's mean over its prompts and summarize averages the
+      cases: the same numbers then; with unequal counts kedit weighs every case equally.
     """
     # Logits [answer tokens, vocab 5] written out; row i predicts answer token i.
     rewrite = [2, 4]
