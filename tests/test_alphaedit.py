@@ -40,6 +40,28 @@ def _leak(update, keys):
     return float((keys @ update.T).norm() / (update.norm() * keys.norm()))
 
 
+@pytest.mark.parametrize("with_earlier", [False, True], ids=["n-by-n", "in-by-in"])
+def test_update_solves_alphaedits_normal_equations(with_earlier):
+    """AlphaEdit's update (Fang et al., 2024, Eq. 9, in row-per-fact notation) minimises
+    ‖ΔW P Kᵀ − Rᵀ‖² + ‖ΔW P K_pᵀ‖² + α ‖ΔW P‖²; so ΔW ((KᵀK + K_pᵀK_p) P + α I) = Rᵀ K P, and
+    ΔW = ΔW P. Checked on matrices built here: a random orthogonal projector P of rank 8 in 12
+    dimensions, random keys and residuals, K_pᵀK_p from random earlier keys (or none)."""
+    torch.manual_seed(0)
+    dim, ridge = 12, 0.5
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64))
+    projection = basis[:, :8] @ basis[:, :8].T
+    keys = torch.randn(4, dim, dtype=torch.float64)
+    residuals = torch.randn(4, 5, dtype=torch.float64)
+    earlier_keys = torch.randn(6, dim, dtype=torch.float64)
+    earlier = earlier_keys.T @ earlier_keys if with_earlier else None
+    left, right = null_space_update(residuals, keys, projection, earlier, ridge)
+    update = left @ right
+    gram = keys.T @ keys + (earlier if with_earlier else 0)
+    lhs = update @ (gram @ projection + ridge * torch.eye(dim, dtype=torch.float64))
+    assert torch.allclose(lhs, residuals.T @ keys @ projection, atol=1e-10)
+    assert torch.allclose(update @ projection, update, atol=1e-10)
+
+
 def test_projected_update_leaves_preserved_keys_outputs_unchanged(tiny_gpt2):
     lm = tiny_gpt2
     # At layer 0 (the subject's last token) the unprojected update leaks most into the

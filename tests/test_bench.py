@@ -4,6 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import kedit
 from kedit.bench.runs import BenchConfig, run_bench
 from kedit.data import load_requests
 from kedit.zoo import DATA_DIR
@@ -61,7 +62,13 @@ def test_sequential_run_resumes_with_the_method_state_and_leaves_the_model_uncha
     assert resumed["checkpoints"][0]["heldout_perplexity_unedited"] > 1
     first = json.loads((cut / "cases.jsonl").read_text().splitlines()[0])
     assert first["edits_applied"] == 1
-    assert first["result"]["pre"] != first["result"]["post"]
+    # "pre" is the unedited model's (measured again here, on the model the run left unedited);
+    # "post" was measured with the first edit applied, so it differs on the metrics both report
+    # (post alone has locality: a plain pre != post could not fail).
+    case = requests[int(first["case_id"])]  # cases without an id are numbered by position
+    pre, post = first["result"]["pre"], first["result"]["post"]
+    assert pre == kedit.evaluate(tiny_gpt2, case, contexts=1)["pre"]
+    assert {p: {m: post[p][m] for m in metrics} for p, metrics in pre.items()} != pre
 
 
 def test_checkpoint_perplexity_also_over_texts_that_name_no_edited_subject(tiny_gpt2, tmp_path):

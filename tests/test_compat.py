@@ -167,18 +167,180 @@ def test_an_easyedit_script_runs_with_only_its_import_changed(tiny_gpt2, tmp_pat
     post = mean([case["post"]["rewrite_acc"][0] for case in metrics])
     assert post >= mean([case["pre"]["rewrite_acc"][0] for case in metrics])
 
-    # The numbers are kedit's teacher-forced metrics of the same edits.
+    # The numbers are EasyEdit's formula (see test_protocols' golden test) applied here by
+    # hand on plain forward passes, with EasyEdit's tokenisation of prompt + " " + answer.
     editor = scope["editor"]
     for case, made in zip(metrics, editor.edits, strict=True):
         assert not made.applied  # each edit was undone after it was measured
-        native = kedit.evaluate(editor.lm, made.requests[0], edit=made)
+        asked = case["requested_rewrite"]
+        answered = {
+            "rewrite_acc": [(asked["prompt"], asked["target_new"])],
+            "rephrase_acc": [(asked["rephrase_prompt"], asked["target_new"])],
+        }
+        reasoning = asked["portability"]["reasoning"]
+        portability = [(reasoning["prompt"], reasoning["ground_truth"])]
+        near = asked["locality"]["Relation_Specificity"]
+        locality = list(zip(near["prompt"], near["ground_truth"], strict=True))
+        unedited = [easyedit_argmax(editor.lm, *pair) for pair in locality]
         for stage in ("pre", "post"):
-            expected = native[stage]["teacher_forced"]
-            assert case[stage]["rewrite_acc"] == [expected["reliability"]]
-            assert case[stage]["rephrase_acc"] == [expected["generalization"]]
-            assert case[stage]["portability"]["reasoning_acc"] == [expected["portability"]]
-        locality = case["post"]["locality"]["Relation_Specificity_acc"]
-        assert mean(locality) == pytest.approx(native["post"]["teacher_forced"]["locality"])
+            if stage == "post":
+                made.apply()
+            for metric, pairs in answered.items():
+                assert case[stage][metric] == pytest.approx(easyedit_accuracy(editor.lm, pairs))
+            assert case[stage]["portability"]["reasoning_acc"] == pytest.approx(
+                easyedit_accuracy(editor.lm, portability)
+            )
+        kept = [
+            sum(a == b for a, b in zip(easyedit_argmax(editor.lm, *pair)[0], before, strict=True))
+            / len(before)
+            for pair, (before, _) in zip(locality, unedited, strict=True)
+        ]
+        made.undo()
+        assert case["post"]["locality"]["Relation_Specificity_acc"] == pytest.approx(kept)
+
+
+@torch.no_grad()
+def easyedit_argmax(lm, prompt, answer):
+    """The argmax tokens at the answer positions of `prompt + " " + answer` (teacher forced,
+    one plain forward pass, tokenised together as EasyEdit does) and the answer's tokens."""
+    ids = lm.tokenizer(f"{prompt} {answer}")["input_ids"]
+    start = len(lm.tokenizer(prompt)["input_ids"])
+    logits = lm.model(input_ids=torch.tensor([ids])).logits[0]
+    return logits[start - 1 : -1].argmax(-1).tolist(), ids[start:]
+
+
+def easyedit_accuracy(lm, pairs):
+    """EasyEdit's accuracy of each (prompt, answer): the fraction of answer tokens that are the
+    argmax given the gold prefix."""
+    hits = []
+    for prompt, answer in pairs:
+        predicted, answer_ids = easyedit_argmax(lm, prompt, answer)
+        hits.append(
+            sum(p == a for p, a in zip(predicted, answer_ids, strict=True)) / len(answer_ids)
+        )
+    return hits
+
+
+class Bigram:
+    """Makes a model's logits those of a bigram table written in a test: at every position the
+    argmax is `table[token at that position]` (unlisted tokens predict token 0). The table is
+    `after` while parameter SWITCH (zero in a fresh GPT-2) is non-zero, else `before`; `edit`
+    makes an Edit that adds ones to SWITCH."""
+
+    SWITCH = "transformer.ln_f.bias"
+
+    def __init__(self, lm, before, after):
+        self.lm, self.before, self.after = lm, before, after
+        assert not lm.model.get_parameter(self.SWITCH).any()
+        lm.model.register_forward_hook(self.logits, with_kwargs=True)
+
+    def logits(self, _module, _args, kwargs, output):
+        edited = bool(self.lm.model.get_parameter(self.SWITCH).any())
+        vocab = output.logits.shape[-1]
+        following = torch.zeros(vocab, dtype=torch.long)
+        for token, then in (self.after if edited else self.before).items():
+            following[token] = then
+        output.logits = 10.0 * torch.nn.functional.one_hot(following[kwargs["input_ids"]], vocab)
+        return output
+
+    def edit(self, requests):
+        from kedit.edits import Edit, WeightDelta
+
+        ones = torch.ones_like(self.lm.model.get_parameter(self.SWITCH))
+        delta = WeightDelta.from_dense(self.SWITCH, ones)
+        return Edit(self.lm, "ft-m", {}, requests, [delta]).apply()
+
+
+# Token ids of the conftest BPE tokenizer (checked in the test).
+IDS = {
+    "Ana Costa works as a": [346, 351, 359, 334, 259],
+    "Ana Costa lives in": [346, 351, 292, 260],
+    " teacher in Porto": [361, 260, 357],
+    "Tomas Berg lives in": [348, 344, 292, 260],
+    " Oslo.": [287, 14],
+    "The capital of Norway is": [291, 360, 285, 356, 262],
+    " Oslo": [287],
+    "The mother tongue of Mira Olsen is": [291, 358, 362, 285, 324, 293, 262],
+    " Danish": [352],
+}
+A, TEACHER, IN, PORTO, OSLO, IS, DANISH, OF = 259, 361, 260, 357, 287, 262, 352, 285
+# The unedited table continues " a" with " teacher", " teacher" with " of", " in" with " Oslo",
+# " Oslo" with " of" and " is" with " Oslo"; the edit makes " teacher" -> " in", " in" ->
+# " Porto" and " is" -> " Danish".
+BEFORE = {A: TEACHER, TEACHER: OF, IN: OSLO, OSLO: OF, IS: OSLO}
+AFTER = {**BEFORE, TEACHER: IN, IN: PORTO, IS: DANISH}
+# EasyEdit's values by hand. The argmax at each answer position is the table's entry for the
+# token before it (the prompt's last token, then the answer's own tokens):
+# rewrite " teacher in Porto" after " a": before [teacher, of, Oslo] -> 1/3; after
+#   [teacher, in, Porto] -> 3/3.
+# rephrase after " in": before [Oslo, of, Oslo] -> 0/3; after [Porto, in, Porto] -> 2/3.
+# locality "Tomas Berg lives in" + " Oslo.": before [Oslo, of], after [Porto, of] -> 1/2 kept
+#   (the answer is not compared: its token accuracy after the edit is 0/2);
+#   "The capital of Norway is" + " Oslo": before [Oslo], after [Danish] -> 0/1 kept.
+# portability "... Mira Olsen is" + " Danish": before [Oslo] -> 0; after [Danish] -> 1.
+
+
+def test_editor_and_evaluate_report_easyedits_values_on_a_written_bigram_model(
+    random_gpt2, monkeypatch
+):
+    """BaseEditor.edit and kedit.evaluate report EasyEdit's teacher-forced metrics (its
+    definitions are in test_protocols' `test_teacher_forced_metrics_on_golden_values`): the
+    editor one value per prompt, evaluate their mean per probe set. The model's logits are a
+    bigram table written above, the edit switches it, the values are worked out by hand."""
+    lm = random_gpt2
+    for text, ids in IDS.items():
+        assert lm.encode(text) == ids, text
+    bigram = Bigram(lm, BEFORE, AFTER)
+    monkeypatch.setattr(compat, "kedit_edit", lambda _lm, requests, *_, **__: bigram.edit(requests))
+    metrics, _, _ = ft_editor(lm).edit(
+        prompts="Ana Costa works as a",
+        target_new="teacher in Porto",
+        subject="Ana Costa",
+        rephrase_prompts="Ana Costa lives in",
+        locality_inputs={
+            "Relation_Specificity": {
+                "prompt": [["Tomas Berg lives in", "The capital of Norway is"]],
+                "ground_truth": [["Oslo.", "Oslo"]],
+            }
+        },
+        portability_inputs={
+            "reasoning": {"prompt": "The mother tongue of Mira Olsen is", "ground_truth": "Danish"}
+        },
+        verbose=False,
+    )
+    (case,) = metrics
+    assert case["pre"] == {
+        "rewrite_acc": [pytest.approx(1 / 3)],
+        "rephrase_acc": [0.0],
+        "portability": {"reasoning_acc": [0.0]},
+    }
+    assert case["post"] == {
+        "rewrite_acc": [1.0],
+        "rephrase_acc": [pytest.approx(2 / 3)],
+        "locality": {"Relation_Specificity_acc": [0.5, 0.0]},
+        "portability": {"reasoning_acc": [1.0]},
+    }
+
+    request = kedit.EditRequest(
+        prompt="{} works as a",
+        subject="Ana Costa",
+        target_new=" teacher in Porto",
+        rephrase=["{} lives in"],
+        locality=[("Tomas Berg lives in", " Oslo."), ("The capital of Norway is", " Oslo")],
+        portability=[("The mother tongue of Mira Olsen is", " Danish")],
+    )
+    result = kedit.evaluate(lm, request, edit=bigram.edit([request]), contexts=0)
+    assert result["pre"]["teacher_forced"] == {
+        "reliability": pytest.approx(1 / 3),
+        "generalization": 0.0,
+        "portability": 0.0,
+    }
+    assert result["post"]["teacher_forced"] == {
+        "reliability": 1.0,
+        "generalization": pytest.approx(2 / 3),
+        "locality": 0.25,
+        "portability": 1.0,
+    }
 
 
 def test_hyperparameter_files_map_onto_kedit(tmp_path):

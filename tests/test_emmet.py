@@ -1,11 +1,11 @@
 import pytest
 import torch
+from test_rome import plain_at_edited_token
 
 import kedit
-from kedit.edits import Edit, WeightDelta
 from kedit.eval.runner import summarize
-from kedit.methods._locate import as_param_factors, mlp_out_param
-from kedit.methods.emmet import EMMETHyperParams, compute_emmet, equality_constrained_factor
+from kedit.methods._locate import context_prefixes, layer_second_moment, optimize_values
+from kedit.methods.emmet import EMMETHyperParams, equality_constrained_factor
 from kedit.methods.registry import resolve_hparams
 
 
@@ -47,20 +47,37 @@ def test_repeated_key_needs_a_ridge_and_the_ridge_makes_a_compromise():
     )
 
 
-def test_edited_weight_maps_every_key_of_the_batch_to_its_value(tiny_gpt2):
+def test_edited_weight_maps_every_key_of_the_batch_to_w_k_plus_its_delta(tiny_gpt2):
+    """EMMET's constraints, (W + ΔW) k_i = W k_i + δ_i for every fact of the batch, checked with
+    numbers built here: k_i by plain forward passes with a hook, averaged over the context
+    prefixes; δ_i from the value optimisation on the unedited model (deterministic, so the δ the
+    method finds), never the method's own record. And ΔW moves preserved keys as little as
+    possible (min ‖ΔW‖ in the C metric): ΔW C x = 0 for every x orthogonal to all k_i."""
     lm = tiny_gpt2
     params = resolve_hparams("emmet", lm, {"ridge": 0.0})
     requests = _requests(4)
-    update = compute_emmet(lm, requests, params)
     layer = params.layers[0]
-    delta = WeightDelta.low_rank(
-        mlp_out_param(lm, layer), *as_param_factors(lm, update.left, update.right)
+    site = lm.layout.mlp_out_name(layer)
+    prefixes = context_prefixes(lm, params)
+    keys = torch.stack(
+        [plain_at_edited_token(lm, site, prefixes, r, params.fact_token).mean(0) for r in requests]
     )
-    module = lm.model.get_submodule(lm.layout.mlp_out_name(layer))
-    with Edit(lm, "emmet", params.to_dict(), requests, [delta]).apply(), torch.no_grad():
-        mapped = module(update.keys.float()).double()
-    scale = update.values.norm(dim=1, keepdim=True)
-    assert ((mapped - update.values).abs() <= 1e-4 * scale).all()
+    found = optimize_values(lm, requests, layer, prefixes, params, [site])
+    deltas = torch.stack([f[0].delta.double() for f in found])
+    module = lm.model.get_submodule(site)
+    unedited = module.weight.detach().double().clone()
+    with torch.no_grad():
+        values = module(keys.float()).double() + deltas
+    with kedit.edit(lm, requests, method="emmet", hparams=params.to_dict()), torch.no_grad():
+        mapped = module(keys.float()).double()
+        change = module.weight.detach().double() - unedited
+    scale = values.norm(dim=1, keepdim=True)
+    assert (deltas.norm(dim=1, keepdim=True) > 0.1 * scale).all()
+    assert ((mapped - values).abs() <= 1e-4 * scale).all()
+    change = change.T if lm.layout.conv1d else change  # (out, in)
+    across = change @ layer_second_moment(lm, params, layer)
+    basis, _ = torch.linalg.qr(keys.T)  # orthonormal basis of the keys' span
+    assert (across - across @ basis @ basis.T).norm() <= 1e-3 * across.norm()
 
 
 def test_emmet_edit_writes_the_facts_and_undoes_bit_exactly(tiny_gpt2):

@@ -100,6 +100,28 @@ def test_kn_edit_changes_only_the_located_columns_and_undoes_exactly(tiny_gpt2):
     assert all(torch.equal(before[n], v) for n, v in lm.model.state_dict().items())
 
 
+def test_kn_moves_each_located_value_vector_by_the_new_minus_the_old_embedding(tiny_gpt2):
+    """KN's edit (Dai et al., 2022, §5.1): each located neuron's value vector, its column of the
+    MLP output projection (out × in), gains λ₂ e(new) − λ₁ e(old), e the output embedding (the
+    unembedding row, KN's default) of the answer's first token, λ₁ = erase_scale and
+    λ₂ = update_scale; the embeddings are read here from the model's own unembedding."""
+    lm = tiny_gpt2
+    request = _requests(1)[0]
+    params = resolve_hparams("kn", lm, {"layers": [2, 3]})
+    unembedding = lm.model.get_output_embeddings().weight.detach().double()
+    new, old = lm.encode(request.target_new)[0], lm.encode(request.target_true)[0]
+    expected = params.update_scale * unembedding[new] - params.erase_scale * unembedding[old]
+    before = {name: value.clone() for name, value in lm.model.state_dict().items()}
+    with kedit.edit(lm, request, method="kn", hparams=params.to_dict()) as edit:
+        (neurons,) = edit.info["neurons"]
+        assert neurons
+        for layer, index in neurons:
+            name = f"{lm.layout.mlp_out_name(layer)}.weight"
+            change = (lm.model.get_parameter(name).detach() - before[name]).double()
+            change = change.T if lm.layout.conv1d else change  # (out, in)
+            assert torch.allclose(change[:, index], expected, atol=1e-5 * expected.norm())
+
+
 def test_kn_edit_on_llama_changes_value_columns(tiny_llama):
     lm = tiny_llama
     request = _requests(1)[0]

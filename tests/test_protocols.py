@@ -4,12 +4,14 @@ import torch
 import kedit
 from kedit.eval.protocols import (
     PROTOCOLS,
+    TokenScore,
     check_protocol,
     greedy_generate,
     sample_continuations,
     score_generation,
     score_probability,
     score_teacher_forced,
+    teacher_forced_metrics,
 )
 from kedit.eval.runner import evaluate, summarize
 
@@ -44,17 +46,75 @@ def forward_count(lm):
     return calls
 
 
+@torch.no_grad()
+def plain_argmax(lm, prompt, answer):
+    """The argmax token at each answer position of prompt + answer (one plain forward pass of
+    that row alone) and the answer's ids."""
+    prompt_ids, answer_ids = lm.encode(prompt), lm.encode(answer)
+    logits = lm.model(input_ids=torch.tensor([prompt_ids + answer_ids])).logits[0]
+    start = len(prompt_ids) - 1
+    return logits[start : start + len(answer_ids)].argmax(-1).tolist(), answer_ids
+
+
 def test_teacher_forced_matches_a_manual_computation(random_gpt2):
     lm = random_gpt2
     for (prompt, answer), score in zip(PAIRS, score_teacher_forced(lm, PAIRS), strict=True):
-        prompt_ids, answer_ids = lm.encode(prompt), lm.encode(answer)
-        ids = torch.tensor([prompt_ids + answer_ids])
-        with torch.no_grad():
-            logits = lm.model(input_ids=ids).logits[0]
-        predicted = [int(logits[len(prompt_ids) - 1 + i].argmax()) for i in range(len(answer_ids))]
+        predicted, answer_ids = plain_argmax(lm, prompt, answer)
         hits = sum(p == a for p, a in zip(predicted, answer_ids, strict=True))
         assert score.predicted == tuple(predicted)
         assert score.accuracy == pytest.approx(hits / len(answer_ids))
+
+
+def test_teacher_forced_metrics_on_golden_values():
+    """EasyEdit's teacher-forced metrics, as its code defines them
+    (easyeditor/evaluate/evaluate_utils.py `test_prediction_acc`, editors/editor.py `edit`):
+
+    - rewrite, rephrase and portability accuracy of one prompt: `prompt + " " + target` is run in
+      one forward pass; the argmax tokens at positions prompt_len - 1 ... end - 1 (each predicting
+      the next gold token, the gold prefix given) are compared with the target's tokens, and the
+      prompt's value is the mean of that equality over the target's tokens (`np.mean(np.equal(ans,
+      label))`); a multi-token target counts each token once, whatever the others. The result is a
+      list with one value per prompt.
+    - locality of one prompt: the same argmax tokens on `prompt + " " + ground_truth`, taken
+      before and after the edit; its value is the mean of their equality over the answer positions
+      (`np.mean(np.equal(post, pre))`). The ground truth itself is not compared with anything. One
+      value per locality prompt, reported after the edit only (the pre-edit entry is dropped).
+    - across cases, its summary (editors/utils.py `summary_metrics`) takes `np.mean` of the
+      cases' lists: the mean over all prompts, which is the mean of the cases' means when every
+      case has as many prompts of the set (one rewrite and one rephrase prompt always).
+      kedit.evaluate reports each case's mean over its prompts and summarize averages the
+      cases: the same numbers then; with unequal counts kedit weighs every case equally.
+    """
+    # Logits [answer tokens, vocab 5] written out; row i predicts answer token i.
+    rewrite = [2, 4]
+    pre_rewrite = torch.tensor([[0.0, 1, 3, 0, 0], [0, 2, 0, 0, 1]])  # argmax 2, 1: 1 of 2
+    post_rewrite = torch.tensor([[0.0, 0, 3, 0, 1], [0, 0, 0, 0, 2]])  # argmax 2, 4: 2 of 2
+    near = [1, 3, 0]  # a locality answer
+    pre_near = torch.tensor([[0.0, 5, 0, 0, 0], [0, 0, 4, 1, 0], [3, 0, 0, 0, 0]])  # 1, 2, 0
+    post_near = torch.tensor([[0.0, 5, 0, 0, 0], [0, 0, 1, 4, 0], [0, 0, 0, 0, 3]])  # 1, 3, 4
+    far = [4]
+    pre_far, post_far = torch.tensor([[0.0, 0, 1, 0, 0]]), torch.tensor([[0.0, 0, 2, 1, 0]])
+
+    def scores(rewrite_logits, near_logits, far_logits):
+        return {
+            "rewrite": [TokenScore.of(rewrite_logits, rewrite)],
+            "rephrase": [],
+            "locality": [TokenScore.of(near_logits, near), TokenScore.of(far_logits, far)],
+        }
+
+    pre = scores(pre_rewrite, pre_near, pre_far)
+    post = scores(post_rewrite, post_near, post_far)
+    assert pre["locality"][0] == TokenScore(pytest.approx(2 / 3), (1, 2, 0))
+    # Before the edit: no locality, and an empty probe set is left out.
+    assert teacher_forced_metrics(pre, None, {"locality"}) == {"rewrite": [0.5]}
+    # After it: locality compares argmax tokens with the unedited model's (1 of 3 kept on the
+    # first prompt), never with the answer (2 of 3 match it, before and after).
+    assert teacher_forced_metrics(post, pre, {"locality"}) == {
+        "rewrite": [1.0],
+        "locality": [pytest.approx(1 / 3), 1.0],
+    }
+    # A set that is not locality is scored as accuracy, also after the edit.
+    assert teacher_forced_metrics(post, pre, set())["locality"] == [pytest.approx(2 / 3), 0.0]
 
 
 def test_batched_scoring_equals_one_at_a_time(random_gpt2):
@@ -192,7 +252,7 @@ def test_probability_without_target_true_skips_efficacy_with_a_note(random_gpt2)
 
 def test_evaluate_measures_pre_and_post_around_a_real_edit(random_gpt2):
     lm = random_gpt2
-    req = request()
+    req = request(locality=[("Tomas Berg lives in", " Oslo"), ("Paris", " is a city in France")])
     protocols = ("teacher_forced", "probability", "generation")
     unedited = evaluate(lm, req, protocols=protocols)
     original = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -208,12 +268,20 @@ def test_evaluate_measures_pre_and_post_around_a_real_edit(random_gpt2):
     assert post["teacher_forced"]["reliability"] > pre["teacher_forced"]["reliability"]
     assert post["teacher_forced"]["reliability"] == 1.0
     assert post["probability"]["reliability_nll"] < pre["probability"]["reliability_nll"]
-    assert "locality" in post["teacher_forced"] and "locality" not in pre["teacher_forced"]
-    assert 0.0 <= post["teacher_forced"]["locality"] <= 1.0
+    assert "locality" not in pre["teacher_forced"]
     assert "locality" in post["generation"]
-    assert set(post["sampling"]) == {"fluency"} and post["sampling"]["fluency"] >= 0.0
+    # Sampled text is more varied than a loop over two words, which scores 1 (one word: 0).
+    assert set(post["sampling"]) == {"fluency"} and post["sampling"]["fluency"] > 1.0
 
+    # Locality by hand: the share of answer positions whose argmax the edit left as it was.
+    edited_argmax = [plain_argmax(lm, p.prompt, p.answer)[0] for p in req.locality]
     edit.undo()
+    kept = [
+        sum(a == b for a, b in zip(after, plain_argmax(lm, p.prompt, p.answer)[0], strict=True))
+        / len(after)
+        for p, after in zip(req.locality, edited_argmax, strict=True)
+    ]
+    assert post["teacher_forced"]["locality"] == pytest.approx(sum(kept) / len(kept))
     again = evaluate(lm, req, edit=edit, protocols=protocols)
     assert not edit.applied
     assert all(torch.equal(v, original[k]) for k, v in lm.model.state_dict().items())

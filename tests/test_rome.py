@@ -3,9 +3,15 @@ import torch
 
 import kedit
 from kedit.hooks import capture
-from kedit.methods._locate import context_prefixes, delta_decay, optimize_values
+from kedit.methods._locate import (
+    context_prefixes,
+    delta_decay,
+    layer_second_moment,
+    optimize_value,
+    optimize_values,
+)
 from kedit.methods.registry import resolve_hparams
-from kedit.methods.rome import ROMEHyperParams, compute_rank_one, rank_one_update
+from kedit.methods.rome import ROMEHyperParams, rank_one_update
 
 
 def _request(index=0):
@@ -49,26 +55,72 @@ def test_mismatched_denominator_blows_up_where_corrected_update_does_not():
     assert rome_norm > 1000 * r_rome_norm
 
 
-def test_r_rome_edited_weight_maps_k_star_to_v_star(tiny_gpt2):
-    lm = tiny_gpt2
-    params = resolve_hparams("r-rome", lm)
-    layer = params.layers[0]
-    update = compute_rank_one(lm, _request(), params, corrected=True)
-    with kedit.edit(lm, _request(), method="r-rome") as edit:
-        assert edit.deltas[0].rank == 1
-        mapped = _mlp_out(lm, layer, update.k_star)
-    assert torch.allclose(mapped, update.value.double(), atol=1e-4 * update.value.norm())
+@torch.no_grad()
+def plain_at_edited_token(lm, name, prefixes, request, fact_token="subject_last", read="input"):
+    """What module `name` reads (`read="input"`) or writes ("output") at the edited token of
+    prefix + prompt, one row per prefix, each from a plain forward pass with a hook (not kedit's
+    key code). The edited token is the last token of the text up to the subject's end
+    (`subject_last`) or of the whole text (`last`)."""
+    module = lm.model.get_submodule(name)
+    seen = []
+    if read == "input":
+        handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0]))
+    else:
+        handle = module.register_forward_hook(
+            lambda _m, _args, out: seen.append((out[0] if isinstance(out, tuple) else out)[0])
+        )
+    rows = []
+    try:
+        for prefix in prefixes:
+            text = prefix + request.text
+            end = len(prefix) + request.text.index(request.subject) + len(request.subject)
+            at = len(lm.encode_prompt(text if fact_token == "last" else text[:end])) - 1
+            lm.model(input_ids=torch.tensor([lm.encode_prompt(text)]))
+            rows.append(seen.pop()[at])
+    finally:
+        handle.remove()
+    return torch.stack(rows).double()
 
 
-def test_rome_edited_weight_maps_its_denominator_key_to_v_star(tiny_gpt2):
-    lm = tiny_gpt2
-    params = resolve_hparams("rome", lm)
+def _maps_key_to_w_k_plus_delta(lm, request, method, hparams=None):
+    """ROME's defining property (Eq. 2), checked with numbers built here: the edited weight maps
+    the key k to v* = W k + δ, with W the unedited projection (its bias included) and δ the
+    optimised value delta.
+
+    k is r-ROME's k* (the keys of `plain_at_edited_token` averaged over the context prefixes)
+    or, for ROME, the bare prompt's key k₀ (ROME's reference code puts k₀ in the denominator).
+    δ is found by the value optimisation (ROME Eq. 4) on the unedited model, a deterministic
+    computation, so it is the δ the method finds; the method's own record of k and v is never
+    read. Also, with covariance adjustment the update's input direction is C⁻¹k*: ΔW C x = 0
+    for every x ⊥ k*.
+    """
+    params = resolve_hparams(method, lm, hparams)
     layer = params.layers[0]
-    update = compute_rank_one(lm, _request(), params, corrected=False)
-    assert not torch.equal(update.key, update.k_star)
-    with kedit.edit(lm, _request(), method="rome"):
-        mapped = _mlp_out(lm, layer, update.key)
-    assert torch.allclose(mapped, update.value.double(), atol=1e-4 * update.value.norm())
+    prefixes = context_prefixes(lm, params)
+    site = lm.layout.mlp_out_name(layer)
+    keys = plain_at_edited_token(lm, site, prefixes, request, params.fact_token)
+    k_star = keys.mean(dim=0)
+    key = k_star if method == "r-rome" else keys[0]
+    delta = optimize_value(lm, request, layer, prefixes, params, site).delta.double()
+    module = lm.model.get_submodule(site)
+    unedited = module.weight.detach().double().clone()
+    v_star = _mlp_out(lm, layer, key) + delta
+    with kedit.edit(lm, request, method=method, hparams=hparams):
+        mapped = _mlp_out(lm, layer, key)
+        change = module.weight.detach().double() - unedited
+    change = change.T if lm.layout.conv1d else change  # (out, in)
+    assert delta.norm() > 0.1 * v_star.norm()  # the edit has something to do
+    assert (keys[0] - k_star).norm() > 0.05 * k_star.norm()  # k₀ and k* differ
+    assert (mapped - v_star).norm() <= 1e-4 * v_star.norm()
+    moment = layer_second_moment(lm, params, layer)
+    across = change @ moment  # ΔW C = (left) k*ᵀ / (k*ᵀ C⁻¹ k)
+    unit = k_star / k_star.norm()
+    assert (across - torch.outer(across @ unit, unit)).norm() <= 1e-3 * across.norm()
+
+
+@pytest.mark.parametrize("method", ["rome", "r-rome"])
+def test_edited_weight_maps_the_key_to_w_k_plus_the_optimised_delta(tiny_gpt2, method):
+    _maps_key_to_w_k_plus_delta(tiny_gpt2, _request(), method)
 
 
 def test_hparams_accept_easyedit_names_and_refuse_unknown_keys(tiny_gpt2):
@@ -188,11 +240,8 @@ def test_fact_token_last_edits_the_prompts_last_token(tiny_gpt2):
     with torch.no_grad(), capture(lm.model, [site], "input") as seen:
         lm.model(input_ids=torch.tensor([lm.encode_prompt(request.text)]))
     assert torch.allclose(keys[0], seen[site][0, -1].float())
-    # r-ROME at the last token: the edited weight maps that key to the value found.
-    update = compute_rank_one(lm, request, params, corrected=True)
-    with kedit.edit(lm, request, method="r-rome", hparams=params.to_dict()):
-        mapped = _mlp_out(lm, 4, update.k_star)
-    assert torch.allclose(mapped, update.value.double(), atol=1e-4 * update.value.norm())
+    # r-ROME at the last token: the edited weight maps that key to W k* + δ.
+    _maps_key_to_w_k_plus_delta(lm, request, "r-rome", params.to_dict())
 
 
 def test_unknown_stop_rule_is_refused(tiny_gpt2):

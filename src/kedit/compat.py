@@ -35,8 +35,13 @@ from torch import nn
 from kedit.api import edit as kedit_edit
 from kedit.data._common import flatten_strings, with_space
 from kedit.edits import Edit
-from kedit.eval.metrics import fluency_entropy, locality_agreement
-from kedit.eval.protocols import TokenScore, sample_continuations, score_teacher_forced
+from kedit.eval.metrics import fluency_entropy
+from kedit.eval.protocols import (
+    TokenScore,
+    sample_continuations,
+    score_teacher_forced,
+    teacher_forced_metrics,
+)
 from kedit.files import read_text
 from kedit.lm import LM, load
 from kedit.methods._locate import LocateHyperParams
@@ -288,18 +293,26 @@ class _Case:
                 out += list(zip(probes.prompts, probes.answers, strict=True))
         return out
 
-    def regroup(self, scores: list[TokenScore]) -> dict[str, Any]:
-        """The scores of `pairs()` as {"rewrite": [...], "rephrase": [...], "locality": {key:
-        [...]}, "portability": {key: [...]}}."""
+    def regroup(self, scores: list[TokenScore]) -> dict[tuple[str, str], list[TokenScore]]:
+        """The scores of `pairs()` per probe set: `("rewrite", "")`, `("rephrase", "")`, and
+        `("locality", key)`, `("portability", key)` for each key of those inputs."""
         it = iter(scores)
-        out: dict[str, Any] = {
-            "rewrite": [next(it)],
-            "rephrase": [next(it) for _ in self.request.rephrase],
+        out = {
+            ("rewrite", ""): [next(it)],
+            ("rephrase", ""): [next(it) for _ in self.request.rephrase],
         }
         for name in ("locality", "portability"):
-            groups = getattr(self, name)
-            out[name] = {key: [next(it) for _ in probes.prompts] for key, probes in groups.items()}
+            for key, probes in getattr(self, name).items():
+                out[name, key] = [next(it) for _ in probes.prompts]
         return out
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """One case's scores at one stage: per probe set (`_Case.regroup`), and its fluency."""
+
+    probes: dict[tuple[str, str], list[TokenScore]]
+    fluency: dict[str, float] | None
 
 
 def _build_case(
@@ -490,20 +503,20 @@ class BaseEditor:
         )
         return [_build_case(i, *row) for i, row in enumerate(columns)]
 
-    def _score(self, cases: list[_Case], fluency: bool) -> list[dict[str, Any]]:
+    def _score(self, cases: list[_Case], fluency: bool) -> list[_Scores]:
         """Teacher-forced scores of every case's probes on the model as it is, in one batched
         call; with `fluency`, the n-gram entropy of a sampled continuation of each prompt."""
         pairs = [case.pairs() for case in cases]
         flat = score_teacher_forced(self.lm, [pair for group in pairs for pair in group])
         out, start = [], 0
         for case, group in zip(cases, pairs, strict=True):
-            scores = case.regroup(flat[start : start + len(group)])
-            start += len(group)
+            entropy = None
             if fluency:
-                prompt = case.request.text
-                text = prompt + sample_continuations(self.lm, [prompt])[0]
-                scores["fluency"] = {"ngram_entropy": fluency_entropy([text])}
-            out.append(scores)
+                text = case.request.text
+                text += sample_continuations(self.lm, [text])[0]
+                entropy = {"ngram_entropy": fluency_entropy([text])}
+            out.append(_Scores(case.regroup(flat[start : start + len(group)]), entropy))
+            start += len(group)
         return out
 
     def _run(
@@ -514,7 +527,7 @@ class BaseEditor:
         sequence, score them and keep the edits."""
         pre = self._score(cases, fluency)
         step = len(cases) if keep else size or 1
-        post: list[dict[str, Any]] = []
+        post: list[_Scores] = []
         seconds: list[float] = []
         weights_copy: dict[str, torch.Tensor] = {}
         self.edits = []
@@ -551,23 +564,22 @@ class BaseEditor:
         return metrics, self.model, weights_copy
 
 
-def _stage(scores: dict[str, Any], pre: dict[str, Any] | None) -> dict[str, Any]:
-    """EasyEdit's metrics of one case at one stage: "pre" (`pre=None`: no locality, which is
-    measured as agreement with the pre-edit predictions) or "post"."""
-    out: dict[str, Any] = {"rewrite_acc": [s.accuracy for s in scores["rewrite"]]}
-    if scores["rephrase"]:
-        out["rephrase_acc"] = [s.accuracy for s in scores["rephrase"]]
+def _stage(scores: _Scores, pre: _Scores | None) -> dict[str, Any]:
+    """EasyEdit's metrics of one case at one stage, in its layout: "pre" (`pre=None`: no
+    locality, which is measured as agreement with the pre-edit predictions) or "post"."""
+    sets = scores.probes
+    locality = {name for name in sets if name[0] == "locality"}
+    values = teacher_forced_metrics(sets, None if pre is None else pre.probes, locality)
+    out: dict[str, Any] = {"rewrite_acc": values["rewrite", ""]}
+    if ("rephrase", "") in values:
+        out["rephrase_acc"] = values["rephrase", ""]
+
+    def keyed(group: str) -> dict[str, list[float]]:
+        return {f"{key}_acc": v for (name, key), v in values.items() if name == group}
+
     if pre is not None:
-        out["locality"] = {
-            f"{key}_acc": [
-                locality_agreement(after.predicted, before.predicted)
-                for after, before in zip(values, pre["locality"][key], strict=True)
-            ]
-            for key, values in scores["locality"].items()
-        }
-    out["portability"] = {
-        f"{key}_acc": [s.accuracy for s in values] for key, values in scores["portability"].items()
-    }
-    if "fluency" in scores:
-        out["fluency"] = scores["fluency"]
+        out["locality"] = keyed("locality")
+    out["portability"] = keyed("portability")
+    if scores.fluency is not None:
+        out["fluency"] = scores.fluency
     return out

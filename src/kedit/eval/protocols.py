@@ -11,13 +11,13 @@ each row's tokens keep the positions they would have alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
-from kedit.eval.metrics import mean_nll, prefix_exact_match, token_accuracy
+from kedit.eval.metrics import locality_agreement, mean_nll, prefix_exact_match, token_accuracy
 from kedit.lm import LM
 
 TEACHER_FORCED = "teacher_forced"
@@ -28,6 +28,7 @@ PROTOCOLS = (TEACHER_FORCED, PROBABILITY, GENERATION)
 SAMPLING = "sampling"
 
 Item = TypeVar("Item")
+ProbeSet = TypeVar("ProbeSet", bound=Hashable)
 
 
 def check_protocol(name: str) -> str:
@@ -49,6 +50,38 @@ class TokenScore:
 
     accuracy: float
     predicted: tuple[int, ...]
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, answer: Sequence[int]) -> TokenScore:
+        """The score of logits `[T, vocab]` predicting the `T` answer tokens (gold prefix)."""
+        return cls(token_accuracy(logits, answer), tuple(logits.argmax(-1).tolist()))
+
+
+def teacher_forced_metrics(
+    scores: Mapping[ProbeSet, Sequence[TokenScore]],
+    pre: Mapping[ProbeSet, Sequence[TokenScore]] | None,
+    locality: Collection[ProbeSet],
+) -> dict[ProbeSet, list[float]]:
+    """EasyEdit's teacher-forced metrics of one case at one stage: per probe set, one value
+    per prompt. `kedit.evaluate` and `kedit.compat` both report these.
+
+    A set named in `locality` is scored only after an edit (`pre`: the same probes scored on the
+    unedited model): each prompt's fraction of answer positions whose argmax token is the
+    unedited model's. Every other set (rewrite, rephrase, portability, ...) gets each prompt's
+    token accuracy. Empty sets, and locality sets when `pre` is None, are left out.
+    """
+    out: dict[ProbeSet, list[float]] = {}
+    for name, now in scores.items():
+        if not now:
+            continue
+        if name not in locality:
+            out[name] = [score.accuracy for score in now]
+        elif pre is not None:
+            out[name] = [
+                locality_agreement(after.predicted, before.predicted)
+                for after, before in zip(now, pre[name], strict=True)
+            ]
+    return out
 
 
 @dataclass(frozen=True)
@@ -96,7 +129,7 @@ def score_teacher_forced(
 ) -> list[TokenScore]:
     """Token accuracy and argmax answer tokens of each (prompt, answer) pair."""
     return [
-        TokenScore(token_accuracy(logits, answer), tuple(logits.argmax(-1).tolist()))
+        TokenScore.of(logits, answer)
         for logits, answer in _answer_logits(lm, [[pair] for pair in pairs], batch_size)
     ]
 

@@ -39,7 +39,6 @@ from kedit.eval.metrics import (
     exact_match,
     fluency_entropy,
     leading_words,
-    locality_agreement,
     more_likely,
 )
 from kedit.eval.protocols import (
@@ -53,6 +52,7 @@ from kedit.eval.protocols import (
     score_generation,
     score_probability,
     score_teacher_forced,
+    teacher_forced_metrics,
 )
 from kedit.lm import LM, require_lm
 from kedit.requests import EditRequest, as_requests
@@ -191,18 +191,8 @@ def _measure(
 def _teacher_forced(
     request: EditRequest, scores: dict[str, list], pre: dict[str, list] | None
 ) -> dict[str, float]:
-    out = {}
-    for name in PROBES:
-        if not scores[name]:
-            continue
-        if name != "locality":
-            out[name] = _mean(s.accuracy for s in scores[name])
-        elif pre is not None:
-            out[name] = _mean(
-                locality_agreement(post.predicted, before.predicted)
-                for post, before in zip(scores[name], pre[name], strict=True)
-            )
-    return out
+    values = teacher_forced_metrics(scores, pre, locality={"locality"})
+    return {name: _mean(values[name]) for name in PROBES if name in values}
 
 
 def _probability(
