@@ -107,7 +107,9 @@ def main() -> None:
         print(json.dumps({"saved": args.save, "cases": len(now)}))
         return
     rows = compare(torch.load(args.compare), now)
-    exact = all(r["same_steps"] and r["same_params"] and r["max_abs_weight_diff"] == 0 for r in rows)
+    exact = all(
+        r["same_steps"] and r["same_params"] and r["max_abs_weight_diff"] == 0 for r in rows
+    )
     print(json.dumps({"benchmark": "same_results", "bit_exact": exact, "cases": rows}, indent=2))
 
 

@@ -4,10 +4,10 @@ import torch
 
 import kedit
 from kedit.eval.runner import summarize
-from kedit.methods import memit as memit_module
+from kedit.methods import _spread
 from kedit.methods import pmet as pmet_module
 from kedit.methods._locate import mlp_out_param
-from kedit.methods.memit import residuals_at_lookup
+from kedit.methods._spread import residuals_at_lookup
 from kedit.methods.registry import resolve_hparams
 
 
@@ -22,7 +22,7 @@ def test_pmet_update_solves_its_normal_equations_per_layer(tiny_gpt2, monkeypatc
     lm = tiny_gpt2
     requests = _requests(3, start=16)
     solved, targets = [], []
-    least_squares, value_targets = memit_module.least_squares_update, pmet_module.value_targets
+    least_squares, value_targets = _spread.least_squares_update, pmet_module.value_targets
 
     def record_solve(residuals, keys, moment, weight, cholesky=None):
         solved.append((residuals, keys, moment, weight))
@@ -33,7 +33,7 @@ def test_pmet_update_solves_its_normal_equations_per_layer(tiny_gpt2, monkeypatc
         targets.append(found[0])
         return found
 
-    monkeypatch.setattr(memit_module, "least_squares_update", record_solve)
+    monkeypatch.setattr(_spread, "least_squares_update", record_solve)
     monkeypatch.setattr(pmet_module, "value_targets", record_targets)
     params = resolve_hparams("pmet", lm)
     layers = sorted(params.layers)

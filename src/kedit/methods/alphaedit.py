@@ -10,7 +10,7 @@ preserved keys' outputs do not move. The update solves (AlphaEdit Sec. 3.2, sequ
     ΔW = R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + α I)⁻¹          (column-per-fact notation)
 
 with K₁ the keys of this batch, R the residuals, and K_p the keys of the earlier edits of the
-same session, which keeps later updates off them. In the row-per-fact notation of memit.py
+same session, which keeps later updates off them. In the row-per-fact notation of MEMIT
 (K: n × in, R: n × out) this is ΔW = Rᵀ · K P ((KᵀK + K_pᵀK_p) P + α I)⁻¹, stored as those two
 factors. For α > 0 the right factor lies in the range of P, which is why ΔW K₀ ≈ 0.
 
@@ -35,7 +35,7 @@ import torch
 
 from kedit.lm import LM
 from kedit.methods._locate import LocateHyperParams
-from kedit.methods.memit import memit_targets, spread_over_layers
+from kedit.methods._spread import memit_targets, spread_over_layers
 from kedit.methods.registry import MethodResult, MethodState, hp, register
 from kedit.requests import EditRequest
 from kedit.stats import second_moment_eigh
