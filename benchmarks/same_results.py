@@ -1,12 +1,13 @@
-"""Records what the locate-then-edit methods compute on fixed edits, or checks a recording.
+"""Records what the editing methods compute on fixed edits, or checks a recording.
 
 A refactor of the shared machinery (`kedit.methods._locate`, `_spread`) must not change what
 the methods compute. `--save FILE` records, for 8 bundled-benchmark requests on tiny-gpt2 and
-tiny-llama, each case's value steps and edited weights (ROME, r-ROME, MEMIT, EMMET, PMET,
-AlphaEdit at their defaults, and ROME/MEMIT under the other stopping rules, no first step and
-a token budget that splits the batch); `--compare FILE` recomputes them with the code on the
-path and prints JSON: per case whether the steps are equal and the largest absolute
-difference of the edited weights (0.0 = bit-exact).
+tiny-llama, each case's steps (value steps; FT's steps; KN's neurons) and edited weights: ROME,
+r-ROME, MEMIT, EMMET, PMET, AlphaEdit, FT-L and KN at their defaults, ROME and MEMIT under the
+other stopping rules, without a first step and with a token budget that splits the batch, FT-M
+with a norm constraint and weight decay. `--compare FILE` recomputes them with the code on the
+path and prints JSON: per case whether the steps are equal and the largest absolute difference
+of the edited weights (0.0 = bit-exact).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("rome", {"v_first_step": 0.0}, "each"),
     ("memit", {"v_batch_tokens": 300}, "batch"),
     ("memit", {"v_stop": "most_probable", "v_patience": 3}, "batch"),
+    ("ft-l", {}, "batch"),
+    ("ft-m", {"norm_constraint": 0.002, "weight_decay": 0.01}, "batch"),
+    ("kn", {}, "sequence"),
 ]
 MODELS = ["tiny-gpt2", "tiny-llama"]
 
@@ -53,7 +57,8 @@ def record(n: int) -> dict[str, Any]:
                 weights = {f"{i}:{k}": v for i, e in enumerate(edits) for k, v in e[1].items()}
             else:
                 edit = kedit.edit(lm, requests, method=method, hparams=hparams)
-                steps = edit.info.get("value_steps")
+                info = edit.info
+                steps = info.get("value_steps", info.get("steps", info.get("neurons")))
                 weights = _touched(lm, edit)
                 edit.undo()
             out[name] = {"steps": steps, "weights": weights}
