@@ -17,6 +17,13 @@ from kedit.layout import Layout, layout_for
 
 FULL_HASH_LIMIT_BYTES = 512 * 2**20
 SAMPLED_BYTES_PER_TENSOR = 2**16
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass(eq=False)
@@ -45,7 +52,14 @@ class LM:
 
     @property
     def device(self) -> torch.device:
+        """Where the model takes its inputs: its first parameter's device (the embeddings' on a
+        model split over devices by `device_map`)."""
         return next(self.model.parameters()).device
+
+    def device_of(self, module: str) -> torch.device:
+        """Where the named module's parameters live: on a model split over devices, a layer's
+        keys, statistics and updates belong there."""
+        return next(self.model.get_submodule(module).parameters()).device
 
     @property
     def n_layers(self) -> int:
@@ -193,25 +207,37 @@ def load(
     name_or_path: str,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, str | int | torch.device] | None = None,
 ) -> LM:
-    """Load a bundled model (`kedit zoo list`), a local Hugging Face folder or a hub id."""
+    """Load a bundled model (`kedit zoo list`), a local Hugging Face folder or a hub id.
+
+    `dtype` is the weights' dtype (float32 by default; 'bfloat16' or 'float16' halve a big
+    model's memory: methods still solve and optimise in float32/float64 and write back in this
+    dtype). `device` puts the whole model on one device; `device_map` ('auto', 'balanced',
+    'balanced_low_0', 'sequential' or a {module: device} dict, as transformers takes it) splits
+    it over the GPUs with accelerate (`pip install accelerate`). Every weight must stay resident
+    on a device: a map that offloads weights to the CPU or disk is refused, since edits change
+    weights in place.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kedit import zoo
 
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"model: expected a model name, folder or hub id, got {name_or_path!r}")
-    source = resolve_model_path(name_or_path)
+    torch_dtype = _check_dtype(dtype)
+    if device is not None and device_map is not None:
+        raise ValueError(
+            f"device_map: give either device ({device!r}) or device_map ({device_map!r}), not both"
+        )
     target = None if device is None else check_device(device)
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype: {dtype!r} is not a torch dtype (e.g. 'float32')")
-        dtype = getattr(torch, dtype)
+    placement = {} if device_map is None else {"device_map": _check_device_map(device_map)}
+    source = resolve_model_path(name_or_path)
     try:
         # A bundled model loads in a blink: its "Loading weights" bar would only be noise.
         bundled = Path(source).parent == zoo.MODELS_DIR
         with _no_progress_bar() if bundled else contextlib.nullcontext():
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **placement)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as error:
         raise ValueError(
@@ -220,9 +246,76 @@ def load(
         ) from error
     if target is not None:
         model.to(target)
+    _check_resident(model, device_map)
     lm = LM(model=model, tokenizer=tokenizer, name=name_or_path, recipe=_zoo_recipe(source))
     _ = lm.fingerprint
     return lm
+
+
+def _check_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """`dtype` as a torch floating dtype (float32 when None); a ValueError naming the choices."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def _check_device_map(
+    device_map: str | dict[str, str | int | torch.device],
+) -> str | dict[str, str | int | torch.device]:
+    """`device_map` checked: a strategy name or a {module: device} dict of devices this machine
+    has; accelerate must be installed."""
+    import importlib.util
+
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ValueError(
+                f"device_map: expected one of {', '.join(DEVICE_MAP_STRATEGIES)} or a "
+                f"{{module: device}} dict, got {device_map!r}"
+            )
+    elif isinstance(device_map, dict) and device_map:
+        for module, place in device_map.items():
+            if not isinstance(module, str):
+                raise ValueError(f"device_map: module names must be strings, got {module!r}")
+            if isinstance(place, str) and place == "disk":
+                raise ValueError(
+                    f"device_map: {module!r} is mapped to 'disk'; kedit edits weights in place, "
+                    "so every weight must live on a device (cpu or a GPU)"
+                )
+            try:
+                check_device(f"cuda:{place}" if isinstance(place, int) else place)
+            except ValueError as error:
+                raise ValueError(
+                    f"device_map: module {module!r} mapped to {place!r}: "
+                    f"{str(error).removeprefix('device: ')}"
+                ) from error
+    else:
+        raise ValueError(
+            f"device_map: expected one of {', '.join(DEVICE_MAP_STRATEGIES)} or a non-empty "
+            f"{{module: device}} dict, got {device_map!r}"
+        )
+    if importlib.util.find_spec("accelerate") is None:
+        raise ImportError(
+            "device_map: splitting a model over devices needs accelerate; "
+            "run `pip install accelerate` (or `pip install 'kedit[big]'`)"
+        )
+    return device_map
+
+
+def _check_resident(model: nn.Module, device_map: object) -> None:
+    """Refuse a model whose weights accelerate offloaded (left on the meta device and loaded
+    per forward pass): an edit could not change them."""
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"device_map: {device_map!r} offloads {len(offloaded)} weights (e.g. "
+            f"{offloaded[0]!r}) to the CPU or disk, which kedit cannot edit in place; give the "
+            "GPUs more room (a device_map over GPUs only, or transformers' max_memory) or load "
+            "on one device"
+        )
 
 
 @torch.no_grad()

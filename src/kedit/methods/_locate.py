@@ -17,6 +17,7 @@ import torch
 
 from kedit.hooks import capture, hooks, replace_output, start_at_block, stop_after
 from kedit.lm import LM
+from kedit.methods._memory import backward_tokens, token_chunks
 from kedit.methods.registry import HyperParams, hp
 from kedit.requests import EditRequest
 from kedit.stats import second_moment
@@ -86,8 +87,10 @@ class LocateHyperParams(HyperParams):
         "'last' (the prompt's last token, where models that read the subject from the "
         "prediction position hold the fact).",
     )
-    v_batch_tokens: int = hp(
-        4096, "Token budget of one value-optimisation batch (requests are optimised together)."
+    v_batch_tokens: int | None = hp(
+        None,
+        "Token budget of one value-optimisation batch (requests are optimised together); None:"
+        " what fits the device, at most 4096 (kedit.methods._memory).",
     )
 
     ALIASES = {
@@ -117,7 +120,7 @@ class LocateHyperParams(HyperParams):
             raise ValueError(f"v_patience: expected an integer >= 0, got {self.v_patience!r}")
         for name in ("v_steps", "mom2_n_samples", "mom2_max_length", "v_batch_tokens"):
             value = getattr(self, name)
-            if value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if not self.v_first_step >= 0:
             raise ValueError(f"v_first_step: expected a number >= 0, got {self.v_first_step!r}")
@@ -140,10 +143,12 @@ class LocateHyperParams(HyperParams):
 
 
 def layer_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> torch.Tensor:
-    """C = E[k kᵀ] of a layer's keys in float64, kept on `lm.cache` after the first use."""
+    """C = E[k kᵀ] of a layer's keys in float64 on the layer's device, kept on `lm.cache` after
+    the first use."""
     key = ("mom2", layer, hparams.stats_key())
     if key not in lm.cache:
-        lm.cache[key] = second_moment(lm, layer, **hparams.stats_settings()).double()
+        moment = second_moment(lm, layer, **hparams.stats_settings())
+        lm.cache[key] = moment.to(lm.device_of(lm.layout.mlp_out_name(layer)), torch.float64)
     return lm.cache[key]
 
 
@@ -227,7 +232,8 @@ def keys_at_lookup(
     with capture(lm.model, [name], "input") as keys, capture(lm.model, [name]) as outs:
         with stop_after(lm.model, name):
             lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    rows = torch.arange(len(texts))
+    device = keys[name].device
+    rows, positions = torch.arange(len(texts), device=device), positions.to(device)
     return keys[name][rows, positions].float(), outs[name][rows, positions].float()
 
 
@@ -278,23 +284,19 @@ def optimize_values(
     once its worst prompt's NLL has not reached a new low for that many steps.
 
     The requests are optimised together, each with its own deltas (the losses are summed, so
-    the gradients do not mix), in chunks of about `v_batch_tokens` tokens. Nothing before the
-    edited token depends on a delta: those positions run once and are fed to every
-    step as cached keys and values, and so do the blocks below `layer` for the others.
+    the gradients do not mix), in chunks of about `v_batch_tokens` tokens (None: what fits the
+    device, `kedit.methods._memory`). Nothing before the edited token depends on a delta: those
+    positions run once and are fed to every step as cached keys and values, and so do the
+    blocks below `layer` for the others.
     """
+    budget = hparams.v_batch_tokens or backward_tokens(lm, layer)
+    tokens = [
+        (len(prefixes) + 1) * len(lm.encode_prompt(prefixes[-1] + request.text))
+        for request in requests
+    ]
     results: list[list[ValueResult]] = []
-    chunk: list[EditRequest] = []
-    chunk_tokens = 0
-    for request in requests:
-        tokens = (len(prefixes) + 1) * len(lm.encode_prompt(prefixes[-1] + request.text))
-        if chunk and chunk_tokens + tokens > hparams.v_batch_tokens:
-            results.extend(
-                _optimize_chunk(lm, chunk, layer, prefixes, hparams, sites, essence_prompt)
-            )
-            chunk, chunk_tokens = [], 0
-        chunk.append(request)
-        chunk_tokens += tokens
-    results.extend(_optimize_chunk(lm, chunk, layer, prefixes, hparams, sites, essence_prompt))
+    for chunk in token_chunks(requests, tokens, budget):
+        results.extend(_optimize_chunk(lm, chunk, layer, prefixes, hparams, sites, essence_prompt))
     return results
 
 

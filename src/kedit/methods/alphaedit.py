@@ -109,9 +109,10 @@ class AlphaEditState(MethodState):
 
 
 def null_space_projection(lm: LM, hparams: AlphaEditHyperParams, layer: int) -> torch.Tensor:
-    """P = Û Ûᵀ over the eigenvectors Û of C with eigenvalue < threshold × the largest (in × in),
-    cached on `lm.cache` per layer, statistics and threshold (AlphaEdit Sec. 3.1); C's
-    decomposition is cached on disk beside C (`kedit.stats.second_moment_eigh`)."""
+    """P = Û Ûᵀ over the eigenvectors Û of C with eigenvalue < threshold × the largest (in × in,
+    float64, on the layer's device), cached on `lm.cache` per layer, statistics and threshold
+    (AlphaEdit Sec. 3.1); C's decomposition is cached on disk beside C
+    (`kedit.stats.second_moment_eigh`)."""
     threshold = hparams.nullspace_threshold
     key = ("alphaedit_projection", layer, hparams.stats_key(), threshold)
     if key not in lm.cache:
@@ -122,7 +123,8 @@ def null_space_projection(lm: LM, hparams: AlphaEditHyperParams, layer: int) -> 
                 f"nullspace_threshold: no eigenvalue of layer {layer}'s second moment is below "
                 f"{threshold} × the largest, so the null space is empty; raise the threshold"
             )
-        lm.cache[key] = kept @ kept.T
+        device = lm.device_of(lm.layout.mlp_out_name(layer))
+        lm.cache[key] = (kept @ kept.T).to(device, torch.float64)
     return lm.cache[key]
 
 
@@ -140,7 +142,7 @@ def null_space_update(
     symmetric. Without earlier edits and with fewer facts than key dimensions, the push-through
     identity (P KᵀK + α I)⁻¹ P Kᵀ = P Kᵀ (K P Kᵀ + α I)⁻¹ leaves an n × n system.
     """
-    keys, residuals = keys.double(), residuals.double()
+    keys, residuals = keys.to(projection.device, torch.float64), residuals.double()
     if earlier is None and len(keys) < projection.shape[0]:
         projected = keys @ projection
         gram = projected @ keys.T
