@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -213,11 +214,11 @@ def load(
 
     `dtype` is the weights' dtype (float32 by default; 'bfloat16' or 'float16' halve a big
     model's memory: methods still solve and optimise in float32/float64 and write back in this
-    dtype). `device` puts the whole model on one device; `device_map` ('auto', 'balanced',
-    'balanced_low_0', 'sequential' or a {module: device} dict, as transformers takes it) splits
-    it over the GPUs with accelerate (`pip install accelerate`). Every weight must stay resident
-    on a device: a map that offloads weights to the CPU or disk is refused, since edits change
-    weights in place.
+    dtype). `device` puts the whole model on one device. `device_map` splits it over devices
+    with accelerate (`pip install accelerate`): 'auto', 'balanced', 'balanced_low_0' or
+    'sequential' let transformers spread it over the GPUs; a {module: device} dict places each
+    module as `split_over_devices` does, the CPU included. Every weight must stay resident on a
+    device, since edits change weights in place: a map that offloads weights is refused.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -231,7 +232,9 @@ def load(
             f"device_map: give either device ({device!r}) or device_map ({device_map!r}), not both"
         )
     target = None if device is None else check_device(device)
-    placement = {} if device_map is None else {"device_map": _check_device_map(device_map)}
+    if device_map is not None:
+        _check_device_map(device_map)
+    placement = {"device_map": device_map} if isinstance(device_map, str) else {}
     source = resolve_model_path(name_or_path)
     try:
         # A bundled model loads in a blink: its "Loading weights" bar would only be noise.
@@ -246,6 +249,8 @@ def load(
         ) from error
     if target is not None:
         model.to(target)
+    if isinstance(device_map, dict):
+        split_over_devices(model, device_map)
     _check_resident(model, device_map)
     lm = LM(model=model, tokenizer=tokenizer, name=name_or_path, recipe=_zoo_recipe(source))
     _ = lm.fingerprint
@@ -263,9 +268,7 @@ def _check_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
-def _check_device_map(
-    device_map: str | dict[str, str | int | torch.device],
-) -> str | dict[str, str | int | torch.device]:
+def _check_device_map(device_map: str | dict[str, str | int | torch.device]) -> None:
     """`device_map` checked: a strategy name or a {module: device} dict of devices this machine
     has; accelerate must be installed."""
     import importlib.util
@@ -302,7 +305,35 @@ def _check_device_map(
             "device_map: splitting a model over devices needs accelerate; "
             "run `pip install accelerate` (or `pip install 'kedit[big]'`)"
         )
-    return device_map
+
+
+def split_over_devices(
+    model: nn.Module, device_map: dict[str, str | int | torch.device]
+) -> nn.Module:
+    """Put each module named in `device_map` on its device and add accelerate's hooks, which
+    move activations from device to device (a forward pass returns on its inputs' device).
+
+    Modules mapped to 'cpu' run on the CPU with their weights there, also next to GPUs (loading
+    with transformers' device_map would offload them, out of an edit's reach). Returns `model`.
+    """
+    _check_device_map(device_map)
+    if not isinstance(device_map, dict):
+        raise ValueError(f"device_map: expected a {{module: device}} dict, got {device_map!r}")
+    from accelerate import dispatch_model
+
+    # accelerate warns of weights "offloaded to the cpu" whenever the map names the CPU; with
+    # the CPU as main device nothing is offloaded (`_check_resident` checks it).
+    accelerate_log = logging.getLogger("accelerate.big_modeling")
+    level = accelerate_log.level
+    accelerate_log.setLevel(logging.ERROR)
+    try:
+        dispatch_model(model, device_map=device_map, main_device="cpu", force_hooks=True)
+    except ValueError as error:
+        raise ValueError(f"device_map: {error}") from error
+    finally:
+        accelerate_log.setLevel(level)
+    _check_resident(model, device_map)
+    return model
 
 
 def _check_resident(model: nn.Module, device_map: object) -> None:
