@@ -141,22 +141,23 @@ def fine_tune(
     for p in frozen:
         p.requires_grad_(False)
     optimizer = torch.optim.Adam(masters, lr=hparams.lr, weight_decay=hparams.weight_decay)
-    step, worst = 0, float("inf")
+    step, worst = 0, float("nan")
     try:
         with start_at_block(model, layout.blocks, layers[0], lambda: hidden[current["batch"]]):
             for step in range(hparams.steps + 1):
                 for p in params:
                     p.grad = None
-                worst, last = float("-inf"), None
+                maxima, last = [], None
                 for index, (batch, share) in enumerate(zip(batches, shares, strict=True)):
                     current["batch"] = index
                     nll = _target_nll(model, batch)
-                    worst = max(worst, float(nll.detach().max()))
+                    maxima.append(nll.detach().max())
                     last = nll.mean() * share
                     # The last batch's backward waits for the stopping rule; earlier ones free
                     # their activations now.
                     if index + 1 < len(batches) and step < hparams.steps:
                         last.backward()
+                worst = float(torch.stack(maxima).max())  # a NaN stays NaN: it never stops
                 if step == hparams.steps or worst < hparams.stop_nll:
                     break
                 last.backward()
