@@ -316,9 +316,9 @@ def split_over_devices(
     Modules mapped to 'cpu' run on the CPU with their weights there, also next to GPUs (loading
     with transformers' device_map would offload them, out of an edit's reach). Returns `model`.
     """
-    _check_device_map(device_map)
     if not isinstance(device_map, dict):
         raise ValueError(f"device_map: expected a {{module: device}} dict, got {device_map!r}")
+    _check_device_map(device_map)
     from accelerate import dispatch_model
 
     # accelerate warns of weights "offloaded to the cpu" whenever the map names the CPU; with
@@ -326,8 +326,10 @@ def split_over_devices(
     accelerate_log = logging.getLogger("accelerate.big_modeling")
     level = accelerate_log.level
     accelerate_log.setLevel(logging.ERROR)
+    # The KV cache stays where each layer keeps it (transformers names it in the skip keys).
+    skip_keys = getattr(model, "_skip_keys_device_placement", None)
     try:
-        dispatch_model(model, device_map=device_map, main_device="cpu", force_hooks=True)
+        dispatch_model(model, device_map, main_device="cpu", skip_keys=skip_keys, force_hooks=True)
     except ValueError as error:
         raise ValueError(f"device_map: {error}") from error
     finally:

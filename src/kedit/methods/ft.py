@@ -78,9 +78,10 @@ def _rows(lm: LM, request: EditRequest, last_token: bool) -> tuple[list[int], li
     return row, list(range(len(prompt_ids) - 1, len(row))), target_ids
 
 
-def _batch(lm: LM, requests: list[EditRequest], last_token: bool) -> _Batch:
-    rows, positions, targets = zip(*(_rows(lm, r, last_token) for r in requests), strict=True)
-    ids, mask = lm.pad(list(rows))
+def _batch(lm: LM, rows: list[tuple[list[int], list[int], list[int]]]) -> _Batch:
+    """The batch of some requests' `_rows`."""
+    ids, mask = lm.pad([row for row, _, _ in rows])
+    positions, targets = [p for _, p, _ in rows], [t for _, _, t in rows]
     width = max(len(t) for t in targets)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     tgt = torch.zeros((len(rows), width), dtype=torch.long)
@@ -122,9 +123,9 @@ def fine_tune(
     originals = [p.detach().clone() for p in params]
     masters = [p.detach().float().clone() for p in params]
     budget = hparams.batch_tokens or backward_tokens(lm, layers[0])
-    sizes = [len(_rows(lm, request, last_token)[0]) for request in requests]
-    chunks = list(token_chunks(requests, sizes, budget))
-    batches = [_batch(lm, chunk, last_token) for chunk in chunks]
+    rows = [_rows(lm, request, last_token) for request in requests]
+    chunks = list(token_chunks(rows, [len(row) for row, _, _ in rows], budget))
+    batches = [_batch(lm, chunk) for chunk in chunks]
     shares = [len(chunk) / len(requests) for chunk in chunks]
 
     first_block = layout.block(layers[0])
