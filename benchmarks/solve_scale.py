@@ -2,7 +2,7 @@
 
 `direct` solves the in × in system λC + KᵀK for every edit, as MEMIT's and EasyEdit's code do;
 `through_cholesky` uses C's Cholesky factor, which kedit keeps per model and layer, and solves
-an n × n system (the push-through identity, `kedit.methods.memit.least_squares_update`). C is a
+an n × n system (the push-through identity, `kedit.methods._spread.least_squares_update`). C is a
 synthetic well-conditioned second moment; the time of the factor itself, paid once per model
 and layer, is reported apart. Float64, as kedit solves; each time is the fastest of `--repeats`
 runs.
@@ -18,7 +18,7 @@ import time
 def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
-    from kedit.methods.memit import least_squares_update
+    from kedit.methods._spread import least_squares_update
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--widths", type=int, nargs="+", default=[1024, 4096])

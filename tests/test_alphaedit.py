@@ -5,8 +5,8 @@ import kedit
 from kedit.hooks import capture, stop_after
 from kedit.methods import alphaedit as alphaedit_module
 from kedit.methods._locate import context_prefixes, layer_second_moment
+from kedit.methods._spread import mean_keys
 from kedit.methods.alphaedit import AlphaEditState, null_space_projection, null_space_update
-from kedit.methods.memit import mean_keys
 from kedit.methods.registry import resolve_hparams
 from kedit.zoo import CORPUS_FILE
 

@@ -5,9 +5,9 @@ import torch
 from test_rome import plain_at_edited_token
 
 import kedit
-from kedit.methods import memit as memit_module
+from kedit.methods import _spread
 from kedit.methods._locate import context_prefixes, layer_second_moment, optimize_values
-from kedit.methods.memit import least_squares_update
+from kedit.methods._spread import least_squares_update
 from kedit.methods.registry import resolve_hparams
 
 
@@ -110,7 +110,7 @@ def test_every_layers_statistics_are_those_of_the_unedited_model(tiny_gpt2, monk
         fetched.append((layer, all(torch.equal(unedited[n], now[n]) for n in unedited)))
         return layer_second_moment(lm, hparams, layer)
 
-    monkeypatch.setattr(memit_module, "layer_second_moment", recording)
+    monkeypatch.setattr(_spread, "layer_second_moment", recording)
     hparams = {"layers": [0, 1], "v_steps": 2}
     kedit.edit(lm, _requests(2), method=method, hparams=hparams).undo()
     assert sorted(fetched) == [(0, True), (1, True)]

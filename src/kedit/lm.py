@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import hashlib
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -26,6 +27,13 @@ SAMPLED_BYTES_PER_TENSOR = 2**16
 SINGLE_THREAD_MAX_PARAMS = 50_000_000
 THREADS_VARIABLE = "KEDIT_THREADS"
 HUB_PROBE_TIMEOUT_S = 3.0
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass(eq=False)
@@ -54,7 +62,14 @@ class LM:
 
     @property
     def device(self) -> torch.device:
+        """Where the model takes its inputs: its first parameter's device (the embeddings' on a
+        model split over devices by `device_map`)."""
         return next(self.model.parameters()).device
+
+    def device_of(self, module: str) -> torch.device:
+        """Where the named module's parameters live: on a model split over devices, a layer's
+        keys, statistics and updates belong there."""
+        return next(self.model.get_submodule(module).parameters()).device
 
     @property
     def n_layers(self) -> int:
@@ -242,23 +257,36 @@ def load(
     name_or_path: str,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, str | int | torch.device] | None = None,
 ) -> LM:
     """Load a bundled model (`kedit zoo list`), a local Hugging Face folder or a hub id.
 
+    `dtype` is the weights' dtype (float32 by default; 'bfloat16' or 'float16' halve a big
+    model's memory: methods still solve and optimise in float32/float64 and write back in this
+    dtype). `device` puts the whole model on one device. `device_map` splits it over devices
+    with accelerate (`pip install accelerate`): 'auto', 'balanced', 'balanced_low_0' or
+    'sequential' let transformers spread it over the GPUs; a {module: device} dict places each
+    module as `split_over_devices` does, the CPU included. Every weight must stay resident on a
+    device, since edits change weights in place: a map that offloads weights is refused.
     Small models on the CPU run single-threaded afterwards unless $KEDIT_THREADS says otherwise
-    (`configure_threads`)."""
+    (`configure_threads`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kedit import zoo
 
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"model: expected a model name, folder or hub id, got {name_or_path!r}")
-    source = resolve_model_path(name_or_path)
+    torch_dtype = _check_dtype(dtype)
+    if device is not None and device_map is not None:
+        raise ValueError(
+            f"device_map: give either device ({device!r}) or device_map ({device_map!r}), not both"
+        )
     target = None if device is None else check_device(device)
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype: {dtype!r} is not a torch dtype (e.g. 'float32')")
-        dtype = getattr(torch, dtype)
+    if device_map is not None:
+        _check_device_map(device_map)
+    placement = {"device_map": device_map} if isinstance(device_map, str) else {}
+    source = resolve_model_path(name_or_path)
     # A hub id with the hub out of reach is looked up in the local cache only.
     local_only = not Path(source).is_dir() and not hub_reachable()
     try:
@@ -266,7 +294,7 @@ def load(
         bundled = Path(source).parent == zoo.MODELS_DIR
         with _no_progress_bar() if bundled else contextlib.nullcontext():
             model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype or torch.float32, local_files_only=local_only
+                source, dtype=torch_dtype, local_files_only=local_only, **placement
             )
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except OSError as error:
@@ -281,10 +309,107 @@ def load(
         ) from error
     if target is not None:
         model.to(target)
+    if isinstance(device_map, dict):
+        split_over_devices(model, device_map)
+    _check_resident(model, device_map)
     configure_threads(model)
     lm = LM(model=model, tokenizer=tokenizer, name=name_or_path, recipe=_zoo_recipe(source))
     _ = lm.fingerprint
     return lm
+
+
+def _check_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """`dtype` as a torch floating dtype (float32 when None); a ValueError naming the choices."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def _check_device_map(device_map: str | dict[str, str | int | torch.device]) -> None:
+    """`device_map` checked: a strategy name or a {module: device} dict of devices this machine
+    has; accelerate must be installed."""
+    import importlib.util
+
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ValueError(
+                f"device_map: expected one of {', '.join(DEVICE_MAP_STRATEGIES)} or a "
+                f"{{module: device}} dict, got {device_map!r}"
+            )
+    elif isinstance(device_map, dict) and device_map:
+        for module, place in device_map.items():
+            if not isinstance(module, str):
+                raise ValueError(f"device_map: module names must be strings, got {module!r}")
+            if isinstance(place, str) and place == "disk":
+                raise ValueError(
+                    f"device_map: {module!r} is mapped to 'disk'; kedit edits weights in place, "
+                    "so every weight must live on a device (cpu or a GPU)"
+                )
+            try:
+                check_device(f"cuda:{place}" if isinstance(place, int) else place)
+            except ValueError as error:
+                raise ValueError(
+                    f"device_map: module {module!r} mapped to {place!r}: "
+                    f"{str(error).removeprefix('device: ')}"
+                ) from error
+    else:
+        raise ValueError(
+            f"device_map: expected one of {', '.join(DEVICE_MAP_STRATEGIES)} or a non-empty "
+            f"{{module: device}} dict, got {device_map!r}"
+        )
+    if importlib.util.find_spec("accelerate") is None:
+        raise ImportError(
+            "device_map: splitting a model over devices needs accelerate; "
+            "run `pip install accelerate` (or `pip install 'kedit[big]'`)"
+        )
+
+
+def split_over_devices(
+    model: nn.Module, device_map: dict[str, str | int | torch.device]
+) -> nn.Module:
+    """Put each module named in `device_map` on its device and add accelerate's hooks, which
+    move activations from device to device (a forward pass returns on its inputs' device).
+
+    Modules mapped to 'cpu' run on the CPU with their weights there, also next to GPUs (loading
+    with transformers' device_map would offload them, out of an edit's reach). Returns `model`.
+    """
+    if not isinstance(device_map, dict):
+        raise ValueError(f"device_map: expected a {{module: device}} dict, got {device_map!r}")
+    _check_device_map(device_map)
+    from accelerate import dispatch_model
+
+    # accelerate warns of weights "offloaded to the cpu" whenever the map names the CPU; with
+    # the CPU as main device nothing is offloaded (`_check_resident` checks it).
+    accelerate_log = logging.getLogger("accelerate.big_modeling")
+    level = accelerate_log.level
+    accelerate_log.setLevel(logging.ERROR)
+    # The KV cache stays where each layer keeps it (transformers names it in the skip keys).
+    skip_keys = getattr(model, "_skip_keys_device_placement", None)
+    try:
+        dispatch_model(model, device_map, main_device="cpu", skip_keys=skip_keys, force_hooks=True)
+    except ValueError as error:
+        raise ValueError(f"device_map: {error}") from error
+    finally:
+        accelerate_log.setLevel(level)
+    _check_resident(model, device_map)
+    return model
+
+
+def _check_resident(model: nn.Module, device_map: object) -> None:
+    """Refuse a model whose weights accelerate offloaded (left on the meta device and loaded
+    per forward pass): an edit could not change them."""
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"device_map: {device_map!r} offloads {len(offloaded)} weights (e.g. "
+            f"{offloaded[0]!r}) to the CPU or disk, which kedit cannot edit in place; give the "
+            "GPUs more room (a device_map over GPUs only, or transformers' max_memory) or load "
+            "on one device"
+        )
 
 
 @torch.no_grad()

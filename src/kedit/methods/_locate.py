@@ -8,6 +8,8 @@ last); a value v is that projection's output there.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 
 from kedit.hooks import capture, hooks, replace_output, start_at_block, stop_after
 from kedit.lm import LM
+from kedit.methods._memory import backward_tokens, token_chunks
 from kedit.methods.registry import HyperParams, hp
 from kedit.requests import EditRequest
 from kedit.stats import note_use, second_moment, statistics_record
@@ -89,8 +92,10 @@ class LocateHyperParams(HyperParams):
         "'last' (the prompt's last token, where models that read the subject from the "
         "prediction position hold the fact).",
     )
-    v_batch_tokens: int = hp(
-        4096, "Token budget of one value-optimisation batch (requests are optimised together)."
+    v_batch_tokens: int | None = hp(
+        None,
+        "Token budget of one value-optimisation batch (requests are optimised together); None:"
+        " what fits the device, at most 4096 (kedit.methods._memory).",
     )
 
     ALIASES = {
@@ -120,7 +125,7 @@ class LocateHyperParams(HyperParams):
             raise ValueError(f"v_patience: expected an integer >= 0, got {self.v_patience!r}")
         for name in ("v_steps", "mom2_n_samples", "mom2_max_length", "v_batch_tokens"):
             value = getattr(self, name)
-            if value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if not self.v_first_step >= 0:
             raise ValueError(f"v_first_step: expected a number >= 0, got {self.v_first_step!r}")
@@ -143,10 +148,12 @@ class LocateHyperParams(HyperParams):
 
 
 def layer_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> torch.Tensor:
-    """C = E[k kᵀ] of a layer's keys in float64, kept on `lm.cache` after the first use."""
+    """C = E[k kᵀ] of a layer's keys in float64 on the layer's device, kept on `lm.cache` after
+    the first use."""
     key = ("mom2", layer, hparams.stats_key())
     if key not in lm.cache:
-        lm.cache[key] = second_moment(lm, layer, **hparams.stats_settings()).double()
+        moment = second_moment(lm, layer, **hparams.stats_settings())
+        lm.cache[key] = moment.to(lm.device_of(lm.layout.mlp_out_name(layer)), torch.float64)
     note_statistics(lm, hparams, layer)
     return lm.cache[key]
 
@@ -243,7 +250,8 @@ def keys_at_lookup(
     with capture(lm.model, [name], "input") as keys, capture(lm.model, [name]) as outs:
         with stop_after(lm.model, name):
             lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    rows = torch.arange(len(texts))
+    device = keys[name].device
+    rows, positions = torch.arange(len(texts), device=device), positions.to(device)
     return keys[name][rows, positions].float(), outs[name][rows, positions].float()
 
 
@@ -294,23 +302,19 @@ def optimize_values(
     once its worst prompt's NLL has not reached a new low for that many steps.
 
     The requests are optimised together, each with its own deltas (the losses are summed, so
-    the gradients do not mix), in chunks of about `v_batch_tokens` tokens. Nothing before the
-    edited token depends on a delta: those positions run once and are fed to every
-    step as cached keys and values, and so do the blocks below `layer` for the others.
+    the gradients do not mix), in chunks of about `v_batch_tokens` tokens (None: what fits the
+    device, `kedit.methods._memory`). Nothing before the edited token depends on a delta: those
+    positions run once and are fed to every step as cached keys and values, and so do the
+    blocks below `layer` for the others.
     """
+    budget = hparams.v_batch_tokens or backward_tokens(lm, layer)
+    tokens = [
+        (len(prefixes) + 1) * len(lm.encode_prompt(prefixes[-1] + request.text))
+        for request in requests
+    ]
     results: list[list[ValueResult]] = []
-    chunk: list[EditRequest] = []
-    chunk_tokens = 0
-    for request in requests:
-        tokens = (len(prefixes) + 1) * len(lm.encode_prompt(prefixes[-1] + request.text))
-        if chunk and chunk_tokens + tokens > hparams.v_batch_tokens:
-            results.extend(
-                _optimize_chunk(lm, chunk, layer, prefixes, hparams, sites, essence_prompt)
-            )
-            chunk, chunk_tokens = [], 0
-        chunk.append(request)
-        chunk_tokens += tokens
-    results.extend(_optimize_chunk(lm, chunk, layer, prefixes, hparams, sites, essence_prompt))
+    for chunk in token_chunks(requests, tokens, budget):
+        results.extend(_optimize_chunk(lm, chunk, layer, prefixes, hparams, sites, essence_prompt))
     return results
 
 
@@ -471,139 +475,239 @@ def _optimize_chunk(
     essence_prompt: str,
 ) -> list[list[ValueResult]]:
     """`optimize_values` for requests that fit in one batch."""
-    from transformers import DynamicCache
-
-    model, layout = lm.model, lm.layout
     batch = _ValueBatch.build(lm, requests, prefixes, essence_prompt, hparams.fact_token)
-    n_rows = len(batch.owner)
-    cache_argument = _cache_argument(model)
-    context: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    with torch.no_grad():
-        if batch.context_ids.shape[1]:
-            positions = (batch.context_mask.cumsum(1) - 1).clamp(min=0)
+    return _ValueSearch(lm, batch, len(requests), layer, sites, hparams).run()
+
+
+class _ValueSearch:
+    """The value optimisation of one batch of requests (ROME Eq. 4), in the order it runs.
+
+    Once: `_run_context` runs the positions before each row's edited token (no delta reaches
+    them through causal attention) and keeps their keys and values; `_run_below` runs the blocks
+    below the edited layer (no delta reaches them either) and keeps their output, the edited
+    block's input, and v₀, each site's unedited output at the edited token.
+    Then each step: `_forward` runs the unfinished requests' rows from the edited block on with
+    the deltas added at the sites (`_editing`), `_stop` ends the requests that meet the stopping
+    rule, `_loss` sums ROME Eq. 4's terms over the others, `_descend` takes one step (a first
+    step along the gradient's sign, then Adam) and `_clamp` bounds each delta's norm.
+    """
+
+    def __init__(
+        self,
+        lm: LM,
+        batch: _ValueBatch,
+        n_requests: int,
+        layer: int,
+        sites: list[str],
+        hparams: LocateHyperParams,
+    ) -> None:
+        self.lm, self.batch, self.n_requests = lm, batch, n_requests
+        self.layer, self.sites, self.hparams = layer, sites, hparams
+        device = lm.device
+        self.all_rows = torch.arange(len(batch.owner), device=device)
+        self.rows = self.all_rows  # the rows of the current forward pass, read by the hooks
+        self.context = self._run_context()
+        self.hidden, self.initial = self._run_below()
+        self.deltas = [torch.zeros_like(start, requires_grad=True) for start in self.initial]
+        self.optimizer = torch.optim.Adam(self.deltas, lr=hparams.v_lr)
+        self.max_norms = [hparams.clamp_norm_factor * start.norm(dim=1) for start in self.initial]
+        self.reference: torch.Tensor | None = None  # the unedited essence distributions
+        self.active = torch.ones(n_requests, dtype=torch.bool, device=device)
+        self.lowest = torch.full((n_requests,), float("inf"), device=device)
+        self.stale = torch.zeros(n_requests, dtype=torch.long, device=device)
+        self.done: list[tuple[int, float] | None] = [None] * n_requests
+
+    def run(self) -> list[list[ValueResult]]:
+        """Optimise until every request has stopped; one `ValueResult` per request and site."""
+        batch = self.batch
+        with self._editing():
+            for step in range(self.hparams.v_steps + 1):
+                self.rows = self.all_rows[self.active[batch.owner]]
+                logits = self._forward(self.rows)
+                nll_mean, nll_max, most_probable = batch.target_nll(
+                    logits, self.rows, self.n_requests
+                )
+                essence_logp, essence_owners = batch.essence_logp(logits, self.rows)
+                if self.reference is None:  # step 0 runs with zero deltas: the unedited model
+                    self.reference = torch.zeros(
+                        self.n_requests, essence_logp.shape[1], device=essence_logp.device
+                    )
+                    self.reference[essence_owners] = essence_logp.detach()
+                if self._stop(step, nll_mean, nll_max, most_probable):
+                    break
+                self._descend(self._loss(nll_mean, essence_logp, essence_owners), step)
+                self._clamp()
+        return [
+            [
+                ValueResult(delta[r].detach(), start[r], self.done[r][0], self.done[r][1])
+                for delta, start in zip(self.deltas, self.initial, strict=True)
+            ]
+            for r in range(self.n_requests)
+        ]
+
+    def _run_context(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per layer, the keys and values of the positions before each row's edited token
+        (None where no row has any)."""
+        batch = self.batch
+        if not batch.context_ids.shape[1]:
+            return None
+        with torch.no_grad():
             # Only the KV cache is needed: the base model skips the unembedding.
-            out = model.base_model(
+            out = self.lm.model.base_model(
                 input_ids=batch.context_ids,
                 attention_mask=batch.context_mask,
-                position_ids=positions,
+                position_ids=(batch.context_mask.cumsum(1) - 1).clamp(min=0),
                 use_cache=True,
             )
-            context = _cache_tensors(out)
+        return _cache_tensors(out)
 
-    def forward(rows: torch.Tensor) -> torch.Tensor:
-        cache = None
+    def _run_below(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The edited block's input for every row, and each site's unedited output v₀ at the
+        edited token of each request's first (bare) prompt (n_requests × width, float32)."""
+        block, batch = self.lm.layout.block(self.layer), self.batch
+        model = self.lm.model
+        with torch.no_grad(), capture(model, [block], "input") as seen:
+            with capture(model, self.sites) as out, stop_after(model, block):
+                self._forward(self.all_rows)
+        first_rows = torch.tensor(
+            [int((batch.owner == r).nonzero()[0]) for r in range(self.n_requests)],
+            device=batch.owner.device,
+        )
+        initial = []
+        for site in self.sites:
+            output = out[site]
+            rows = first_rows.to(output.device)
+            initial.append(output[rows, batch.at[first_rows].to(output.device)].float())
+        return seen[block], initial
+
+    def _forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits of the suffixes of `rows`, after the cached context."""
+        from transformers import DynamicCache
+
+        batch, cache = self.batch, None
         mask = batch.suffix_mask[rows]
-        if context is not None:
-            cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in context])
+        if self.context is not None:
+            cache = DynamicCache(
+                ddp_cache_data=[
+                    (keys[rows.to(keys.device)], values[rows.to(values.device)])
+                    for keys, values in self.context
+                ]
+            )
             mask = torch.cat([batch.context_mask[rows], mask], dim=1)
+        model = self.lm.model
         return model(
             input_ids=batch.suffix_ids[rows],
             attention_mask=mask,
             position_ids=batch.suffix_positions[rows],
             use_cache=cache is not None,
-            **{cache_argument: cache},
+            **{_cache_argument(model): cache},
         ).logits
 
-    block = layout.block(layer)
-    all_rows = torch.arange(n_rows, device=lm.device)
-    with torch.no_grad(), capture(model, [block], "input") as seen, capture(model, sites) as out:
-        with stop_after(model, block):
-            forward(all_rows)
-    hidden = seen[block]
-    # The unedited output of each site at the edited token of each request's first (bare) prompt.
-    first_rows = torch.tensor(
-        [int((batch.owner == r).nonzero()[0]) for r in range(len(requests))], device=lm.device
-    )
-    initial = [out[site][first_rows, batch.at[first_rows]].float() for site in sites]
+    @contextmanager
+    def _editing(self) -> Iterator[None]:
+        """Inside: forward passes start at the edited block from `hidden` (the blocks below are
+        left out), each site's output gets its request's delta at the edited token, and the
+        model's parameters take no gradient."""
+        model, layout = self.lm.model, self.lm.layout
+        needs_grad = [p for p in model.parameters() if p.requires_grad]
+        for p in needs_grad:
+            p.requires_grad_(False)
+        # Site hooks go in before the blocks below `layer` are cut out, which renumbers the
+        # blocks: a module path resolved afterwards would name a deeper block.
+        site_hooks = [
+            replace_output(model, site, self._add_delta(delta))
+            for site, delta in zip(self.sites, self.deltas, strict=True)
+        ]
+        hidden = self.hidden
+        starting = start_at_block(
+            model, layout.blocks, self.layer, lambda: hidden[self.rows.to(hidden.device)]
+        )
+        try:
+            with hooks(*site_hooks, starting):
+                yield
+        finally:
+            for p in needs_grad:
+                p.requires_grad_(True)
 
-    deltas = [torch.zeros_like(start, requires_grad=True) for start in initial]
-    optimizer = torch.optim.Adam(deltas, lr=hparams.v_lr)
-    max_norms = [hparams.clamp_norm_factor * start.norm(dim=1) for start in initial]
-    essence_logp: torch.Tensor | None = None
-    device = lm.device
-    active = torch.ones(len(requests), dtype=torch.bool, device=device)
-    lowest = torch.full((len(requests),), float("inf"), device=device)
-    stale = torch.zeros(len(requests), dtype=torch.long, device=device)
-    done: list[tuple[int, float] | None] = [None] * len(requests)
+    def _add_delta(self, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A site hook: adds each row's request's `delta` at the row's edited token."""
+        batch = self.batch
 
-    current = {"rows": all_rows}  # the rows of this step's forward pass, read by the hooks
-
-    def adder(delta: torch.Tensor):
         def add_delta(output: torch.Tensor) -> torch.Tensor:
-            rows = current["rows"]
-            where = (torch.arange(len(rows), device=lm.device), batch.at[rows])
+            rows = self.rows
+            device = output.device
+            where = (torch.arange(len(rows), device=device), batch.at[rows].to(device))
             output = output.clone()
-            output[where] = output[where] + delta[batch.owner[rows]].to(output.dtype)
+            owners = batch.owner[rows].to(delta.device)
+            output[where] = output[where] + delta[owners].to(device, output.dtype)
             return output
 
         return add_delta
 
-    needs_grad = [p for p in model.parameters() if p.requires_grad]
-    for p in needs_grad:
-        p.requires_grad_(False)
-    # Site hooks go in before the blocks below `layer` are cut out, which renumbers the
-    # blocks: a module path resolved afterwards would name a deeper block.
-    site_hooks = [replace_output(model, s, adder(d)) for s, d in zip(sites, deltas, strict=True)]
-    starting = start_at_block(model, layout.blocks, layer, lambda: hidden[current["rows"]])
-    try:
-        with hooks(*site_hooks, starting):
-            for step in range(hparams.v_steps + 1):
-                rows = all_rows[active[batch.owner]]
-                current["rows"] = rows
-                logits = forward(rows)
-                nll_mean, nll_max, most_probable = batch.target_nll(logits, rows, len(requests))
-                logp, essence_owners = batch.essence_logp(logits, rows)
-                if essence_logp is None:
-                    essence_logp = torch.zeros(len(requests), logp.shape[1], device=device)
-                    essence_logp[essence_owners] = logp.detach()
-                # Decided on the device, read back once: one sync per step, not per request.
-                reached = (
-                    most_probable
-                    if hparams.v_stop == "most_probable"
-                    else nll_max < hparams.v_stop_nll
-                )
-                if hparams.v_patience:
-                    lower = nll_max < lowest
-                    lowest = torch.where(lower, nll_max, lowest)
-                    stale = torch.where(lower, 0, stale + 1)
-                    reached = reached | (stale >= hparams.v_patience)
-                finished = active.clone() if step == hparams.v_steps else active & reached
-                index = finished.nonzero().flatten()
-                for r, nll in zip(index.tolist(), nll_mean.detach()[index].tolist(), strict=True):
-                    done[r] = (step, nll)
-                active &= ~finished
-                if not active.any():
-                    break
-                kl_rows = (logp.exp() * (logp - essence_logp[essence_owners])).sum(1)
-                kl = (kl_rows * active[essence_owners]).sum()
-                decay = sum(
-                    delta_decay(d, start, hparams.v_weight_decay_form)[active].sum()
-                    for d, start in zip(deltas, initial, strict=True)
-                )
-                nll = (nll_mean * active).sum()
-                loss = nll + hparams.kl_factor * kl + hparams.v_weight_decay * decay
-                frozen = [d.detach()[~active].clone() for d in deltas]
-                optimizer.zero_grad()
-                loss.backward()
-                if step == 0 and hparams.v_first_step > 0:
-                    _first_step(deltas, initial, hparams.v_first_step)
-                else:
-                    optimizer.step()
-                with torch.no_grad():
-                    for delta, max_norm, kept in zip(deltas, max_norms, frozen, strict=True):
-                        delta[~active] = kept
-                        scale = (max_norm / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
-                        delta.mul_(scale[:, None])
-    finally:
-        for p in needs_grad:
-            p.requires_grad_(True)
-    return [
-        [
-            ValueResult(delta[r].detach(), start[r], done[r][0], done[r][1])
-            for delta, start in zip(deltas, initial, strict=True)
-        ]
-        for r in range(len(requests))
-    ]
+    def _stop(
+        self,
+        step: int,
+        nll_mean: torch.Tensor,
+        nll_max: torch.Tensor,
+        most_probable: torch.Tensor,
+    ) -> bool:
+        """End the requests that meet the stopping rule (`v_stop`, `v_patience`), or all at the
+        last step, recording their step and mean NLL; whether every request has ended."""
+        hparams = self.hparams
+        # Decided on the device, read back once: one sync per step, not per request.
+        if hparams.v_stop == "most_probable":
+            reached = most_probable
+        else:
+            reached = nll_max < hparams.v_stop_nll
+        if hparams.v_patience:
+            lower = nll_max < self.lowest
+            self.lowest = torch.where(lower, nll_max, self.lowest)
+            self.stale = torch.where(lower, 0, self.stale + 1)
+            reached = reached | (self.stale >= hparams.v_patience)
+        finished = self.active.clone() if step == hparams.v_steps else self.active & reached
+        index = finished.nonzero().flatten()
+        for r, nll in zip(index.tolist(), nll_mean.detach()[index].tolist(), strict=True):
+            self.done[r] = (step, nll)
+        self.active &= ~finished
+        return not self.active.any()
+
+    def _loss(
+        self, nll_mean: torch.Tensor, essence_logp: torch.Tensor, essence_owners: torch.Tensor
+    ) -> torch.Tensor:
+        """ROME Eq. 4 summed over the active requests (their gradients do not mix): mean target
+        NLL + kl_factor · KL(new ‖ old) on the essence prompt + v_weight_decay · decay."""
+        hparams, active = self.hparams, self.active
+        kl_rows = (essence_logp.exp() * (essence_logp - self.reference[essence_owners])).sum(1)
+        kl = (kl_rows * active[essence_owners]).sum()
+        decay = sum(
+            delta_decay(delta, start, hparams.v_weight_decay_form)[active.to(delta.device)].sum()
+            for delta, start in zip(self.deltas, self.initial, strict=True)
+        )
+        nll = (nll_mean * active).sum()
+        return nll + hparams.kl_factor * kl + hparams.v_weight_decay * decay.to(nll.device)
+
+    def _descend(self, loss: torch.Tensor, step: int) -> None:
+        """One step on the deltas: along the gradient's sign at step 0 with `v_first_step`,
+        else Adam's. Finished requests' deltas stay where they are (Adam's momentum would still
+        move them)."""
+        finished = [~self.active.to(delta.device) for delta in self.deltas]
+        kept = [d.detach()[f].clone() for d, f in zip(self.deltas, finished, strict=True)]
+        self.optimizer.zero_grad()
+        loss.backward()
+        if step == 0 and self.hparams.v_first_step > 0:
+            _first_step(self.deltas, self.initial, self.hparams.v_first_step)
+        else:
+            self.optimizer.step()
+        with torch.no_grad():
+            for delta, rows, value in zip(self.deltas, finished, kept, strict=True):
+                delta[rows] = value
+
+    @torch.no_grad()
+    def _clamp(self) -> None:
+        """Scale each delta down to at most clamp_norm_factor times its site's ‖v₀‖."""
+        for delta, max_norm in zip(self.deltas, self.max_norms, strict=True):
+            scale = (max_norm / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
+            delta.mul_(scale[:, None])
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ preserved keys' outputs do not move. The update solves (AlphaEdit Sec. 3.2, sequ
     ΔW = R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + α I)⁻¹          (column-per-fact notation)
 
 with K₁ the keys of this batch, R the residuals, and K_p the keys of the earlier edits of the
-same session, which keeps later updates off them. In the row-per-fact notation of memit.py
+same session, which keeps later updates off them. In the row-per-fact notation of MEMIT
 (K: n × in, R: n × out) this is ΔW = Rᵀ · K P ((KᵀK + K_pᵀK_p) P + α I)⁻¹, stored as those two
 factors. For α > 0 the right factor lies in the range of P, which is why ΔW K₀ ≈ 0.
 
@@ -35,7 +35,7 @@ import torch
 
 from kedit.lm import LM
 from kedit.methods._locate import LocateHyperParams, note_statistics
-from kedit.methods.memit import memit_targets, spread_over_layers
+from kedit.methods._spread import memit_targets, spread_over_layers
 from kedit.methods.registry import MethodResult, MethodState, hp, register
 from kedit.requests import EditRequest
 from kedit.stats import second_moment_eigh
@@ -109,9 +109,10 @@ class AlphaEditState(MethodState):
 
 
 def null_space_projection(lm: LM, hparams: AlphaEditHyperParams, layer: int) -> torch.Tensor:
-    """P = Û Ûᵀ over the eigenvectors Û of C with eigenvalue < threshold × the largest (in × in),
-    cached on `lm.cache` per layer, statistics and threshold (AlphaEdit Sec. 3.1); C's
-    decomposition is cached on disk beside C (`kedit.stats.second_moment_eigh`)."""
+    """P = Û Ûᵀ over the eigenvectors Û of C with eigenvalue < threshold × the largest (in × in,
+    float64, on the layer's device), cached on `lm.cache` per layer, statistics and threshold
+    (AlphaEdit Sec. 3.1); C's decomposition is cached on disk beside C
+    (`kedit.stats.second_moment_eigh`)."""
     threshold = hparams.nullspace_threshold
     key = ("alphaedit_projection", layer, hparams.stats_key(), threshold)
     if key not in lm.cache:
@@ -122,7 +123,8 @@ def null_space_projection(lm: LM, hparams: AlphaEditHyperParams, layer: int) -> 
                 f"nullspace_threshold: no eigenvalue of layer {layer}'s second moment is below "
                 f"{threshold} × the largest, so the null space is empty; raise the threshold"
             )
-        lm.cache[key] = kept @ kept.T
+        device = lm.device_of(lm.layout.mlp_out_name(layer))
+        lm.cache[key] = (kept @ kept.T).to(device, torch.float64)
     note_statistics(lm, hparams, layer)
     return lm.cache[key]
 
@@ -141,7 +143,7 @@ def null_space_update(
     symmetric. Without earlier edits and with fewer facts than key dimensions, the push-through
     identity (P KᵀK + α I)⁻¹ P Kᵀ = P Kᵀ (K P Kᵀ + α I)⁻¹ leaves an n × n system.
     """
-    keys, residuals = keys.double(), residuals.double()
+    keys, residuals = keys.to(projection.device, torch.float64), residuals.double()
     if earlier is None and len(keys) < projection.shape[0]:
         projected = keys @ projection
         gram = projected @ keys.T

@@ -10,7 +10,7 @@ ROME's rank-one update generalised to a batch, is (EMMET's batched solution, col
 
 Keys k_i are averaged over context prefixes and values v_i = W k_i + δ_i come from ROME's value
 optimisation at the MLP output (`optimize_values`), so V − W K is the batch of deltas. In the
-row-per-fact notation of memit.py (K: n × in, D: n × out) ΔW = Dᵀ (K C⁻¹ Kᵀ)⁻¹ K C⁻¹, stored as
+row-per-fact notation of MEMIT (K: n × in, D: n × out) ΔW = Dᵀ (K C⁻¹ Kᵀ)⁻¹ K C⁻¹, stored as
 those two factors. Two facts with (nearly) the same key and different values cannot both hold;
 `ridge` then adds ρ · mean(diag(K C⁻¹ Kᵀ)) to the diagonal and the constraints hold only
 approximately.
@@ -32,7 +32,7 @@ from kedit.methods._locate import (
     mlp_out_param,
     optimize_values,
 )
-from kedit.methods.memit import mean_keys
+from kedit.methods._spread import mean_keys
 from kedit.methods.registry import MethodResult, hp, register
 from kedit.requests import EditRequest
 

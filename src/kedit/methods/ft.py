@@ -17,6 +17,7 @@ import torch
 from kedit.edits import WeightDelta
 from kedit.hooks import capture, start_at_block, stop_after
 from kedit.lm import LM
+from kedit.methods._memory import backward_tokens, token_chunks
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 
@@ -29,6 +30,11 @@ class FTHyperParams(HyperParams):
     weight_decay: float = hp(0.0, "Adam weight decay.")
     norm_constraint: float | None = hp(None, "Keep each weight within this of its original value.")
     stop_nll: float = hp(0.05, "Stop once every request's mean target NLL is below this.")
+    batch_tokens: int | None = hp(
+        None,
+        "Token budget of one forward and backward pass; more requests accumulate gradients over"
+        " several (None: what fits the device, at most 4096; kedit.methods._memory).",
+    )
 
     ALIASES = {"num_steps": "steps"}
     # EasyEdit's FT files carry `kl_factor`, which its FT does not read either.
@@ -39,6 +45,10 @@ class FTHyperParams(HyperParams):
             raise ValueError("layers: expected at least one layer, got []")
         if self.steps < 1:
             raise ValueError(f"steps: expected a positive integer, got {self.steps!r}")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise ValueError(
+                f"batch_tokens: expected a positive integer or None, got {self.batch_tokens!r}"
+            )
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
         if self.norm_constraint is not None and not self.norm_constraint > 0:
@@ -47,19 +57,31 @@ class FTHyperParams(HyperParams):
             )
 
 
-def _batch(lm: LM, requests: list[EditRequest], last_token: bool):
-    """Token ids, and for each row the positions and ids of the target tokens to score."""
-    rows, positions, targets = [], [], []
-    for request in requests:
-        prompt_ids, target_ids = lm.encode_prompt(request.text), lm.encode(request.target_new)
-        if last_token:
-            rows.append(prompt_ids)
-            positions.append([len(prompt_ids) - 1] * len(target_ids))
-        else:
-            rows.append(prompt_ids + target_ids[:-1])
-            positions.append(list(range(len(prompt_ids) - 1, len(rows[-1]))))
-        targets.append(target_ids)
-    ids, mask = lm.pad(rows)
+@dataclass
+class _Batch:
+    """Token ids of some requests' rows, and for each row the positions and ids of the target
+    tokens to score."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor
+    valid: torch.Tensor
+
+
+def _rows(lm: LM, request: EditRequest, last_token: bool) -> tuple[list[int], list[int], list[int]]:
+    """A request's row of token ids, the positions that score the target, the target's ids."""
+    prompt_ids, target_ids = lm.encode_prompt(request.text), lm.encode(request.target_new)
+    if last_token:
+        return prompt_ids, [len(prompt_ids) - 1] * len(target_ids), target_ids
+    row = prompt_ids + target_ids[:-1]
+    return row, list(range(len(prompt_ids) - 1, len(row))), target_ids
+
+
+def _batch(lm: LM, rows: list[tuple[list[int], list[int], list[int]]]) -> _Batch:
+    """The batch of some requests' `_rows`."""
+    ids, mask = lm.pad([row for row, _, _ in rows])
+    positions, targets = [p for _, p, _ in rows], [t for _, _, t in rows]
     width = max(len(t) for t in targets)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     tgt = torch.zeros((len(rows), width), dtype=torch.long)
@@ -70,52 +92,80 @@ def _batch(lm: LM, requests: list[EditRequest], last_token: bool):
             torch.tensor(t),
             True,
         )
-    return ids, mask, pos.to(lm.device), tgt.to(lm.device), valid.to(lm.device)
+    return _Batch(ids, mask, pos.to(lm.device), tgt.to(lm.device), valid.to(lm.device))
+
+
+def _target_nll(model: torch.nn.Module, batch: _Batch) -> torch.Tensor:
+    """Each row's mean target-token NLL."""
+    logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
+    rows = torch.arange(len(batch.ids), device=logits.device)[:, None]
+    logp = torch.log_softmax(logits[rows, batch.positions.to(logits.device)].float(), dim=-1)
+    targets, valid = batch.targets.to(logp.device), batch.valid.to(logp.device)
+    token_logp = logp.gather(2, targets[..., None]).squeeze(-1) * valid
+    return -token_logp.sum(1) / valid.sum(1)
 
 
 def fine_tune(
     lm: LM, requests: list[EditRequest], hparams: FTHyperParams, last_token: bool
 ) -> MethodResult:
-    """Train the chosen projections; return their change as dense deltas (model unchanged)."""
+    """Train the chosen projections; return their change as dense deltas (model unchanged).
+
+    The loss is the mean over requests of each one's mean target NLL. The weights train as
+    float32 copies (mixed precision: the model runs in its own dtype, each step updates the
+    float32 copy with the model's gradient and writes it back), so that steps smaller than a
+    bfloat16 or float16 weight's resolution add up. Requests run in batches of about
+    `batch_tokens` tokens whose gradients add up to the whole batch's.
+    """
     model, layout = lm.model, lm.layout
     layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
     names = [f"{layout.mlp_out_name(layer)}.weight" for layer in layers]
     params = [model.get_parameter(name) for name in names]
     originals = [p.detach().clone() for p in params]
-    ids, mask, positions, targets, valid = _batch(lm, requests, last_token)
-    rows = torch.arange(len(requests), device=lm.device)[:, None]
+    masters = [p.detach().float().clone() for p in params]
+    budget = hparams.batch_tokens or backward_tokens(lm, layers[0])
+    rows = [_rows(lm, request, last_token) for request in requests]
+    chunks = list(token_chunks(rows, [len(row) for row, _, _ in rows], budget))
+    batches = [_batch(lm, chunk) for chunk in chunks]
+    shares = [len(chunk) / len(requests) for chunk in chunks]
 
     first_block = layout.block(layers[0])
-    with torch.no_grad(), capture(model, [first_block], "input") as seen:
-        with stop_after(model, first_block):
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    hidden = []  # each batch's input of the first trained block: the blocks below run once
+    for batch in batches:
+        with torch.no_grad(), capture(model, [first_block], "input") as seen:
+            with stop_after(model, first_block):
+                model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
+        hidden.append(seen[first_block])
+    current = {"batch": 0}  # the batch of the current forward pass
 
     trainable = {id(p) for p in params}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
     for p in frozen:
         p.requires_grad_(False)
-    optimizer = torch.optim.Adam(params, lr=hparams.lr, weight_decay=hparams.weight_decay)
-    step = 0
+    optimizer = torch.optim.Adam(masters, lr=hparams.lr, weight_decay=hparams.weight_decay)
+    step, worst = 0, float("nan")
     try:
-        with start_at_block(model, layout.blocks, layers[0], seen[first_block]):
+        with start_at_block(model, layout.blocks, layers[0], lambda: hidden[current["batch"]]):
             for step in range(hparams.steps + 1):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                logp = torch.log_softmax(logits[rows, positions].float(), dim=-1)
-                token_logp = logp.gather(2, targets[..., None]).squeeze(-1) * valid
-                nll = -token_logp.sum(1) / valid.sum(1)
-                if step == hparams.steps or float(nll.detach().max()) < hparams.stop_nll:
+                for p in params:
+                    p.grad = None
+                maxima, last = [], None
+                for index, (batch, share) in enumerate(zip(batches, shares, strict=True)):
+                    current["batch"] = index
+                    nll = _target_nll(model, batch)
+                    maxima.append(nll.detach().max())
+                    last = nll.mean() * share
+                    # The last batch's backward waits for the stopping rule; earlier ones free
+                    # their activations now.
+                    if index + 1 < len(batches) and step < hparams.steps:
+                        last.backward()
+                worst = float(torch.stack(maxima).max())  # a NaN stays NaN: it never stops
+                if step == hparams.steps or worst < hparams.stop_nll:
                     break
-                optimizer.zero_grad()
-                nll.mean().backward()
-                optimizer.step()
-                if hparams.norm_constraint is not None:
-                    with torch.no_grad():
-                        for p, original in zip(params, originals, strict=True):
-                            eps = hparams.norm_constraint
-                            p.copy_(torch.clamp(p, original - eps, original + eps))
+                last.backward()
+                _update(params, masters, originals, optimizer, hparams.norm_constraint)
         deltas = [
-            WeightDelta.from_dense(name, p.detach().float() - original.float())
-            for name, p, original in zip(names, params, originals, strict=True)
+            WeightDelta.from_dense(name, master - original.float())
+            for name, master, original in zip(names, masters, originals, strict=True)
         ]
     finally:
         for p in frozen:
@@ -123,7 +173,27 @@ def fine_tune(
         with torch.no_grad():
             for p, original in zip(params, originals, strict=True):
                 p.copy_(original)
-    return MethodResult(deltas, {"steps": step, "final_nll": float(nll.detach().max())})
+    return MethodResult(deltas, {"steps": step, "final_nll": worst})
+
+
+@torch.no_grad()
+def _update(
+    params: list[torch.Tensor],
+    masters: list[torch.Tensor],
+    originals: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    norm_constraint: float | None,
+) -> None:
+    """One Adam step on the float32 copies with the model's gradients, each copy kept within
+    `norm_constraint` of its original weight, then written back in the model's dtype."""
+    for p, master in zip(params, masters, strict=True):
+        master.grad = p.grad.float()
+    optimizer.step()
+    for p, master, original in zip(params, masters, originals, strict=True):
+        if norm_constraint is not None:
+            low, high = original.float() - norm_constraint, original.float() + norm_constraint
+            master.copy_(torch.clamp(master, low, high))
+        p.copy_(master)
 
 
 @register(

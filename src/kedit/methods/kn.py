@@ -115,12 +115,16 @@ def neuron_attributions(
     batch_ids, batch_mask = ids.repeat_interleave(steps, 0), mask.repeat_interleave(steps, 0)
     scores = []
     for layer, block, projection in zip(layers, blocks, projections, strict=True):
-        base = acts[projection][torch.arange(n_tokens), positions].float()
-        scaled = (alphas[:, None] * base.repeat_interleave(steps, 0)).requires_grad_()
+        device = acts[projection].device  # the layer's, on a model split over devices
+        base = acts[projection][torch.arange(n_tokens, device=device), positions.to(device)]
+        base = base.float()
+        scaled = alphas.to(device)[:, None] * base.repeat_interleave(steps, 0)
+        scaled.requires_grad_()
 
         def set_activation(value: torch.Tensor, scaled: torch.Tensor = scaled) -> torch.Tensor:
             value = value.clone()
-            value[batch, where] = scaled.to(value.dtype)
+            at = (batch.to(value.device), where.to(value.device))
+            value[at] = scaled.to(value.device, value.dtype)
             return value
 
         start = hidden[block].repeat_interleave(steps, 0)
@@ -133,11 +137,13 @@ def neuron_attributions(
                 stop_after(model, layout.final_norm),
             ):
                 model(input_ids=batch_ids, attention_mask=batch_mask, use_cache=False)
-            logits = unembed(normed[layout.final_norm][batch, where])
+            final = normed[layout.final_norm]
+            logits = unembed(final[batch.to(final.device), where.to(final.device)])
             probs = torch.softmax(logits.float(), dim=-1)
-            (grads,) = torch.autograd.grad(probs[batch, targets].sum(), scaled)
+            picked = probs[batch.to(probs.device), targets.to(probs.device)]
+            (grads,) = torch.autograd.grad(picked.sum(), scaled)
         riemann = grads.view(n_tokens, steps, -1).mean(dim=1)
-        scores.append((base * riemann).mean(dim=0))
+        scores.append((base * riemann).mean(dim=0).to(lm.device))
     return torch.stack(scores).detach()
 
 

@@ -26,8 +26,8 @@ import math
 from dataclasses import dataclass
 
 from kedit.lm import LM
-from kedit.methods.memit import (
-    MEMITHyperParams,
+from kedit.methods._spread import (
+    SpreadHyperParams,
     least_squares_solver,
     spread_over_layers,
     value_targets,
@@ -37,8 +37,10 @@ from kedit.requests import EditRequest
 
 
 @dataclass
-class PMETHyperParams(MEMITHyperParams):
-    IGNORED = MEMITHyperParams.IGNORED | {
+class PMETHyperParams(SpreadHyperParams):
+    """PMET's hyper-parameters: MEMIT's (the value optimisation's and the spread's)."""
+
+    IGNORED = SpreadHyperParams.IGNORED | {
         "rewrite_module_tmps",
         "layer_selection",
         "mom2_adjustment",
