@@ -384,6 +384,11 @@ def _check_int(name: str, value: object, least: int) -> None:
         raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
 
 
+def _layer_device(lm: LM, layer: int) -> torch.device:
+    """Where a layer's keys and statistics live (its MLP output projection's device)."""
+    return lm.device_of(lm.layout.mlp_out_name(layer))
+
+
 def _key_width(lm: LM, layer: int) -> int:
     """Width of a layer's keys: the input width of its MLP output projection."""
     weight = lm.model.get_submodule(lm.layout.mlp_out_name(layer)).weight
@@ -441,7 +446,7 @@ def second_moments(
             if _rank() == 0:
                 _save_entry(key, result[layer], {"tokens": tokens, "model": lm.name})
                 key.partial_path().unlink(missing_ok=True)
-    return {layer: result[layer].to(lm.device) for layer in layers}
+    return {layer: result[layer].to(_layer_device(lm, layer)) for layer in layers}
 
 
 def second_moment(lm: LM, layer: int, **kwargs: object) -> torch.Tensor:
@@ -503,7 +508,8 @@ def second_moment_eigh(
     if path.exists():
         tensors, meta = _read(path)
         if meta.get("moment_sha256") == digest:
-            return tensors["values"].to(lm.device), tensors["vectors"].to(lm.device)
+            device = _layer_device(lm, layer)
+            return tensors["values"].to(device), tensors["vectors"].to(device)
     values, vectors = torch.linalg.eigh(moment.double())
     if _rank() == 0:
         meta = {**asdict(key), "moment_sha256": digest}
@@ -556,7 +562,10 @@ def _collect(
     sums = {}
     for layer in keys:
         width = _key_width(lm, layer)
-        sums[layer] = partial.get(layer, torch.zeros(width, width)).to(lm.device, dtype)
+        # On a model split over devices each layer's sums stay where its keys arrive.
+        sums[layer] = partial.get(layer, torch.zeros(width, width)).to(
+            _layer_device(lm, layer), dtype
+        )
     count = torch.tensor(tokens, dtype=torch.int64, device=lm.device)
     lengths = [len(ids) for ids in encoded]
     if batch_tokens is None:  # measured now, with the sums already in memory
@@ -582,10 +591,10 @@ def _collect(
                     # A batch's Σ k kᵀ is one GEMM in at least float32 (in float64 it is 2x slower
                     # on CPUs, far more on most GPUs); the running sums, where the rounding of
                     # long sums accrues, are kept in `dtype`.
-                    k = seen[name][real]
+                    k = seen[name][real.to(seen[name].device)]
                     k = k.to(torch.promote_types(k.dtype, torch.float32))
                     sums[layer] += (k.T @ k).to(dtype)
-                count += real.sum()
+                count += real.sum().to(count.device)
             if checkpoint_every and step % checkpoint_every == 0 and end < len(encoded):
                 _checkpoint(lm, keys, sums, count, end)
             bar.advance(task, sum(lengths[begin:end]))
