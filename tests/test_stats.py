@@ -17,6 +17,7 @@ from kedit.stats import (
     DEFAULT_BATCH_TOKENS,
     REAL_TEXT_CORPUS,
     CorpusUnavailable,
+    _open_for,
     corpora_dir,
     default_corpus,
     fitting_batch_tokens,
@@ -516,3 +517,12 @@ def test_two_ranks_under_torchrun_match_one_process(model_dir, corpus, tmp_path,
     assert rows == []
     for layer in (0, 1):
         assert_same_moment(shared[layer], expected[layer])
+
+
+def test_easyedits_wikipedia_corpus_is_the_models_default(tiny_gpt2, caplog):
+    from kedit.methods.registry import resolve_hparams
+
+    params = resolve_hparams("rome", tiny_gpt2, {"mom2_dataset": "wikipedia"})
+    assert params.mom2_corpus is None  # the model's default: tinyworld for a bundled model
+    assert "Wikipedia 20200501.en" in caplog.text
+    assert _open_for(tiny_gpt2, params.mom2_corpus, 10).id.startswith("tinyworld")

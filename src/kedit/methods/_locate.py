@@ -8,6 +8,7 @@ last); a value v is that projection's output there.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from kedit.stats import note_use, second_moment, statistics_record
 
 DECAY_FORMS = ("squared", "easyedit")
 STOP_RULES = ("nll", "most_probable")
+EASYEDIT_CORPUS = "wikipedia"
+logger = logging.getLogger("kedit")
 FACT_TOKENS = ("subject_last", "last")
 
 
@@ -104,6 +107,23 @@ class LocateHyperParams(HyperParams):
         "context_template_length_params": "prefix_lengths",
     }
     IGNORED = HyperParams.IGNORED | {"v_loss_layer"}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], method: str = "") -> HyperParams:
+        """As `HyperParams.from_dict`; EasyEdit's and ROME's corpus name 'wikipedia' (Wikipedia
+        20200501.en through a `datasets` loading script that no longer runs) is read as the
+        model's default corpus, with a notice."""
+        for key in ("mom2_dataset", "mom2_corpus"):
+            if values.get(key) == EASYEDIT_CORPUS:
+                logger.warning(
+                    "kedit: %s %r (EasyEdit's Wikipedia 20200501.en, which `datasets` no longer "
+                    "loads) is read as the model's default corpus (Wikitext-103 for a model "
+                    "that is not bundled); import the exact statistics with `kedit stats import`",
+                    key,
+                    EASYEDIT_CORPUS,
+                )
+                values = {**values, key: None}
+        return super().from_dict(values, method)
 
     def validate(self) -> None:
         if not self.layers:
