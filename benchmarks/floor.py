@@ -247,7 +247,9 @@ def build_rows(lm, prefixes: Prefixes, request, fact_token: str) -> Rows:
         rest_pos[i, rest - (cut - common) :] = torch.arange(common, cut)
         suffix_ids[i, : len(row) - cut] = torch.tensor(row[cut:])
         suffix_valid[i, : len(row) - cut] = True
-    firsts = torch.tensor([len(p) - 1 - c for p, c in zip(prompts[:n_prompts], cuts, strict=True)])
+    firsts = torch.tensor(
+        [len(p) - 1 - c for p, c in zip(prompts[:n_prompts], cuts[:n_prompts], strict=True)]
+    )
     return Rows(
         prefix_of=torch.tensor(prefix_of),
         shared_valid=shared_valid,

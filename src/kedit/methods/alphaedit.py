@@ -170,7 +170,7 @@ def alphaedit(
     # Before any layer changes: the statistics must be those of the unedited layers.
     projections = {layer: null_space_projection(lm, hparams, layer) for layer in layers}
     earlier = state.earlier(lm, layers)
-    targets, steps = memit_targets(lm, requests, hparams, layers[-1])
+    targets = memit_targets(lm, requests, hparams)
     batch_keys: dict[int, torch.Tensor] = {}
 
     def solve(layer: int, residuals: torch.Tensor, keys: torch.Tensor):
@@ -180,6 +180,6 @@ def alphaedit(
         )
 
     deltas = spread_over_layers(lm, requests, hparams, targets, solve)
-    info = {"value_steps": steps, "earlier_keys": state.n_keys}
+    info = {"value_steps": targets.steps, "earlier_keys": state.n_keys}
     state.add(lm, batch_keys)
     return MethodResult(deltas, info)
