@@ -2,7 +2,6 @@ import pytest
 import torch
 
 import kedit
-from kedit.hooks import capture
 from kedit.methods._locate import (
     context_prefixes,
     delta_decay,
