@@ -11,12 +11,13 @@ alike (the largest absolute difference is reported).
 
 For each method, `--n` edits of the bundled benchmark run one by one, each made by kedit and by
 the floor back to back from the unedited model (which one goes first alternates); the medians
-and their ratio are reported. `--ops` also counts torch operations (aten calls, forward and
-backward) per value step and per edit, from edits with fixed steps (a stopping threshold no
-edit reaches) of S and 2S steps: per step = the difference / S, fixed = the rest. `--old SRC`
-times another kedit source tree (e.g. `git archive` of an older commit, unpacked) in
-subprocesses that alternate with this tree's, `--rounds` each, so that the machine's drift
-falls on both alike.
+and their ratio are reported, in wall time and in the thread's CPU time (on a shared machine
+the CPU time is the steadier: it leaves out the time other processes held the core). `--ops`
+also counts torch operations (aten calls, forward and backward) per value step and per edit,
+from edits with fixed steps (a stopping threshold no edit reaches) of S and 2S steps: per
+step = the difference / S, fixed = the rest. `--old SRC` times another kedit source tree
+(e.g. `git archive` of an older commit, unpacked) in subprocesses that alternate with this
+tree's, `--rounds` each, so that the machine's drift falls on both alike.
 
 Statistics, context prefixes and the floor's per-model work are prepared by an untimed warm-up
 edit of each kind first (kedit caches them per model too).
@@ -556,9 +557,9 @@ def kedit_steps(edit) -> int:
     return info["value_steps"][0] if "value_steps" in info else info["steps"]
 
 
-def compare_one(lm, floor: Floor, request, overrides: dict[str, Any], kedit_first: bool):
-    """One edit by kedit and by the floor: (kedit seconds, floor seconds, kedit steps, floor
-    steps, largest weight difference, largest weight change)."""
+def compare_one(lm, floor: Floor, request, overrides: dict[str, Any], kedit_first: bool) -> dict:
+    """One edit by kedit and by the floor, each from the unedited model: their wall and thread
+    CPU seconds, their steps, and how far apart their edited weights are."""
     import kedit
 
     model = lm.model
@@ -566,39 +567,36 @@ def compare_one(lm, floor: Floor, request, overrides: dict[str, Any], kedit_firs
     originals = {n: model.get_parameter(n).detach().clone() for n in names}
     out: dict[str, Any] = {}
 
+    def timed(who: str, run) -> Any:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        result = run()
+        out[f"{who}_cpu_s"] = time.thread_time() - cpu
+        out[f"{who}_s"] = time.perf_counter() - wall
+        out[f"{who}_w"] = {n: model.get_parameter(n).detach().clone() for n in names}
+        return result
+
     def by_kedit() -> None:
-        started = time.perf_counter()
-        edit = kedit.edit(lm, request, method=floor.method, hparams=overrides)
-        out["kedit_s"] = time.perf_counter() - started
+        edit = timed(
+            "kedit", lambda: kedit.edit(lm, request, method=floor.method, hparams=overrides)
+        )
         out["kedit_steps"] = kedit_steps(edit)
-        out["kedit_w"] = {n: model.get_parameter(n).detach().clone() for n in names}
         edit.undo()
 
     def by_floor() -> None:
-        started = time.perf_counter()
-        out["floor_steps"] = floor.edit(request)
-        out["floor_s"] = time.perf_counter() - started
-        out["floor_w"] = {n: model.get_parameter(n).detach().clone() for n in names}
+        out["floor_steps"] = timed("floor", lambda: floor.edit(request))
         with torch.no_grad():
             for n in names:
                 model.get_parameter(n).copy_(originals[n])
 
     for run in (by_kedit, by_floor) if kedit_first else (by_floor, by_kedit):
         run()
-    diffs = {n: out["kedit_w"][n] - out["floor_w"][n] for n in names}
-    changes = {n: out["kedit_w"][n] - originals[n] for n in names}
-    diff = max(float(d.abs().max()) for d in diffs.values())
-    change = max(float(c.abs().max()) for c in changes.values())
-    relative = max(float(diffs[n].norm() / changes[n].norm()) for n in names)
-    return (
-        out["kedit_s"],
-        out["floor_s"],
-        out["kedit_steps"],
-        out["floor_steps"],
-        diff,
-        change,
-        relative,
-    )
+    by_kedit_w, by_floor_w = out.pop("kedit_w"), out.pop("floor_w")
+    diffs = {n: by_kedit_w[n] - by_floor_w[n] for n in names}
+    changes = {n: by_floor_w[n] - originals[n] for n in names}
+    out["weight_diff"] = max(float(d.abs().max()) for d in diffs.values())
+    out["weight_change"] = max(float(c.abs().max()) for c in changes.values())
+    out["relative_weight_diff"] = max(float(diffs[n].norm() / changes[n].norm()) for n in names)
+    return out
 
 
 class CountOps(TorchDispatchMode):
@@ -659,20 +657,26 @@ def measure(model: str, methods: list[str], n: int, overrides: dict[str, Any], o
             compare_one(lm, floor, request, overrides, index % 2 == 0)
             for index, request in enumerate(requests[1:])
         ]
-        kedit_s, floor_s = [r[0] for r in rows], [r[1] for r in rows]
-        result = {
-            "method": method,
-            "edits": n,
-            "kedit_median_s": statistics.median(kedit_s),
-            "floor_median_s": statistics.median(floor_s),
-            "ratio": statistics.median(kedit_s) / statistics.median(floor_s),
-            "median_steps": statistics.median(r[2] for r in rows),
-            "same_steps": sum(r[2] == r[3] for r in rows),
-            "steps_kedit_floor": [[r[2], r[3]] for r in rows if r[2] != r[3]],
-            "max_weight_diff": max(r[4] for r in rows),
-            "max_weight_change": max(r[5] for r in rows),
-            "max_relative_weight_diff": max(r[6] for r in rows),
-        }
+        result: dict[str, Any] = {"method": method, "edits": n}
+        for clock in ("s", "cpu_s"):
+            kedit_t = statistics.median(r[f"kedit_{clock}"] for r in rows)
+            floor_t = statistics.median(r[f"floor_{clock}"] for r in rows)
+            result[f"kedit_median_{clock}"], result[f"floor_median_{clock}"] = kedit_t, floor_t
+            result["ratio" if clock == "s" else "ratio_cpu"] = kedit_t / floor_t
+        result.update(
+            {
+                "median_steps": statistics.median(r["kedit_steps"] for r in rows),
+                "same_steps": sum(r["kedit_steps"] == r["floor_steps"] for r in rows),
+                "steps_kedit_floor": [
+                    [r["kedit_steps"], r["floor_steps"]]
+                    for r in rows
+                    if r["kedit_steps"] != r["floor_steps"]
+                ],
+                "max_weight_diff": max(r["weight_diff"] for r in rows),
+                "max_weight_change": max(r["weight_change"] for r in rows),
+                "max_relative_weight_diff": max(r["relative_weight_diff"] for r in rows),
+            }
+        )
         if ops:
             result["ops"] = op_counts(lm, method, requests[1], overrides, 5)
         results.append(result)
@@ -708,9 +712,12 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"model": args.model, "rounds": args.rounds, "trees": trees, "runs": runs}
     report["summary"] = {
         name: {
-            method: statistics.median(
-                r["ratio"] for run in rs for r in run["results"] if r["method"] == method
-            )
+            method: {
+                key: statistics.median(
+                    r[key] for run in rs for r in run["results"] if r["method"] == method
+                )
+                for key in ("ratio", "ratio_cpu", "kedit_median_cpu_s", "floor_median_cpu_s")
+            }
             for method in args.methods
         }
         for name, rs in runs.items()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -477,7 +477,7 @@ class _Rows:
     ids: torch.Tensor
     mask: torch.Tensor  # [context | suffix]
     positions: torch.Tensor
-    context: list[tuple[torch.Tensor, torch.Tensor]] | None
+    context: _ContextCache | None  # None where no block runs or no row has a context
     start: torch.Tensor  # where the steps start: the edited block's output, or its input
     read: tuple[torch.Tensor, torch.Tensor]  # positions whose logits the losses read
     n_target_reads: int  # the first reads: each prompt row's target positions, then essences
@@ -523,15 +523,36 @@ def _cache_tensors(output: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
+class _ContextCache:
+    """A KV cache object that holds the context's keys and values (per layer) and hands them to
+    each pass afresh: a pass appends its own positions' keys and values to the cache it gets,
+    so before each one the layers are set back to the context's tensors (no copy)."""
+
+    def __init__(self, context: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        from transformers import DynamicCache
+
+        self.context = context
+        self.cache = DynamicCache(ddp_cache_data=context)
+
+    def fresh(self) -> Any:
+        layers = getattr(self.cache, "layers", None)
+        if layers is None:  # transformers before 4.56: lists of tensors
+            self.cache.key_cache[:] = [keys for keys, _ in self.context]
+            self.cache.value_cache[:] = [values for _, values in self.context]
+            return self.cache
+        for layer, (keys, values) in zip(layers, self.context, strict=True):
+            layer.keys, layer.values = keys, values
+        return self.cache
+
+
 class _ValueSearch:
     """The value optimisation of one batch of requests (ROME Eq. 4), in the order it runs.
 
-    Once: `_run_context` runs the positions before each row's edited token (no delta reaches
-    them through causal attention) and keeps their keys and values; `_run_below` runs the
-    blocks below the edited layer and the edited block (no delta reaches them either, up to the
-    sites) and keeps where the steps start: the edited block's output where the delta adds to
-    it, else its input; and v₀, each site's unedited output at the edited token of each
-    request's first (bare) prompt, and the keys asked for.
+    Once: `_run_first` runs the unedited model over every row and keeps what no delta reaches:
+    the keys and values of the positions before each row's edited token (causal attention
+    keeps a delta out of them) and where the steps start: the edited block's output where the
+    delta adds to it (`adds_to_block_output`), else its input; and v₀, each site's unedited
+    output at the edited token of each request's first (bare) prompt, and the keys asked for.
     Then each step: `_forward` adds the unfinished requests' deltas at the edited tokens and
     runs the blocks above (`_editing`, `kedit.methods._above`) to the log-probabilities the
     losses read, `_stop` ends the requests that meet the stopping rule, `_loss` sums ROME Eq.
@@ -554,11 +575,7 @@ class _ValueSearch:
         self.additive = len(sites) == 1 and adds_to_block_output(lm, layer, sites[0])
         self.above = Above(lm, layer + 1 if self.additive else layer)
         device = lm.device
-        self.context = self._run_context()
-        every_row = torch.arange(len(batch.owner), device=device)
-        self.current: _Rows | None = self._select_rows(every_row)  # the unfinished requests' rows
-        self.start, self.initial, self.keys = self._run_below(key_layers)
-        self.current.start = self.start
+        self.context, self.start, self.initial, self.keys = self._run_first(key_layers)
         self.deltas = [torch.zeros_like(start, requires_grad=True) for start in self.initial]
         self.optimizer = torch.optim.Adam(self.deltas, lr=hparams.v_lr)
         self.max_norms = [hparams.clamp_norm_factor * start.norm(dim=1) for start in self.initial]
@@ -567,6 +584,7 @@ class _ValueSearch:
         self.lowest = torch.full((n_requests,), float("inf"), device=device)
         self.stale = torch.zeros(n_requests, dtype=torch.long, device=device)
         self.done: list[tuple[int, float] | None] = [None] * n_requests
+        self.current: _Rows | None = self._select()  # the rows of the unfinished requests
 
     def run(self) -> list[list[ValueResult]]:
         """Optimise until every request has stopped; one `ValueResult` per request and site."""
@@ -601,70 +619,67 @@ class _ValueSearch:
             for r in range(self.n_requests)
         ]
 
-    def _run_context(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Per layer, the keys and values of the positions before each row's edited token
-        (None where no row has any)."""
-        batch = self.batch
-        if not batch.context_ids.shape[1]:
-            return None
-        with torch.no_grad():
-            # Only the KV cache is needed: the base model skips the unembedding.
-            out = self.lm.model.base_model(
-                input_ids=batch.context_ids,
-                attention_mask=batch.context_mask,
-                position_ids=(batch.context_mask.cumsum(1) - 1).clamp(min=0),
-                use_cache=True,
-            )
-        return _cache_tensors(out)
-
-    def _run_below(
+    def _run_first(
         self, key_layers: list[int]
-    ) -> tuple[torch.Tensor, list[torch.Tensor], dict[int, torch.Tensor]]:
-        """Where the steps start for every row (block `layer`'s output where the delta adds to
-        it, else its input), each site's unedited output v₀ at the edited token of each
-        request's first (bare) prompt (n_requests × width, float32), and the keys of
-        `key_layers` at the edited token of each request's prompt rows (n_requests × prefixes ×
-        in, float32)."""
+    ) -> tuple[
+        list[tuple[torch.Tensor, torch.Tensor]] | None,
+        torch.Tensor,
+        list[torch.Tensor],
+        dict[int, torch.Tensor],
+    ]:
+        """One pass of the unedited model over every row, context and suffix together. Returns
+        the context's keys and values per layer (None where no row has any context); where
+        the steps start (the suffix's block-`layer` output where the delta adds to it, else its
+        input); each site's unedited output v₀ at the edited token of each request's first
+        (bare) prompt (n_requests × width, float32); and the keys of `key_layers` at the edited
+        token of each request's prompt rows (n_requests × prefixes × in, float32)."""
         layout, batch, model = self.lm.layout, self.batch, self.lm.model
         block = layout.block(self.layer)
         names = [layout.mlp_out_name(layer) for layer in key_layers]
-        rows = self.current
+        n_context = batch.context_ids.shape[1]
+        context_positions = (batch.context_mask.cumsum(1) - 1).clamp(min=0)
         start = "output" if self.additive else "input"
         with torch.no_grad(), capture(model, [block], start) as seen:
             with capture(model, self.sites) as out, capture(model, names, "input") as inputs:
-                with stop_after(model, block):
-                    model.base_model(
-                        input_ids=rows.ids,
-                        attention_mask=rows.mask,
-                        position_ids=rows.positions,
-                        use_cache=rows.context is not None,
-                        **self._cache(rows),
+                # The context's keys and values are needed at every layer; without a context
+                # nothing above the edited block is.
+                with nullcontext() if n_context else stop_after(model, block):
+                    result = model.base_model(
+                        input_ids=torch.cat([batch.context_ids, batch.suffix_ids], dim=1),
+                        attention_mask=torch.cat([batch.context_mask, batch.suffix_mask], dim=1),
+                        position_ids=torch.cat([context_positions, batch.suffix_positions], 1),
+                        use_cache=n_context > 0,
                     )
+        context = None
+        if n_context:
+            context = [
+                (k[..., :n_context, :], v[..., :n_context, :]) for k, v in _cache_tensors(result)
+            ]
         first_rows = torch.tensor(
             [int((batch.owner == r).nonzero()[0]) for r in range(self.n_requests)],
             device=batch.owner.device,
         )
+        at = batch.at + n_context
         initial = [
-            _at(out[site][first_rows.to(out[site].device)], batch.at[first_rows])
-            for site in self.sites
+            _at(out[site][first_rows.to(out[site].device)], at[first_rows]) for site in self.sites
         ]
         prompts = batch.is_rewrite.nonzero().flatten()
         keys = {
-            layer: _at(inputs[name][prompts.to(inputs[name].device)], batch.at[prompts]).view(
+            layer: _at(inputs[name][prompts.to(inputs[name].device)], at[prompts]).view(
                 self.n_requests, -1, inputs[name].shape[-1]
             )
             for layer, name in zip(key_layers, names, strict=True)
         }
-        return seen[block], initial, keys
+        return context, seen[block][:, n_context:], initial, keys
 
     def _select(self) -> _Rows:
         """The rows of the unfinished requests."""
         rows = torch.arange(len(self.batch.owner), device=self.lm.device)
         return self._select_rows(rows[self.active[self.batch.owner]], self.start)
 
-    def _select_rows(self, rows: torch.Tensor, start: torch.Tensor | None = None) -> _Rows:
+    def _select_rows(self, rows: torch.Tensor, start: torch.Tensor) -> _Rows:
         """Rows `rows` of the batch and what a step reads of them; `start` is where the steps
-        start, for every row of the batch (None before it is known)."""
+        start, for every row of the batch."""
         batch = self.batch
         every = len(rows) == len(batch.owner)
 
@@ -674,8 +689,9 @@ class _ValueSearch:
         mask = take(batch.suffix_mask)
         context = None
         if self.context is not None:
-            context = [(take(keys), take(values)) for keys, values in self.context]
             mask = torch.cat([take(batch.context_mask), mask], dim=1)
+            if self.above.runs_blocks:
+                context = _ContextCache([(take(k), take(v)) for k, v in self.context])
         owner, at = take(batch.owner), take(batch.at)
         prompt = take(batch.is_rewrite)
         prompt_rows = prompt.nonzero().flatten()
@@ -697,7 +713,7 @@ class _ValueSearch:
             mask=mask,
             positions=take(batch.suffix_positions),
             context=context,
-            start=None if start is None else take(start),
+            start=take(start),
             read=(read_rows, read_cols),
             n_target_reads=len(prompt_rows) * width,
             target_ids=take(batch.target_ids)[prompt_rows],
@@ -708,15 +724,6 @@ class _ValueSearch:
             prompts_per_request=prompts_per_request.clamp(min=1),
         )
 
-    def _cache(self, rows: _Rows) -> dict[str, Any]:
-        """The keyword argument that hands the base model the context's keys and values (a new
-        cache object each pass: a forward pass appends to the one it gets)."""
-        if rows.context is None:
-            return {}
-        from transformers import DynamicCache
-
-        return {self.above.cache_argument: DynamicCache(ddp_cache_data=rows.context)}
-
     def _forward(self, rows: _Rows) -> torch.Tensor:
         """Log-probabilities at the reads of `rows`, the deltas added at the edited tokens."""
         hidden = rows.start
@@ -724,7 +731,7 @@ class _ValueSearch:
             delta = self.deltas[0]
             added = delta[rows.owner.to(delta.device)].to(hidden.device, hidden.dtype)
             hidden = hidden.index_put(rows.where, added, accumulate=True)
-        cache = self._cache(rows).get(self.above.cache_argument)
+        cache = None if rows.context is None else rows.context.fresh()
         normed = self.above(hidden, rows.ids, rows.mask, rows.positions, cache)
         return torch.log_softmax(read_logits(self.lm, normed, *rows.read), dim=-1)
 
