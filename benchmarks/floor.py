@@ -49,12 +49,12 @@ ESSENCE = "{} is a"
 
 
 class Gpt2:
-    """A GPT-2 LM's weights as plain tensors (sharing the model's storage) and its math."""
+    """A copy of a GPT-2 LM's weights as plain tensors, and its math."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         config, base = model.config, model.transformer
-        self.wte, self.wpe = base.wte.weight.detach(), base.wpe.weight.detach()
-        self.ln_f = (base.ln_f.weight.detach(), base.ln_f.bias.detach())
+        self.wte, self.wpe = base.wte.weight.detach().clone(), base.wpe.weight.detach().clone()
+        self.ln_f = (base.ln_f.weight.detach().clone(), base.ln_f.bias.detach().clone())
         self.eps, self.heads, self.width = config.layer_norm_epsilon, config.n_head, config.n_embd
         self.scale = (self.width // self.heads) ** -0.5
         self.blocks = []
@@ -68,7 +68,10 @@ class Gpt2:
                 "out": block.mlp.c_proj,
             }
             self.blocks.append(
-                {name: (m.weight.detach(), m.bias.detach()) for name, m in parts.items()}
+                {
+                    name: (m.weight.detach().clone(), m.bias.detach().clone())
+                    for name, m in parts.items()
+                }
             )
 
     @staticmethod
@@ -537,7 +540,7 @@ class Floor:
             self.prefixes = Prefixes(self.net, lm, context_prefixes(lm, self.hp))
 
     def edit(self, request) -> int:
-        """Edit the model's weights in place; the steps taken."""
+        """Edit the floor's copy of the weights in place; the steps taken."""
         net, lm, hp, m = self.net, self.lm, self.hp, self.method
         if m in ("rome", "r-rome"):
             return floor_rank_one(net, lm, self.prefixes, request, hp, m == "r-rome")
@@ -548,8 +551,21 @@ class Floor:
         return floor_fine_tune(net, lm, request, hp, last_token=m == "ft-l")
 
     def params(self) -> list[str]:
-        layers = self.hp.layers
-        return [f"{self.lm.layout.mlp_out_name(layer)}.weight" for layer in sorted(layers)]
+        return [f"{self.lm.layout.mlp_out_name(layer)}.weight" for layer in sorted(self.hp.layers)]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The edited projections' weights in the floor's copy, by the model's names."""
+        layers = sorted(self.hp.layers)
+        return {
+            name: self.net.blocks[layer]["out"][0].clone()
+            for name, layer in zip(self.params(), layers, strict=True)
+        }
+
+    def reset(self, originals: dict[str, torch.Tensor]) -> None:
+        """Put the unedited weights back into the floor's copy."""
+        with torch.no_grad():
+            for name, layer in zip(self.params(), sorted(self.hp.layers), strict=True):
+                self.net.blocks[layer]["out"][0].copy_(originals[name])
 
 
 def kedit_steps(edit) -> int:
@@ -572,7 +588,6 @@ def compare_one(lm, floor: Floor, request, overrides: dict[str, Any], kedit_firs
         result = run()
         out[f"{who}_cpu_s"] = time.thread_time() - cpu
         out[f"{who}_s"] = time.perf_counter() - wall
-        out[f"{who}_w"] = {n: model.get_parameter(n).detach().clone() for n in names}
         return result
 
     def by_kedit() -> None:
@@ -580,13 +595,13 @@ def compare_one(lm, floor: Floor, request, overrides: dict[str, Any], kedit_firs
             "kedit", lambda: kedit.edit(lm, request, method=floor.method, hparams=overrides)
         )
         out["kedit_steps"] = kedit_steps(edit)
+        out["kedit_w"] = {n: model.get_parameter(n).detach().clone() for n in names}
         edit.undo()
 
     def by_floor() -> None:
         out["floor_steps"] = timed("floor", lambda: floor.edit(request))
-        with torch.no_grad():
-            for n in names:
-                model.get_parameter(n).copy_(originals[n])
+        out["floor_w"] = floor.weights()
+        floor.reset(originals)
 
     for run in (by_kedit, by_floor) if kedit_first else (by_floor, by_kedit):
         run()
@@ -625,13 +640,11 @@ def op_counts(lm, method: str, request, overrides: dict[str, Any], steps: int) -
             edit = kedit.edit(lm, request, method=method, hparams=settings)
         edit.undo()
         counts["kedit"].append(sum(ops.counts.values()))
-        originals = {n: lm.model.get_parameter(n).detach().clone() for n in floor.params()}
+        originals = floor.weights()
         with CountOps() as ops:
             floor.edit(request)
         counts["floor"].append(sum(ops.counts.values()))
-        with torch.no_grad():
-            for n, value in originals.items():
-                lm.model.get_parameter(n).copy_(value)
+        floor.reset(originals)
     out = {}
     for who, (one, two) in counts.items():
         per_step = (two - one) / steps

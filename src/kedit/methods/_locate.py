@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kedit.edits import weights_version
 from kedit.hooks import capture, hooks, replace_output, stop_after
 from kedit.lm import LM
 from kedit.methods._above import Above, adds_to_block_output, read_logits
@@ -382,16 +383,60 @@ def optimize_values(
 
 
 @dataclass
+class _PrefixStates:
+    """The keys and values of each context prefix's tokens at every layer (prefixes × heads ×
+    width × head dim, left-padded to the longest prefix), for the weights the model has now."""
+
+    ids: list[list[int]]
+    width: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def prefix_states(lm: LM, prefixes: list[str]) -> _PrefixStates | None:
+    """The `_PrefixStates` of `prefixes` (None where none has a token: GPT-2's empty prefix).
+
+    They do not depend on the edit, so every request and step shares them: computed once per
+    model and weights, and kept on `lm.cache` with `weights_version`, which an edit changes and
+    its undo restores."""
+    ids = [lm.encode_prompt(prefix) for prefix in prefixes]
+    width = max(len(tokens) for tokens in ids)
+    if not width:
+        return None
+    key, version = ("prefix_states", tuple(prefixes)), weights_version(lm.model)
+    cached = lm.cache.get(key)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    pad = lm.tokenizer.pad_token_id
+    tokens = torch.tensor([[pad] * (width - len(t)) + t for t in ids], device=lm.device)
+    mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in ids], device=lm.device)
+    with torch.no_grad():
+        out = lm.model.base_model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+            use_cache=True,
+        )
+    states = _PrefixStates(ids, width, _cache_tensors(out))
+    lm.cache[key] = (version, states)
+    return states
+
+
+@dataclass
 class _ValueBatch:
     """The rows of a value optimisation: for each request, one row per prefix (prompt and all
     target tokens but the last) and its essence row. Each row is split at the edited token
-    into a context (left-padded, run once) and a suffix (right-padded, run every step)."""
+    into a context (run once) and a suffix (right-padded, run every step). The context is the
+    row's prefix's tokens, whose keys and values are shared (`prefix_states`), then the rest
+    (left-padded)."""
 
     owner: torch.Tensor  # request index of each row
     is_rewrite: torch.Tensor  # True for prompt rows, False for essence rows
     at: torch.Tensor  # position of the edited token in the suffix
-    context_ids: torch.Tensor
-    context_mask: torch.Tensor
+    prefixes: _PrefixStates | None
+    prefix_of: torch.Tensor  # index of each row's prefix
+    context_mask: torch.Tensor  # [the prefix's positions the row shares | the rest]
+    rest_ids: torch.Tensor
+    rest_positions: torch.Tensor
     suffix_ids: torch.Tensor
     suffix_mask: torch.Tensor
     suffix_positions: torch.Tensor
@@ -409,37 +454,50 @@ class _ValueBatch:
         fact_token: str,
     ) -> _ValueBatch:
         rows: list[list[int]] = []
-        lookups, owners, targets = [], [], []
+        lookups, owners, targets, prefix_of = [], [], [], []
         for index, request in enumerate(requests):
             target_ids = lm.encode(request.target_new)
-            for prefix in prefixes:
+            for number, prefix in enumerate(prefixes):
                 prompt_ids = lm.encode_prompt(prefix + request.text)
                 rows.append(prompt_ids + target_ids[:-1])
                 lookups.append(lookup_index(lm, prefix, request.text, request.subject, fact_token))
                 owners.append(index)
                 targets.append((len(prompt_ids) - 1, target_ids))
+                prefix_of.append(number)
             essence = essence_prompt.replace("{}", request.subject)
             rows.append(lm.encode_prompt(essence))
             lookups.append(lookup_index(lm, "", essence, request.subject, fact_token))
             owners.append(index)
             targets.append(None)
+            prefix_of.append(prefixes.index(""))
         # A row whose subject ends at its first token has no context; then none is cached.
         cuts = lookups if min(lookups) > 0 else [0] * len(rows)
+        states = prefix_states(lm, prefixes) if max(cuts) else None
+        shared = [
+            _common_length(states.ids[p], row, cut) if states else 0
+            for row, cut, p in zip(rows, cuts, prefix_of, strict=True)
+        ]
+        width = states.width if states else 0
         pad = lm.tokenizer.pad_token_id
-        context_len = max(cuts)
+        rest_len = max(cut - common for cut, common in zip(cuts, shared, strict=True))
         suffix_len = max(len(row) - cut for row, cut in zip(rows, cuts, strict=True))
         longest = max(len(t[1]) for t in targets if t is not None)
-        context_ids = torch.full((len(rows), context_len), pad, dtype=torch.long)
-        context_mask = torch.zeros((len(rows), context_len), dtype=torch.long)
+        context_mask = torch.zeros((len(rows), width + rest_len), dtype=torch.long)
+        rest_ids = torch.full((len(rows), rest_len), pad, dtype=torch.long)
+        rest_positions = torch.zeros((len(rows), rest_len), dtype=torch.long)
         suffix_ids = torch.full((len(rows), suffix_len), pad, dtype=torch.long)
         suffix_mask = torch.zeros((len(rows), suffix_len), dtype=torch.long)
         target_ids = torch.zeros((len(rows), longest), dtype=torch.long)
         target_mask = torch.zeros((len(rows), longest))
         target_positions = torch.zeros((len(rows), longest), dtype=torch.long)
-        for index, (row, cut) in enumerate(zip(rows, cuts, strict=True)):
-            if cut:
-                context_ids[index, context_len - cut :] = torch.tensor(row[:cut])
-                context_mask[index, context_len - cut :] = 1
+        for index, (row, cut, common) in enumerate(zip(rows, cuts, shared, strict=True)):
+            if common:
+                first = width - len(states.ids[prefix_of[index]])
+                context_mask[index, first : first + common] = 1
+            if cut > common:
+                rest_ids[index, rest_len - cut + common :] = torch.tensor(row[common:cut])
+                rest_positions[index, rest_len - cut + common :] = torch.arange(common, cut)
+                context_mask[index, width + rest_len - cut + common :] = 1
             suffix_ids[index, : len(row) - cut] = torch.tensor(row[cut:])
             suffix_mask[index, : len(row) - cut] = 1
             if targets[index] is not None:
@@ -455,8 +513,11 @@ class _ValueBatch:
             owner=torch.tensor(owners, device=device),
             is_rewrite=torch.tensor([t is not None for t in targets], device=device),
             at=(torch.tensor(lookups) - cut_t).to(device),
-            context_ids=context_ids.to(device),
+            prefixes=states,
+            prefix_of=torch.tensor(prefix_of, device=device),
             context_mask=context_mask.to(device),
+            rest_ids=rest_ids.to(device),
+            rest_positions=rest_positions.to(device),
             suffix_ids=suffix_ids.to(device),
             suffix_mask=suffix_mask.to(device),
             suffix_positions=(cut_t[:, None] + torch.arange(suffix_len)).to(device),
@@ -464,6 +525,16 @@ class _ValueBatch:
             target_mask=target_mask.to(device),
             target_positions=target_positions.to(device),
         )
+
+
+def _common_length(prefix: list[int], row: list[int], cut: int) -> int:
+    """How many leading tokens of `row`, before position `cut`, are the prefix's own tokens
+    (tokenising prefix and prompt together can merge the prefix's last token with the
+    prompt's first)."""
+    length = 0
+    while length < min(len(prefix), cut) and prefix[length] == row[length]:
+        length += 1
+    return length
 
 
 @dataclass
@@ -627,17 +698,22 @@ class _ValueSearch:
         list[torch.Tensor],
         dict[int, torch.Tensor],
     ]:
-        """One pass of the unedited model over every row, context and suffix together. Returns
-        the context's keys and values per layer (None where no row has any context); where
-        the steps start (the suffix's block-`layer` output where the delta adds to it, else its
-        input); each site's unedited output v₀ at the edited token of each request's first
-        (bare) prompt (n_requests × width, float32); and the keys of `key_layers` at the edited
-        token of each request's prompt rows (n_requests × prefixes × in, float32)."""
+        """One pass of the unedited model over every row's rest of the context and suffix,
+        after the prefixes' shared keys and values. Returns the context's keys and values per
+        layer (None where no row has any context); where the steps start (the suffix's
+        block-`layer` output where the delta adds to it, else its input); each site's unedited
+        output v₀ at the edited token of each request's first (bare) prompt (n_requests ×
+        width, float32); and the keys of `key_layers` at the edited token of each request's
+        prompt rows (n_requests × prefixes × in, float32)."""
         layout, batch, model = self.lm.layout, self.batch, self.lm.model
         block = layout.block(self.layer)
         names = [layout.mlp_out_name(layer) for layer in key_layers]
-        n_context = batch.context_ids.shape[1]
-        context_positions = (batch.context_mask.cumsum(1) - 1).clamp(min=0)
+        n_rest, n_context = batch.rest_ids.shape[1], batch.context_mask.shape[1]
+        past = {}
+        if batch.prefixes is not None:
+            rows = batch.prefix_of
+            shared = [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in batch.prefixes.kv]
+            past = {self.above.cache_argument: _ContextCache(shared).fresh()}
         start = "output" if self.additive else "input"
         with torch.no_grad(), capture(model, [block], start) as seen:
             with capture(model, self.sites) as out, capture(model, names, "input") as inputs:
@@ -645,10 +721,11 @@ class _ValueSearch:
                 # nothing above the edited block is.
                 with nullcontext() if n_context else stop_after(model, block):
                     result = model.base_model(
-                        input_ids=torch.cat([batch.context_ids, batch.suffix_ids], dim=1),
+                        input_ids=torch.cat([batch.rest_ids, batch.suffix_ids], dim=1),
                         attention_mask=torch.cat([batch.context_mask, batch.suffix_mask], dim=1),
-                        position_ids=torch.cat([context_positions, batch.suffix_positions], 1),
+                        position_ids=torch.cat([batch.rest_positions, batch.suffix_positions], 1),
                         use_cache=n_context > 0,
+                        **past,
                     )
         context = None
         if n_context:
@@ -659,7 +736,7 @@ class _ValueSearch:
             [int((batch.owner == r).nonzero()[0]) for r in range(self.n_requests)],
             device=batch.owner.device,
         )
-        at = batch.at + n_context
+        at = batch.at + n_rest
         initial = [
             _at(out[site][first_rows.to(out[site].device)], at[first_rows]) for site in self.sites
         ]
@@ -670,7 +747,7 @@ class _ValueSearch:
             )
             for layer, name in zip(key_layers, names, strict=True)
         }
-        return context, seen[block][:, n_context:], initial, keys
+        return context, seen[block][:, n_rest:], initial, keys
 
     def _select(self) -> _Rows:
         """The rows of the unfinished requests."""
