@@ -247,11 +247,24 @@ def lookup_index(
 ) -> int:
     """Token index in `prefix + text` of the edited token (`fact_token`): the subject's last
     token, or the prompt's last one (the subject is in `text`)."""
-    start = text.find(subject)
-    if start < 0:
-        raise ValueError(f"subject {subject!r} does not occur in prompt {text!r}")
-    end = len(text) if fact_token == "last" else start + len(subject)
-    return len(lm.encode_prompt(prefix + text[:end])) - 1
+    return lookup_indices(lm, [(prefix, text, subject)], fact_token)[0]
+
+
+def lookup_indices(lm: LM, texts: list[tuple[str, str, str]], fact_token: str) -> list[int]:
+    """`lookup_index` of each `(prefix, text, subject)`, the texts tokenised in one call."""
+    ends = []
+    for prefix, text, subject in texts:
+        start = text.find(subject)
+        if start < 0:
+            raise ValueError(f"subject {subject!r} does not occur in prompt {text!r}")
+        ends.append(prefix + text[: len(text) if fact_token == "last" else start + len(subject)])
+    return [len(ids) - 1 for ids in encode_prompts(lm, ends)]
+
+
+def encode_prompts(lm: LM, texts: list[str]) -> list[list[int]]:
+    """`lm.encode_prompt` of each text, in one call of the tokenizer."""
+    start = lm.start_ids
+    return [start + ids for ids in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 @torch.no_grad()
@@ -267,12 +280,9 @@ def lookup_activations(
     pass over all of them (in batches of what fits): the keys (inputs of the MLP output
     projection) of each layer in `key_layers` and the output of each module in `sites`, as
     `(requests, prefixes, width)` float32 tensors."""
-    items = [(prefix, request) for request in requests for prefix in prefixes]
-    texts = [lm.encode_prompt(prefix + request.text) for prefix, request in items]
-    positions = [
-        lookup_index(lm, prefix, request.text, request.subject, fact_token)
-        for prefix, request in items
-    ]
+    items = [(prefix, request.text, request.subject) for request in requests for prefix in prefixes]
+    texts = encode_prompts(lm, [prefix + text for prefix, text, _ in items])
+    positions = lookup_indices(lm, items, fact_token)
     names = [lm.layout.mlp_out_name(layer) for layer in key_layers]
     last = max([*key_layers, *(_block_of(lm, site) for site in sites)])
     budget = backward_tokens(lm, min(key_layers or [last]))
@@ -432,6 +442,7 @@ class _ValueBatch:
     owner: torch.Tensor  # request index of each row
     is_rewrite: torch.Tensor  # True for prompt rows, False for essence rows
     at: torch.Tensor  # position of the edited token in the suffix
+    rows_per_request: int  # its prompt rows (one per prefix), then its essence row
     prefixes: _PrefixStates | None
     prefix_of: torch.Tensor  # index of each row's prefix
     context_mask: torch.Tensor  # [the prefix's positions the row shares | the rest]
@@ -453,77 +464,85 @@ class _ValueBatch:
         essence_prompt: str,
         fact_token: str,
     ) -> _ValueBatch:
-        rows: list[list[int]] = []
-        lookups, owners, targets, prefix_of = [], [], [], []
-        for index, request in enumerate(requests):
-            target_ids = lm.encode(request.target_new)
-            for number, prefix in enumerate(prefixes):
-                prompt_ids = lm.encode_prompt(prefix + request.text)
-                rows.append(prompt_ids + target_ids[:-1])
-                lookups.append(lookup_index(lm, prefix, request.text, request.subject, fact_token))
+        essence_of = [essence_prompt.replace("{}", request.subject) for request in requests]
+        texts = [  # (prefix, text, subject) of each row: the prompt rows, then the essence row
+            (prefix, text, request.subject)
+            for request, essence in zip(requests, essence_of, strict=True)
+            for prefix, text in [*((p, request.text) for p in prefixes), ("", essence)]
+        ]
+        prompts = encode_prompts(lm, [prefix + text for prefix, text, _ in texts])
+        lookups = lookup_indices(lm, texts, fact_token)
+        per_request = len(prefixes) + 1
+        rows, targets, owners, prefix_of = [], [], [], []
+        for index, target_ids in enumerate(
+            lm.tokenizer([r.target_new for r in requests], add_special_tokens=False)["input_ids"]
+        ):
+            for number in range(per_request):
+                prompt_ids = prompts[index * per_request + number]
+                essence = number == len(prefixes)
+                rows.append(prompt_ids if essence else prompt_ids + target_ids[:-1])
+                targets.append(None if essence else (len(prompt_ids) - 1, target_ids))
                 owners.append(index)
-                targets.append((len(prompt_ids) - 1, target_ids))
-                prefix_of.append(number)
-            essence = essence_prompt.replace("{}", request.subject)
-            rows.append(lm.encode_prompt(essence))
-            lookups.append(lookup_index(lm, "", essence, request.subject, fact_token))
-            owners.append(index)
-            targets.append(None)
-            prefix_of.append(prefixes.index(""))
+                # Any prefix serves the essence row: it shares only tokens that match exactly.
+                prefix_of.append(0 if essence else number)
         # A row whose subject ends at its first token has no context; then none is cached.
         cuts = lookups if min(lookups) > 0 else [0] * len(rows)
         states = prefix_states(lm, prefixes) if max(cuts) else None
+        width = states.width if states else 0
         shared = [
             _common_length(states.ids[p], row, cut) if states else 0
             for row, cut, p in zip(rows, cuts, prefix_of, strict=True)
         ]
-        width = states.width if states else 0
         pad = lm.tokenizer.pad_token_id
         rest_len = max(cut - common for cut, common in zip(cuts, shared, strict=True))
         suffix_len = max(len(row) - cut for row, cut in zip(rows, cuts, strict=True))
         longest = max(len(t[1]) for t in targets if t is not None)
-        context_mask = torch.zeros((len(rows), width + rest_len), dtype=torch.long)
-        rest_ids = torch.full((len(rows), rest_len), pad, dtype=torch.long)
-        rest_positions = torch.zeros((len(rows), rest_len), dtype=torch.long)
-        suffix_ids = torch.full((len(rows), suffix_len), pad, dtype=torch.long)
-        suffix_mask = torch.zeros((len(rows), suffix_len), dtype=torch.long)
-        target_ids = torch.zeros((len(rows), longest), dtype=torch.long)
-        target_mask = torch.zeros((len(rows), longest))
-        target_positions = torch.zeros((len(rows), longest), dtype=torch.long)
-        for index, (row, cut, common) in enumerate(zip(rows, cuts, shared, strict=True)):
-            if common:
-                first = width - len(states.ids[prefix_of[index]])
-                context_mask[index, first : first + common] = 1
-            if cut > common:
-                rest_ids[index, rest_len - cut + common :] = torch.tensor(row[common:cut])
-                rest_positions[index, rest_len - cut + common :] = torch.arange(common, cut)
-                context_mask[index, width + rest_len - cut + common :] = 1
-            suffix_ids[index, : len(row) - cut] = torch.tensor(row[cut:])
-            suffix_mask[index, : len(row) - cut] = 1
-            if targets[index] is not None:
-                first, ids = targets[index]
-                target_ids[index, : len(ids)] = torch.tensor(ids)
-                target_mask[index, : len(ids)] = 1
-                target_positions[index] = (first - cut + torch.arange(longest)).clamp(
-                    max=suffix_len - 1
-                )
-        cut_t = torch.tensor(cuts)
+        fields: dict[str, list[list]] = {
+            name: []
+            for name in (
+                "context_mask",
+                "rest_ids",
+                "rest_positions",
+                "suffix_ids",
+                "suffix_mask",
+                "target_ids",
+                "target_mask",
+                "target_positions",
+            )
+        }
+        for row, cut, common, p, target in zip(rows, cuts, shared, prefix_of, targets, strict=True):
+            # [shared prefix positions, left-padded to the longest prefix | rest, left-padded]
+            start = width - len(states.ids[p]) if states else 0
+            lead = rest_len - (cut - common)
+            fields["context_mask"].append(
+                [0] * start
+                + [1] * common
+                + [0] * (width - start - common + lead)
+                + [1] * (cut - common)
+            )
+            fields["rest_ids"].append([pad] * lead + row[common:cut])
+            fields["rest_positions"].append([0] * lead + list(range(common, cut)))
+            tail = suffix_len - (len(row) - cut)
+            fields["suffix_ids"].append(row[cut:] + [pad] * tail)
+            fields["suffix_mask"].append([1] * (len(row) - cut) + [0] * tail)
+            first, ids = target or (0, [])
+            fields["target_ids"].append(ids + [0] * (longest - len(ids)))
+            fields["target_mask"].append([1.0] * len(ids) + [0.0] * (longest - len(ids)))
+            fields["target_positions"].append(
+                [min(first - cut + j, suffix_len - 1) if target else 0 for j in range(longest)]
+            )
         device = lm.device
+        tensors = {name: torch.tensor(values, device=device) for name, values in fields.items()}
+        cut_t = torch.tensor(cuts)
         return cls(
             owner=torch.tensor(owners, device=device),
             is_rewrite=torch.tensor([t is not None for t in targets], device=device),
             at=(torch.tensor(lookups) - cut_t).to(device),
+            rows_per_request=per_request,
             prefixes=states,
             prefix_of=torch.tensor(prefix_of, device=device),
-            context_mask=context_mask.to(device),
-            rest_ids=rest_ids.to(device),
-            rest_positions=rest_positions.to(device),
-            suffix_ids=suffix_ids.to(device),
-            suffix_mask=suffix_mask.to(device),
             suffix_positions=(cut_t[:, None] + torch.arange(suffix_len)).to(device),
-            target_ids=target_ids.to(device),
-            target_mask=target_mask.to(device),
-            target_positions=target_positions.to(device),
+            **tensors,
         )
 
 
@@ -732,10 +751,8 @@ class _ValueSearch:
             context = [
                 (k[..., :n_context, :], v[..., :n_context, :]) for k, v in _cache_tensors(result)
             ]
-        first_rows = torch.tensor(
-            [int((batch.owner == r).nonzero()[0]) for r in range(self.n_requests)],
-            device=batch.owner.device,
-        )
+        first_rows = torch.arange(self.n_requests, device=batch.owner.device)
+        first_rows = first_rows * batch.rows_per_request
         at = batch.at + n_rest
         initial = [
             _at(out[site][first_rows.to(out[site].device)], at[first_rows]) for site in self.sites
