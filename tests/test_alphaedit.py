@@ -166,7 +166,9 @@ def test_state_is_checked(tiny_gpt2):
     stale = AlphaEditState(model_fingerprint="0123456789abcdef")
     with pytest.raises(ValueError, match="state: it holds keys of model 0123456789abcdef"):
         kedit.edit(tiny_gpt2, request, method="alphaedit", state=stale)
-    other_layers = AlphaEditState({5: torch.zeros(1, 1)}, 1, tiny_gpt2.fingerprint)
+    other_layers = AlphaEditState(
+        folded={5: torch.zeros(1, 1)}, n_keys=1, model_fingerprint=tiny_gpt2.fingerprint
+    )
     with pytest.raises(ValueError, match=r"state: it holds keys of layers \[5\], not of layers"):
         kedit.edit(tiny_gpt2, request, method="alphaedit", state=other_layers)
 

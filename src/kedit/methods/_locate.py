@@ -279,10 +279,16 @@ def lookup_activations(
     """At the edited token (`lookup_index`) of each request after each prefix, in one forward
     pass over all of them (in batches of what fits): the keys (inputs of the MLP output
     projection) of each layer in `key_layers` and the output of each module in `sites`, as
-    `(requests, prefixes, width)` float32 tensors."""
+    `(requests, prefixes, width)` float32 tensors. The tokens after the edited one cannot
+    change these: each prompt runs only up to it."""
     items = [(prefix, request.text, request.subject) for request in requests for prefix in prefixes]
-    texts = encode_prompts(lm, [prefix + text for prefix, text, _ in items])
     positions = lookup_indices(lm, items, fact_token)
+    texts = [
+        ids[: at + 1]
+        for ids, at in zip(
+            encode_prompts(lm, [prefix + text for prefix, text, _ in items]), positions, strict=True
+        )
+    ]
     names = [lm.layout.mlp_out_name(layer) for layer in key_layers]
     last = max([*key_layers, *(_block_of(lm, site) for site in sites)])
     budget = backward_tokens(lm, min(key_layers or [last]))
