@@ -830,7 +830,8 @@ class _ValueSearch:
         if self.additive:
             delta = self.deltas[0]
             added = delta[rows.owner.to(delta.device)].to(hidden.device, hidden.dtype)
-            hidden = hidden.index_put(rows.where, added, accumulate=True)
+            where = tuple(index.to(hidden.device) for index in rows.where)
+            hidden = hidden.index_put(where, added, accumulate=True)
         cache = None if rows.context is None else rows.context.fresh()
         normed = self.above(hidden, rows.ids, rows.mask, rows.positions, cache)
         return torch.log_softmax(read_logits(self.lm, normed, *rows.read), dim=-1)
