@@ -29,17 +29,14 @@ from typing import Any
 
 def _keys(lm: Any, layer: int, prompts: list[str], fact_token: str) -> Any:
     """Keys at each prompt's fact token (the prompt's last token for `fact_token: last`)."""
-    import torch
 
-    from kedit.methods._locate import keys_at_lookup
+    from kedit.methods._locate import lookup_activations
     from kedit.requests import EditRequest
 
-    rows = []
-    for prompt in prompts:
-        # For the last token, the prompt itself serves as the "subject" that lookup_index needs.
-        request = EditRequest(prompt=prompt, subject=prompt, target_new=" x")
-        rows.append(keys_at_lookup(lm, layer, [""], request, fact_token)[0][0])
-    return torch.stack(rows).double()
+    # For the last token, the prompt itself serves as the "subject" that lookup_index needs.
+    requests = [EditRequest(prompt=prompt, subject=prompt, target_new=" x") for prompt in prompts]
+    keys, _ = lookup_activations(lm, requests, [""], fact_token, [layer])
+    return keys[layer][:, 0].double()
 
 
 def _share(vectors: Any, basis: Any) -> float:

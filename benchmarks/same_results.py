@@ -6,8 +6,9 @@ tiny-llama, each case's steps (value steps; FT's steps; KN's neurons) and edited
 r-ROME, MEMIT, EMMET, PMET, AlphaEdit, FT-L and KN at their defaults, ROME and MEMIT under the
 other stopping rules, without a first step and with a token budget that splits the batch, FT-M
 with a norm constraint and weight decay. `--compare FILE` recomputes them with the code on the
-path and prints JSON: per case whether the steps are equal and the largest absolute difference
-of the edited weights (0.0 = bit-exact).
+path and prints JSON: per case whether the steps are equal, the largest absolute difference
+of the edited weights (0.0 = bit-exact) and the largest difference relative to the edit's own
+change of the weights (‖after − before‖ / ‖before − unedited‖, the worst parameter).
 """
 
 from __future__ import annotations
@@ -61,8 +62,14 @@ def record(n: int) -> dict[str, Any]:
                 steps = info.get("value_steps", info.get("steps", info.get("neurons")))
                 weights = _touched(lm, edit)
                 edit.undo()
-            out[name] = {"steps": steps, "weights": weights}
+            unedited = {key: _unedited(lm, key) for key in weights}
+            out[name] = {"steps": steps, "weights": weights, "unedited": unedited}
     return out
+
+
+def _unedited(lm, key: str) -> Any:
+    """The unedited value of the parameter that `key` ('name' or 'index:name') names."""
+    return lm.model.get_parameter(key.split(":")[-1]).detach().clone()
 
 
 def _each_applied(kedit, lm, requests, method, hparams):
@@ -81,10 +88,12 @@ def compare(saved: dict[str, Any], now: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, before in saved.items():
         after = now[name]
-        diffs = [
-            float((before["weights"][key].double() - after["weights"][key].double()).abs().max())
-            for key in before["weights"]
-        ]
+        diffs, relative = [], []
+        for key, value in before["weights"].items():
+            diff = value.double() - after["weights"][key].double()
+            change = value.double() - after["unedited"][key].double()
+            diffs.append(float(diff.abs().max()))
+            relative.append(float(diff.norm() / change.norm()))
         rows.append(
             {
                 "case": name,
@@ -92,6 +101,7 @@ def compare(saved: dict[str, Any], now: dict[str, Any]) -> list[dict[str, Any]]:
                 "steps": after["steps"],
                 "same_params": sorted(before["weights"]) == sorted(after["weights"]),
                 "max_abs_weight_diff": max(diffs),
+                "max_relative_weight_diff": max(relative),
             }
         )
     return rows

@@ -4,8 +4,7 @@ import torch
 import kedit
 from kedit.hooks import capture, stop_after
 from kedit.methods import alphaedit as alphaedit_module
-from kedit.methods._locate import context_prefixes, layer_second_moment
-from kedit.methods._spread import mean_keys
+from kedit.methods._locate import context_prefixes, layer_second_moment, lookup_activations
 from kedit.methods.alphaedit import AlphaEditState, null_space_projection, null_space_update
 from kedit.methods.registry import resolve_hparams
 from kedit.zoo import CORPUS_FILE
@@ -68,7 +67,9 @@ def test_projected_update_leaves_preserved_keys_outputs_unchanged(tiny_gpt2):
     # preserved keys, so this is where the projection has the most to show.
     params = resolve_hparams("alphaedit", lm, {"layers": [0], "fact_token": "subject_last"})
     layer = params.layers[0]
-    keys = mean_keys(lm, layer, _requests(8), context_prefixes(lm, params), params.fact_token)
+    prefixes = context_prefixes(lm, params)
+    seen, _ = lookup_activations(lm, _requests(8), prefixes, params.fact_token, [layer])
+    keys = seen[layer].mean(dim=1).double()
     torch.manual_seed(0)
     residuals = torch.randn(len(keys), lm.model.config.hidden_size, dtype=torch.float64)
     projection = null_space_projection(lm, params, layer)
@@ -165,7 +166,9 @@ def test_state_is_checked(tiny_gpt2):
     stale = AlphaEditState(model_fingerprint="0123456789abcdef")
     with pytest.raises(ValueError, match="state: it holds keys of model 0123456789abcdef"):
         kedit.edit(tiny_gpt2, request, method="alphaedit", state=stale)
-    other_layers = AlphaEditState({5: torch.zeros(1, 1)}, 1, tiny_gpt2.fingerprint)
+    other_layers = AlphaEditState(
+        folded={5: torch.zeros(1, 1)}, n_keys=1, model_fingerprint=tiny_gpt2.fingerprint
+    )
     with pytest.raises(ValueError, match=r"state: it holds keys of layers \[5\], not of layers"):
         kedit.edit(tiny_gpt2, request, method="alphaedit", state=other_layers)
 

@@ -1,6 +1,6 @@
 """Smoke tests of benchmarks/batch_scale.py, sequential.py, speed.py, device_check.py,
-solve_scale.py, subject_swap.py and nullspace_overlap.py on tiny settings (mostly FT-M, which
-needs no statistics); timings are not checked."""
+solve_scale.py, subject_swap.py, nullspace_overlap.py and floor.py on tiny settings (mostly
+FT-M, which needs no statistics); timings are not checked."""
 
 import json
 import sys
@@ -11,6 +11,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import batch_scale  # noqa: E402
 import device_check  # noqa: E402
+import floor  # noqa: E402
 import sequential  # noqa: E402
 import solve_scale  # noqa: E402
 import speed  # noqa: E402
@@ -130,3 +131,15 @@ def test_sequential_on_a_model_folder_writes_only_under_out(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == before
     assert (tmp_path / "out" / "copy.json").is_file()
     assert (tmp_path / "out" / "runs" / "copy").is_dir()
+
+
+def test_the_plain_torch_floor_takes_kedits_steps_and_edits_the_weights_alike():
+    """floor.py writes each edit out in plain torch (GPT-2): an implementation of its own,
+    which must agree with kedit step for step and on the edited weights."""
+    without_statistics = '{"mom2_adjustment": false}'  # collecting them takes long here
+    rome = floor.main(["--methods", "rome", "--n", "2", "--hparams", without_statistics])
+    ft_m = floor.main(["--methods", "ft-m", "--n", "2"])
+    for result in rome["results"] + ft_m["results"]:
+        assert result["same_steps"] == 2, result
+        assert result["max_relative_weight_diff"] < 1e-4, result
+        assert result["kedit_median_s"] > 0 and result["floor_median_s"] > 0

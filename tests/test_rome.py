@@ -2,7 +2,6 @@ import pytest
 import torch
 
 import kedit
-from kedit.hooks import capture
 from kedit.methods._locate import (
     context_prefixes,
     delta_decay,
@@ -218,7 +217,7 @@ def test_most_probable_stop_ends_at_the_first_step_where_every_target_is_the_arg
 
 
 def test_fact_token_last_edits_the_prompts_last_token(tiny_gpt2):
-    from kedit.methods._locate import keys_at_lookup, lookup_index
+    from kedit.methods._locate import lookup_activations, lookup_index
 
     lm, request = tiny_gpt2, _request(0)
     prompt = lm.encode_prompt("A prefix. " + request.text)
@@ -231,15 +230,16 @@ def test_fact_token_last_edits_the_prompts_last_token(tiny_gpt2):
     )
     prefixes = context_prefixes(lm, params)
     site = lm.layout.mlp_out_name(4)
-    found = optimize_values(lm, [request], 4, prefixes, params, [site])[0][0]
+    found = optimize_values(lm, [request], 4, prefixes, params, [site], key_layers=[4])[0][0]
     assert found.steps >= 1
     assert _targets_most_probable(lm, request, prefixes, site, found.delta, "last")
     assert not _targets_most_probable(lm, request, prefixes, site, found.delta, "subject_last")
-    # The key is the MLP projection's input at the last token, as a plain forward pass sees it.
-    keys, _ = keys_at_lookup(lm, 4, [""], request, "last")
-    with torch.no_grad(), capture(lm.model, [site], "input") as seen:
-        lm.model(input_ids=torch.tensor([lm.encode_prompt(request.text)]))
-    assert torch.allclose(keys[0], seen[site][0, -1].float())
+    # The key is the MLP projection's input at the last token, as a plain forward pass sees it:
+    # the value optimisation's (after each prefix) and a pass of its own.
+    keys = plain_at_edited_token(lm, site, prefixes, request, "last")
+    assert torch.allclose(found.keys[4].double(), keys, atol=1e-5)
+    looked_up, _ = lookup_activations(lm, [request], prefixes, "last", [4])
+    assert torch.allclose(looked_up[4][0].double(), keys, atol=1e-5)
     # r-ROME at the last token: the edited weight maps that key to W k* + δ.
     _maps_key_to_w_k_plus_delta(lm, request, "r-rome", params.to_dict())
 
@@ -256,14 +256,14 @@ def test_patience_stops_a_request_once_its_nll_has_set_no_new_low_for_that_many_
 
     lm, patience = tiny_gpt2, 4
     worst: list[float] = []
-    unpatched = _locate._ValueBatch.target_nll
+    unpatched = _locate._Rows.target_nll
 
-    def recording(self, logits, rows, n_requests):
-        out = unpatched(self, logits, rows, n_requests)
+    def recording(self, logp, n_requests, most_probable):
+        out = unpatched(self, logp, n_requests, most_probable)
         worst.append(float(out[1][0]))
         return out
 
-    monkeypatch.setattr(_locate._ValueBatch, "target_nll", recording)
+    monkeypatch.setattr(_locate._Rows, "target_nll", recording)
     # An unreachable NLL stop, so that only the patience rule can end it before v_steps.
     params = resolve_hparams(
         "rome",

@@ -6,8 +6,7 @@ import hashlib
 import json
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from kedit.lm import LM, require_lm
 from kedit.requests import EditRequest
@@ -69,7 +69,14 @@ class WeightDelta:
 
     def is_finite(self) -> bool:
         parts = [self.dense] if self.dense is not None else [self.left, self.right]
-        return all(bool(torch.isfinite(p).all()) for p in parts)
+        return all(all_finite(p) for p in parts)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite. A finite sum says so at once (an inf or NaN entry makes
+    the sum inf or NaN, and a sum is several times faster than `isfinite`); only a sum that is
+    not finite needs the entry-by-entry check (it may have overflowed)."""
+    return bool(tensor.sum().isfinite()) or bool(torch.isfinite(tensor).all())
 
 
 def _parameter(model: nn.Module, name: str) -> nn.Parameter:
@@ -79,17 +86,39 @@ def _parameter(model: nn.Module, name: str) -> nn.Parameter:
         raise ValueError(f"param: the model has no parameter {name!r}") from exc
 
 
-@contextmanager
-def preserved(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
-    """Restore the named parameters bit-exactly if the block raises."""
-    saved = {name: _parameter(model, name).detach().clone() for name in names}
-    try:
-        yield
-    except BaseException:
-        with torch.no_grad():
-            for name, value in saved.items():
-                _parameter(model, name).copy_(value)
-        raise
+# A parameter's content version: its in-place version counter, except after a bit-exact
+# restore (an undo, the end of `compute_in_sequence`, a failed apply), where it is the version
+# whose content came back. Work cached on the weights (`weights_version`) then stays valid
+# across an edit and its undo, while any other in-place write makes a version never seen before.
+_RESTORED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> {version: content version}
+_SAVED_AT: WeakIdKeyDictionary = WeakIdKeyDictionary()  # saved copy -> its content version
+
+
+def content_version(param: torch.Tensor) -> int:
+    """The version of a parameter's content (see `_RESTORED`)."""
+    version = param._version
+    return _RESTORED.get(param, {}).get(version, version)
+
+
+def weights_version(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """The storage address and content version of every parameter: while it stays the same,
+    so do the weights (an in-place write changes the version, a tensor put in a parameter's
+    place the address)."""
+    return tuple((p.data_ptr(), content_version(p)) for p in model.parameters())
+
+
+def _save(param: torch.Tensor) -> torch.Tensor:
+    """A copy of a parameter's value that `_restore` can put back."""
+    saved = param.detach().clone()
+    _SAVED_AT[saved] = content_version(param)
+    return saved
+
+
+def _restore(param: torch.Tensor, saved: torch.Tensor) -> None:
+    """Write a copy made by `_save` back into the parameter, bit-exactly."""
+    param.copy_(saved)
+    if saved in _SAVED_AT:
+        _RESTORED.setdefault(param, {})[param._version] = _SAVED_AT[saved]
 
 
 def apply_deltas(model: nn.Module, deltas: list[WeightDelta]) -> dict[str, torch.Tensor]:
@@ -101,20 +130,27 @@ def apply_deltas(model: nn.Module, deltas: list[WeightDelta]) -> dict[str, torch
     for delta in deltas:
         if not delta.is_finite():
             raise FloatingPointError(f"edit produced a non-finite update for {delta.param}")
-    with preserved(model, {d.param for d in deltas}), torch.no_grad():
-        for delta in deltas:
-            param = _parameter(model, delta.param)
-            update = delta.tensor(param.device)
-            if update.shape != param.shape:
-                raise ValueError(
-                    f"delta for {delta.param} has shape {tuple(update.shape)}, the parameter "
-                    f"{tuple(param.shape)}"
-                )
-            originals.setdefault(delta.param, param.detach().clone())
-            new = (param.float() + update).to(param.dtype)
-            if not torch.isfinite(new).all():
-                raise FloatingPointError(f"edit made {delta.param} non-finite")
-            param.copy_(new)
+    try:
+        with torch.no_grad():
+            for delta in deltas:
+                param = _parameter(model, delta.param)
+                update = delta.tensor(param.device)
+                if update.shape != param.shape:
+                    raise ValueError(
+                        f"delta for {delta.param} has shape {tuple(update.shape)}, the parameter "
+                        f"{tuple(param.shape)}"
+                    )
+                if delta.param not in originals:
+                    originals[delta.param] = _save(param)
+                new = (param.float() + update).to(param.dtype)
+                if not all_finite(new):
+                    raise FloatingPointError(f"edit made {delta.param} non-finite")
+                param.copy_(new)
+    except BaseException:
+        with torch.no_grad():
+            for name, value in originals.items():
+                _restore(_parameter(model, name), value)
+        raise
     return originals
 
 
@@ -123,22 +159,25 @@ def compute_in_sequence(
 ) -> list[WeightDelta]:
     """Compute deltas item by item, each on the model as the earlier ones left it.
 
-    Every item's deltas are applied before the next item is computed; at the end (and on an
-    exception) the model is restored bit-exactly. Applying the returned deltas in order
-    reproduces the final weights exactly.
+    Every item's deltas but the last's are applied before the next item is computed (nothing
+    reads the last's: the caller applies them all); at the end (and on an exception) the model
+    is restored bit-exactly. Applying the returned deltas in order reproduces the final weights
+    exactly.
     """
+    items = list(items)
     deltas: list[WeightDelta] = []
     originals: dict[str, torch.Tensor] = {}
     try:
-        for item in items:
+        for index, item in enumerate(items):
             step = compute(item)
-            for name, value in apply_deltas(model, step).items():
-                originals.setdefault(name, value)
             deltas.extend(step)
+            if index + 1 < len(items):
+                for name, value in apply_deltas(model, step).items():
+                    originals.setdefault(name, value)
     finally:
         with torch.no_grad():
             for name, value in originals.items():
-                _parameter(model, name).copy_(value)
+                _restore(_parameter(model, name), value)
     return deltas
 
 
@@ -247,7 +286,7 @@ class Edit:
         with torch.no_grad():
             for entry in order:
                 for name, value in entry.originals.items():
-                    _parameter(self.lm.model, name).copy_(value)
+                    _restore(_parameter(self.lm.model, name), value)
                 entry.on_stack = False
         stack[:] = [entry for entry in stack if entry.on_stack]
 

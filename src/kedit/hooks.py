@@ -62,12 +62,16 @@ class _TokenGrid:
 
 @contextmanager
 def _token_grid(model: nn.Module) -> Iterator[_TokenGrid]:
+    """A grid that sees each forward pass of `model`, or of its base model (the transformer
+    without the LM head) called on its own."""
     grid = _TokenGrid()
-    handle = model.register_forward_pre_hook(grid.see, with_kwargs=True)
+    entries = {id(m): m for m in (model, getattr(model, "base_model", model))}
+    handles = [m.register_forward_pre_hook(grid.see, with_kwargs=True) for m in entries.values()]
     try:
         yield grid
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager

@@ -7,17 +7,18 @@ last); a value v is that projection's output there.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from kedit.hooks import capture, hooks, replace_output, start_at_block, stop_after
+from kedit.edits import weights_version
+from kedit.hooks import capture, hooks, replace_output, stop_after
 from kedit.lm import LM
+from kedit.methods._above import Above, adds_to_block_output, read_logits
 from kedit.methods._memory import backward_tokens, token_chunks
 from kedit.methods.registry import HyperParams, hp
 from kedit.requests import EditRequest
@@ -246,44 +247,95 @@ def lookup_index(
 ) -> int:
     """Token index in `prefix + text` of the edited token (`fact_token`): the subject's last
     token, or the prompt's last one (the subject is in `text`)."""
-    start = text.find(subject)
-    if start < 0:
-        raise ValueError(f"subject {subject!r} does not occur in prompt {text!r}")
-    end = len(text) if fact_token == "last" else start + len(subject)
-    return len(lm.encode_prompt(prefix + text[:end])) - 1
+    return lookup_indices(lm, [(prefix, text, subject)], fact_token)[0]
+
+
+def lookup_indices(lm: LM, texts: list[tuple[str, str, str]], fact_token: str) -> list[int]:
+    """`lookup_index` of each `(prefix, text, subject)`, the texts tokenised in one call."""
+    ends = []
+    for prefix, text, subject in texts:
+        start = text.find(subject)
+        if start < 0:
+            raise ValueError(f"subject {subject!r} does not occur in prompt {text!r}")
+        ends.append(prefix + text[: len(text) if fact_token == "last" else start + len(subject)])
+    return [len(ids) - 1 for ids in encode_prompts(lm, ends)]
+
+
+def encode_prompts(lm: LM, texts: list[str]) -> list[list[int]]:
+    """`lm.encode_prompt` of each text, in one call of the tokenizer."""
+    start = lm.start_ids
+    return [start + ids for ids in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 @torch.no_grad()
-def keys_at_lookup(
-    lm: LM, layer: int, prefixes: list[str], request: EditRequest, fact_token: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys (inputs of the MLP output projection) at the edited token (`lookup_index`).
-
-    Returns `(keys, outputs)`: one row per prefix, the key and the projection's output.
-    """
-    texts = [prefix + request.text for prefix in prefixes]
-    positions = torch.tensor(
-        [lookup_index(lm, prefix, request.text, request.subject, fact_token) for prefix in prefixes]
+def lookup_activations(
+    lm: LM,
+    requests: list[EditRequest],
+    prefixes: list[str],
+    fact_token: str,
+    key_layers: list[int],
+    sites: list[str] = (),
+) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]]:
+    """At the edited token (`lookup_index`) of each request after each prefix, in one forward
+    pass over all of them (in batches of what fits): the keys (inputs of the MLP output
+    projection) of each layer in `key_layers` and the output of each module in `sites`, as
+    `(requests, prefixes, width)` float32 tensors. The tokens after the edited one cannot
+    change these: each prompt runs only up to it."""
+    items = [(prefix, request.text, request.subject) for request in requests for prefix in prefixes]
+    positions = lookup_indices(lm, items, fact_token)
+    texts = [
+        ids[: at + 1]
+        for ids, at in zip(
+            encode_prompts(lm, [prefix + text for prefix, text, _ in items]), positions, strict=True
+        )
+    ]
+    names = [lm.layout.mlp_out_name(layer) for layer in key_layers]
+    last = max([*key_layers, *(_block_of(lm, site) for site in sites)])
+    budget = backward_tokens(lm, min(key_layers or [last]))
+    chunks = list(token_chunks(range(len(items)), [len(t) for t in texts], budget))
+    keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in key_layers}
+    outs: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
+    model, block = lm.model, lm.layout.block(last)
+    for chunk in chunks:
+        ids, mask = lm.pad([texts[i] for i in chunk])
+        at = torch.tensor([positions[i] for i in chunk])
+        with capture(model, names, "input") as seen, capture(model, list(sites)) as written:
+            with stop_after(model, block):
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+        for layer, name in zip(key_layers, names, strict=True):
+            keys[layer].append(_at(seen[name], at))
+        for site in sites:
+            outs[site].append(_at(written[site], at))
+    shape = (len(requests), len(prefixes), -1)
+    return (
+        {layer: torch.cat(parts).view(shape) for layer, parts in keys.items()},
+        {site: torch.cat(parts).view(shape) for site, parts in outs.items()},
     )
-    ids, mask = lm.pad([lm.encode_prompt(text) for text in texts])
-    name = lm.layout.mlp_out_name(layer)
-    with capture(lm.model, [name], "input") as keys, capture(lm.model, [name]) as outs:
-        with stop_after(lm.model, name):
-            lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    device = keys[name].device
-    rows, positions = torch.arange(len(texts), device=device), positions.to(device)
-    return keys[name][rows, positions].float(), outs[name][rows, positions].float()
+
+
+def _at(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Row i of `values` (rows, seq, width) at position `positions[i]`, float32."""
+    rows = torch.arange(len(positions), device=values.device)
+    return values[rows, positions.to(values.device)].float()
+
+
+def _block_of(lm: LM, module: str) -> int:
+    """The block a module path lies in."""
+    prefix = lm.layout.blocks + "."
+    return int(module.removeprefix(prefix).split(".")[0])
 
 
 @dataclass
 class ValueResult:
-    """The delta added to one site's output that makes the target likely, and how the
-    optimisation went."""
+    """The delta added to one site's output that makes the target likely, how the optimisation
+    went, and what the unedited model computes at the edited token: the site's output after
+    the bare prompt and, per asked layer, the keys after each prefix (prefixes × in)."""
 
     delta: torch.Tensor
     initial_output: torch.Tensor
     steps: int
     target_nll: float
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def optimize_value(
@@ -294,9 +346,12 @@ def optimize_value(
     hparams: LocateHyperParams,
     site: str,
     essence_prompt: str = "{} is a",
+    key_layers: list[int] = (),
 ) -> ValueResult:
     """`optimize_values` for one request and the one site `site` (ROME Eq. 4)."""
-    return optimize_values(lm, [request], layer, prefixes, hparams, [site], essence_prompt)[0][0]
+    return optimize_values(
+        lm, [request], layer, prefixes, hparams, [site], essence_prompt, key_layers
+    )[0][0]
 
 
 def optimize_values(
@@ -307,25 +362,28 @@ def optimize_values(
     hparams: LocateHyperParams,
     sites: list[str],
     essence_prompt: str = "{} is a",
+    key_layers: list[int] = (),
 ) -> list[list[ValueResult]]:
     """For each request, vectors delta_s that, added to the outputs of the modules `sites` (all
     in block `layer`) at the edited token, make `target_new` likely after every prefix
-    (ROME Eq. 4; several sites at once as in PMET). One list per request, one result per site.
+    (ROME Eq. 4; several sites at once as in PMET). One list per request, one result per site;
+    each also carries the unedited keys of `key_layers` (each ≤ `layer`) at the edited token.
 
     Loss per request = mean NLL of the target tokens + kl_factor * KL(new || old) of the
     next-token distribution at the edited token of `essence_prompt` (keeps what the subject
-    "is") +
-    for each site, v_weight_decay times `delta_decay` of its delta. Each delta is clamped
-    to clamp_norm_factor times its site's unedited output norm. A request stops once each of
-    its prompts' mean target NLL is below `v_stop_nll` (`v_stop` 'nll') or once each target
-    token is the most probable one after each prompt ('most_probable'), or, with `v_patience`,
-    once its worst prompt's NLL has not reached a new low for that many steps.
+    "is") + for each site, v_weight_decay times `delta_decay` of its delta. Each delta is
+    clamped to clamp_norm_factor times its site's unedited output norm. A request stops once
+    each of its prompts' mean target NLL is below `v_stop_nll` (`v_stop` 'nll') or once each
+    target token is the most probable one after each prompt ('most_probable'), or, with
+    `v_patience`, once its worst prompt's NLL has not reached a new low for that many steps.
 
     The requests are optimised together, each with its own deltas (the losses are summed, so
     the gradients do not mix), in chunks of about `v_batch_tokens` tokens (None: what fits the
-    device, `kedit.methods._memory`). Nothing before the edited token depends on a delta: those
-    positions run once and are fed to every step as cached keys and values, and so do the
-    blocks below `layer` for the others.
+    device, `kedit.methods._memory`). Only what a delta reaches is computed at each step: the
+    positions before the edited token run once and are fed to every step as cached keys and
+    values, the blocks below `layer` run once, and so does block `layer` itself where the
+    delta adds to its output (`adds_to_block_output`); logits are computed only where the loss
+    reads them.
     """
     budget = hparams.v_batch_tokens or backward_tokens(lm, layer)
     tokens = [
@@ -334,26 +392,72 @@ def optimize_values(
     ]
     results: list[list[ValueResult]] = []
     for chunk in token_chunks(requests, tokens, budget):
-        results.extend(_optimize_chunk(lm, chunk, layer, prefixes, hparams, sites, essence_prompt))
+        batch = _ValueBatch.build(lm, chunk, prefixes, essence_prompt, hparams.fact_token)
+        search = _ValueSearch(lm, batch, len(chunk), layer, sites, hparams, list(key_layers))
+        results.extend(search.run())
     return results
+
+
+@dataclass
+class _PrefixStates:
+    """The keys and values of each context prefix's tokens at every layer (prefixes × heads ×
+    width × head dim, left-padded to the longest prefix), for the weights the model has now."""
+
+    ids: list[list[int]]
+    width: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def prefix_states(lm: LM, prefixes: list[str]) -> _PrefixStates | None:
+    """The `_PrefixStates` of `prefixes` (None where none has a token: GPT-2's empty prefix).
+
+    They do not depend on the edit, so every request and step shares them: computed once per
+    model and weights, and kept on `lm.cache` with `weights_version`, which an edit changes and
+    its undo restores."""
+    ids = [lm.encode_prompt(prefix) for prefix in prefixes]
+    width = max(len(tokens) for tokens in ids)
+    if not width:
+        return None
+    key, version = ("prefix_states", tuple(prefixes)), weights_version(lm.model)
+    cached = lm.cache.get(key)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    pad = lm.tokenizer.pad_token_id
+    tokens = torch.tensor([[pad] * (width - len(t)) + t for t in ids], device=lm.device)
+    mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in ids], device=lm.device)
+    with torch.no_grad():
+        out = lm.model.base_model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+            use_cache=True,
+        )
+    states = _PrefixStates(ids, width, _cache_tensors(out))
+    lm.cache[key] = (version, states)
+    return states
 
 
 @dataclass
 class _ValueBatch:
     """The rows of a value optimisation: for each request, one row per prefix (prompt and all
     target tokens but the last) and its essence row. Each row is split at the edited token
-    into a context (left-padded, run once) and a suffix (right-padded, run every step)."""
+    into a context (run once) and a suffix (right-padded, run every step). The context is the
+    row's prefix's tokens, whose keys and values are shared (`prefix_states`), then the rest
+    (left-padded)."""
 
     owner: torch.Tensor  # request index of each row
     is_rewrite: torch.Tensor  # True for prompt rows, False for essence rows
-    target_row: torch.Tensor  # for each prompt row, its row of the target tensors
     at: torch.Tensor  # position of the edited token in the suffix
-    context_ids: torch.Tensor
-    context_mask: torch.Tensor
+    rows_per_request: int  # its prompt rows (one per prefix), then its essence row
+    prefixes: _PrefixStates | None
+    prefix_of: torch.Tensor  # index of each row's prefix
+    context_mask: torch.Tensor  # [the prefix's positions the row shares | the rest]
+    rest_ids: torch.Tensor
+    rest_positions: torch.Tensor
     suffix_ids: torch.Tensor
     suffix_mask: torch.Tensor
     suffix_positions: torch.Tensor
-    target_ids: torch.Tensor  # (rewrite rows, longest target), padded
+    target_ids: torch.Tensor  # (rows, longest target), padded; zeros on essence rows
     target_mask: torch.Tensor
     target_positions: torch.Tensor  # suffix positions that predict each target token
 
@@ -366,114 +470,144 @@ class _ValueBatch:
         essence_prompt: str,
         fact_token: str,
     ) -> _ValueBatch:
-        rows: list[list[int]] = []
-        lookups, owners, targets = [], [], []
-        for index, request in enumerate(requests):
-            target_ids = lm.encode(request.target_new)
-            for prefix in prefixes:
-                prompt_ids = lm.encode_prompt(prefix + request.text)
-                rows.append(prompt_ids + target_ids[:-1])
-                lookups.append(lookup_index(lm, prefix, request.text, request.subject, fact_token))
+        essence_of = [essence_prompt.replace("{}", request.subject) for request in requests]
+        texts = [  # (prefix, text, subject) of each row: the prompt rows, then the essence row
+            (prefix, text, request.subject)
+            for request, essence in zip(requests, essence_of, strict=True)
+            for prefix, text in [*((p, request.text) for p in prefixes), ("", essence)]
+        ]
+        prompts = encode_prompts(lm, [prefix + text for prefix, text, _ in texts])
+        lookups = lookup_indices(lm, texts, fact_token)
+        per_request = len(prefixes) + 1
+        rows, targets, owners, prefix_of = [], [], [], []
+        for index, target_ids in enumerate(
+            lm.tokenizer([r.target_new for r in requests], add_special_tokens=False)["input_ids"]
+        ):
+            for number in range(per_request):
+                prompt_ids = prompts[index * per_request + number]
+                essence = number == len(prefixes)
+                rows.append(prompt_ids if essence else prompt_ids + target_ids[:-1])
+                targets.append(None if essence else (len(prompt_ids) - 1, target_ids))
                 owners.append(index)
-                targets.append((len(prompt_ids) - 1, target_ids))
-            essence = essence_prompt.replace("{}", request.subject)
-            rows.append(lm.encode_prompt(essence))
-            lookups.append(lookup_index(lm, "", essence, request.subject, fact_token))
-            owners.append(index)
-            targets.append(None)
+                # Any prefix serves the essence row: it shares only tokens that match exactly.
+                prefix_of.append(0 if essence else number)
         # A row whose subject ends at its first token has no context; then none is cached.
         cuts = lookups if min(lookups) > 0 else [0] * len(rows)
+        states = prefix_states(lm, prefixes) if max(cuts) else None
+        width = states.width if states else 0
+        shared = [
+            _common_length(states.ids[p], row, cut) if states else 0
+            for row, cut, p in zip(rows, cuts, prefix_of, strict=True)
+        ]
         pad = lm.tokenizer.pad_token_id
-        context_len = max(cuts)
+        rest_len = max(cut - common for cut, common in zip(cuts, shared, strict=True))
         suffix_len = max(len(row) - cut for row, cut in zip(rows, cuts, strict=True))
         longest = max(len(t[1]) for t in targets if t is not None)
-        n_rewrite = sum(t is not None for t in targets)
-        context_ids = torch.full((len(rows), context_len), pad, dtype=torch.long)
-        context_mask = torch.zeros((len(rows), context_len), dtype=torch.long)
-        suffix_ids = torch.full((len(rows), suffix_len), pad, dtype=torch.long)
-        suffix_mask = torch.zeros((len(rows), suffix_len), dtype=torch.long)
-        target_ids = torch.zeros((n_rewrite, longest), dtype=torch.long)
-        target_mask = torch.zeros((n_rewrite, longest))
-        target_positions = torch.zeros((n_rewrite, longest), dtype=torch.long)
-        rewrite = 0
-        for index, (row, cut) in enumerate(zip(rows, cuts, strict=True)):
-            if cut:
-                context_ids[index, context_len - cut :] = torch.tensor(row[:cut])
-                context_mask[index, context_len - cut :] = 1
-            suffix_ids[index, : len(row) - cut] = torch.tensor(row[cut:])
-            suffix_mask[index, : len(row) - cut] = 1
-            if targets[index] is not None:
-                first, ids = targets[index]
-                target_ids[rewrite, : len(ids)] = torch.tensor(ids)
-                target_mask[rewrite, : len(ids)] = 1
-                target_positions[rewrite] = (first - cut + torch.arange(longest)).clamp(
-                    max=suffix_len - 1
-                )
-                rewrite += 1
-        cut_t = torch.tensor(cuts)
+        fields: dict[str, list[list]] = {
+            name: []
+            for name in (
+                "context_mask",
+                "rest_ids",
+                "rest_positions",
+                "suffix_ids",
+                "suffix_mask",
+                "target_ids",
+                "target_mask",
+                "target_positions",
+            )
+        }
+        for row, cut, common, p, target in zip(rows, cuts, shared, prefix_of, targets, strict=True):
+            # [shared prefix positions, left-padded to the longest prefix | rest, left-padded]
+            start = width - len(states.ids[p]) if states else 0
+            lead = rest_len - (cut - common)
+            fields["context_mask"].append(
+                [0] * start
+                + [1] * common
+                + [0] * (width - start - common + lead)
+                + [1] * (cut - common)
+            )
+            fields["rest_ids"].append([pad] * lead + row[common:cut])
+            fields["rest_positions"].append([0] * lead + list(range(common, cut)))
+            tail = suffix_len - (len(row) - cut)
+            fields["suffix_ids"].append(row[cut:] + [pad] * tail)
+            fields["suffix_mask"].append([1] * (len(row) - cut) + [0] * tail)
+            first, ids = target or (0, [])
+            fields["target_ids"].append(ids + [0] * (longest - len(ids)))
+            fields["target_mask"].append([1.0] * len(ids) + [0.0] * (longest - len(ids)))
+            fields["target_positions"].append(
+                [min(first - cut + j, suffix_len - 1) if target else 0 for j in range(longest)]
+            )
         device = lm.device
-        is_rewrite = torch.tensor([t is not None for t in targets], device=device)
+        tensors = {name: torch.tensor(values, device=device) for name, values in fields.items()}
+        cut_t = torch.tensor(cuts)
         return cls(
             owner=torch.tensor(owners, device=device),
-            is_rewrite=is_rewrite,
-            target_row=is_rewrite.long().cumsum(0) - 1,
+            is_rewrite=torch.tensor([t is not None for t in targets], device=device),
             at=(torch.tensor(lookups) - cut_t).to(device),
-            context_ids=context_ids.to(device),
-            context_mask=context_mask.to(device),
-            suffix_ids=suffix_ids.to(device),
-            suffix_mask=suffix_mask.to(device),
+            rows_per_request=per_request,
+            prefixes=states,
+            prefix_of=torch.tensor(prefix_of, device=device),
             suffix_positions=(cut_t[:, None] + torch.arange(suffix_len)).to(device),
-            target_ids=target_ids.to(device),
-            target_mask=target_mask.to(device),
-            target_positions=target_positions.to(device),
+            **tensors,
         )
+
+
+def _common_length(prefix: list[int], row: list[int], cut: int) -> int:
+    """How many leading tokens of `row`, before position `cut`, are the prefix's own tokens
+    (tokenising prefix and prompt together can merge the prefix's last token with the
+    prompt's first)."""
+    length = 0
+    while length < min(len(prefix), cut) and prefix[length] == row[length]:
+        length += 1
+    return length
+
+
+@dataclass
+class _Rows:
+    """The rows of the batch that the current steps run (those of the unfinished requests),
+    with everything a step reads of them, gathered once until the next request finishes."""
+
+    rows: torch.Tensor
+    owner: torch.Tensor
+    where: tuple[torch.Tensor, torch.Tensor]  # (row, suffix position) of each edited token
+    ids: torch.Tensor
+    mask: torch.Tensor  # [context | suffix]
+    positions: torch.Tensor
+    context: _ContextCache | None  # None where no block runs or no row has a context
+    start: torch.Tensor  # where the steps start: the edited block's output, or its input
+    read: tuple[torch.Tensor, torch.Tensor]  # positions whose logits the losses read
+    n_target_reads: int  # the first reads: each prompt row's target positions, then essences
+    target_ids: torch.Tensor  # (prompt rows, longest target)
+    target_mask: torch.Tensor
+    target_count: torch.Tensor
+    prompt_owner: torch.Tensor
+    essence_owner: torch.Tensor
+    prompts_per_request: torch.Tensor
 
     def target_nll(
-        self, logits: torch.Tensor, rows: torch.Tensor, n_requests: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per request, the mean over its prompt rows (of `rows`, whose `logits` these are) of
-        each row's mean target-token NLL, the largest row NLL (detached), and whether every
-        target token is the most probable one in every row."""
-        rewrite = self.is_rewrite[rows]
-        targets = self.target_row[rows[rewrite]]
-        picked = logits[rewrite][
-            torch.arange(len(targets), device=logits.device)[:, None],
-            self.target_positions[targets],
-        ]
-        token_logp = (
-            torch.log_softmax(picked.float(), dim=-1)
-            .gather(2, self.target_ids[targets][..., None])
-            .squeeze(-1)
-        )
-        weights = self.target_mask[targets]
-        nll_rows = -(token_logp * weights).sum(1) / weights.sum(1)
-        owners = self.owner[rows][rewrite]
-        zeros = torch.zeros(n_requests, device=logits.device)
-        count = zeros.index_add(0, owners, torch.ones_like(nll_rows))
-        nll_mean = zeros.index_add(0, owners, nll_rows) / count.clamp(min=1)
+        self, logp: torch.Tensor, n_requests: int, most_probable: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per request, the mean over its prompt rows of each row's mean target-token NLL, the
+        largest row NLL (detached) and, if asked, whether every target token is the most
+        probable one in every row; `logp` are the log-probabilities at the reads."""
+        rows, width = self.target_ids.shape
+        picked = logp[: self.n_target_reads].view(rows, width, -1)
+        token_logp = picked.gather(2, self.target_ids[..., None]).squeeze(-1)
+        nll_rows = -(token_logp * self.target_mask).sum(1) / self.target_count
+        zeros = torch.zeros(n_requests, device=logp.device)
+        nll_mean = zeros.index_add(0, self.prompt_owner, nll_rows) / self.prompts_per_request
         nll_max = torch.full_like(zeros, float("-inf")).scatter_reduce(
-            0, owners, nll_rows.detach(), "amax"
+            0, self.prompt_owner, nll_rows.detach(), "amax"
         )
-        missed = (picked.detach().argmax(-1) != self.target_ids[targets]) & (weights > 0)
-        misses = zeros.index_add(0, owners, missed.any(1).float())
+        if not most_probable:
+            return nll_mean, nll_max, None
+        missed = (picked.detach().argmax(-1) != self.target_ids) & (self.target_mask > 0)
+        misses = zeros.index_add(0, self.prompt_owner, missed.any(1).float())
         return nll_mean, nll_max, misses == 0
 
-    def essence_logp(
-        self, logits: torch.Tensor, rows: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token log-probabilities at the edited token of each essence row among `rows`, and
-        the request each belongs to."""
-        essence = ~self.is_rewrite[rows]
-        at_lookup = logits[essence][
-            torch.arange(int(essence.sum()), device=logits.device), self.at[rows[essence]]
-        ]
-        return torch.log_softmax(at_lookup.float(), dim=-1), self.owner[rows][essence]
-
-
-def _cache_argument(model: Any) -> str:
-    """The name under which this transformers version takes a KV cache (`cache` from 5.2x,
-    `past_key_values` before)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    def essence_logp(self, logp: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probabilities at the edited token of each essence row."""
+        return logp[self.n_target_reads :]
 
 
 def _cache_tensors(output: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -485,31 +619,41 @@ def _cache_tensors(output: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
-def _optimize_chunk(
-    lm: LM,
-    requests: list[EditRequest],
-    layer: int,
-    prefixes: list[str],
-    hparams: LocateHyperParams,
-    sites: list[str],
-    essence_prompt: str,
-) -> list[list[ValueResult]]:
-    """`optimize_values` for requests that fit in one batch."""
-    batch = _ValueBatch.build(lm, requests, prefixes, essence_prompt, hparams.fact_token)
-    return _ValueSearch(lm, batch, len(requests), layer, sites, hparams).run()
+class _ContextCache:
+    """A KV cache object that holds the context's keys and values (per layer) and hands them to
+    each pass afresh: a pass appends its own positions' keys and values to the cache it gets,
+    so before each one the layers are set back to the context's tensors (no copy)."""
+
+    def __init__(self, context: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        from transformers import DynamicCache
+
+        self.context = context
+        self.cache = DynamicCache(ddp_cache_data=context)
+
+    def fresh(self) -> Any:
+        layers = getattr(self.cache, "layers", None)
+        if layers is None:  # transformers before 4.56: lists of tensors
+            self.cache.key_cache[:] = [keys for keys, _ in self.context]
+            self.cache.value_cache[:] = [values for _, values in self.context]
+            return self.cache
+        for layer, (keys, values) in zip(layers, self.context, strict=True):
+            layer.keys, layer.values = keys, values
+        return self.cache
 
 
 class _ValueSearch:
     """The value optimisation of one batch of requests (ROME Eq. 4), in the order it runs.
 
-    Once: `_run_context` runs the positions before each row's edited token (no delta reaches
-    them through causal attention) and keeps their keys and values; `_run_below` runs the blocks
-    below the edited layer (no delta reaches them either) and keeps their output, the edited
-    block's input, and v₀, each site's unedited output at the edited token.
-    Then each step: `_forward` runs the unfinished requests' rows from the edited block on with
-    the deltas added at the sites (`_editing`), `_stop` ends the requests that meet the stopping
-    rule, `_loss` sums ROME Eq. 4's terms over the others, `_descend` takes one step (a first
-    step along the gradient's sign, then Adam) and `_clamp` bounds each delta's norm.
+    Once: `_run_first` runs the unedited model over every row and keeps what no delta reaches:
+    the keys and values of the positions before each row's edited token (causal attention
+    keeps a delta out of them) and where the steps start: the edited block's output where the
+    delta adds to it (`adds_to_block_output`), else its input; and v₀, each site's unedited
+    output at the edited token of each request's first (bare) prompt, and the keys asked for.
+    Then each step: `_forward` adds the unfinished requests' deltas at the edited tokens and
+    runs the blocks above (`_editing`, `kedit.methods._above`) to the log-probabilities the
+    losses read, `_stop` ends the requests that meet the stopping rule, `_loss` sums ROME Eq.
+    4's terms over the others, `_descend` takes one step (a first step along the gradient's
+    sign, then Adam) and `_clamp` bounds each delta's norm.
     """
 
     def __init__(
@@ -520,14 +664,14 @@ class _ValueSearch:
         layer: int,
         sites: list[str],
         hparams: LocateHyperParams,
+        key_layers: list[int],
     ) -> None:
         self.lm, self.batch, self.n_requests = lm, batch, n_requests
         self.layer, self.sites, self.hparams = layer, sites, hparams
+        self.additive = len(sites) == 1 and adds_to_block_output(lm, layer, sites[0])
+        self.above = Above(lm, layer + 1 if self.additive else layer)
         device = lm.device
-        self.all_rows = torch.arange(len(batch.owner), device=device)
-        self.rows = self.all_rows  # the rows of the current forward pass, read by the hooks
-        self.context = self._run_context()
-        self.hidden, self.initial = self._run_below()
+        self.context, self.start, self.initial, self.keys = self._run_first(key_layers)
         self.deltas = [torch.zeros_like(start, requires_grad=True) for start in self.initial]
         self.optimizer = torch.optim.Adam(self.deltas, lr=hparams.v_lr)
         self.max_norms = [hparams.clamp_norm_factor * start.norm(dim=1) for start in self.initial]
@@ -536,114 +680,183 @@ class _ValueSearch:
         self.lowest = torch.full((n_requests,), float("inf"), device=device)
         self.stale = torch.zeros(n_requests, dtype=torch.long, device=device)
         self.done: list[tuple[int, float] | None] = [None] * n_requests
+        self.current: _Rows | None = self._select()  # the rows of the unfinished requests
 
     def run(self) -> list[list[ValueResult]]:
         """Optimise until every request has stopped; one `ValueResult` per request and site."""
-        batch = self.batch
+        most_probable = self.hparams.v_stop == "most_probable"
         with self._editing():
             for step in range(self.hparams.v_steps + 1):
-                self.rows = self.all_rows[self.active[batch.owner]]
-                logits = self._forward(self.rows)
-                nll_mean, nll_max, most_probable = batch.target_nll(
-                    logits, self.rows, self.n_requests
+                if self.current is None:
+                    self.current = self._select()
+                rows = self.current
+                logp = self._forward(rows)
+                nll_mean, nll_max, all_most_probable = rows.target_nll(
+                    logp, self.n_requests, most_probable
                 )
-                essence_logp, essence_owners = batch.essence_logp(logits, self.rows)
+                essence_logp = rows.essence_logp(logp)
                 if self.reference is None:  # step 0 runs with zero deltas: the unedited model
-                    self.reference = torch.zeros(
-                        self.n_requests, essence_logp.shape[1], device=essence_logp.device
-                    )
-                    self.reference[essence_owners] = essence_logp.detach()
-                if self._stop(step, nll_mean, nll_max, most_probable):
+                    self.reference = essence_logp.detach()  # one row per request, in order
+                if self._stop(step, nll_mean, nll_max, all_most_probable):
                     break
-                self._descend(self._loss(nll_mean, essence_logp, essence_owners), step)
+                self._descend(self._loss(nll_mean, essence_logp, rows.essence_owner), step)
                 self._clamp()
         return [
             [
-                ValueResult(delta[r].detach(), start[r], self.done[r][0], self.done[r][1])
+                ValueResult(
+                    delta[r].detach(),
+                    start[r],
+                    self.done[r][0],
+                    self.done[r][1],
+                    {layer: keys[r] for layer, keys in self.keys.items()},
+                )
                 for delta, start in zip(self.deltas, self.initial, strict=True)
             ]
             for r in range(self.n_requests)
         ]
 
-    def _run_context(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Per layer, the keys and values of the positions before each row's edited token
-        (None where no row has any)."""
+    def _run_first(
+        self, key_layers: list[int]
+    ) -> tuple[
+        list[tuple[torch.Tensor, torch.Tensor]] | None,
+        torch.Tensor,
+        list[torch.Tensor],
+        dict[int, torch.Tensor],
+    ]:
+        """One pass of the unedited model over every row's rest of the context and suffix,
+        after the prefixes' shared keys and values. Returns the context's keys and values per
+        layer (None where no row has any context); where the steps start (the suffix's
+        block-`layer` output where the delta adds to it, else its input); each site's unedited
+        output v₀ at the edited token of each request's first (bare) prompt (n_requests ×
+        width, float32); and the keys of `key_layers` at the edited token of each request's
+        prompt rows (n_requests × prefixes × in, float32)."""
+        layout, batch, model = self.lm.layout, self.batch, self.lm.model
+        block = layout.block(self.layer)
+        names = [layout.mlp_out_name(layer) for layer in key_layers]
+        n_rest, n_context = batch.rest_ids.shape[1], batch.context_mask.shape[1]
+        past = {}
+        if batch.prefixes is not None:
+            rows = batch.prefix_of
+            shared = [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in batch.prefixes.kv]
+            past = {self.above.cache_argument: _ContextCache(shared).fresh()}
+        start = "output" if self.additive else "input"
+        with torch.no_grad(), capture(model, [block], start) as seen:
+            with capture(model, self.sites) as out, capture(model, names, "input") as inputs:
+                # The context's keys and values are needed at every layer; without a context
+                # nothing above the edited block is.
+                with nullcontext() if n_context else stop_after(model, block):
+                    result = model.base_model(
+                        input_ids=torch.cat([batch.rest_ids, batch.suffix_ids], dim=1),
+                        attention_mask=torch.cat([batch.context_mask, batch.suffix_mask], dim=1),
+                        position_ids=torch.cat([batch.rest_positions, batch.suffix_positions], 1),
+                        use_cache=n_context > 0,
+                        **past,
+                    )
+        context = None
+        if n_context:
+            context = [
+                (k[..., :n_context, :], v[..., :n_context, :]) for k, v in _cache_tensors(result)
+            ]
+        first_rows = torch.arange(self.n_requests, device=batch.owner.device)
+        first_rows = first_rows * batch.rows_per_request
+        at = batch.at + n_rest
+        initial = [
+            _at(out[site][first_rows.to(out[site].device)], at[first_rows]) for site in self.sites
+        ]
+        prompts = batch.is_rewrite.nonzero().flatten()
+        keys = {
+            layer: _at(inputs[name][prompts.to(inputs[name].device)], at[prompts]).view(
+                self.n_requests, -1, inputs[name].shape[-1]
+            )
+            for layer, name in zip(key_layers, names, strict=True)
+        }
+        return context, seen[block][:, n_rest:], initial, keys
+
+    def _select(self) -> _Rows:
+        """The rows of the unfinished requests."""
+        rows = torch.arange(len(self.batch.owner), device=self.lm.device)
+        return self._select_rows(rows[self.active[self.batch.owner]], self.start)
+
+    def _select_rows(self, rows: torch.Tensor, start: torch.Tensor) -> _Rows:
+        """Rows `rows` of the batch and what a step reads of them; `start` is where the steps
+        start, for every row of the batch."""
         batch = self.batch
-        if not batch.context_ids.shape[1]:
-            return None
-        with torch.no_grad():
-            # Only the KV cache is needed: the base model skips the unembedding.
-            out = self.lm.model.base_model(
-                input_ids=batch.context_ids,
-                attention_mask=batch.context_mask,
-                position_ids=(batch.context_mask.cumsum(1) - 1).clamp(min=0),
-                use_cache=True,
-            )
-        return _cache_tensors(out)
+        every = len(rows) == len(batch.owner)
 
-    def _run_below(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The edited block's input for every row, and each site's unedited output v₀ at the
-        edited token of each request's first (bare) prompt (n_requests × width, float32)."""
-        block, batch = self.lm.layout.block(self.layer), self.batch
-        model = self.lm.model
-        with torch.no_grad(), capture(model, [block], "input") as seen:
-            with capture(model, self.sites) as out, stop_after(model, block):
-                self._forward(self.all_rows)
-        first_rows = torch.tensor(
-            [int((batch.owner == r).nonzero()[0]) for r in range(self.n_requests)],
-            device=batch.owner.device,
-        )
-        initial = []
-        for site in self.sites:
-            output = out[site]
-            rows = first_rows.to(output.device)
-            initial.append(output[rows, batch.at[first_rows].to(output.device)].float())
-        return seen[block], initial
+        def take(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if every else tensor[rows.to(tensor.device)]
 
-    def _forward(self, rows: torch.Tensor) -> torch.Tensor:
-        """Logits of the suffixes of `rows`, after the cached context."""
-        from transformers import DynamicCache
-
-        batch, cache = self.batch, None
-        mask = batch.suffix_mask[rows]
+        mask = take(batch.suffix_mask)
+        context = None
         if self.context is not None:
-            cache = DynamicCache(
-                ddp_cache_data=[
-                    (keys[rows.to(keys.device)], values[rows.to(values.device)])
-                    for keys, values in self.context
-                ]
-            )
-            mask = torch.cat([batch.context_mask[rows], mask], dim=1)
-        model = self.lm.model
-        return model(
-            input_ids=batch.suffix_ids[rows],
-            attention_mask=mask,
-            position_ids=batch.suffix_positions[rows],
-            use_cache=cache is not None,
-            **{_cache_argument(model): cache},
-        ).logits
+            mask = torch.cat([take(batch.context_mask), mask], dim=1)
+            if self.above.runs_blocks:
+                context = _ContextCache([(take(k), take(v)) for k, v in self.context])
+        owner, at = take(batch.owner), take(batch.at)
+        prompt = take(batch.is_rewrite)
+        prompt_rows = prompt.nonzero().flatten()
+        essence_rows = (~prompt).nonzero().flatten()
+        target_positions = take(batch.target_positions)[prompt_rows]
+        width = target_positions.shape[1]
+        read_rows = torch.cat([prompt_rows.repeat_interleave(width), essence_rows])
+        read_cols = torch.cat([target_positions.flatten(), at[essence_rows]])
+        target_mask = take(batch.target_mask)[prompt_rows]
+        prompt_owner = owner[prompt_rows]
+        prompts_per_request = torch.zeros(self.n_requests, device=owner.device).index_add(
+            0, prompt_owner, torch.ones_like(prompt_owner, dtype=torch.float)
+        )
+        return _Rows(
+            rows=rows,
+            owner=owner,
+            where=(torch.arange(len(rows), device=rows.device), at),
+            ids=take(batch.suffix_ids),
+            mask=mask,
+            positions=take(batch.suffix_positions),
+            context=context,
+            start=take(start),
+            read=(read_rows, read_cols),
+            n_target_reads=len(prompt_rows) * width,
+            target_ids=take(batch.target_ids)[prompt_rows],
+            target_mask=target_mask,
+            target_count=target_mask.sum(1),
+            prompt_owner=prompt_owner,
+            essence_owner=owner[essence_rows],
+            prompts_per_request=prompts_per_request.clamp(min=1),
+        )
+
+    def _forward(self, rows: _Rows) -> torch.Tensor:
+        """Log-probabilities at the reads of `rows`, the deltas added at the edited tokens."""
+        hidden = rows.start
+        if self.additive:
+            delta = self.deltas[0]
+            added = delta[rows.owner.to(delta.device)].to(hidden.device, hidden.dtype)
+            where = tuple(index.to(hidden.device) for index in rows.where)
+            hidden = hidden.index_put(where, added, accumulate=True)
+        cache = None if rows.context is None else rows.context.fresh()
+        normed = self.above(hidden, rows.ids, rows.mask, rows.positions, cache)
+        return torch.log_softmax(read_logits(self.lm, normed, *rows.read), dim=-1)
 
     @contextmanager
     def _editing(self) -> Iterator[None]:
-        """Inside: forward passes start at the edited block from `hidden` (the blocks below are
-        left out), each site's output gets its request's delta at the edited token, and the
+        """Inside: forward passes start above the edited block (or at it, with hooks that add
+        each site's delta, where a delta does not simply add to the block's output), and the
         model's parameters take no gradient."""
-        model, layout = self.lm.model, self.lm.layout
+        model = self.lm.model
         needs_grad = [p for p in model.parameters() if p.requires_grad]
         for p in needs_grad:
             p.requires_grad_(False)
-        # Site hooks go in before the blocks below `layer` are cut out, which renumbers the
-        # blocks: a module path resolved afterwards would name a deeper block.
-        site_hooks = [
-            replace_output(model, site, self._add_delta(delta))
-            for site, delta in zip(self.sites, self.deltas, strict=True)
-        ]
-        hidden = self.hidden
-        starting = start_at_block(
-            model, layout.blocks, self.layer, lambda: hidden[self.rows.to(hidden.device)]
+        # Site hooks go in before the blocks below are cut out, which renumbers the blocks: a
+        # module path resolved afterwards would name a deeper block.
+        site_hooks = (
+            []
+            if self.additive
+            else [
+                replace_output(model, site, self._add_delta(delta))
+                for site, delta in zip(self.sites, self.deltas, strict=True)
+            ]
         )
         try:
-            with hooks(*site_hooks, starting):
+            with hooks(*site_hooks, self.above.ready()):
                 yield
         finally:
             for p in needs_grad:
@@ -651,16 +864,12 @@ class _ValueSearch:
 
     def _add_delta(self, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """A site hook: adds each row's request's `delta` at the row's edited token."""
-        batch = self.batch
 
         def add_delta(output: torch.Tensor) -> torch.Tensor:
-            rows = self.rows
-            device = output.device
-            where = (torch.arange(len(rows), device=device), batch.at[rows].to(device))
-            output = output.clone()
-            owners = batch.owner[rows].to(delta.device)
-            output[where] = output[where] + delta[owners].to(device, output.dtype)
-            return output
+            rows = self.current
+            where = tuple(index.to(output.device) for index in rows.where)
+            added = delta[rows.owner.to(delta.device)].to(output.device, output.dtype)
+            return output.index_put(where, added, accumulate=True)
 
         return add_delta
 
@@ -669,7 +878,7 @@ class _ValueSearch:
         step: int,
         nll_mean: torch.Tensor,
         nll_max: torch.Tensor,
-        most_probable: torch.Tensor,
+        most_probable: torch.Tensor | None,
     ) -> bool:
         """End the requests that meet the stopping rule (`v_stop`, `v_patience`), or all at the
         last step, recording their step and mean NLL; whether every request has ended."""
@@ -688,17 +897,20 @@ class _ValueSearch:
         index = finished.nonzero().flatten()
         for r, nll in zip(index.tolist(), nll_mean.detach()[index].tolist(), strict=True):
             self.done[r] = (step, nll)
-        self.active &= ~finished
+        if len(index):
+            self.active &= ~finished
+            self.current = None
         return not self.active.any()
 
     def _loss(
-        self, nll_mean: torch.Tensor, essence_logp: torch.Tensor, essence_owners: torch.Tensor
+        self, nll_mean: torch.Tensor, essence_logp: torch.Tensor, owners: torch.Tensor
     ) -> torch.Tensor:
         """ROME Eq. 4 summed over the active requests (their gradients do not mix): mean target
-        NLL + kl_factor · KL(new ‖ old) on the essence prompt + v_weight_decay · decay."""
+        NLL + kl_factor · KL(new ‖ old) on the essence prompt (rows of requests `owners`) +
+        v_weight_decay · decay."""
         hparams, active = self.hparams, self.active
-        kl_rows = (essence_logp.exp() * (essence_logp - self.reference[essence_owners])).sum(1)
-        kl = (kl_rows * active[essence_owners]).sum()
+        kl_rows = (essence_logp.exp() * (essence_logp - self.reference[owners])).sum(1)
+        kl = (kl_rows * active[owners]).sum()
         decay = sum(
             delta_decay(delta, start, hparams.v_weight_decay_form)[active.to(delta.device)].sum()
             for delta, start in zip(self.deltas, self.initial, strict=True)
@@ -710,8 +922,9 @@ class _ValueSearch:
         """One step on the deltas: along the gradient's sign at step 0 with `v_first_step`,
         else Adam's. Finished requests' deltas stay where they are (Adam's momentum would still
         move them)."""
-        finished = [~self.active.to(delta.device) for delta in self.deltas]
-        kept = [d.detach()[f].clone() for d, f in zip(self.deltas, finished, strict=True)]
+        finished = ~self.active if any(done is not None for done in self.done) else None
+        kept = [] if finished is None else [(d, finished.to(d.device)) for d in self.deltas]
+        values = [delta.detach()[rows].clone() for delta, rows in kept]
         self.optimizer.zero_grad()
         loss.backward()
         if step == 0 and self.hparams.v_first_step > 0:
@@ -719,7 +932,7 @@ class _ValueSearch:
         else:
             self.optimizer.step()
         with torch.no_grad():
-            for delta, rows, value in zip(self.deltas, finished, kept, strict=True):
+            for (delta, rows), value in zip(kept, values, strict=True):
                 delta[rows] = value
 
     @torch.no_grad()

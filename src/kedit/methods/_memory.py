@@ -36,7 +36,14 @@ T = TypeVar("T")
 
 def bytes_per_token(lm: LM, first_layer: int) -> int:
     """Estimated bytes a pass with gradients keeps per token from block `first_layer` up
-    (see the module's docstring)."""
+    (see the module's docstring); kept on `lm.cache`, as it depends on shapes only."""
+    key = ("bytes_per_token", first_layer)
+    if key not in lm.cache:
+        lm.cache[key] = _bytes_per_token(lm, first_layer)
+    return lm.cache[key]
+
+
+def _bytes_per_token(lm: LM, first_layer: int) -> int:
     layout = lm.layout
     projection = lm.model.get_submodule(layout.mlp_out_name(first_layer)).weight
     intermediate, hidden = projection.shape if layout.conv1d else projection.shape[::-1]

@@ -15,15 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from kedit.edits import WeightDelta, compute_in_sequence
-from kedit.hooks import capture, stop_after
 from kedit.lm import LM
 from kedit.methods._locate import (
     LocateHyperParams,
     as_param_factors,
     context_prefixes,
-    keys_at_lookup,
     layer_second_moment,
-    lookup_index,
+    lookup_activations,
     mlp_out_param,
     optimize_values,
     second_moment_cholesky,
@@ -106,63 +104,50 @@ def least_squares_solver(
     return solve
 
 
-@torch.no_grad()
-def residuals_at_lookup(
-    lm: LM, layer: int, requests: list[EditRequest], fact_token: str, site: str | None = None
-) -> torch.Tensor:
-    """Output of module `site` (block `layer` by default) at each request's edited token,
-    bare prompt (n × hidden, float64, on the site's device)."""
-    ids, mask = lm.pad([lm.encode_prompt(r.text) for r in requests])
-    positions = torch.tensor(
-        [lookup_index(lm, "", r.text, r.subject, fact_token) for r in requests]
-    )
-    site = site or lm.layout.block(layer)
-    with capture(lm.model, [site]) as seen, stop_after(lm.model, site):
-        lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    output = seen[site]
-    rows = torch.arange(len(requests), device=output.device)
-    return output[rows, positions.to(output.device)].double()
+@dataclass
+class Targets:
+    """What the spread starts from, per request (rows, float64, from the unedited model): the
+    target output z_i of the measured site at the top edited layer, the site's unedited output
+    there (after the bare prompt), and the lowest edited layer's keys averaged over the context
+    prefixes; and the value optimisation's steps."""
+
+    values: torch.Tensor
+    current: torch.Tensor
+    keys: torch.Tensor
+    steps: list[int]
 
 
 def value_targets(
-    lm: LM, requests: list[EditRequest], hparams: LocateHyperParams, layer: int, sites: list[str]
-) -> tuple[list[torch.Tensor], list[int]]:
-    """Per site (modules of block `layer`, optimised jointly), the target outputs z_i
-    (n × hidden, float64); and the optimisation steps taken per request."""
+    lm: LM, requests: list[EditRequest], hparams: LocateHyperParams, sites: list[str]
+) -> Targets:
+    """The `Targets` of the last of `sites` (modules of the top edited layer, optimised jointly
+    by the value optimisation; the others' deltas are dropped)."""
+    layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
     prefixes = context_prefixes(lm, hparams)
-    found = optimize_values(lm, requests, layer, prefixes, hparams, sites)
-    targets = [
-        torch.stack([f[s].initial_output.double() + f[s].delta.double() for f in found])
-        for s in range(len(sites))
-    ]
-    return targets, [f[0].steps for f in found]
+    found = optimize_values(
+        lm, requests, layers[-1], prefixes, hparams, sites, key_layers=[layers[0]]
+    )
+    measured = [f[-1] for f in found]
+    current = torch.stack([f.initial_output for f in measured]).double()
+    return Targets(
+        values=current + torch.stack([f.delta for f in measured]).double(),
+        current=current,
+        keys=torch.stack([f.keys[layers[0]].mean(dim=0) for f in measured]).double(),
+        steps=[f.steps for f in measured],
+    )
 
 
-def memit_targets(
-    lm: LM, requests: list[EditRequest], hparams: LocateHyperParams, layer: int
-) -> tuple[torch.Tensor, list[int]]:
-    """Target residuals z_i at block `layer` (n × hidden) and the optimisation steps taken."""
-    targets, steps = value_targets(lm, requests, hparams, layer, [lm.layout.block(layer)])
-    return targets[0], steps
-
-
-def mean_keys(
-    lm: LM, layer: int, requests: list[EditRequest], prefixes: list[str], fact_token: str
-) -> torch.Tensor:
-    """Each request's key at `layer`, averaged over the context prefixes (n × in, float64)."""
-    return torch.stack(
-        [
-            keys_at_lookup(lm, layer, prefixes, request, fact_token)[0].mean(dim=0)
-            for request in requests
-        ]
-    ).double()
+def memit_targets(lm: LM, requests: list[EditRequest], hparams: LocateHyperParams) -> Targets:
+    """The `Targets` of the residual stream: the top edited block's output."""
+    top = max(lm.check_layer(layer) for layer in hparams.layers)
+    return value_targets(lm, requests, hparams, [lm.layout.block(top)])
 
 
 def spread_over_layers(
     lm: LM,
     requests: list[EditRequest],
     hparams: LocateHyperParams,
-    targets: torch.Tensor,
+    targets: Targets,
     solve: Solver,
     site: str | None = None,
     divisor: Callable[[int], float] = float,
@@ -170,19 +155,26 @@ def spread_over_layers(
     """Distribute the residual change over the layers, lowest first (MEMIT Alg. 1).
 
     `targets` are outputs of module `site` of the last edited layer (by default that block's
-    output, the residual stream) at the subjects' last tokens. Each layer takes what is still
-    missing there divided by `divisor(number of layers left)` (MEMIT: the number itself).
+    output, the residual stream) at the edited tokens. Each layer takes what is still missing
+    there divided by `divisor(number of layers left)` (MEMIT: the number itself).
     `solve(layer, residuals, keys)` returns the `(left, right)` factors of one layer's update;
-    each layer's update is applied before the next layer's keys and residuals are measured.
+    each layer's update is applied before the next layer's keys and residuals are measured
+    (the lowest layer's come with the targets, from the unedited model).
     """
     layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
     prefixes = context_prefixes(lm, hparams)
+    site = site or lm.layout.block(layers[-1])
 
     def compute(index: int) -> list[WeightDelta]:
         layer = layers[index]
-        keys = mean_keys(lm, layer, requests, prefixes, hparams.fact_token)
-        current = residuals_at_lookup(lm, layers[-1], requests, hparams.fact_token, site)
-        residuals = (targets.to(current.device) - current) / divisor(len(layers) - index)
+        if index == 0:
+            keys, current = targets.keys, targets.current
+        else:
+            seen, outputs = lookup_activations(
+                lm, requests, prefixes, hparams.fact_token, [layer], [site]
+            )
+            keys, current = seen[layer].mean(dim=1).double(), outputs[site][:, 0].double()
+        residuals = (targets.values.to(current.device) - current) / divisor(len(layers) - index)
         left, right = solve(layer, residuals, keys)
         return [WeightDelta.low_rank(mlp_out_param(lm, layer), *as_param_factors(lm, left, right))]
 

@@ -73,14 +73,28 @@ class AlphaEditHyperParams(LocateHyperParams):
 
 @dataclass
 class AlphaEditState(MethodState):
-    """The keys of the earlier edits of a session: K_pᵀK_p per layer, and how many there are."""
+    """The keys of the earlier edits of a session: K_pᵀK_p per layer (`grams`), and how many
+    there are. A batch's keys join the Gram matrices when an edit first reads them, not when
+    the batch is done (an edit made on a fresh state never pays for them)."""
 
-    grams: dict[int, torch.Tensor] = field(default_factory=dict)
+    folded: dict[int, torch.Tensor] = field(default_factory=dict)
+    pending: tuple[dict[int, torch.Tensor], ...] = ()
     n_keys: int = 0
     model_fingerprint: str | None = None
 
+    @property
+    def grams(self) -> dict[int, torch.Tensor]:
+        """K_pᵀK_p per layer (empty before the first edit)."""
+        if self.pending:
+            grams = dict(self.folded)
+            for keys in self.pending:
+                for layer, layer_keys in keys.items():
+                    grams[layer] = grams.get(layer, 0) + layer_keys.T @ layer_keys
+            self.folded, self.pending = grams, ()
+        return self.folded
+
     def reset(self) -> None:
-        self.grams, self.n_keys, self.model_fingerprint = {}, 0, None
+        self.folded, self.pending, self.n_keys, self.model_fingerprint = {}, (), 0, None
 
     def earlier(self, lm: LM, layers: list[int]) -> dict[int, torch.Tensor]:
         """K_pᵀK_p per layer (empty before the first edit).
@@ -91,19 +105,17 @@ class AlphaEditState(MethodState):
                 f"state: it holds keys of model {self.model_fingerprint}, not of {lm.name!r} "
                 f"({lm.fingerprint}); use a fresh AlphaEditState or reset() it"
             )
-        if self.grams and set(self.grams) != set(layers):
+        grams = self.grams
+        if grams and set(grams) != set(layers):
             raise ValueError(
-                f"state: it holds keys of layers {sorted(self.grams)}, not of layers "
+                f"state: it holds keys of layers {sorted(grams)}, not of layers "
                 f"{sorted(layers)}; keep the layers of a session fixed or reset() the state"
             )
-        return self.grams
+        return grams
 
     def add(self, lm: LM, keys: dict[int, torch.Tensor]) -> None:
         """Remember one batch's keys (n × in per layer)."""
-        self.grams = {
-            layer: self.grams.get(layer, 0) + layer_keys.T @ layer_keys
-            for layer, layer_keys in keys.items()
-        }
+        self.pending = (*self.pending, keys)
         self.n_keys += len(next(iter(keys.values())))
         self.model_fingerprint = lm.fingerprint
 
@@ -170,7 +182,7 @@ def alphaedit(
     # Before any layer changes: the statistics must be those of the unedited layers.
     projections = {layer: null_space_projection(lm, hparams, layer) for layer in layers}
     earlier = state.earlier(lm, layers)
-    targets, steps = memit_targets(lm, requests, hparams, layers[-1])
+    targets = memit_targets(lm, requests, hparams)
     batch_keys: dict[int, torch.Tensor] = {}
 
     def solve(layer: int, residuals: torch.Tensor, keys: torch.Tensor):
@@ -180,6 +192,6 @@ def alphaedit(
         )
 
     deltas = spread_over_layers(lm, requests, hparams, targets, solve)
-    info = {"value_steps": steps, "earlier_keys": state.n_keys}
+    info = {"value_steps": targets.steps, "earlier_keys": state.n_keys}
     state.add(lm, batch_keys)
     return MethodResult(deltas, info)

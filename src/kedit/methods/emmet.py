@@ -32,7 +32,6 @@ from kedit.methods._locate import (
     mlp_out_param,
     optimize_values,
 )
-from kedit.methods._spread import mean_keys
 from kedit.methods.registry import MethodResult, hp, register
 from kedit.requests import EditRequest
 
@@ -72,7 +71,7 @@ def equality_constrained_factor(
 
     Rows of `keys` (n × in) are facts; ρ̄ = ρ · mean(diag(K C⁻¹ Kᵀ)). With ρ = 0,
     right @ Kᵀ = I, so (W + ΔW) k_i = W k_i + d_i for every i. A (nearly) singular K C⁻¹ Kᵀ
-    raises, before any value is optimised.
+    raises (before any weight changes).
     """
     keys = keys.double()
     weighted = keys @ inverse_moment
@@ -95,11 +94,14 @@ def compute_emmet(lm: LM, requests: list[EditRequest], hparams: EMMETHyperParams
     layer = lm.check_layer(hparams.layers[0])
     prefixes = context_prefixes(lm, hparams)
     site = lm.layout.mlp_out_name(layer)
-    keys = mean_keys(lm, layer, requests, prefixes, hparams.fact_token)
+    found = [
+        f[0]
+        for f in optimize_values(lm, requests, layer, prefixes, hparams, [site], key_layers=[layer])
+    ]
+    keys = torch.stack([f.keys[layer].mean(dim=0) for f in found]).double()
     right = equality_constrained_factor(
         keys, inverse_second_moment(lm, hparams, layer), hparams.ridge
     )
-    found = [f[0] for f in optimize_values(lm, requests, layer, prefixes, hparams, [site])]
     deltas = torch.stack([f.delta.double() for f in found])
     module = lm.model.get_submodule(site)
     with torch.no_grad():

@@ -5,7 +5,9 @@ Both train one layer's MLP output projection on the edit prompts.
   distribution should hold the target's tokens); an optional L∞ norm constraint keeps each
   weight within ε of its original value.
 - FT-M: the target tokens are scored teacher-forced after the prompt, the prompt masked out.
-The blocks below the edited layer run once; training stops once every target is reached.
+The blocks below the edited layer run once, and so does the edited block up to the trained
+projection where its output adds to the block's (`kedit.methods._above`); logits are computed
+only where a target token is scored; training stops once every target is reached.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from kedit.edits import WeightDelta
-from kedit.hooks import capture, start_at_block, stop_after
+from kedit.hooks import capture, stop_after
 from kedit.lm import LM
+from kedit.methods._above import Above, adds_to_block_output, read_logits
 from kedit.methods._memory import backward_tokens, token_chunks
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
@@ -68,6 +71,12 @@ class _Batch:
     targets: torch.Tensor
     valid: torch.Tensor
 
+    @property
+    def reads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(rows, positions)` of every scored position, row by row."""
+        rows = torch.arange(len(self.ids), device=self.positions.device)
+        return rows.repeat_interleave(self.positions.shape[1]), self.positions.flatten()
+
 
 def _rows(lm: LM, request: EditRequest, last_token: bool) -> tuple[list[int], list[int], list[int]]:
     """A request's row of token ids, the positions that score the target, the target's ids."""
@@ -95,14 +104,37 @@ def _batch(lm: LM, rows: list[tuple[list[int], list[int], list[int]]]) -> _Batch
     return _Batch(ids, mask, pos.to(lm.device), tgt.to(lm.device), valid.to(lm.device))
 
 
-def _target_nll(model: torch.nn.Module, batch: _Batch) -> torch.Tensor:
-    """Each row's mean target-token NLL."""
-    logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
-    rows = torch.arange(len(batch.ids), device=logits.device)[:, None]
-    logp = torch.log_softmax(logits[rows, batch.positions.to(logits.device)].float(), dim=-1)
+def _target_nll(logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    """Each row's mean target-token NLL, from the logits at `batch.reads`."""
+    logp = torch.log_softmax(logits, dim=-1).view(*batch.positions.shape, -1)
     targets, valid = batch.targets.to(logp.device), batch.valid.to(logp.device)
     token_logp = logp.gather(2, targets[..., None]).squeeze(-1) * valid
     return -token_logp.sum(1) / valid.sum(1)
+
+
+@dataclass
+class _Start:
+    """Where a batch's training steps start: the first trained block's output and its
+    projection's input and output (where the projection's output adds to the block's), or the
+    block's input."""
+
+    hidden: torch.Tensor
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def _run_below(lm: LM, batch: _Batch, layer: int, additive: bool) -> _Start:
+    """Run the blocks that the training does not change, once."""
+    model, layout = lm.model, lm.layout
+    block, projection = layout.block(layer), layout.mlp_out_name(layer)
+    with capture(model, [block], "output" if additive else "input") as seen:
+        with capture(model, [projection], "input") as keys, capture(model, [projection]) as values:
+            with stop_after(model, block):
+                model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
+    if not additive:
+        return _Start(seen[block])
+    return _Start(seen[block], keys[projection], values[projection])
 
 
 def fine_tune(
@@ -128,14 +160,12 @@ def fine_tune(
     batches = [_batch(lm, chunk) for chunk in chunks]
     shares = [len(chunk) / len(requests) for chunk in chunks]
 
-    first_block = layout.block(layers[0])
-    hidden = []  # each batch's input of the first trained block: the blocks below run once
-    for batch in batches:
-        with torch.no_grad(), capture(model, [first_block], "input") as seen:
-            with stop_after(model, first_block):
-                model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
-        hidden.append(seen[first_block])
-    current = {"batch": 0}  # the batch of the current forward pass
+    # The first trained projection's output adds to its block's: the steps start above that
+    # block, from its output plus the projection's change. Else they run it, from its input.
+    projection = model.get_submodule(layout.mlp_out_name(layers[0]))
+    additive = adds_to_block_output(lm, layers[0], layout.mlp_out_name(layers[0]))
+    starts = [_run_below(lm, batch, layers[0], additive) for batch in batches]
+    above = Above(lm, layers[0] + 1 if additive else layers[0])
 
     trainable = {id(p) for p in params}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
@@ -144,14 +174,18 @@ def fine_tune(
     optimizer = torch.optim.Adam(masters, lr=hparams.lr, weight_decay=hparams.weight_decay)
     step, worst = 0, float("nan")
     try:
-        with start_at_block(model, layout.blocks, layers[0], lambda: hidden[current["batch"]]):
+        with above.ready():
             for step in range(hparams.steps + 1):
                 for p in params:
                     p.grad = None
                 maxima, last = [], None
                 for index, (batch, share) in enumerate(zip(batches, shares, strict=True)):
-                    current["batch"] = index
-                    nll = _target_nll(model, batch)
+                    start = starts[index]
+                    hidden = start.hidden
+                    if additive:
+                        hidden = hidden + (projection(start.keys) - start.values)
+                    normed = above(hidden, batch.ids, batch.mask)
+                    nll = _target_nll(read_logits(lm, normed, *batch.reads), batch)
                     maxima.append(nll.detach().max())
                     last = nll.mean() * share
                     # The last batch's backward waits for the stopping rule; earlier ones free

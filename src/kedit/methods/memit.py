@@ -40,6 +40,6 @@ class MEMITHyperParams(SpreadHyperParams):
 def memit(lm: LM, requests: list[EditRequest], hparams: MEMITHyperParams) -> MethodResult:
     layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
     solve = least_squares_solver(lm, hparams, layers, len(requests))  # Eq. 14, C unedited
-    targets, steps = memit_targets(lm, requests, hparams, layers[-1])  # z_i at layer L
+    targets = memit_targets(lm, requests, hparams)  # z_i at layer L
     deltas = spread_over_layers(lm, requests, hparams, targets, solve)  # Alg. 1
-    return MethodResult(deltas, {"value_steps": steps})
+    return MethodResult(deltas, {"value_steps": targets.steps})

@@ -58,9 +58,8 @@ def pmet(lm: LM, requests: list[EditRequest], hparams: PMETHyperParams) -> Metho
     solve = least_squares_solver(lm, hparams, layers, len(requests))  # before any layer changes
     top = layers[-1]
     sites = [lm.layout.attn_out_name(top), lm.layout.mlp_out_name(top)]
-    (_, mlp_targets), steps = value_targets(lm, requests, hparams, top, sites)
-
+    targets = value_targets(lm, requests, hparams, sites)  # the FFN's z_m; δ_a is dropped
     deltas = spread_over_layers(
-        lm, requests, hparams, mlp_targets, solve, site=sites[1], divisor=math.sqrt
+        lm, requests, hparams, targets, solve, site=sites[1], divisor=math.sqrt
     )
-    return MethodResult(deltas, {"value_steps": steps})
+    return MethodResult(deltas, {"value_steps": targets.steps})

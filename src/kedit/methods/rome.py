@@ -25,7 +25,6 @@ from kedit.methods._locate import (
     as_param_factors,
     context_prefixes,
     inverse_second_moment,
-    keys_at_lookup,
     mlp_out_param,
     optimize_value,
     optimize_values,
@@ -80,13 +79,15 @@ def compute_rank_one(
     found: ValueResult | None = None,
 ) -> RankOneUpdate:
     """The ROME (corrected=False) or r-ROME (corrected=True) update for one request; `found` is
-    its value optimisation when already done (on the model as it is now)."""
+    its value optimisation when already done (on the model as it is now, with the keys of the
+    edited layer)."""
     layer = lm.check_layer(hparams.layers[0])
-    prefixes = context_prefixes(lm, hparams)
-    keys, outputs = keys_at_lookup(lm, layer, prefixes, request, hparams.fact_token)
-    k_star = keys.mean(dim=0)
     site = lm.layout.mlp_out_name(layer)
-    found = found or optimize_value(lm, request, layer, prefixes, hparams, site)
+    if found is None:
+        prefixes = context_prefixes(lm, hparams)
+        found = optimize_value(lm, request, layer, prefixes, hparams, site, key_layers=[layer])
+    keys = found.keys[layer]  # one per prefix; the first after the bare prompt
+    k_star = keys.mean(dim=0)
     inverse = inverse_second_moment(lm, hparams, layer) if hparams.mom2_adjustment else None
     if corrected:
         module = lm.model.get_submodule(site)
@@ -94,7 +95,7 @@ def compute_rank_one(
         with torch.no_grad():
             start = module(k_star.to(module.weight.dtype)[None])[0].float()
     else:
-        key, start = keys[0], outputs[0]
+        key, start = keys[0], found.initial_output
     left, right = rank_one_update(found.delta, key, k_star, inverse)
     return RankOneUpdate(
         left, right, key, k_star, start + found.delta, found.steps, found.target_nll
@@ -128,9 +129,8 @@ def _each(
     prefixes = context_prefixes(lm, hparams)
     site = lm.layout.mlp_out_name(layer)
     results = []
-    for request, found in zip(
-        requests, optimize_values(lm, requests, layer, prefixes, hparams, [site]), strict=True
-    ):
+    found_all = optimize_values(lm, requests, layer, prefixes, hparams, [site], key_layers=[layer])
+    for request, found in zip(requests, found_all, strict=True):
         update = compute_rank_one(lm, request, hparams, corrected, found[0])
         deltas = _rank_one_deltas(lm, hparams, update)
         results.append(MethodResult(deltas, {"value_steps": [update.steps]}))

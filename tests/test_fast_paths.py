@@ -1,0 +1,141 @@
+"""What the searches behind an edit leave out must not change what they find: steps that start
+above the edited block equal steps that run it with hooks, context prefixes' shared keys and
+values equal the prefixes run inline, cached work follows the weights, and deltas are applied
+once."""
+
+import pytest
+import torch
+
+import kedit
+from kedit.edits import WeightDelta, all_finite, compute_in_sequence, weights_version
+from kedit.methods import _above, _locate, ft
+from kedit.methods._locate import context_prefixes, optimize_values, prefix_states
+from kedit.methods.registry import resolve_hparams
+
+
+def _requests(n):
+    from kedit.data import load_requests
+    from kedit.zoo import benchmark_path
+
+    return load_requests(benchmark_path("knowedit"), n=n)
+
+
+def _same_values(found, expected):
+    for (one,), (other,) in zip(found, expected, strict=True):
+        assert one.steps == other.steps
+        scale = other.delta.abs().max()
+        assert torch.allclose(one.delta, other.delta, atol=1e-4 * scale)
+        assert torch.allclose(one.initial_output, other.initial_output, atol=1e-5)
+        for layer, keys in other.keys.items():
+            assert torch.allclose(one.keys[layer], keys, atol=1e-5)
+
+
+def test_a_delta_adds_to_the_block_output_at_the_mlp_output_not_at_the_attention_output(
+    tiny_gpt2, tiny_llama
+):
+    for lm in (tiny_gpt2, tiny_llama):
+        layout = lm.layout
+        assert _above.adds_to_block_output(lm, 1, layout.mlp_out_name(1))
+        assert _above.adds_to_block_output(lm, 1, layout.block(1))
+        # The attention's output goes through the MLP before it reaches the block's output.
+        assert not _above.adds_to_block_output(lm, 1, layout.attn_out_name(1))
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_steps_that_start_above_the_block_find_what_steps_through_it_with_hooks_find(
+    model, method, request, monkeypatch
+):
+    lm = request.getfixturevalue(model)
+    params = resolve_hparams(method, lm, {"prefix_lengths": [[4, 2]], "v_steps": 8})
+    layer = max(params.layers)
+    site = lm.layout.mlp_out_name(layer) if method == "rome" else lm.layout.block(layer)
+    requests, prefixes = _requests(3), context_prefixes(lm, params)
+    above = optimize_values(lm, requests, layer, prefixes, params, [site], key_layers=[layer])
+    monkeypatch.setattr(_locate, "adds_to_block_output", lambda *args: False)
+    hooked = optimize_values(lm, requests, layer, prefixes, params, [site], key_layers=[layer])
+    _same_values(above, hooked)
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])
+def test_shared_prefix_keys_and_values_equal_the_prefixes_run_with_each_prompt(
+    model, request, monkeypatch
+):
+    lm = request.getfixturevalue(model)
+    params = resolve_hparams("rome", lm, {"layers": [1], "v_steps": 8})
+    site = lm.layout.mlp_out_name(1)
+    requests, prefixes = _requests(3), context_prefixes(lm, params)
+    assert prefix_states(lm, prefixes).width > 1
+    shared = optimize_values(lm, requests, 1, prefixes, params, [site], key_layers=[1])
+    monkeypatch.setattr(_locate, "prefix_states", lambda *args: None)
+    inline = optimize_values(lm, requests, 1, prefixes, params, [site], key_layers=[1])
+    _same_values(shared, inline)
+
+
+def test_prefix_keys_and_values_follow_the_weights_across_an_edit_and_its_undo(tiny_gpt2):
+    lm = tiny_gpt2
+    params = resolve_hparams("rome", lm, {"layers": [1]})
+    prefixes = context_prefixes(lm, params)
+    before, version = prefix_states(lm, prefixes), weights_version(lm.model)
+    hparams = {"layers": [1], "mom2_adjustment": False}
+    with kedit.edit(lm, _requests(1), method="rome", hparams=hparams):
+        assert weights_version(lm.model) != version
+        edited = prefix_states(lm, prefixes)
+        assert edited is not before
+        # Layer 1's update reaches the prefixes' keys and values from block 2 on, not below.
+        assert torch.equal(edited.kv[1][0], before.kv[1][0])
+        assert not torch.allclose(edited.kv[2][0], before.kv[2][0])
+    assert weights_version(lm.model) == version
+    again = prefix_states(lm, prefixes)
+    assert torch.equal(again.kv[-1][0], before.kv[-1][0])
+    with torch.no_grad():
+        lm.model.transformer.h[0].mlp.c_proj.weight.mul_(1.0)  # a write outside kedit
+    assert weights_version(lm.model) != version
+    assert prefix_states(lm, prefixes) is not again
+
+
+def test_fine_tuning_from_above_the_trained_block_equals_running_it(tiny_gpt2, monkeypatch):
+    requests = _requests(3)
+    hparams = {"layers": [4], "steps": 6}
+    above = kedit.edit(tiny_gpt2, requests, method="ft-m", hparams=hparams)
+    above.undo()
+    monkeypatch.setattr(ft, "adds_to_block_output", lambda *args: False)
+    through = kedit.edit(tiny_gpt2, requests, method="ft-m", hparams=hparams)
+    through.undo()
+    assert above.info["steps"] == through.info["steps"]
+    (one,), (other,) = above.deltas, through.deltas
+    assert torch.allclose(one.tensor(), other.tensor(), atol=1e-4 * other.tensor().abs().max())
+
+
+def test_compute_in_sequence_applies_every_items_deltas_but_the_last(random_gpt2, monkeypatch):
+    import kedit.edits as edits
+
+    model = random_gpt2.model
+    name = "transformer.h.0.mlp.c_proj.weight"
+    weight = model.get_parameter(name)
+    original = weight.detach().clone()
+    seen, writes = [], []
+    write = edits.apply_deltas
+
+    def counted(*args):
+        writes.append(1)
+        return write(*args)
+
+    def compute(item):
+        seen.append(weight.detach().clone())
+        return [WeightDelta.from_dense(name, torch.full_like(original, float(item)))]
+
+    monkeypatch.setattr(edits, "apply_deltas", counted)
+    deltas = compute_in_sequence(model, [1, 2, 4], compute)
+    assert len(writes) == 2 and len(deltas) == 3
+    for before, total in zip(seen, [0.0, 1.0, 3.0], strict=True):
+        assert torch.allclose(before, original + total)
+    assert torch.equal(weight.detach(), original)
+
+
+def test_all_finite_is_exact_also_where_the_sum_overflows():
+    assert all_finite(torch.tensor([3e38, 3e38, -1.0]))  # the sum overflows, the entries do not
+    assert all_finite(torch.zeros(0))
+    assert not all_finite(torch.tensor([1.0, float("inf")]))
+    assert not all_finite(torch.tensor([float("inf"), float("-inf")]))
+    assert not all_finite(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16))
