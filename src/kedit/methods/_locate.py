@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,7 +67,11 @@ class LocateHyperParams(HyperParams):
         " token after every prompt (MPES, Gupta et al. 2025: shorter values, less norm growth"
         " under sequential editing, fewer steps).",
     )
-    v_stop_nll: float = hp(0.05, "Stop once every prompt's mean target NLL is below this.")
+    v_stop_nll: float = hp(
+        0.05,
+        "Stop once every prompt's mean target NLL is below this (for a request with k targets,"
+        " a Multi-Label Edit: below this + log k, each target near an equal share).",
+    )
     v_patience: int = hp(
         0,
         "Also stop a request once its worst prompt's target NLL has not reached a new low for"
@@ -101,6 +106,7 @@ class LocateHyperParams(HyperParams):
         " what fits the device, at most 4096 (kedit.methods._memory).",
     )
 
+    MULTI_LABEL = True
     ALIASES = {
         "v_num_grad_steps": "v_steps",
         "mom2_dataset": "mom2_corpus",
@@ -311,6 +317,8 @@ def optimize_values(
     """For each request, vectors delta_s that, added to the outputs of the modules `sites` (all
     in block `layer`) at the edited token, make `target_new` likely after every prefix
     (ROME Eq. 4; several sites at once as in PMET). One list per request, one result per site.
+    A request with `extra_targets` (Multi-Label Edit) makes all its targets likely: its target
+    NLL is the mean over targets and prefixes.
 
     Loss per request = mean NLL of the target tokens + kl_factor * KL(new || old) of the
     next-token distribution at the edited token of `essence_prompt` (keeps what the subject
@@ -329,7 +337,8 @@ def optimize_values(
     """
     budget = hparams.v_batch_tokens or backward_tokens(lm, layer)
     tokens = [
-        (len(prefixes) + 1) * len(lm.encode_prompt(prefixes[-1] + request.text))
+        (len(prefixes) * len(request.targets) + 1)
+        * len(lm.encode_prompt(prefixes[-1] + request.text))
         for request in requests
     ]
     results: list[list[ValueResult]] = []
@@ -340,8 +349,8 @@ def optimize_values(
 
 @dataclass
 class _ValueBatch:
-    """The rows of a value optimisation: for each request, one row per prefix (prompt and all
-    target tokens but the last) and its essence row. Each row is split at the edited token
+    """The rows of a value optimisation: for each request, one row per prefix and target (prompt
+    and all target tokens but the last) and its essence row. Each row is split at the edited token
     into a context (left-padded, run once) and a suffix (right-padded, run every step)."""
 
     owner: torch.Tensor  # request index of each row
@@ -356,6 +365,7 @@ class _ValueBatch:
     target_ids: torch.Tensor  # (rewrite rows, longest target), padded
     target_mask: torch.Tensor
     target_positions: torch.Tensor  # suffix positions that predict each target token
+    nll_floor: torch.Tensor  # per request, log of its number of targets: the NLL of equal shares
 
     @classmethod
     def build(
@@ -369,13 +379,16 @@ class _ValueBatch:
         rows: list[list[int]] = []
         lookups, owners, targets = [], [], []
         for index, request in enumerate(requests):
-            target_ids = lm.encode(request.target_new)
-            for prefix in prefixes:
-                prompt_ids = lm.encode_prompt(prefix + request.text)
-                rows.append(prompt_ids + target_ids[:-1])
-                lookups.append(lookup_index(lm, prefix, request.text, request.subject, fact_token))
-                owners.append(index)
-                targets.append((len(prompt_ids) - 1, target_ids))
+            for target in request.targets:
+                target_ids = lm.encode(target)
+                for prefix in prefixes:
+                    prompt_ids = lm.encode_prompt(prefix + request.text)
+                    rows.append(prompt_ids + target_ids[:-1])
+                    lookups.append(
+                        lookup_index(lm, prefix, request.text, request.subject, fact_token)
+                    )
+                    owners.append(index)
+                    targets.append((len(prompt_ids) - 1, target_ids))
             essence = essence_prompt.replace("{}", request.subject)
             rows.append(lm.encode_prompt(essence))
             lookups.append(lookup_index(lm, "", essence, request.subject, fact_token))
@@ -426,6 +439,7 @@ class _ValueBatch:
             target_ids=target_ids.to(device),
             target_mask=target_mask.to(device),
             target_positions=target_positions.to(device),
+            nll_floor=torch.tensor([math.log(len(r.targets)) for r in requests], device=device),
         )
 
     def target_nll(
@@ -678,7 +692,7 @@ class _ValueSearch:
         if hparams.v_stop == "most_probable":
             reached = most_probable
         else:
-            reached = nll_max < hparams.v_stop_nll
+            reached = nll_max < hparams.v_stop_nll + self.batch.nll_floor.to(nll_max.device)
         if hparams.v_patience:
             lower = nll_max < self.lowest
             self.lowest = torch.where(lower, nll_max, self.lowest)
