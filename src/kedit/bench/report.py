@@ -26,10 +26,50 @@ COUNTERFACT_COLUMNS = [
     ("Neighborhood Score", "post", "probability", "locality"),
     ("Generation Entropy", "post", "sampling", "fluency"),
 ]
+# The pitfalls tables (Li et al., 2024): (title, "pitfalls", ConflictEdit kind or RoundEdit
+# variant, metric); the paper's column order.
+CONFLICT_COLUMNS = [
+    ("Succ", "pitfalls", "coverage", "success"),
+    ("CS", "pitfalls", "coverage", "conflict_score"),
+    ("CM", "pitfalls", "coverage", "conflict_magnitude"),
+    ("CS", "pitfalls", "reverse", "conflict_score"),
+    ("CM", "pitfalls", "reverse", "conflict_magnitude"),
+    ("CS", "pitfalls", "composite", "conflict_score"),
+    ("CM", "pitfalls", "composite", "conflict_magnitude"),
+    ("TFD", "pitfalls", "composite", "tied_fact_damage"),
+]
+ROUND_COLUMNS = [
+    (name, "pitfalls", variant, metric)
+    for variant in ("single", "multi_label")
+    for name, metric in (
+        ("Succ", "success"),
+        ("D", "distortion"),
+        ("IR", "ignore_rate"),
+        ("FR", "failure_rate"),
+    )
+]
+PITFALLS_TABLES = (
+    ("Pitfalls: knowledge conflict (ConflictEdit)", "conflict", CONFLICT_COLUMNS),
+    (
+        "Pitfalls: knowledge distortion (RoundEdit; multi_label = Multi-Label Edit)",
+        "distortion",
+        ROUND_COLUMNS,
+    ),
+)
+PITFALLS_NOTE = (
+    "Protocol `probability`: a fact's probability is exp(-mean token NLL) of its object, averaged"
+    " over the edit prompt and its paraphrases. CS: share of cases where the fact the second edit"
+    " implies beats the one the first edit wrote (higher: the conflict resolved); CM: relative"
+    " drop of the first edit's fact; TFD: relative drop of the tied fact; D: Jensen-Shannon"
+    " divergence (nats) of the true objects' distribution before and after the round trip; IR:"
+    " share of the other true objects that lost probability; FR: share of cases with IR > 0.5."
+    " See docs/pitfalls.md.\n"
+)
 
 
 def spread(summaries: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Mean, min and max over runs (seeds) of each (stage, protocol, metric) mean.
+    """Mean, min and max over runs (seeds) of each (stage, protocol, metric) mean, and of each
+    (pitfalls, group, metric) mean of a pitfalls run.
 
     Takes `summarize` outputs (or bench summaries' "metrics"); returns the same nesting with
     `{"mean", "min", "max", "n"}` leaves.
@@ -39,7 +79,7 @@ def spread(summaries: Iterable[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("summaries: expected at least one run to aggregate, got none")
     values: dict[tuple[str, str, str], list[float]] = {}
     for run in runs:
-        for stage in ("pre", "post"):
+        for stage in ("pre", "post", "pitfalls"):
             for protocol, metrics in (run.get(stage) or {}).items():
                 for metric, value in metrics.items():
                     values.setdefault((stage, protocol, metric), []).append(value)
@@ -126,34 +166,73 @@ def bars_top(values: list[float]) -> float:
     return 1.05 if tallest <= 1 else 1.1 * tallest
 
 
+def pitfalls_markdown(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """The Pitfalls tables of the runs among `rows` that have their numbers ("" if none)."""
+    text = ""
+    for title, _, columns in PITFALLS_TABLES:
+        found = [(label, run) for label, run in rows if _has_columns(run, columns)]
+        if found:
+            text += "\n" + markdown(title, found, columns) + "\n" + PITFALLS_NOTE
+    return text
+
+
+def plot_pitfalls(rows: list[tuple[str, dict[str, Any]]], out_dir: str | Path) -> list[Path]:
+    """`pitfalls_conflict.png` and `pitfalls_distortion.png`: the Pitfalls tables' numbers as
+    bars, for the tables that have runs among `rows`."""
+    paths = []
+    for title, name, columns in PITFALLS_TABLES:
+        found = [(label, run) for label, run in rows if _has_columns(run, columns)]
+        if found:
+            path = Path(out_dir) / f"pitfalls_{name}.png"
+            paths.append(plot_columns(found, columns, path, title))
+    return paths
+
+
+def _has_columns(run: dict[str, Any], columns: list[tuple[str, str, str, str]]) -> bool:
+    return any(_cell(run, *spec[1:]) != "–" for spec in columns)
+
+
 def plot_bars(rows: list[tuple[str, dict[str, Any]]], protocol: str, path: str | Path) -> Path:
     """One bar group per run, one bar per post-edit metric of `protocol`; error bars show the
     min-max spread over seeds."""
+    metrics = sorted({m for _, run in rows for m in run.get("post", {}).get(protocol, {})})
+    columns = [(m, "post", protocol, m) for m in metrics if not m.endswith("_nll")]
+    return plot_columns(rows, columns, path, f"post-edit metrics ({protocol})")
+
+
+def plot_columns(
+    rows: list[tuple[str, dict[str, Any]]],
+    columns: list[tuple[str, str, str, str]],
+    path: str | Path,
+    title: str,
+) -> Path:
+    """One bar group per run, one bar per column (title, stage, protocol or group, metric);
+    error bars show the min-max spread over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = sorted({m for _, run in rows for m in run.get("post", {}).get(protocol, {})})
-    metrics = [m for m in metrics if not m.endswith("_nll")]
-    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(rows) * max(1, len(metrics)) / 3), 4))
-    width = 0.8 / max(1, len(metrics))
-    tops = [0.0]
-    for k, metric in enumerate(metrics):
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(rows) * max(1, len(columns)) / 3), 4))
+    width = 0.8 / max(1, len(columns))
+    tops, bottoms = [0.0], [0.0]
+    for k, (name, stage, protocol, metric) in enumerate(columns):
         heights, lows, highs = [], [], []
         for _, run in rows:
-            leaf = run.get("post", {}).get(protocol, {}).get(metric)
+            leaf = run.get(stage, {}).get(protocol, {}).get(metric)
             leaf = leaf if isinstance(leaf, dict) else {"mean": leaf, "min": leaf, "max": leaf}
             value = leaf["mean"] if leaf["mean"] is not None else 0.0
             heights.append(value)
             lows.append(value - (leaf["min"] if leaf["min"] is not None else value))
             highs.append((leaf["max"] if leaf["max"] is not None else value) - value)
         tops.extend(height + high for height, high in zip(heights, highs, strict=True))
+        bottoms.extend(height - low for height, low in zip(heights, lows, strict=True))
         positions = [i + k * width for i in range(len(rows))]
-        ax.bar(positions, heights, width, yerr=[lows, highs], label=metric, capsize=2)
+        label = name if stage != "pitfalls" else f"{name} ({protocol})"
+        ax.bar(positions, heights, width, yerr=[lows, highs], label=label, capsize=2)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [label for label, _ in rows])
-    ax.set_ylim(0, bars_top(tops))
-    ax.set_title(f"post-edit metrics ({protocol})")
+    ax.set_ylim(min(0.0, 1.1 * min(bottoms)), bars_top(tops))
+    ax.set_title(title)
     ax.legend(fontsize="small")
     fig.tight_layout()
     path = Path(path)

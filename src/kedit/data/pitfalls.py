@@ -245,6 +245,8 @@ def _round_case(record: Record, prompts: Prompts, add_space: bool) -> RoundCase:
             "edit.object", f"{fact.object.strip()!r} is not among true_objects {true_objects}"
         )
     others = [o for o in dict.fromkeys(true_objects) if o != fact.object]
+    if not others:
+        raise record.error("true_objects", "expected another true object besides edit.object")
     return RoundCase(
         case_id=_case_id(record),
         kind=record.get("type"),
