@@ -4,9 +4,11 @@ unedited model, the facts scored after each, then undone.
 - ConflictEdit: edit e1, score the fact it wrote; edit e2 on top, score that fact again, the
   fact e2 implies in its place and (composite) the tied fact, which is also scored on the
   unedited model; for coverage cases, e2 alone is also made and scored (Success).
-- RoundEdit: edit o -> o*, score both; edit o* -> o on top and score every true object and o*;
-  for methods that take several targets, the second edit is also made as a Multi-Label Edit
-  (towards every true object) on the same first edit, for comparison.
+- RoundEdit: edit o -> o*, score both; edit o* -> o on top and score every true object and o*
+  ("single"). On the same first edit, the second is also made as a Multi-Label Edit, towards
+  every true object: as one request with several targets by the methods that take them
+  ("multi_label", the paper's description), and as one single-target request per true object
+  in one batch by the batchable methods ("multi_label_batch", the authors' code).
 
 A stateful method (AlphaEdit) carries its memory from the first edit to the second, as in a
 session; the Multi-Label Edit starts from the memory as the first edit left it. Probabilities
@@ -59,7 +61,7 @@ from kedit.pitfalls.metrics import (
     round_success,
     summarize,
 )
-from kedit.pitfalls.probes import conflict_probes, multi_label_back
+from kedit.pitfalls.probes import conflict_probes, multi_label_back, multi_label_batch
 from kedit.requests import EditRequest
 
 PITFALLS_LOADERS = {"conflictedit": load_conflictedit, "roundedit": load_roundedit}
@@ -108,7 +110,7 @@ class _Editor:
     def fresh_state(self) -> Any:
         return None if self.spec.state is None else self.spec.state()
 
-    def __call__(self, request: EditRequest, state: Any) -> Edit:
+    def __call__(self, request: EditRequest | list[EditRequest], state: Any) -> Edit:
         started = time.perf_counter()
         try:
             return edit(self.lm, request, self.spec.name, self.params, state=state)
@@ -165,9 +167,11 @@ def _round_scores(before: list[float], after: list[float]) -> dict[str, float]:
 def _round_record(editor: _Editor, case: RoundCase, before: list[float]) -> dict:
     lm, objects = editor.lm, len(case.true_objects)
     question = [(case.fact.prompts, [*case.true_objects, case.new_object])]
-    seconds = [("single", case.back)]
+    seconds: list[tuple[str, EditRequest | list[EditRequest]]] = [("single", case.back)]
     if editor.spec.hparams.MULTI_LABEL:
         seconds.append(("multi_label", multi_label_back(case)))
+    if editor.spec.batchable:
+        seconds.append(("multi_label_batch", multi_label_batch(case)))
     state = editor.fresh_state()
     first = editor(case.edit, state)
     finals = {}
@@ -208,7 +212,7 @@ def _before(lm: LM, cases: list[Any]) -> list[Any]:
 
 def run_pitfalls(
     lm: LM,
-    cases: Loaded,
+    cases: Sequence[ConflictCase] | Sequence[RoundCase],
     config: BenchConfig,
     out_dir: str | Path,
     on_case: Callable[[dict[str, Any]], None] | None = None,
@@ -216,17 +220,18 @@ def run_pitfalls(
     """Run a ConflictEdit or RoundEdit benchmark (`cases` from `load_conflictedit` or
     `load_roundedit`) into `out_dir`, resuming what is there; returns the summary, whose
     `metrics["pitfalls"]` holds the means per ConflictEdit kind or per RoundEdit variant
-    ("single", "multi_label")."""
+    ("single", "multi_label", "multi_label_batch")."""
     config.validate()
     if config.mode != "independent":
         raise ValueError(
             f"mode: the pitfalls benchmarks make each case's edits on the unedited model; use "
             f"mode 'independent', got {config.mode!r}"
         )
-    if getattr(cases, "format", None) not in PITFALLS_FORMATS or not cases:
+    kinds = {type(case) for case in cases}
+    if kinds not in ({ConflictCase}, {RoundCase}):
         raise ValueError(
             "cases: expected the cases of a ConflictEdit or RoundEdit file (load_conflictedit, "
-            "load_roundedit)"
+            f"load_roundedit), got {', '.join(sorted(k.__name__ for k in kinds)) or 'none'}"
         )
     spec = get_method(config.method)
     params = resolve_hparams(spec.name, lm, config.seeded_hparams())
@@ -240,7 +245,7 @@ def run_pitfalls(
     done = {record["case_id"] for record in records}
     todo = [case for case in select_cases(cases, config) if case.case_id not in done]
     editor = _Editor(lm, spec, params)
-    score = _round_record if cases.format == "roundedit" else _conflict_record
+    score = _round_record if kinds == {RoundCase} else _conflict_record
     for case, before in zip(todo, _before(lm, todo), strict=True):
         editor.seconds, started = 0.0, time.perf_counter()
         record = {"case_id": case.case_id, **score(editor, case, before)}

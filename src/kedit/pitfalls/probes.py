@@ -38,6 +38,16 @@ def conflict_probes(case: ConflictCase) -> ConflictProbes:
 
 
 def multi_label_back(case: RoundCase) -> EditRequest:
-    """Multi-Label Edit (MLE): the second edit of the round trip made towards every true object
-    at once (the object first), instead of the object alone."""
+    """Multi-Label Edit (MLE) as the paper describes it: the second edit of the round trip made
+    towards every true object at once (the object first), instead of the object alone."""
     return replace(case.back, extra_targets=case.true_objects[1:])
+
+
+def multi_label_batch(case: RoundCase) -> list[EditRequest]:
+    """Multi-Label Edit as the authors' code makes it: one single-target request per true object
+    (the object first), edited in one batch. With MEMIT the keys are the same, so the update
+    maps the key towards the mean of the requests' values."""
+    return [
+        replace(case.back, target_new=target, case_id=f"{case.case_id}/1/{index}")
+        for index, target in enumerate(case.true_objects)
+    ]
