@@ -68,6 +68,7 @@ def main() -> None:
         results.append(result)
         print(json.dumps(result), flush=True)
     title = report_title([args.model], methods, list(DATASETS.values()), ["independent"], "seed 0")
+    args.out.mkdir(parents=True, exist_ok=True)
     write_report(args.out, title, rows, ["probability"])
     five = [r for r in results if r["method"] in FIVE]
     output = {

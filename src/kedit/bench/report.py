@@ -179,14 +179,44 @@ def pitfalls_markdown(rows: list[tuple[str, dict[str, Any]]]) -> str:
 
 
 def plot_pitfalls(rows: list[tuple[str, dict[str, Any]]], out_dir: str | Path) -> list[Path]:
-    """`pitfalls_conflict.png` and `pitfalls_distortion.png`: the Pitfalls tables' numbers as
-    bars, for the tables that have runs among `rows`."""
+    """`pitfalls_conflict.png` and `pitfalls_distortion.png`, for the tables that have runs
+    among `rows`: one panel per column of the table, one bar per run, all on one scale; error
+    bars show the min-max spread over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     paths = []
     for title, name, columns in PITFALLS_TABLES:
         found = [(label, run) for label, run in rows if _has_columns(run, columns)]
-        if found:
-            path = Path(out_dir) / f"pitfalls_{name}.png"
-            paths.append(plot_columns(found, columns, path, title))
+        if not found:
+            continue
+        across = 4
+        down = -(-len(columns) // across)
+        fig, axes = plt.subplots(
+            down, across, figsize=(3 * across + 2, (0.25 * len(found) + 1) * down), squeeze=False
+        )
+        for ax, (column, *spec) in zip(axes.flat, columns, strict=False):
+            bars = [_bar(run, *spec) for _, run in found]
+            values = [value for value, _, _ in bars]
+            spreads = [[low for _, low, _ in bars], [high for _, _, high in bars]]
+            ax.barh(range(len(found)), values, xerr=spreads, capsize=2)
+            # Every pitfalls metric is at most 1 (CM can be negative): one scale for all panels.
+            ax.set_xlim(min([0.0, *(v - low for v, low, _ in bars)]) * 1.05, 1.05)
+            ax.set_yticks(range(len(found)), [label for label, _ in found])
+            ax.invert_yaxis()
+            ax.set_title(f"{column} ({spec[1]})", fontsize="small")
+            if not ax.get_subplotspec().is_first_col():
+                ax.set_yticklabels([])
+        for ax in list(axes.flat)[len(columns) :]:
+            ax.set_visible(False)
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = Path(out_dir) / f"pitfalls_{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
     return paths
 
 
@@ -194,47 +224,40 @@ def _has_columns(run: dict[str, Any], columns: list[tuple[str, str, str, str]]) 
     return any(_cell(run, *spec[1:]) != "–" for spec in columns)
 
 
+def _bar(run: dict[str, Any], stage: str, protocol: str, metric: str) -> tuple[float, ...]:
+    """A run's mean of one metric (0 where missing) and the distances down to its minimum and
+    up to its maximum over seeds."""
+    leaf = run.get(stage, {}).get(protocol, {}).get(metric)
+    leaf = leaf if isinstance(leaf, dict) else {"mean": leaf, "min": leaf, "max": leaf}
+    value = leaf["mean"] if leaf["mean"] is not None else 0.0
+    low = value - (leaf["min"] if leaf["min"] is not None else value)
+    high = (leaf["max"] if leaf["max"] is not None else value) - value
+    return value, low, high
+
+
 def plot_bars(rows: list[tuple[str, dict[str, Any]]], protocol: str, path: str | Path) -> Path:
     """One bar group per run, one bar per post-edit metric of `protocol`; error bars show the
     min-max spread over seeds."""
-    metrics = sorted({m for _, run in rows for m in run.get("post", {}).get(protocol, {})})
-    columns = [(m, "post", protocol, m) for m in metrics if not m.endswith("_nll")]
-    return plot_columns(rows, columns, path, f"post-edit metrics ({protocol})")
-
-
-def plot_columns(
-    rows: list[tuple[str, dict[str, Any]]],
-    columns: list[tuple[str, str, str, str]],
-    path: str | Path,
-    title: str,
-) -> Path:
-    """One bar group per run, one bar per column (title, stage, protocol or group, metric);
-    error bars show the min-max spread over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(rows) * max(1, len(columns)) / 3), 4))
-    width = 0.8 / max(1, len(columns))
-    tops, bottoms = [0.0], [0.0]
-    for k, (name, stage, protocol, metric) in enumerate(columns):
-        heights, lows, highs = [], [], []
-        for _, run in rows:
-            leaf = run.get(stage, {}).get(protocol, {}).get(metric)
-            leaf = leaf if isinstance(leaf, dict) else {"mean": leaf, "min": leaf, "max": leaf}
-            value = leaf["mean"] if leaf["mean"] is not None else 0.0
-            heights.append(value)
-            lows.append(value - (leaf["min"] if leaf["min"] is not None else value))
-            highs.append((leaf["max"] if leaf["max"] is not None else value) - value)
+    metrics = sorted({m for _, run in rows for m in run.get("post", {}).get(protocol, {})})
+    metrics = [m for m in metrics if not m.endswith("_nll")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(rows) * max(1, len(metrics)) / 3), 4))
+    width = 0.8 / max(1, len(metrics))
+    tops = [0.0]
+    for k, metric in enumerate(metrics):
+        bars = [_bar(run, "post", protocol, metric) for _, run in rows]
+        heights = [value for value, _, _ in bars]
+        lows, highs = [low for _, low, _ in bars], [high for _, _, high in bars]
         tops.extend(height + high for height, high in zip(heights, highs, strict=True))
-        bottoms.extend(height - low for height, low in zip(heights, lows, strict=True))
         positions = [i + k * width for i in range(len(rows))]
-        label = name if stage != "pitfalls" else f"{name} ({protocol})"
-        ax.bar(positions, heights, width, yerr=[lows, highs], label=label, capsize=2)
+        ax.bar(positions, heights, width, yerr=[lows, highs], label=metric, capsize=2)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [label for label, _ in rows])
-    ax.set_ylim(min(0.0, 1.1 * min(bottoms)), bars_top(tops))
-    ax.set_title(title)
+    ax.set_ylim(0, bars_top(tops))
+    ax.set_title(f"post-edit metrics ({protocol})")
     ax.legend(fontsize="small")
     fig.tight_layout()
     path = Path(path)

@@ -62,7 +62,7 @@ class Fact:
         """The templates filled with the subject."""
         return tuple(fill_subject(t, self.subject) for t in self.templates)
 
-    def request(self, target_new: str, case_id: str, **fields: Any) -> EditRequest:
+    def request(self, target_new: str, case_id: str) -> EditRequest:
         """The edit of this fact's object to `target_new`, its paraphrases as rephrase prompts."""
         return EditRequest(
             prompt=self.templates[0],
@@ -72,7 +72,6 @@ class Fact:
             rephrase=self.templates[1:],
             case_id=case_id,
             extra={"relation_id": self.relation_id},
-            **fields,
         )
 
 
@@ -258,9 +257,9 @@ def _round_case(record: Record, prompts: Prompts, add_space: bool) -> RoundCase:
 
 def _readers(
     format: str, parse: Callable[..., Any], requests: Callable[[Any], Iterable[EditRequest]]
-) -> tuple[Callable[..., Loaded], Callable[..., Loaded]]:
-    """The format's two readers of parsed records: one gives the cases (`parse` reads each
-    record), the other their `requests`."""
+) -> tuple[Callable[..., Loaded], Callable[..., Loaded], Callable[..., Loaded]]:
+    """The format's readers: of parsed records into cases (`parse` reads each record) and into
+    their `requests`, and of a file into cases."""
 
     def cases(
         records: list[Any],
@@ -286,34 +285,23 @@ def _readers(
         items = [r for case in loaded for r in requests(case)]
         return Loaded(items, format=format, source=source, skipped=loaded.skipped)
 
-    return cases, edit_requests
+    def load(
+        path: str | Path,
+        n: int | None = None,
+        prompts: str | Path | dict | None = None,
+        add_space: bool = True,
+        skip_bad: bool = False,
+    ) -> Loaded:
+        source, records = read_records(path)
+        return cases(records, source, n, add_space, skip_bad, prompts)
+
+    load.__doc__ = f"Load a {format} file as its cases (`n`: the first n)."
+    return cases, edit_requests, load
 
 
-conflictedit_cases, conflictedit_requests = _readers(
+conflictedit_cases, conflictedit_requests, load_conflictedit = _readers(
     "conflictedit", _conflict_case, lambda case: case.requests
 )
-roundedit_cases, roundedit_requests = _readers("roundedit", _round_case, lambda case: [case.edit])
-
-
-def load_conflictedit(
-    path: str | Path,
-    n: int | None = None,
-    prompts: str | Path | dict | None = None,
-    add_space: bool = True,
-    skip_bad: bool = False,
-) -> Loaded:
-    """Load a ConflictEdit file as ConflictCases (`n`: the first n)."""
-    source, records = read_records(path)
-    return conflictedit_cases(records, source, n, add_space, skip_bad, prompts)
-
-
-def load_roundedit(
-    path: str | Path,
-    n: int | None = None,
-    prompts: str | Path | dict | None = None,
-    add_space: bool = True,
-    skip_bad: bool = False,
-) -> Loaded:
-    """Load a RoundEdit file as RoundCases (`n`: the first n)."""
-    source, records = read_records(path)
-    return roundedit_cases(records, source, n, add_space, skip_bad, prompts)
+roundedit_cases, roundedit_requests, load_roundedit = _readers(
+    "roundedit", _round_case, lambda case: [case.edit]
+)
