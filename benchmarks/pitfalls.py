@@ -26,7 +26,7 @@ DATASETS = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     import torch
 
     import kedit
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pitfalls"))
     parser.add_argument("--runs", type=Path, default=Path("runs/pitfalls"))
     add_hparams_option(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     methods = args.methods or FIVE + [m for m in kedit.list_methods() if m not in FIVE]
     counts = {"conflict": args.n_conflict, "easy": args.n_round, "hard": args.n_round}
@@ -82,6 +82,7 @@ def main() -> None:
     }
     (args.out / f"{args.model}.json").write_text(json.dumps(output, indent=2) + "\n")
     print(json.dumps(output, indent=2))
+    return output
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ metrics, resuming, the Pitfalls tables."""
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +164,17 @@ def test_kedit_bench_on_a_conflictedit_file(tmp_path):
     assert "KnowEdit-style table" not in report
     assert (out / "pitfalls_conflict.png").is_file()
     assert "conflict_score" in result.output
+
+
+def test_the_pitfalls_benchmark_script_writes_json_report_and_plots(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import pitfalls  # benchmarks/pitfalls.py
+
+    argv = ["--methods", "ft-m", "kn", "--n-conflict", "3", "--n-round", "1"]
+    output = pitfalls.main([*argv, "--out", str(tmp_path), "--runs", str(tmp_path / "runs")])
+    ft, kn = output["results"]
+    assert ft["conflict"]["cases"] == 3 and set(ft["hard"]) >= {"single", "multi_label"}
+    assert set(kn["easy"]) == {"cases", "single"}
+    assert json.loads((tmp_path / "tiny-gpt2.json").read_text()) == output
+    report = (tmp_path / "report.md").read_text()
+    assert "tiny-gpt2 / kn / hard" in report and (tmp_path / "pitfalls_distortion.png").is_file()
