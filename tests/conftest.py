@@ -71,3 +71,21 @@ def random_gpt2(bpe_tokenizer):
         eos_token_id=eos,
     )
     return LM(GPT2LMHeadModel(config), bpe_tokenizer, name="random-gpt2")
+
+
+@pytest.fixture(scope="session")
+def mean_target_nll():
+    """`nll(lm, prompt, target)`: the mean NLL of the target's tokens after the prompt, from
+    one plain forward pass (a reference independent of kedit's batched scoring)."""
+    import torch
+
+    @torch.no_grad()
+    def nll(lm, prompt, target):
+        prompt_ids, target_ids = lm.encode_prompt(prompt), lm.encode(target)
+        ids = torch.tensor([prompt_ids + target_ids], device=lm.device)
+        logp = torch.log_softmax(lm.model(input_ids=ids).logits[0].float(), dim=-1)
+        first = len(prompt_ids) - 1
+        picked = [logp[first + k, token].item() for k, token in enumerate(target_ids)]
+        return -sum(picked) / len(target_ids)
+
+    return nll

@@ -12,6 +12,7 @@ from kedit.lm import LM, load, require_lm
 from kedit.methods.registry import (
     HyperParams,
     MethodState,
+    check_targets,
     get_method,
     list_methods,
     resolve_hparams,
@@ -43,6 +44,7 @@ def edit(
     require_lm(lm)
     items = as_requests(requests)
     spec = get_method(method)
+    check_targets(spec, items)
     params = resolve_hparams(spec.name, lm, hparams)
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
@@ -97,6 +99,7 @@ def edit_each(
         raise ValueError(f"group: expected a positive integer, got {group!r}")
     items = as_requests(requests)
     spec = get_method(method)
+    check_targets(spec, items)
     if spec.state is not None:
         raise ValueError(f"method: {spec.name!r} keeps state between edits; use kedit.edit")
     params = resolve_hparams(spec.name, lm, hparams)

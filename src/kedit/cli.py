@@ -374,12 +374,13 @@ def bench_merge(
 
 
 def show_summary(summary: dict[str, Any], title: str) -> None:
-    """Means per stage, protocol and metric; with several seeds, [min, max] beside them."""
+    """Means per stage, protocol and metric (a pitfalls run: per ConflictEdit kind or RoundEdit
+    variant); with several seeds, [min, max] beside them."""
     table = Table(title=title, title_justify="left")
     for column in ("stage", "protocol", "metric", "mean"):
         table.add_column(column)
     metrics_by_stage = summary.get("metrics", summary)
-    for stage in ("pre", "post"):
+    for stage in ("pre", "post", "pitfalls"):
         for name, metrics in (metrics_by_stage.get(stage) or {}).items():
             for metric, value in metrics.items():
                 if isinstance(value, dict):

@@ -65,6 +65,9 @@ class EditRequest:
 
     `prompt` either contains `{}` where the subject goes, or contains the subject itself.
     Targets are used verbatim, so give them the leading space a tokenizer expects (" Lisbon").
+    `extra_targets` are further objects the edit should make likely together with `target_new`
+    (Multi-Label Edit, Li et al., 2024: a subject with several true objects); methods that take
+    them average the target NLL over all targets, the others refuse such a request.
     `rephrase` prompts (with `{}` or the subject) should also give `target_new`; `locality`
     probes should keep their answers; `portability` probes should give their new answers.
     """
@@ -78,6 +81,7 @@ class EditRequest:
     portability: tuple[Probe, ...] = ()
     case_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    extra_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require_text("prompt", self.prompt)
@@ -85,6 +89,7 @@ class EditRequest:
         _require_text("target_new", self.target_new)
         if self.target_true is not None:
             _require_text("target_true", self.target_true)
+        object.__setattr__(self, "extra_targets", self._extra_targets())
         if self.prompt.count(SUBJECT_SLOT) > 1:
             raise ValueError(f"prompt: {self.prompt!r} has more than one '{{}}' for the subject")
         if SUBJECT_SLOT not in self.prompt and self.subject not in self.prompt:
@@ -105,6 +110,24 @@ class EditRequest:
         if self.case_id is not None:
             object.__setattr__(self, "case_id", str(self.case_id))
 
+    def _extra_targets(self) -> tuple[str, ...]:
+        if isinstance(self.extra_targets, str):
+            raise ValueError("extra_targets: expected a list of targets, got a single string")
+        seen = [self.target_new]
+        for index, target in enumerate(self.extra_targets or ()):
+            _require_text(f"extra_targets[{index}]", target)
+            if target in seen:
+                raise ValueError(
+                    f"extra_targets[{index}]: {target!r} is already a target of this request"
+                )
+            seen.append(target)
+        return tuple(seen[1:])
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """`target_new`, then the `extra_targets` (one target unless a Multi-Label Edit)."""
+        return (self.target_new, *self.extra_targets)
+
     @property
     def template(self) -> str:
         """The prompt with `{}` in place of the subject."""
@@ -119,6 +142,7 @@ class EditRequest:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["extra_targets"] = list(self.extra_targets)
         data["rephrase"] = list(self.rephrase)
         data["locality"] = [[p.prompt, p.answer] for p in self.locality]
         data["portability"] = [[p.prompt, p.answer] for p in self.portability]

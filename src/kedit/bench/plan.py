@@ -29,13 +29,16 @@ from typing import Any
 import yaml
 
 from kedit.api import load
+from kedit.bench.pitfalls import PITFALLS_FORMATS, load_benchmark, run_pitfalls
 from kedit.bench.report import (
     COUNTERFACT_COLUMNS,
     KNOWEDIT_COLUMNS,
     checkpoint_markdown,
     markdown,
+    pitfalls_markdown,
     plot_bars,
     plot_curves,
+    plot_pitfalls,
     spread,
 )
 from kedit.bench.runs import (
@@ -46,7 +49,7 @@ from kedit.bench.runs import (
     scoring_protocols,
     select_cases,
 )
-from kedit.data import check_format, load_requests
+from kedit.data import check_format
 from kedit.eval.runner import context_sentences
 
 DEFAULT_SEEDS = 3
@@ -190,7 +193,14 @@ def run_plan(
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {str(out)!r} is a file; give a folder for the run")
     runs = plan.configs(shard)
-    data = {d: load_requests(d, format=plan.formats.get(d), n=plan.n) for d in plan.datasets}
+    data = {d: load_benchmark(d, format=plan.formats.get(d), n=plan.n) for d in plan.datasets}
+    for _, dataset, mode, _ in runs:
+        if data[dataset].format in PITFALLS_FORMATS and mode["mode"] != "independent":
+            raise ValueError(
+                f"modes: {dataset!r} is a {data[dataset].format} benchmark, whose cases each "
+                f"make their edits on the unedited model; run it in mode independent, not "
+                f"{mode_label(mode)!r}"
+            )
     folders = [
         out / model_folder_name(model) / config.method / Path(dataset).stem / mode_label(mode)
         for model, dataset, mode, config in runs
@@ -213,14 +223,20 @@ def run_plan(
         if on_run is not None:
             on_run(f"{model} {config.method} {Path(dataset).name} {label} seed {config.seed}")
         heldout = heldout_texts(200, config.seed) if config.checkpoint_every else None
-        summary = run_bench(
-            loaded[model],
-            data[dataset],
-            config,
-            folder / f"seed-{config.seed}",
-            on_case=_new_cases_only(on_case, done),
-            heldout_texts=heldout,
-        )
+        notify = _new_cases_only(on_case, done)
+        if data[dataset].format in PITFALLS_FORMATS:
+            summary = run_pitfalls(
+                loaded[model], data[dataset], config, folder / f"seed-{config.seed}", notify
+            )
+        else:
+            summary = run_bench(
+                loaded[model],
+                data[dataset],
+                config,
+                folder / f"seed-{config.seed}",
+                on_case=notify,
+                heldout_texts=heldout,
+            )
         key = (model, config.method, Path(dataset).stem, label)
         if summary.get("checkpoints"):
             curves = folder / f"curves-seed-{config.seed}.png"
@@ -299,15 +315,21 @@ def write_report(
     sequential: Iterable[tuple[str, list[dict[str, Any]]]] = (),
 ) -> None:
     """`report.md` (`title`, the KnowEdit-style and CounterFact tables, then each sequential
-    run's checkpoints) and one bar plot per protocol, for `rows` of (label, metrics)."""
+    run's checkpoints, then the Pitfalls tables) and one bar plot per protocol, for `rows` of
+    (label, metrics); runs of the pitfalls benchmarks go to the Pitfalls tables and plot."""
     scored = scoring_protocols(protocols)[0]
-    report = title + "\n\n" + markdown("KnowEdit-style table", rows, KNOWEDIT_COLUMNS)
-    report += "\n" + markdown("CounterFact table (ROME's columns)", rows, COUNTERFACT_COLUMNS)
+    edits = [(label, metrics) for label, metrics in rows if "pitfalls" not in metrics]
+    report = title + "\n"
+    if edits:
+        report += "\n" + markdown("KnowEdit-style table", edits, KNOWEDIT_COLUMNS)
+        report += "\n" + markdown("CounterFact table (ROME's columns)", edits, COUNTERFACT_COLUMNS)
+        for protocol in protocols:
+            plot_bars(edits, protocol, out / f"bars_{protocol}.png")
     for heading, checkpoints in sequential:
         report += "\n" + checkpoint_markdown(heading, checkpoints, scored)
+    report += pitfalls_markdown(rows)
+    plot_pitfalls(rows, out)
     (out / "report.md").write_text(report)
-    for protocol in protocols:
-        plot_bars(rows, protocol, out / f"bars_{protocol}.png")
 
 
 def merge_shards(folders: list[str | Path], out_dir: str | Path) -> dict[str, Any]:

@@ -26,10 +26,52 @@ COUNTERFACT_COLUMNS = [
     ("Neighborhood Score", "post", "probability", "locality"),
     ("Generation Entropy", "post", "sampling", "fluency"),
 ]
+# The pitfalls tables (Li et al., 2024): (title, "pitfalls", ConflictEdit kind or RoundEdit
+# variant, metric); the paper's column order.
+CONFLICT_COLUMNS = [
+    ("Succ", "pitfalls", "coverage", "success"),
+    ("CS", "pitfalls", "coverage", "conflict_score"),
+    ("CM", "pitfalls", "coverage", "conflict_magnitude"),
+    ("CS", "pitfalls", "reverse", "conflict_score"),
+    ("CM", "pitfalls", "reverse", "conflict_magnitude"),
+    ("CS", "pitfalls", "composite", "conflict_score"),
+    ("CM", "pitfalls", "composite", "conflict_magnitude"),
+    ("TFD", "pitfalls", "composite", "tied_fact_damage"),
+]
+ROUND_COLUMNS = [
+    (name, "pitfalls", variant, metric)
+    for variant in ("single", "multi_label", "multi_label_batch")
+    for name, metric in (
+        ("Succ", "success"),
+        ("D", "distortion"),
+        ("IR", "ignore_rate"),
+        ("FR", "failure_rate"),
+    )
+]
+PITFALLS_TABLES = (
+    ("Pitfalls: knowledge conflict (ConflictEdit)", "conflict", CONFLICT_COLUMNS),
+    (
+        "Pitfalls: knowledge distortion (RoundEdit)",
+        "distortion",
+        ROUND_COLUMNS,
+    ),
+)
+PITFALLS_NOTE = (
+    "Protocol `probability`: a fact's probability is exp(-mean token NLL) of its object, averaged"
+    " over the edit prompt and its paraphrases. CS: share of cases where the fact the second edit"
+    " implies beats the one the first edit wrote (higher: the conflict resolved); CM: relative"
+    " drop of the first edit's fact; TFD: relative drop of the tied fact; D: Jensen-Shannon"
+    " divergence (nats) of the true objects' distribution before and after the round trip; IR:"
+    " share of the other true objects that lost probability; FR: share of cases with IR > 0.5."
+    " single: the round trip's second edit towards the object; multi_label: Multi-Label Edit,"
+    " one request with every true object as a target; multi_label_batch: one request per true"
+    " object, in one batch, as the authors' code makes MLE. See docs/pitfalls.md.\n"
+)
 
 
 def spread(summaries: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Mean, min and max over runs (seeds) of each (stage, protocol, metric) mean.
+    """Mean, min and max over runs (seeds) of each (stage, protocol, metric) mean, and of each
+    (pitfalls, group, metric) mean of a pitfalls run.
 
     Takes `summarize` outputs (or bench summaries' "metrics"); returns the same nesting with
     `{"mean", "min", "max", "n"}` leaves.
@@ -39,7 +81,7 @@ def spread(summaries: Iterable[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("summaries: expected at least one run to aggregate, got none")
     values: dict[tuple[str, str, str], list[float]] = {}
     for run in runs:
-        for stage in ("pre", "post"):
+        for stage in ("pre", "post", "pitfalls"):
             for protocol, metrics in (run.get(stage) or {}).items():
                 for metric, value in metrics.items():
                     values.setdefault((stage, protocol, metric), []).append(value)
@@ -126,6 +168,73 @@ def bars_top(values: list[float]) -> float:
     return 1.05 if tallest <= 1 else 1.1 * tallest
 
 
+def pitfalls_markdown(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """The Pitfalls tables of the runs among `rows` that have their numbers ("" if none)."""
+    text = ""
+    for title, _, columns in PITFALLS_TABLES:
+        found = [(label, run) for label, run in rows if _has_columns(run, columns)]
+        if found:
+            text += "\n" + markdown(title, found, columns) + "\n" + PITFALLS_NOTE
+    return text
+
+
+def plot_pitfalls(rows: list[tuple[str, dict[str, Any]]], out_dir: str | Path) -> list[Path]:
+    """`pitfalls_conflict.png` and `pitfalls_distortion.png`, for the tables that have runs
+    among `rows`: one panel per column of the table, one bar per run, all on one scale; error
+    bars show the min-max spread over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for title, name, columns in PITFALLS_TABLES:
+        found = [(label, run) for label, run in rows if _has_columns(run, columns)]
+        if not found:
+            continue
+        across = 4
+        down = -(-len(columns) // across)
+        fig, axes = plt.subplots(
+            down, across, figsize=(3 * across + 2, (0.25 * len(found) + 1) * down), squeeze=False
+        )
+        for ax, (column, *spec) in zip(axes.flat, columns, strict=False):
+            bars = [_bar(run, *spec) for _, run in found]
+            values = [value for value, _, _ in bars]
+            spreads = [[low for _, low, _ in bars], [high for _, _, high in bars]]
+            ax.barh(range(len(found)), values, xerr=spreads, capsize=2)
+            # Every pitfalls metric is at most 1 (CM can be negative): one scale for all panels.
+            ax.set_xlim(min([0.0, *(v - low for v, low, _ in bars)]) * 1.05, 1.05)
+            ax.set_yticks(range(len(found)), [label for label, _ in found])
+            ax.invert_yaxis()
+            ax.set_title(f"{column} ({spec[1]})", fontsize="small")
+            if not ax.get_subplotspec().is_first_col():
+                ax.set_yticklabels([])
+        for ax in list(axes.flat)[len(columns) :]:
+            ax.set_visible(False)
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = Path(out_dir) / f"pitfalls_{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _has_columns(run: dict[str, Any], columns: list[tuple[str, str, str, str]]) -> bool:
+    return any(_cell(run, *spec[1:]) != "–" for spec in columns)
+
+
+def _bar(run: dict[str, Any], stage: str, protocol: str, metric: str) -> tuple[float, ...]:
+    """A run's mean of one metric (0 where missing) and the distances down to its minimum and
+    up to its maximum over seeds."""
+    leaf = run.get(stage, {}).get(protocol, {}).get(metric)
+    leaf = leaf if isinstance(leaf, dict) else {"mean": leaf, "min": leaf, "max": leaf}
+    value = leaf["mean"] if leaf["mean"] is not None else 0.0
+    low = value - (leaf["min"] if leaf["min"] is not None else value)
+    high = (leaf["max"] if leaf["max"] is not None else value) - value
+    return value, low, high
+
+
 def plot_bars(rows: list[tuple[str, dict[str, Any]]], protocol: str, path: str | Path) -> Path:
     """One bar group per run, one bar per post-edit metric of `protocol`; error bars show the
     min-max spread over seeds."""
@@ -140,14 +249,9 @@ def plot_bars(rows: list[tuple[str, dict[str, Any]]], protocol: str, path: str |
     width = 0.8 / max(1, len(metrics))
     tops = [0.0]
     for k, metric in enumerate(metrics):
-        heights, lows, highs = [], [], []
-        for _, run in rows:
-            leaf = run.get("post", {}).get(protocol, {}).get(metric)
-            leaf = leaf if isinstance(leaf, dict) else {"mean": leaf, "min": leaf, "max": leaf}
-            value = leaf["mean"] if leaf["mean"] is not None else 0.0
-            heights.append(value)
-            lows.append(value - (leaf["min"] if leaf["min"] is not None else value))
-            highs.append((leaf["max"] if leaf["max"] is not None else value) - value)
+        bars = [_bar(run, "post", protocol, metric) for _, run in rows]
+        heights = [value for value, _, _ in bars]
+        lows, highs = [low for _, low, _ in bars], [high for _, _, high in bars]
         tops.extend(height + high for height, high in zip(heights, highs, strict=True))
         positions = [i + k * width for i in range(len(rows))]
         ax.bar(positions, heights, width, yerr=[lows, highs], label=metric, capsize=2)

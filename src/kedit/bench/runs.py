@@ -33,7 +33,8 @@ from kedit.api import edit_each
 from kedit.eval.protocols import PROTOCOLS, SAMPLING, pooled_perplexity, text_nll
 from kedit.eval.runner import Raw, assemble, measure, summarize, with_contexts
 from kedit.lm import LM
-from kedit.methods.registry import get_method, resolve_hparams
+from kedit.methods.registry import HyperParams, get_method, resolve_hparams
+from kedit.pitfalls.metrics import summarize as summarize_pitfalls
 from kedit.requests import EditRequest
 from kedit.session import Session
 
@@ -135,8 +136,13 @@ def select_cases(requests: list[EditRequest], config: BenchConfig) -> list[EditR
 
 def data_digest(requests: list[EditRequest]) -> str:
     """sha256 of the cases as loaded: the same data whatever path or folder it was read from."""
-    cases = json.dumps([r.to_dict() for r in requests], sort_keys=True, default=str)
-    return hashlib.sha256(cases.encode()).hexdigest()
+    return records_digest([r.to_dict() for r in requests])
+
+
+def records_digest(records: list[dict[str, Any]]) -> str:
+    """sha256 of records (cases as dicts), independent of key order."""
+    text = json.dumps(records, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _complete_records(path: Path) -> list[dict[str, Any]]:
@@ -239,10 +245,32 @@ def run_bench(
             f"batch_size: method {spec.name!r} edits one request at a time; use batch size 1"
         )
     out = Path(out_dir)
+    header = open_run(lm, config, params, len(requests), data_digest(requests), out)
+    run = _Run(lm, select_cases(requests, config), config, out)
+    notify = on_case or (lambda record: None)
+    for record in run.cases:
+        notify(record)
+    chunks = [
+        list(range(start, min(start + config.batch_size, len(run.requests))))
+        for start in range(0, len(run.requests), config.batch_size)
+    ]
+    if config.mode == "sequential":
+        _sequential(run, chunks, notify, heldout_texts)
+    else:
+        _independent(run, chunks, notify)
+    metrics = summarize([r["result"] for r in run.cases])
+    return write_summary(out, header, run.cases, metrics, run.checkpoints)
+
+
+def open_run(
+    lm: LM, config: BenchConfig, params: HyperParams, n_cases: int, digest: str, out: Path
+) -> dict[str, Any]:
+    """Write the run's `config.json` into `out` and return it; a folder that holds a run with
+    other settings is refused, so a resumed run goes on under the settings it started with."""
     out.mkdir(parents=True, exist_ok=True)
-    header = {"model": lm.name, "model_fingerprint": lm.fingerprint, "n_cases": len(requests)}
+    header = {"model": lm.name, "model_fingerprint": lm.fingerprint, "n_cases": n_cases}
     header.update(asdict(config))
-    header["data_digest"] = data_digest(requests)
+    header["data_digest"] = digest
     # What the method ran with (its defaults for this model, then the overrides), as JSON reads
     # it back: a resume under other defaults (a new kedit version, an edited YAML) is refused.
     header["effective_hparams"] = json.loads(json.dumps(params.to_dict(), default=str))
@@ -256,27 +284,21 @@ def run_bench(
                 "use another folder or delete it"
             )
     config_path.write_text(json.dumps(header, indent=2))
-    run = _Run(lm, select_cases(requests, config), config, out)
-    notify = on_case or (lambda record: None)
-    for record in run.cases:
-        notify(record)
-    chunks = [
-        list(range(start, min(start + config.batch_size, len(run.requests))))
-        for start in range(0, len(run.requests), config.batch_size)
-    ]
-    if config.mode == "sequential":
-        _sequential(run, chunks, notify, heldout_texts)
-    else:
-        _independent(run, chunks, notify)
-    return _write_summary(out, header, run.cases, run.checkpoints)
+    return header
 
 
-def _write_summary(
-    out: Path, header: dict[str, Any], cases: list[dict], checkpoints: list[dict]
+def write_summary(
+    out: Path,
+    header: dict[str, Any],
+    cases: list[dict],
+    metrics: dict[str, Any],
+    checkpoints: list[dict] | None = None,
 ) -> dict[str, Any]:
+    """Write `summary.json`: the header, the `metrics` over `cases` and the median edit and
+    evaluation times per case."""
     summary = {
         **header,
-        "metrics": summarize([r["result"] for r in cases]),
+        "metrics": metrics,
         "edit_seconds_median": median(r["edit_seconds"] for r in cases),
         "eval_seconds_median": median(r["eval_seconds"] for r in cases),
     }
@@ -472,4 +494,6 @@ def merge_runs(folders: list[str | Path], out_dir: str | Path) -> dict[str, Any]
     (out / CONFIG_FILE).write_text(json.dumps(header, indent=2))
     cases = list(records.values())
     (out / CASES_FILE).write_text("".join(json.dumps(r) + "\n" for r in cases))
-    return _write_summary(out, header, cases, [])
+    if cases and "metrics" in cases[0]:  # a pitfalls run's records (kedit.bench.pitfalls)
+        return write_summary(out, header, cases, summarize_pitfalls(cases))
+    return write_summary(out, header, cases, summarize([r["result"] for r in cases]))

@@ -22,16 +22,28 @@ from kedit.data.knowedit import (
     wikibio_requests,
 )
 from kedit.data.mquake import MultiHopCase, load_mquake, mquake_cases, mquake_requests
+from kedit.data.pitfalls import (
+    ConflictCase,
+    RoundCase,
+    conflictedit_requests,
+    load_conflictedit,
+    load_roundedit,
+    roundedit_requests,
+)
 from kedit.data.wikibigedit import wikibigedit_requests
 from kedit.data.zsre import zsre_requests
 
 __all__ = [
     "FORMATS",
+    "ConflictCase",
     "Loaded",
     "MultiHopCase",
+    "RoundCase",
     "detect_format",
+    "load_conflictedit",
     "load_mquake",
     "load_requests",
+    "load_roundedit",
     "mquake_cases",
 ]
 
@@ -45,9 +57,13 @@ FORMATS = {
     "zsre": zsre_requests,
     "mquake": mquake_requests,
     "wikibigedit": wikibigedit_requests,
+    "conflictedit": conflictedit_requests,
+    "roundedit": roundedit_requests,
 }
 # Fields that identify a format by the first record, tried in order (the first match wins).
 SIGNATURES = (
+    ("conflictedit", {"triples", "edits", "type"}),
+    ("roundedit", {"edit", "true_objects"}),
     ("zsre", {"src", "alt"}),
     ("wikibigedit", {"update", "ans"}),
     ("wikibio", {"text", "labels", "concept"}),

@@ -8,6 +8,7 @@ last); a value v is that projection's output there.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -67,7 +68,11 @@ class LocateHyperParams(HyperParams):
         " token after every prompt (MPES, Gupta et al. 2025: shorter values, less norm growth"
         " under sequential editing, fewer steps).",
     )
-    v_stop_nll: float = hp(0.05, "Stop once every prompt's mean target NLL is below this.")
+    v_stop_nll: float = hp(
+        0.05,
+        "Stop once every prompt's mean target NLL is below this (for a request with k targets,"
+        " a Multi-Label Edit: below this + log k, each target near an equal share).",
+    )
     v_patience: int = hp(
         0,
         "Also stop a request once its worst prompt's target NLL has not reached a new low for"
@@ -102,6 +107,7 @@ class LocateHyperParams(HyperParams):
         " what fits the device, at most 4096 (kedit.methods._memory).",
     )
 
+    MULTI_LABEL = True
     ALIASES = {
         "v_num_grad_steps": "v_steps",
         "mom2_dataset": "mom2_corpus",
@@ -368,6 +374,8 @@ def optimize_values(
     in block `layer`) at the edited token, make `target_new` likely after every prefix
     (ROME Eq. 4; several sites at once as in PMET). One list per request, one result per site;
     each also carries the unedited keys of `key_layers` (each ≤ `layer`) at the edited token.
+    A request with `extra_targets` (Multi-Label Edit) makes all its targets likely: its target
+    NLL is the mean over targets and prefixes.
 
     Loss per request = mean NLL of the target tokens + kl_factor * KL(new || old) of the
     next-token distribution at the edited token of `essence_prompt` (keeps what the subject
@@ -387,7 +395,8 @@ def optimize_values(
     """
     budget = hparams.v_batch_tokens or backward_tokens(lm, layer)
     tokens = [
-        (len(prefixes) + 1) * len(lm.encode_prompt(prefixes[-1] + request.text))
+        (len(prefixes) * len(request.targets) + 1)
+        * len(lm.encode_prompt(prefixes[-1] + request.text))
         for request in requests
     ]
     results: list[list[ValueResult]] = []
@@ -439,16 +448,17 @@ def prefix_states(lm: LM, prefixes: list[str]) -> _PrefixStates | None:
 
 @dataclass
 class _ValueBatch:
-    """The rows of a value optimisation: for each request, one row per prefix (prompt and all
-    target tokens but the last) and its essence row. Each row is split at the edited token
-    into a context (run once) and a suffix (right-padded, run every step). The context is the
-    row's prefix's tokens, whose keys and values are shared (`prefix_states`), then the rest
+    """The rows of a value optimisation: for each request, one row per target and prefix (prompt
+    and all target tokens but the last) and its essence row. Each row is split at the edited
+    token into a context (run once) and a suffix (right-padded, run every step). The context is
+    the row's prefix's tokens, whose keys and values are shared (`prefix_states`), then the rest
     (left-padded)."""
 
     owner: torch.Tensor  # request index of each row
     is_rewrite: torch.Tensor  # True for prompt rows, False for essence rows
     at: torch.Tensor  # position of the edited token in the suffix
-    rows_per_request: int  # its prompt rows (one per prefix), then its essence row
+    first_rows: torch.Tensor  # each request's first row
+    key_rows: torch.Tensor  # each request's prompt rows of its first target (requests × prefixes)
     prefixes: _PrefixStates | None
     prefix_of: torch.Tensor  # index of each row's prefix
     context_mask: torch.Tensor  # [the prefix's positions the row shares | the rest]
@@ -460,6 +470,7 @@ class _ValueBatch:
     target_ids: torch.Tensor  # (rows, longest target), padded; zeros on essence rows
     target_mask: torch.Tensor
     target_positions: torch.Tensor  # suffix positions that predict each target token
+    nll_floor: torch.Tensor  # per request, log of its number of targets: the NLL of equal shares
 
     @classmethod
     def build(
@@ -471,26 +482,36 @@ class _ValueBatch:
         fact_token: str,
     ) -> _ValueBatch:
         essence_of = [essence_prompt.replace("{}", request.subject) for request in requests]
-        texts = [  # (prefix, text, subject) of each row: the prompt rows, then the essence row
-            (prefix, text, request.subject)
-            for request, essence in zip(requests, essence_of, strict=True)
-            for prefix, text in [*((p, request.text) for p in prefixes), ("", essence)]
-        ]
+        texts = []  # (prefix, text, subject) of each row: prompt rows by target, then essence
+        target_texts, first_rows, key_rows = [], [], []
+        for request, essence in zip(requests, essence_of, strict=True):
+            first_rows.append(len(texts))
+            key_rows.append(list(range(len(texts), len(texts) + len(prefixes))))
+            for target in request.targets:
+                target_texts.append(target)
+                texts.extend((prefix, request.text, request.subject) for prefix in prefixes)
+            texts.append(("", essence, request.subject))
         prompts = encode_prompts(lm, [prefix + text for prefix, text, _ in texts])
         lookups = lookup_indices(lm, texts, fact_token)
-        per_request = len(prefixes) + 1
+        encoded = lm.tokenizer(target_texts, add_special_tokens=False)["input_ids"]
         rows, targets, owners, prefix_of = [], [], [], []
-        for index, target_ids in enumerate(
-            lm.tokenizer([r.target_new for r in requests], add_special_tokens=False)["input_ids"]
-        ):
-            for number in range(per_request):
-                prompt_ids = prompts[index * per_request + number]
-                essence = number == len(prefixes)
-                rows.append(prompt_ids if essence else prompt_ids + target_ids[:-1])
-                targets.append(None if essence else (len(prompt_ids) - 1, target_ids))
-                owners.append(index)
-                # Any prefix serves the essence row: it shares only tokens that match exactly.
-                prefix_of.append(0 if essence else number)
+        row = 0
+        for index, request in enumerate(requests):
+            for _ in request.targets:
+                target_ids = encoded.pop(0)
+                for number in range(len(prefixes)):
+                    prompt_ids = prompts[row]
+                    rows.append(prompt_ids + target_ids[:-1])
+                    targets.append((len(prompt_ids) - 1, target_ids))
+                    owners.append(index)
+                    prefix_of.append(number)
+                    row += 1
+            rows.append(prompts[row])
+            targets.append(None)
+            owners.append(index)
+            # Any prefix serves the essence row: it shares only tokens that match exactly.
+            prefix_of.append(0)
+            row += 1
         # A row whose subject ends at its first token has no context; then none is cached.
         cuts = lookups if min(lookups) > 0 else [0] * len(rows)
         states = prefix_states(lm, prefixes) if max(cuts) else None
@@ -544,10 +565,12 @@ class _ValueBatch:
             owner=torch.tensor(owners, device=device),
             is_rewrite=torch.tensor([t is not None for t in targets], device=device),
             at=(torch.tensor(lookups) - cut_t).to(device),
-            rows_per_request=per_request,
             prefixes=states,
             prefix_of=torch.tensor(prefix_of, device=device),
             suffix_positions=(cut_t[:, None] + torch.arange(suffix_len)).to(device),
+            first_rows=torch.tensor(first_rows, device=device),
+            key_rows=torch.tensor(key_rows, device=device),
+            nll_floor=torch.tensor([math.log(len(r.targets)) for r in requests], device=device),
             **tensors,
         )
 
@@ -757,13 +780,12 @@ class _ValueSearch:
             context = [
                 (k[..., :n_context, :], v[..., :n_context, :]) for k, v in _cache_tensors(result)
             ]
-        first_rows = torch.arange(self.n_requests, device=batch.owner.device)
-        first_rows = first_rows * batch.rows_per_request
+        first_rows = batch.first_rows
         at = batch.at + n_rest
         initial = [
             _at(out[site][first_rows.to(out[site].device)], at[first_rows]) for site in self.sites
         ]
-        prompts = batch.is_rewrite.nonzero().flatten()
+        prompts = batch.key_rows.flatten()
         keys = {
             layer: _at(inputs[name][prompts.to(inputs[name].device)], at[prompts]).view(
                 self.n_requests, -1, inputs[name].shape[-1]
@@ -887,7 +909,7 @@ class _ValueSearch:
         if hparams.v_stop == "most_probable":
             reached = most_probable
         else:
-            reached = nll_max < hparams.v_stop_nll
+            reached = nll_max < hparams.v_stop_nll + self.batch.nll_floor.to(nll_max.device)
         if hparams.v_patience:
             lower = nll_max < self.lowest
             self.lowest = torch.where(lower, nll_max, self.lowest)

@@ -7,11 +7,14 @@ Both train one layer's MLP output projection on the edit prompts.
 - FT-M: the target tokens are scored teacher-forced after the prompt, the prompt masked out.
 The blocks below the edited layer run once, and so does the edited block up to the trained
 projection where its output adds to the block's (`kedit.methods._above`); logits are computed
-only where a target token is scored; training stops once every target is reached.
+only where a target token is scored; training stops once every target is reached. A request
+with `extra_targets` (Multi-Label Edit) trains towards all its targets, its loss the mean over
+them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,13 +35,18 @@ class FTHyperParams(HyperParams):
     steps: int = hp(25, "Maximum optimisation steps.")
     weight_decay: float = hp(0.0, "Adam weight decay.")
     norm_constraint: float | None = hp(None, "Keep each weight within this of its original value.")
-    stop_nll: float = hp(0.05, "Stop once every request's mean target NLL is below this.")
+    stop_nll: float = hp(
+        0.05,
+        "Stop once every request's mean target NLL is below this (for a request with k targets,"
+        " a Multi-Label Edit: below this + log k, each target near an equal share).",
+    )
     batch_tokens: int | None = hp(
         None,
         "Token budget of one forward and backward pass; more requests accumulate gradients over"
         " several (None: what fits the device, at most 4096; kedit.methods._memory).",
     )
 
+    MULTI_LABEL = True
     ALIASES = {"num_steps": "steps"}
     # EasyEdit's FT files carry `kl_factor`, which its FT does not read either.
     IGNORED = HyperParams.IGNORED | {"batch_size", "objective_optimization", "kl_factor"}
@@ -61,15 +69,29 @@ class FTHyperParams(HyperParams):
 
 
 @dataclass
+class _Row:
+    """One target of one request: token ids, the positions that score the target, the target's
+    ids, the row's weight in the loss and the NLL floor of its request's targets (log k)."""
+
+    ids: list[int]
+    positions: list[int]
+    targets: list[int]
+    weight: float
+    floor: float
+
+
+@dataclass
 class _Batch:
-    """Token ids of some requests' rows, and for each row the positions and ids of the target
-    tokens to score."""
+    """Token ids of some rows, and for each row the positions and ids of the target tokens to
+    score, its weight in the loss and its NLL floor."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     positions: torch.Tensor
     targets: torch.Tensor
     valid: torch.Tensor
+    weights: torch.Tensor
+    floors: torch.Tensor
 
     @property
     def reads(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,19 +100,27 @@ class _Batch:
         return rows.repeat_interleave(self.positions.shape[1]), self.positions.flatten()
 
 
-def _rows(lm: LM, request: EditRequest, last_token: bool) -> tuple[list[int], list[int], list[int]]:
-    """A request's row of token ids, the positions that score the target, the target's ids."""
-    prompt_ids, target_ids = lm.encode_prompt(request.text), lm.encode(request.target_new)
-    if last_token:
-        return prompt_ids, [len(prompt_ids) - 1] * len(target_ids), target_ids
-    row = prompt_ids + target_ids[:-1]
-    return row, list(range(len(prompt_ids) - 1, len(row))), target_ids
+def _rows(lm: LM, request: EditRequest, last_token: bool, n_requests: int) -> list[_Row]:
+    """A request's rows, one per target; the weights make the loss the mean over requests of
+    each request's mean over its targets."""
+    prompt_ids = lm.encode_prompt(request.text)
+    count = len(request.targets)
+    rows = []
+    for target in request.targets:
+        target_ids = lm.encode(target)
+        if last_token:
+            ids, positions = prompt_ids, [len(prompt_ids) - 1] * len(target_ids)
+        else:
+            ids = prompt_ids + target_ids[:-1]
+            positions = list(range(len(prompt_ids) - 1, len(ids)))
+        rows.append(_Row(ids, positions, target_ids, 1 / (n_requests * count), math.log(count)))
+    return rows
 
 
-def _batch(lm: LM, rows: list[tuple[list[int], list[int], list[int]]]) -> _Batch:
-    """The batch of some requests' `_rows`."""
-    ids, mask = lm.pad([row for row, _, _ in rows])
-    positions, targets = [p for _, p, _ in rows], [t for _, _, t in rows]
+def _batch(lm: LM, rows: list[_Row]) -> _Batch:
+    """The batch of some `_rows`."""
+    ids, mask = lm.pad([row.ids for row in rows])
+    positions, targets = [row.positions for row in rows], [row.targets for row in rows]
     width = max(len(t) for t in targets)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     tgt = torch.zeros((len(rows), width), dtype=torch.long)
@@ -101,7 +131,11 @@ def _batch(lm: LM, rows: list[tuple[list[int], list[int], list[int]]]) -> _Batch
             torch.tensor(t),
             True,
         )
-    return _Batch(ids, mask, pos.to(lm.device), tgt.to(lm.device), valid.to(lm.device))
+    weights = torch.tensor([row.weight for row in rows], device=lm.device)
+    floors = torch.tensor([row.floor for row in rows], device=lm.device)
+    return _Batch(
+        ids, mask, pos.to(lm.device), tgt.to(lm.device), valid.to(lm.device), weights, floors
+    )
 
 
 def _target_nll(logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
@@ -142,7 +176,8 @@ def fine_tune(
 ) -> MethodResult:
     """Train the chosen projections; return their change as dense deltas (model unchanged).
 
-    The loss is the mean over requests of each one's mean target NLL. The weights train as
+    The loss is the mean over requests of each one's mean target NLL (a Multi-Label Edit's: the
+    mean over its targets). The weights train as
     float32 copies (mixed precision: the model runs in its own dtype, each step updates the
     float32 copy with the model's gradient and writes it back), so that steps smaller than a
     bfloat16 or float16 weight's resolution add up. Requests run in batches of about
@@ -155,10 +190,9 @@ def fine_tune(
     originals = [p.detach().clone() for p in params]
     masters = [p.detach().float().clone() for p in params]
     budget = hparams.batch_tokens or backward_tokens(lm, layers[0])
-    rows = [_rows(lm, request, last_token) for request in requests]
-    chunks = list(token_chunks(rows, [len(row) for row, _, _ in rows], budget))
+    rows = [row for r in requests for row in _rows(lm, r, last_token, len(requests))]
+    chunks = list(token_chunks(rows, [len(row.ids) for row in rows], budget))
     batches = [_batch(lm, chunk) for chunk in chunks]
-    shares = [len(chunk) / len(requests) for chunk in chunks]
 
     # The first trained projection's output adds to its block's: the steps start above that
     # block, from its output plus the projection's change. Else they run it, from its input.
@@ -179,15 +213,15 @@ def fine_tune(
                 for p in params:
                     p.grad = None
                 maxima, last = [], None
-                for index, (batch, share) in enumerate(zip(batches, shares, strict=True)):
+                for index, batch in enumerate(batches):
                     start = starts[index]
                     hidden = start.hidden
                     if additive:
                         hidden = hidden + (projection(start.keys) - start.values)
                     normed = above(hidden, batch.ids, batch.mask)
                     nll = _target_nll(read_logits(lm, normed, *batch.reads), batch)
-                    maxima.append(nll.detach().max())
-                    last = nll.mean() * share
+                    maxima.append((nll.detach() - batch.floors.to(nll.device)).max())
+                    last = (nll * batch.weights.to(nll.device)).sum()
                     # The last batch's backward waits for the stopping rule; earlier ones free
                     # their activations now.
                     if index + 1 < len(batches) and step < hparams.steps:

@@ -30,10 +30,13 @@ class HyperParams:
 
     `ALIASES` maps EasyEdit's key names onto ours where they mean the same thing;
     `IGNORED` lists EasyEdit keys that describe things kedit finds by itself (module paths,
-    which the Layout knows) and are accepted without effect.
+    which the Layout knows) and are accepted without effect. `MULTI_LABEL` says whether the
+    method edits towards all of a request's `targets` (Multi-Label Edit); methods that edit
+    towards `target_new` alone leave it False and refuse requests with `extra_targets`.
     """
 
     ALIASES: typing.ClassVar[dict[str, str]] = {}
+    MULTI_LABEL: typing.ClassVar[bool] = False
     IGNORED: typing.ClassVar[frozenset[str]] = frozenset(
         {
             "alg_name",
@@ -268,6 +271,19 @@ def get_method(name: str) -> MethodSpec:
     if key not in _METHODS:
         raise ValueError(f"method: unknown method {name!r}; available: {', '.join(list_methods())}")
     return _METHODS[key]
+
+
+def check_targets(spec: MethodSpec, requests: list[EditRequest]) -> None:
+    """Refuse requests with `extra_targets` for a method that edits towards one target only."""
+    if spec.hparams.MULTI_LABEL:
+        return
+    for index, request in enumerate(requests):
+        if request.extra_targets:
+            takers = [m for m in list_methods() if _METHODS[m].hparams.MULTI_LABEL]
+            raise ValueError(
+                f"requests[{index}].extra_targets: method {spec.name!r} edits towards one "
+                f"target; Multi-Label Edit needs one of {', '.join(takers)}"
+            )
 
 
 def model_defaults(method: str, lm: LM) -> dict[str, Setting]:

@@ -1,0 +1,1 @@
+"""Pitfalls of knowledge editing (Li et al., 2024): knowledge conflict and distortion."""
