@@ -318,13 +318,14 @@ class Circuit(Result):
         """The nodes the kept edges touch, in graph order (the logits last)."""
         senders = self.edges.any(dim=1)
         receiving = (self.graph.node_receivers().float() @ self.edges.any(dim=0).float()) > 0
-        names = [name for name, on in zip(self.graph.senders, senders | receiving) if on]
+        used = (senders | receiving).tolist()
+        names = [name for name, on in zip(self.graph.senders, used, strict=True) if on]
         return [*names, "logits"]
 
     def node_scores(self) -> dict[str, float]:
         """Each sender's attribution: the sum of |score| over its outgoing edges."""
         totals = self.scores.abs().sum(dim=1)
-        return {name: float(value) for name, value in zip(self.graph.senders, totals)}
+        return {name: float(value) for name, value in zip(self.graph.senders, totals, strict=True)}
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -136,7 +136,11 @@ def _receiver_names(n_layers: int, n_heads: int, n_groups: int) -> list[str]:
 
 def _in_out(lm: LM, module: nn.Module) -> tuple[int, int]:
     weight = module.weight
-    return (weight.shape[0], weight.shape[1]) if lm.layout.conv1d else (weight.shape[1], weight.shape[0])
+    return (
+        (weight.shape[0], weight.shape[1])
+        if lm.layout.conv1d
+        else (weight.shape[1], weight.shape[0])
+    )
 
 
 def _head_shape(lm: LM) -> tuple[int, int, int]:
@@ -238,9 +242,7 @@ class GraphRun:
         self.corrupted, self.patch, self.offsets, self.inputs = corrupted, patch, offsets, inputs
         self.recompute = recompute or patch is not None or offsets is not None
         self._heads: dict[int, torch.Tensor] = {}
-        self._weights = {
-            layer: _output_heads(lm, graph, layer) for layer in range(graph.n_layers)
-        }
+        self._weights = {layer: _output_heads(lm, graph, layer) for layer in range(graph.n_layers)}
 
     # --- the senders of this run -----------------------------------------------------------
     def _head_outputs(self, layer: int) -> torch.Tensor:
@@ -355,9 +357,7 @@ class GraphRun:
                     self._stack.enter_context(replace_output(model, projection.module, hook))
                 entry = _mlp_entry(self.lm, layer)
                 self._stack.enter_context(replace_input(model, entry, self._mlp_hook(layer)))
-            self._stack.enter_context(
-                replace_input(model, layout.final_norm, self._logits_hook())
-            )
+            self._stack.enter_context(replace_input(model, layout.final_norm, self._logits_hook()))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -427,7 +427,8 @@ def build_graph(lm: LM) -> CircuitGraph:
                 "input plus the attention output (a post-norm block?); knowledge circuits "
                 "need a pre-norm residual stream"
             )
-    total = entering[blocks[0]] + sum(attn_outputs[a] + mlp_outputs[m] for a, m in zip(attn, mlp))
+    writes = zip(attn, mlp, strict=True)
+    total = entering[blocks[0]] + sum(attn_outputs[a] + mlp_outputs[m] for a, m in writes)
     if _relative_error(total, entering[layout.final_norm]) > tolerance:
         raise ValueError(
             "model: the residual stream entering the final norm is not the input embeddings "

@@ -351,9 +351,7 @@ class AverageTrace(Result):
             "noise_std": self.noise_std,
             "token_classes": list(TOKEN_CLASSES),
             "scores": {kind: rounded(value) for kind, value in self.scores.items()},
-            "indirect_effect": {
-                kind: rounded(self.indirect_effect(kind)) for kind in self.scores
-            },
+            "indirect_effect": {kind: rounded(self.indirect_effect(kind)) for kind in self.scores},
             "peaks": {
                 kind: {
                     name: dict(zip(("layer", "aie"), self.peak(kind, name), strict=True))
