@@ -117,12 +117,18 @@ def known_facts(lm: LM, facts: Sequence[Fact], n: int | None = None) -> list[Fac
     return known[:n] if n is not None else known
 
 
-def tinyworld_facts(relation: str = "lives_in", template: int = 0) -> list[Fact]:
+def tinyworld_facts(relation: str | None = "lives_in", template: int | str = 0) -> list[Fact]:
     """One fact per subject of a tinyworld relation, asked with the relation's `template`-th
-    template (for "lives_in", template 0 is "{} lives in"), in world order."""
+    template (for "lives_in", template 0 is "{} lives in"), in world order. A template given
+    as text finds its relation (`relation` None)."""
     from kedit.zoo import build_world
 
     world = build_world()
+    if isinstance(template, str):
+        found = [name for name, r in world.relations.items() if template in r.templates]
+        if not found:
+            raise ValueError(f"template: {template!r} is not a tinyworld template")
+        relation, template = found[0], world.relations[found[0]].templates.index(template)
     if relation not in world.relations:
         raise ValueError(f"relation: expected one of {sorted(world.relations)}, got {relation!r}")
     templates = world.relations[relation].templates

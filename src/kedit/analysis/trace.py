@@ -140,22 +140,26 @@ class CausalTrace(Result):
     def plot(self, path: str | Path | None = None) -> Any:
         """ROME's Figure 1: one heatmap per kind, tokens down (subject tokens starred), layers
         across, coloured from P(corrupted) up."""
-        labels = [
-            token + ("*" if self.subject[0] <= i < self.subject[1] else "")
-            for i, token in enumerate(self.tokens)
-        ]
-        figure = new_figure(4.2 * len(self.scores), 0.35 * len(labels) + 1.6)
-        axes = figure.subplots(1, len(self.scores), squeeze=False)[0]
-        for ax, (kind, grid) in zip(axes, self.scores.items(), strict=True):
-            image = ax.pcolormesh(grid.numpy(), cmap=KIND_COLOURS[kind], vmin=self.low_score)
-            ax.invert_yaxis()
-            ax.set_yticks([0.5 + i for i in range(len(labels))], labels)
-            ax.set_xticks([0.5 + i for i in range(grid.shape[1])], range(grid.shape[1]))
-            restored = "single restored layer" if kind == "hidden" else f"window of {self.window}"
-            ax.set_title(f"restoring the {KIND_TITLES[kind]}", fontsize=10)
-            ax.set_xlabel(f"layer ({restored})")
-            figure.colorbar(image, ax=ax).set_label(f"p({self.answer.strip()})")
+        figure = new_figure(4.2 * len(self.scores), 0.35 * len(self.tokens) + 1.6)
+        draw_heatmaps(figure, figure.subplots(1, len(self.scores), squeeze=False)[0], self)
         return save_figure(figure, path)
+
+
+def draw_heatmaps(figure: Any, axes: Sequence[Any], result: CausalTrace, note: str = "") -> None:
+    """A trace's heatmaps, one kind per axes; `note` ends each title."""
+    labels = [
+        token + ("*" if result.subject[0] <= i < result.subject[1] else "")
+        for i, token in enumerate(result.tokens)
+    ]
+    for ax, (kind, grid) in zip(axes, result.scores.items(), strict=True):
+        image = ax.pcolormesh(grid.numpy(), cmap=KIND_COLOURS[kind], vmin=result.low_score)
+        ax.invert_yaxis()
+        ax.set_yticks([0.5 + i for i in range(len(labels))], labels)
+        ax.set_xticks([0.5 + i for i in range(grid.shape[1])], range(grid.shape[1]))
+        restored = "single restored layer" if kind == "hidden" else f"window of {result.window}"
+        ax.set_title(f"restoring the {KIND_TITLES[kind]}{note}", fontsize=9)
+        ax.set_xlabel(f"layer ({restored})")
+        figure.colorbar(image, ax=ax).set_label(f"p({result.answer.strip()})")
 
 
 def _restorations(kinds: Sequence[str], n_tokens: int, n_layers: int, window: int) -> list:
