@@ -175,7 +175,7 @@ def save_figure(figure: Any, path: str | Path | None) -> Any:
     """Save a figure where a path is given; return the figure."""
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=150)
+        figure.savefig(path, dpi=110)
     return figure
 
 

@@ -353,7 +353,8 @@ class Circuit(Result):
 
     def to_dot(self) -> str:
         """The circuit in Graphviz's DOT language: nodes by layer, edges coloured by the sign
-        of their score (blue positive, red negative), width by |score|."""
+        of their score (blue: corrupting the edge lowers the metric, so it carries the answer;
+        red: corrupting it raises the metric), width by |score|."""
         largest = max((abs(float(self.scores[u, r])) for u, r in self.edges.nonzero()), default=1)
         lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, style="rounded"];']
         for node in self.nodes():
@@ -362,7 +363,7 @@ class Circuit(Result):
         for edge in self.edge_list():
             target = edge["to"].split("<")[0]
             kind = edge["to"][len(target) :].strip("<>")
-            colour = "#2b6cb0" if edge["score"] >= 0 else "#c53030"
+            colour = _colour(edge["score"])
             width = 0.5 + 3 * abs(edge["score"]) / (largest or 1)
             label = f', label="{kind}"' if kind else ""
             for head in self._targets(target):
@@ -397,12 +398,13 @@ class Circuit(Result):
         graph = self.graph
         figure = new_figure(max(6.0, 0.5 * graph.n_heads + 3), 1.2 * graph.n_layers + 2)
         ax = figure.subplots()
-        where: dict[str, tuple[float, float]] = {"input": (graph.n_heads / 2, 0.0)}
+        middle = (graph.n_heads - 1) / 2
+        where: dict[str, tuple[float, float]] = {"input": (middle, 0.0)}
         for layer in range(graph.n_layers):
             for head in range(graph.n_heads):
                 where[f"a{layer}.h{head}"] = (head, 1 + 2 * layer)
-            where[f"m{layer}"] = (graph.n_heads / 2, 2 + 2 * layer)
-        where["logits"] = (graph.n_heads / 2, 1 + 2 * graph.n_layers)
+            where[f"m{layer}"] = (middle, 2 + 2 * layer)
+        where["logits"] = (middle, 1 + 2 * graph.n_layers)
         largest = max((abs(e["score"]) for e in self.edge_list()), default=1.0) or 1.0
         for edge in self.edge_list():
             start = where[edge["from"]]
@@ -414,7 +416,7 @@ class Circuit(Result):
                     xytext=start,
                     arrowprops={
                         "arrowstyle": "->",
-                        "color": "#2b6cb0" if edge["score"] >= 0 else "#c53030",
+                        "color": _colour(edge["score"]),
                         "lw": 0.4 + 2.5 * abs(edge["score"]) / largest,
                         "alpha": 0.7,
                     },
@@ -467,6 +469,12 @@ class Circuit(Result):
             self.plot_curve(curve)
             written.append(curve)
         return written
+
+
+def _colour(score: float) -> str:
+    """Blue for an edge whose corruption lowers the metric (it carries the answer), red
+    otherwise."""
+    return "#2b6cb0" if score <= 0 else "#c53030"
 
 
 def faithfulness_curve(

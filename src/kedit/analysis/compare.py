@@ -10,6 +10,7 @@ share and which heads and MLPs gained or lost the most attribution.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from kedit.analysis._common import (
     save_figure,
     tokenize_facts,
 )
-from kedit.analysis.circuit import Circuit, ContrastPair, circuit
+from kedit.analysis.circuit import Circuit, ContrastPair, circuit, contrast_pairs
 from kedit.analysis.trace import (
     KINDS,
     TOKEN_CLASSES,
@@ -77,6 +78,15 @@ class CircuitDiff:
             "faithfulness_after": self.after.evaluation["faithfulness"],
             "changed_nodes": self.changed_nodes(),
         }
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """`before/` and `after/` (each circuit's files) and `diff.json`."""
+        written = self.before.save(Path(folder) / "before") + self.after.save(
+            Path(folder) / "after"
+        )
+        diff = Path(folder) / "diff.json"
+        diff.write_text(json.dumps(self.to_json(), indent=1))
+        return [*written, diff]
 
 
 def compare_circuits(before: Circuit, after: Circuit) -> CircuitDiff:
@@ -214,3 +224,45 @@ def edit_mechanisms(
     if circuit_before is not None and circuit_after is not None:
         diff = compare_circuits(circuit_before, circuit_after)
     return EditMechanisms(request, method, before, after, diff)
+
+
+def _answered(fact: Fact, answers: dict[tuple[str, str], str]) -> Fact:
+    """The fact with the answer `answers` gives its (template, subject), if any."""
+    answer = answers.get((fact.template, fact.subject), fact.answer)
+    return Fact(fact.template, fact.subject, answer, fact.relation)
+
+
+def edit_circuits(
+    lm: LM,
+    edit: Edit,
+    facts: Sequence[Any],
+    method: str = "eap-ig",
+    steps: int = 5,
+    metric: str = "logit_diff",
+    size: int | None = None,
+    seed: int = 0,
+) -> CircuitDiff:
+    """The circuit of `facts` without and with `edit`: after the edit, a fact about an edited
+    subject asked with an edited prompt takes the edit's new answer (pairs whose corrupted
+    twin has that answer are dropped)."""
+    was_applied = edit.applied
+    new_answers = {(r.template, r.subject): r.target_new for r in edit.requests}
+    try:
+        if edit.applied:
+            edit.undo()
+        pairs = contrast_pairs(lm, facts, seed)
+        before = circuit(lm, pairs, method, steps, metric, size=size)
+        edit.apply()
+        cleans = tokenize_facts(lm, [_answered(pair.clean.fact, new_answers) for pair in pairs])
+        after_pairs = [
+            ContrastPair(clean, pair.corrupted)
+            for clean, pair in zip(cleans, pairs, strict=True)
+            if clean.answer_id != pair.corrupted.answer_id
+        ]
+        after = circuit(lm, after_pairs, method, steps, metric, size=size)
+    finally:
+        if was_applied and not edit.applied:
+            edit.apply()
+        elif edit.applied and not was_applied:
+            edit.undo()
+    return compare_circuits(before, after)
