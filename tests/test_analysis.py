@@ -491,3 +491,26 @@ def test_cli_bad_input_is_one_clear_line(args, message):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and message in result.output
     assert "Traceback" not in result.output
+
+
+def test_evolution_follows_facts_from_an_untrained_to_a_trained_checkpoint(tmp_path, lives_in):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from kedit.analysis import evolution
+    from kedit.zoo import model_path
+
+    trained = model_path("tiny-gpt2")
+    untrained = tmp_path / "step-0"
+    config = AutoModelForCausalLM.from_pretrained(trained).config
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(untrained)
+    for file in trained.iterdir():
+        if "token" in file.name:
+            shutil.copy(file, untrained / file.name)
+    result = evolution([untrained, trained], lives_in[:6], samples=2)
+    assert result.known_share == [0.0, 1.0]
+    assert set(result.first_known().values()) == {1}
+    assert result.effects[0] == [] and result.peak_layers[1] == 0
+    assert result.to_json()["peak_layers"] == [None, 0]

@@ -20,6 +20,7 @@ from kedit.analysis.compare import (
     edit_circuits,
     edit_mechanisms,
 )
+from kedit.analysis.evolution import Evolution, evolution
 from kedit.analysis.graph import CircuitGraph, build_graph
 from kedit.analysis.lens import LensResult, TunedLens, lens, train_tuned_lens
 from kedit.analysis.locate import Located, auto_layers, locate, world_facts
@@ -34,6 +35,7 @@ __all__ = [
     "CircuitDiff",
     "CircuitGraph",
     "EditMechanisms",
+    "Evolution",
     "Fact",
     "LensResult",
     "Located",
@@ -48,6 +50,7 @@ __all__ = [
     "edit_circuits",
     "edit_mechanisms",
     "evaluate_edges",
+    "evolution",
     "known_facts",
     "lens",
     "load_facts",
