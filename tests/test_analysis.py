@@ -459,16 +459,38 @@ def test_cli_trace_lens_locate_and_circuit(tmp_path, lives_in):
         assert result.exit_code == 0, result.output
         return result.output
 
-    out = run("trace", "--prompt", fact.prompt, "--subject", fact.subject, "--samples", "2",
-              "--out", tmp_path / "one")  # fmt: skip
+    out = run(
+        "trace",
+        "--prompt",
+        fact.prompt,
+        "--subject",
+        fact.subject,
+        "--samples",
+        "2",
+        "--out",
+        tmp_path / "one",
+    )
     assert "total effect" in out and (tmp_path / "one" / "trace.png").is_file()
     run("trace", "--data", data, "--n", "3", "--kinds", "mlp", "--out", tmp_path / "avg")
     saved = json.loads((tmp_path / "avg" / "average_trace.json").read_text())
     assert saved["n_facts"] == 3 and list(saved["scores"]) == ["mlp"]
     assert "block 5" in run("lens", "--prompt", fact.prompt, "--subject", fact.subject)
     assert "ROME layer [0]" in run("locate", "--data", data, "--n", "4", "--samples", "2")
-    run("circuit", "--data", data, "--n", "20", "--method", "eap", "--size", "100",
-        "--curve", "100", "--out", tmp_path / "circuit")  # fmt: skip
+    run(
+        "circuit",
+        "--data",
+        data,
+        "--n",
+        "20",
+        "--method",
+        "eap",
+        "--size",
+        "100",
+        "--curve",
+        "100",
+        "--out",
+        tmp_path / "circuit",
+    )
     for name in ("circuit.json", "circuit.dot", "circuit.png", "faithfulness.png"):
         assert (tmp_path / "circuit" / name).is_file()
 
