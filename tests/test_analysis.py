@@ -139,7 +139,16 @@ def test_average_trace_averages_class_rows_over_facts():
     def fake(n_tokens, subject, value, low):
         grid = torch.arange(n_tokens * 2, dtype=torch.float).view(n_tokens, 2) + value
         return CausalTrace(
-            ["t"] * n_tokens, subject, " a", True, 1.0, low, {"mlp": grid}, 2, 1, 1.0
+            high_score=1.0,
+            low_score=low,
+            scores={"mlp": grid},
+            window=2,
+            samples=1,
+            noise_std=1.0,
+            tokens=["t"] * n_tokens,
+            subject=subject,
+            answer=" a",
+            correct_prediction=True,
         )
 
     first, second = fake(5, (0, 3), 0.0, 0.1), fake(4, (1, 2), 100.0, 0.3)

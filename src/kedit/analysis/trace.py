@@ -77,7 +77,7 @@ def embedding_std(lm: LM, subjects: Iterable[str]) -> float:
     return float(embed(torch.tensor([ids], device=lm.device)).float().std())
 
 
-def _check_options(lm: LM, kinds: Sequence[str], samples: int, window: int, noise: float) -> None:
+def _check_options(kinds: Sequence[str], samples: int, window: int, noise: float) -> None:
     unknown = [kind for kind in kinds if kind not in KINDS]
     if unknown or not kinds:
         raise ValueError(f"kinds: expected some of {KINDS}, got {list(kinds)!r}")
@@ -88,22 +88,17 @@ def _check_options(lm: LM, kinds: Sequence[str], samples: int, window: int, nois
         raise ValueError(f"noise: expected a positive number, got {noise!r}")
 
 
-@dataclass
-class CausalTrace(Result):
-    """The causal trace of one prompt: for each kind, P(answer) with one state restored,
-    a (tokens × layers) grid; `indirect_effect(kind)` subtracts the corrupted run's P."""
+@dataclass(kw_only=True)
+class _Effects(Result):
+    """What a trace and an average of traces share: P(answer) clean (`high_score`) and
+    corrupted (`low_score`), the grids of P with one state restored per kind, and how."""
 
-    tokens: list[str]
-    subject: tuple[int, int]
-    answer: str
-    correct_prediction: bool
     high_score: float
     low_score: float
     scores: dict[str, torch.Tensor]
     window: int
     samples: int
     noise_std: float
-    name = "trace"
 
     @property
     def total_effect(self) -> float:
@@ -111,6 +106,18 @@ class CausalTrace(Result):
 
     def indirect_effect(self, kind: str) -> torch.Tensor:
         return self.scores[kind] - self.low_score
+
+
+@dataclass(kw_only=True)
+class CausalTrace(_Effects):
+    """The causal trace of one prompt: for each kind, P(answer) with one state restored,
+    a (tokens × layers) grid; `indirect_effect(kind)` subtracts the corrupted run's P."""
+
+    tokens: list[str]
+    subject: tuple[int, int]
+    answer: str
+    correct_prediction: bool
+    name = "trace"
 
     def peak(self, kind: str) -> tuple[int, int, float]:
         """(token, layer, indirect effect) of the largest indirect effect of a kind."""
@@ -237,7 +244,7 @@ def trace_tokenized(
 ) -> CausalTrace:
     """`trace` of a tokenized fact with an absolute noise scale (`noise_std`)."""
     window = default_window(lm.n_layers) if window is None else window
-    _check_options(lm, kinds, samples, window, noise_std)
+    _check_options(kinds, samples, window, noise_std)
     n_tokens, n_layers = len(item.ids), lm.n_layers
     names = sorted({_module(lm, kind, layer) for kind in kinds for layer in range(n_layers)})
     ids = torch.tensor([item.ids], device=lm.device)
@@ -313,8 +320,8 @@ def token_classes(n_tokens: int, subject: tuple[int, int]) -> dict[str, list[int
     return classes
 
 
-@dataclass
-class AverageTrace(Result):
+@dataclass(kw_only=True)
+class AverageTrace(_Effects):
     """Causal traces averaged over facts by token class: `scores[kind]` is a (classes ×
     layers) grid of mean P(answer) with one state restored; `indirect_effect(kind)` subtracts
     the mean corrupted P (ROME's average indirect effect, AIE)."""
@@ -322,21 +329,8 @@ class AverageTrace(Result):
     kinds: list[str]
     n_facts: int
     n_skipped: int
-    high_score: float
-    low_score: float
-    scores: dict[str, torch.Tensor]
-    window: int
-    samples: int
-    noise_std: float
     traces: list[CausalTrace] = field(default_factory=list, repr=False)
     name = "average_trace"
-
-    @property
-    def total_effect(self) -> float:
-        return self.high_score - self.low_score
-
-    def indirect_effect(self, kind: str) -> torch.Tensor:
-        return self.scores[kind] - self.low_score
 
     def peak(self, kind: str, token_class: str) -> tuple[int, float]:
         """(layer, AIE) where a token class's average indirect effect of a kind peaks."""

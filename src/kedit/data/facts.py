@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kedit.data._common import Loaded, Record, check_n, collect, read_json, with_space
-from kedit.requests import SUBJECT_SLOT, fill_subject
+from kedit.requests import SUBJECT_SLOT, fill_subject, subject_template
 
 LRE_KEYS = {"name", "prompt_templates", "prompt_templates_zs", "samples", "properties"}
 LRE_OPTIONAL_KEYS = {"domain", "range"}  # accepted by Knowledge Circuits' loader as well
@@ -54,9 +54,7 @@ class Fact:
     @property
     def template(self) -> str:
         """The prompt with `{}` in place of the subject."""
-        if SUBJECT_SLOT in self.prompt:
-            return self.prompt
-        return self.prompt.replace(self.subject, SUBJECT_SLOT, 1)
+        return subject_template(self.prompt, self.subject)
 
     @property
     def text(self) -> str:
