@@ -660,3 +660,253 @@ def zoo_train(
     }
     overrides = {key: value for key, value in given.items() if value is not None}
     console.print(f"Trained {name} into {zoo.train_model(name, out, seed=seed, **overrides)}")
+
+
+# --- knowledge mechanisms (kedit.analysis) ------------------------------------------------
+OutOpt = Annotated[Path, typer.Option(help="Folder for the JSON and the plots.")]
+DataFactsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="Facts: an LRE relation file or folder, a {prompt, subject, answer} JSON/JSONL "
+        "file, or any benchmark file (prompt, subject, true answer).",
+    ),
+]
+PromptOpt = Annotated[
+    str | None, typer.Option(help="Prompt, with {} for the subject or containing it.")
+]
+SubjectOpt = Annotated[str | None, typer.Option(help="The subject named in the prompt.")]
+
+
+def _facts_from(
+    data: Path | None,
+    prompt: str | None = None,
+    subject: str | None = None,
+    answer: str | None = None,
+) -> list[Any]:
+    """Facts from --data, or the one fact of --prompt/--subject/--target."""
+    from kedit.data.facts import Fact, load_facts
+
+    if data is not None:
+        if prompt is not None or subject is not None:
+            raise ValueError("--data: give either --data or --prompt/--subject, not both")
+        if not data.exists():
+            raise FileNotFoundError(f"--data: {str(data)!r} does not exist")
+        return list(load_facts(data))
+    if prompt is None or subject is None:
+        raise ValueError("--prompt/--subject: give a prompt and its subject, or --data FILE")
+    return [Fact(prompt, subject, answer)]
+
+
+def _fact_progress(total: int, description: str) -> Progress:
+    progress = Progress(
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+    progress.add_task(description, total=total)
+    return progress
+
+
+def _written(files: list[Path]) -> None:
+    console.print("wrote " + ", ".join(str(f) for f in files), soft_wrap=True, highlight=False)
+
+
+@app.command("trace")
+@friendly_errors
+def trace_command(
+    out: OutOpt,
+    model: ModelOpt = DEMO_MODEL,
+    prompt: PromptOpt = None,
+    subject: SubjectOpt = None,
+    target: Annotated[
+        str | None, typer.Option(help="Answer to trace (default: the model's prediction).")
+    ] = None,
+    data: DataFactsOpt = None,
+    n: Annotated[int, typer.Option(help="With --data: trace the first N facts it knows.")] = 200,
+    kinds: Annotated[str, typer.Option(help="Comma-separated: hidden, mlp, attn.")] = (
+        "hidden,mlp,attn"
+    ),
+    samples: Annotated[int, typer.Option(help="Noise draws per restoration.")] = 10,
+    noise: Annotated[float, typer.Option(help="Noise: multiple of the subjects' std.")] = 3.0,
+    window: Annotated[
+        int | None, typer.Option(help="Layers restored together (default: 10 of 48, scaled).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the noise (ROME's is 1).")] = 1,
+) -> None:
+    """Causal tracing (ROME): restore hidden states, MLP and attention outputs of a corrupted
+    run; one prompt's heatmaps, or the average indirect effect by token class over --data."""
+    import kedit
+    from kedit.analysis import known_facts, trace, trace_facts
+    from kedit.analysis.trace import TOKEN_CLASSES
+
+    kind_list = [kind.strip() for kind in kinds.split(",") if kind.strip()]
+    facts = _facts_from(data, prompt, subject, target)
+    lm = kedit.load(model)
+    options = {"samples": samples, "noise": noise, "window": window, "seed": seed}
+    if data is None:
+        result = trace(lm, facts[0], kinds=kind_list, **options)
+        console.print(
+            f"p({result.answer.strip()}) = {result.high_score:.3f} clean, "
+            f"{result.low_score:.3f} corrupted; total effect {result.total_effect:.3f}"
+        )
+        table = Table("kind", "peak token", "layer", "indirect effect")
+        for kind in result.scores:
+            token, layer, effect = result.peak(kind)
+            table.add_row(kind, repr(result.tokens[token]), str(layer), f"{effect:.3f}")
+    else:
+        known = known_facts(lm, facts, n)
+        if not known:
+            raise ValueError(f"--data: {lm.name} knows none of the {len(facts)} facts")
+        with _fact_progress(len(known), "tracing") as bar:
+            result = trace_facts(
+                lm, known, kinds=kind_list, on_fact=lambda: bar.advance(0), **options
+            )
+        console.print(f"{result.n_facts} facts; average total effect {result.total_effect:.3f}")
+        table = Table("kind", "token class", "peak layer", "AIE")
+        for kind in result.kinds:
+            for name in TOKEN_CLASSES:
+                layer, effect = result.peak(kind, name)
+                if effect == effect:  # a class without tokens has no peak (NaN)
+                    table.add_row(kind, name, str(layer), f"{effect:.3f}")
+    console.print(table)
+    _written(result.save(out))
+
+
+@app.command("lens")
+@friendly_errors
+def lens_command(
+    prompt: Annotated[str, typer.Option(help="Prompt, with {} for --subject or without.")],
+    model: ModelOpt = DEMO_MODEL,
+    subject: SubjectOpt = None,
+    target: Annotated[
+        str | None, typer.Option(help="Token to follow (default: the model's prediction).")
+    ] = None,
+    tuned: Annotated[
+        bool, typer.Option(help="Train and use a tuned lens on the model's corpus.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Folder for lens.json and lens.png.")] = None,
+) -> None:
+    """Logit lens: the rank and probability of the target after each layer."""
+    import kedit
+    from kedit.analysis import lens
+
+    lm = kedit.load(model)
+    result = lens(lm, prompt, target, subject=subject, tuned=tuned)
+    title = f"{'tuned' if tuned else 'logit'} lens at the last token"
+    table = Table("after", f"rank of {result.target!r}", "probability", "top token", title=title)
+    rows = ["embeddings", *[f"block {i}" for i in range(len(result.ranks) - 1)]]
+    for row, rank, prob, top in zip(
+        rows, result.ranks[:, -1], result.probabilities[:, -1], result.top_tokens, strict=True
+    ):
+        table.add_row(row, str(int(rank) + 1), f"{float(prob):.3f}", repr(top))
+    console.print(table)
+    if out is not None:
+        _written(result.save(out))
+
+
+@app.command("locate")
+@friendly_errors
+def locate_command(
+    model: ModelOpt = DEMO_MODEL,
+    data: DataFactsOpt = None,
+    n: Annotated[int, typer.Option(help="Trace the first N facts the model knows.")] = 50,
+    samples: Annotated[int, typer.Option(help="Noise draws per restoration.")] = 10,
+    out: Annotated[Path | None, typer.Option(help="Folder for locate.json/png.")] = None,
+) -> None:
+    """Suggest the edit layers of ROME/MEMIT from the MLP's average indirect effect at the
+    subject's last token (what `-p layers=auto` uses)."""
+    import kedit
+    from kedit.analysis import locate
+
+    facts = _facts_from(data) if data is not None else None
+    lm = kedit.load(model)
+    result = locate(lm, facts, n=n, samples=samples)
+    table = Table("layer", "MLP AIE at the last subject token")
+    for layer, effect in enumerate(result.effect.tolist()):
+        table.add_row(str(layer), f"{effect:.3f}")
+    console.print(table)
+    console.print(
+        f"ROME layer {result.rome}, MEMIT layers {result.memit} "
+        f"({result.n_facts} {result.facts} facts)"
+    )
+    if out is not None:
+        _written(result.save(out))
+
+
+@app.command("circuit")
+@friendly_errors
+def circuit_command(
+    data: Annotated[Path, typer.Option(help="Facts of one relation (see kedit trace --data).")],
+    out: OutOpt,
+    model: ModelOpt = DEMO_MODEL,
+    n: Annotated[int, typer.Option(help="Use the first N facts the model knows.")] = 100,
+    method: Annotated[str, typer.Option(help="eap or eap-ig.")] = "eap-ig",
+    steps: Annotated[int, typer.Option(help="EAP-IG integration steps.")] = 5,
+    metric: Annotated[str, typer.Option(help="logit_diff or logprob.")] = "logit_diff",
+    selection: Annotated[str, typer.Option(help="top, threshold or greedy.")] = "top",
+    size: Annotated[
+        float | None,
+        typer.Option(help="Edges kept (top/greedy; default 10% of all) or the |score| threshold."),
+    ] = None,
+    curve: Annotated[
+        str | None, typer.Option(help="Comma-separated sizes for the faithfulness curve.")
+    ] = None,
+    edit: Annotated[
+        Path | None, typer.Option(help="A .kedit file: the circuit before vs after this edit.")
+    ] = None,
+) -> None:
+    """Knowledge circuit by edge attribution patching (EAP / EAP-IG): graph JSON, DOT, PNG and
+    faithfulness, or with --edit the circuit before and after an edit."""
+    import kedit
+    from kedit.analysis import circuit, edit_circuits, known_facts
+
+    sizes = []
+    if curve:
+        try:
+            sizes = [int(part) for part in curve.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"--curve: expected comma-separated integers, got {curve!r}") from None
+    facts = _facts_from(data)
+    lm = kedit.load(model)
+    known = known_facts(lm, facts, n)
+    if not known:
+        raise ValueError(f"--data: {lm.name} knows none of the {len(facts)} facts")
+    edges = None if size is None else (size if selection == "threshold" else int(size))
+    if edit is not None:
+        applied = kedit.apply(lm, edit)
+        diff = edit_circuits(lm, applied, known, method, steps, metric, size=edges)
+        table = Table("", "before", "after")
+        table.add_row("edges", str(diff.before.n_edges), str(diff.after.n_edges))
+        table.add_row(
+            "faithfulness",
+            f"{diff.before.evaluation['faithfulness']:.3f}",
+            f"{diff.after.evaluation['faithfulness']:.3f}",
+        )
+        console.print(table)
+        console.print(f"shared edges {diff.shared_edges} (Jaccard {diff.overlap:.3f})")
+        _written(diff.save(out))
+        return
+    result = circuit(lm, known, method, steps, metric, selection=selection, size=edges, curve=sizes)
+    evaluation = result.evaluation
+    console.print(
+        f"{result.n_edges} of {result.graph.n_edges} edges; faithfulness "
+        f"{evaluation['faithfulness']:.3f} (metric {evaluation['metric']:.3f} of "
+        f"{evaluation['full_metric']:.3f}); Hit@10 {evaluation['hit']:.3f}"
+    )
+    if result.curve:
+        table = Table("size", "edges", "faithfulness", "random circuits", "Hit@10")
+        for point in result.curve:
+            table.add_row(
+                str(point["size"]),
+                str(point["edges"]),
+                f"{point['faithfulness']:.3f}",
+                f"{point.get('random_faithfulness', float('nan')):.3f}",
+                f"{point['hit']:.3f}",
+            )
+        console.print(table)
+    _written(result.save(out))

@@ -23,6 +23,13 @@ class Layout:
     Paths inside a block are relative to that block; the others are relative to the model.
     `conv1d` is true where weights are stored (in, out) as in GPT-2's `Conv1D`, instead of
     `nn.Linear`'s (out, in).
+
+    The attention's inputs, for analyses that give each head its own input (knowledge
+    circuits): `attn_norm` and `mlp_norm` are the norms in front of the attention and the MLP
+    (the same module where the block runs both on one normed input); `qkv` names the query, key
+    and value projections, or one fused projection whose output columns run kind by kind
+    (`qkv_order="kind"`: all queries, all keys, all values) or head by head (`"head"`: each
+    head's query, key and value in turn).
     """
 
     family: str
@@ -36,6 +43,10 @@ class Layout:
     embed: str
     mlp: str | None = "mlp"
     conv1d: bool = False
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    qkv_order: str = "kind"
 
     def block(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
@@ -51,6 +62,10 @@ class Layout:
 
     def attn_out_name(self, layer: int) -> str:
         return f"{self.blocks}.{layer}.{self.attn_out}"
+
+    def in_block(self, layer: int, path: str) -> str:
+        """A path relative to a block, made relative to the model."""
+        return f"{self.blocks}.{layer}.{path}"
 
     def mlp_name(self, layer: int) -> str:
         """The whole MLP of a block (its output projection where the family has no MLP module)."""
@@ -88,6 +103,9 @@ FAMILIES: dict[str, Layout] = {
         unembed="lm_head",
         embed="transformer.wte",
         conv1d=True,
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
+        qkv=("attn.c_attn",),
     ),
     "gptj": Layout(
         family="gptj",
@@ -99,6 +117,9 @@ FAMILIES: dict[str, Layout] = {
         final_norm="transformer.ln_f",
         unembed="lm_head",
         embed="transformer.wte",
+        attn_norm="ln_1",
+        mlp_norm="ln_1",  # attention and MLP run side by side on one normed input
+        qkv=("attn.q_proj", "attn.k_proj", "attn.v_proj"),
     ),
     "gpt_neox": Layout(
         family="gpt_neox",
@@ -110,6 +131,8 @@ FAMILIES: dict[str, Layout] = {
         final_norm="gpt_neox.final_layer_norm",
         unembed="lm_head",  # `embed_out` before transformers 5: found by `layout_for`
         embed="gpt_neox.embed_in",
+        qkv=("attention.query_key_value",),
+        qkv_order="head",
     ),
     "opt": Layout(
         family="opt",
@@ -122,6 +145,8 @@ FAMILIES: dict[str, Layout] = {
         unembed="lm_head",
         embed="model.decoder.embed_tokens",
         mlp=None,
+        attn_norm="self_attn_layer_norm",
+        mlp_norm="final_layer_norm",
     ),
     "phi": Layout(
         family="phi",
@@ -133,6 +158,7 @@ FAMILIES: dict[str, Layout] = {
         final_norm="model.final_layernorm",
         unembed="lm_head",
         embed="model.embed_tokens",
+        mlp_norm="input_layernorm",  # attention and MLP run side by side on one normed input
     ),
     **{name: _llama_like(name) for name in ("llama", "mistral", "qwen2", "qwen3", "gemma")},
 }

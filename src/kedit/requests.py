@@ -59,6 +59,13 @@ def fill_subject(prompt: str, subject: str) -> str:
     return prompt.replace(SUBJECT_SLOT, subject, 1)
 
 
+def subject_template(prompt: str, subject: str) -> str:
+    """The prompt with `{}` in place of the subject (a prompt with a slot is returned as is)."""
+    if SUBJECT_SLOT in prompt:
+        return prompt
+    return prompt.replace(subject, SUBJECT_SLOT, 1)
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """A fact to edit: after the edit, `prompt` (with `subject`) should continue with `target_new`.
@@ -131,9 +138,7 @@ class EditRequest:
     @property
     def template(self) -> str:
         """The prompt with `{}` in place of the subject."""
-        if SUBJECT_SLOT in self.prompt:
-            return self.prompt
-        return self.prompt.replace(self.subject, SUBJECT_SLOT, 1)
+        return subject_template(self.prompt, self.subject)
 
     @property
     def text(self) -> str:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from kedit.analysis.locate import auto_layers
 from kedit.edits import WeightDelta
 from kedit.hparams import DEFAULT, OVERRIDE, Setting, corpus_setting, model_settings
 from kedit.lm import LM
@@ -335,6 +336,18 @@ def resolve_hparams(
         return overrides
     if overrides is not None and not isinstance(overrides, dict):
         raise ValueError(f"hparams: expected a dict or {spec.hparams.__name__}, got {overrides!r}")
-    values = default_hparams(spec.name, lm)
-    values.update(overrides or {})
+    defaults = default_hparams(spec.name, lm)
+    values = {**defaults, **(overrides or {})}
+    if values.get("layers") == AUTO_LAYERS and "layers" in spec.hparams.field_help():
+        values["layers"] = auto_layers(lm, single=_edits_one_layer(spec, defaults))
     return spec.hparams.from_dict(values, spec.name)
+
+
+AUTO_LAYERS = "auto"
+
+
+def _edits_one_layer(spec: MethodSpec, defaults: dict[str, Any]) -> bool:
+    """Whether a method's default layers are one layer: `layers: auto` (the layers causal
+    tracing locates, `kedit.analysis.locate`) then gives the peak, else MEMIT's window."""
+    default = defaults.get("layers", spec.hparams.field_help()["layers"][0])
+    return default is not None and len(default) == 1
