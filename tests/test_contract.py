@@ -414,8 +414,8 @@ def _at_last_write(count: int) -> Iterator[None]:
         yield
 
 
-def _raise(delta: WeightDelta) -> None:
-    raise InjectedFailure(f"injected at the last update ({delta.param})")
+def _raise(delta) -> None:
+    raise InjectedFailure(f"injected at the last update ({', '.join(sorted(delta.targets))})")
 
 
 FAILURES = {

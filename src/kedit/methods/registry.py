@@ -250,6 +250,7 @@ def _load_builtin_methods() -> None:
         emmet,
         ft,
         kn,
+        lora,
         memit,
         pmet,
         rome,
