@@ -1,7 +1,8 @@
-"""Training towards the edit targets, for the methods that train adaptors or memories (LoRA,
-AdaLoRA, GRACE's values, WISE's side memory, MELO's blocks).
+"""What the adaptor and memory methods share: the modules they sit at (`module_path`, by the
+Layout's role) and training towards the edit targets (LoRA, AdaLoRA, GRACE's values, WISE's
+side memory, MELO's blocks).
 
-The objective is FT-M's (`kedit.methods.ft`): the mean over requests of each one's mean
+The training objective is FT-M's (`kedit.methods.ft`): the mean over requests of each one's mean
 teacher-forced NLL of its target tokens after its prompt. The model's own parameters are frozen
 for the duration; only the given tensors train. The blocks below the first trained layer run
 once, since nothing trained can change their output. All requests form one batch (the lifelong
@@ -21,6 +22,16 @@ from kedit.hooks import capture, start_at_block, stop_after
 from kedit.lm import LM
 from kedit.methods.ft import _batch, _rows, _target_nll
 from kedit.requests import EditRequest
+
+# The Layout roles an adaptor or memory can sit at, and the Layout's path of each.
+ROLES = {"mlp_in": "mlp_in_name", "mlp_out": "mlp_out_name", "attn_out": "attn_out_name"}
+
+
+def module_path(lm: LM, role: str, layer: int) -> str:
+    """The path of the module playing `role` (one of ROLES) in block `layer`."""
+    if role not in ROLES:
+        raise ValueError(f"module: expected one of {', '.join(ROLES)}, got {role!r}")
+    return getattr(lm.layout, ROLES[role])(lm.check_layer(layer))
 
 
 @dataclass

@@ -26,11 +26,10 @@ from torch import nn
 
 from kedit.edits import Adaptor, AdaptorDelta, WeightDelta, register_adaptor
 from kedit.lm import LM
-from kedit.methods._train import train_to_targets
+from kedit.methods._train import ROLES, module_path, train_to_targets
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 
-ROLES = ("mlp_in", "mlp_out", "attn_out")
 # peft's SVDLinear divides its update by (ranknum + this); the adaptor does the same.
 ADALORA_RANK_EPS = 1e-5
 
@@ -123,11 +122,8 @@ class AdaLoRAHyperParams(LoRAHyperParams):
 
 def adapted_paths(lm: LM, hparams: LoRAHyperParams) -> list[str]:
     """The module paths the adaptors go to, layer by layer."""
-    names = {"mlp_in": "mlp_in_name", "mlp_out": "mlp_out_name", "attn_out": "attn_out_name"}
     return [
-        getattr(lm.layout, names[role])(lm.check_layer(layer))
-        for layer in sorted(hparams.layers)
-        for role in hparams.modules
+        module_path(lm, role, layer) for layer in sorted(hparams.layers) for role in hparams.modules
     ]
 
 

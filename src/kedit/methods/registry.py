@@ -249,6 +249,7 @@ def _load_builtin_methods() -> None:
         alphaedit,
         emmet,
         ft,
+        grace,
         kn,
         lora,
         memit,
