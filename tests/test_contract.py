@@ -360,7 +360,7 @@ def _two_step(run: Run) -> dict:
 
 
 def _poisoned(tensor: torch.Tensor, value: float) -> torch.Tensor:
-    tensor = tensor.clone()
+    tensor = tensor.clone(memory_format=torch.contiguous_format)
     tensor.view(-1)[-1] = value
     return tensor
 

@@ -255,6 +255,7 @@ def _load_builtin_methods() -> None:
         memit,
         pmet,
         rome,
+        ultraedit,
     )
 
 
