@@ -4,11 +4,13 @@ It runs for each name in `kedit.list_methods()`, so a method is held to it once 
 
 1. reliability: after one edit per case at the method's defaults for the model, `target_new` is
    the teacher-forced argmax (every target token the argmax after the prompt and the gold
-   target tokens before it) for at least 90% of the cases' edit prompts;
-2. undo restores every tensor of `state_dict()` bit-exactly, after each fresh edit and over 20
-   edit/undo cycles in a row;
-3. save, then a fresh load of the model, then apply gives the edited weights bit for bit; the
-   other model refuses the file;
+   target tokens before it; the prompt read in the context of applied context edits) for at
+   least 90% of the cases' edit prompts;
+2. undo restores every tensor of `state_dict()` bit-exactly, and no adaptor, memory or
+   context is left, after each fresh edit and over 20 edit/undo cycles in a row;
+3. save, then a fresh load of the model, then apply gives the edited weights (with the
+   tensors of attached adaptors and memories, and the contexts) bit for bit; the other model
+   refuses the file;
 4. an exception at the method's last moment (its last update, then the final write) and a
    non-finite last update leave the model, and a stateful method's state, as they were;
 5. two requests edited in batches of one give the weights of two single edits made one after
@@ -24,8 +26,9 @@ waiver removed).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 
 import pytest
 import torch
@@ -33,7 +36,7 @@ import torch
 import kedit
 import kedit.edits
 from kedit.data import load_requests
-from kedit.edits import Edit, ModelMismatchError, WeightDelta
+from kedit.edits import DELTA_KINDS, Edit, ModelMismatchError, WeightDelta, in_context
 from kedit.methods.registry import get_method
 from kedit.zoo import DATA_DIR
 
@@ -84,17 +87,34 @@ def _pairs(clause: str, only=lambda spec: True) -> list:
     return pairs
 
 
+@cache
+def _loaded_cases() -> tuple:
+    return tuple(load_requests(DATA_DIR / "tinyworld_knowedit.json", n=N_CASES))
+
+
 def _cases():
-    return list(load_requests(DATA_DIR / "tinyworld_knowedit.json", n=N_CASES))
+    return list(_loaded_cases())
+
+
+def _visible(lm) -> dict[str, torch.Tensor]:
+    """What an edit can change: the model's state_dict (with the tensors of attached adaptors
+    and memories) and, where context edits are applied, each case's prompt as the model reads
+    it (as bytes, under "context:<case>")."""
+    state = dict(lm.model.state_dict())
+    for index, case in enumerate(_loaded_cases()):
+        read = in_context(lm.model, case.text)
+        if read != case.text:
+            state[f"context:{index}"] = torch.tensor(list(read.encode()), dtype=torch.uint8)
+    return state
 
 
 def _weights(lm, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """A copy of the state_dict; tensors bit-identical to `base`'s are shared with it, not
-    copied (the module keeps dozens of snapshots of edited models)."""
+    """A copy of `_visible`; tensors bit-identical to `base`'s are shared with it, not copied
+    (the module keeps dozens of snapshots of edited models)."""
     base = base or {}
     return {
         name: base[name] if name in base and torch.equal(base[name], value) else value.clone()
-        for name, value in lm.model.state_dict().items()
+        for name, value in _visible(lm).items()
     }
 
 
@@ -119,8 +139,10 @@ def _same_value(a, b) -> bool:
 
 @torch.no_grad()
 def _target_is_argmax(lm, request) -> bool:
-    """Every target token is the argmax given the prompt and the gold target tokens before it."""
-    prompt, target = lm.encode_prompt(request.text), lm.encode(request.target_new)
+    """Every target token is the argmax given the prompt (in the context of applied context
+    edits) and the gold target tokens before it."""
+    prompt = lm.encode_prompt(in_context(lm.model, request.text))
+    target = lm.encode(request.target_new)
     ids = torch.tensor([prompt + target], device=lm.device)
     logits = lm.model(input_ids=ids, use_cache=False).logits[0]
     predicted = logits[len(prompt) - 1 : len(prompt) + len(target) - 1].argmax(-1)
@@ -194,7 +216,7 @@ def runs(lms, originals, tmp_path_factory) -> Iterator:
                     run.edited = _weights(lm, run.before)
                     run.saved = edit.save(folder / f"{method}-{model}.kedit")
                 edit.undo()
-                run.left_after_undo.append(_differing(run.before, lm.model.state_dict()))
+                run.left_after_undo.append(_differing(run.before, _visible(lm)))
             made[method, model] = run
         return made[method, model]
 
@@ -240,7 +262,7 @@ def test_undo_restores_every_tensor_bit_exactly(runs, method, model):
         edit = run.edits[cycle % len(run.edits)]
         edit.apply()
         edit.undo()
-        assert not _differing(run.before, run.lm.model.state_dict()), f"after cycle {cycle}"
+        assert not _differing(run.before, _visible(run.lm)), f"after cycle {cycle}"
 
 
 @pytest.fixture(scope="module")
@@ -264,41 +286,55 @@ def test_a_saved_edit_reapplies_bit_exactly_to_a_fresh_load_only(
     run = runs(method, model)
     two_step = _two_step(run)
     fresh = fresh_lms(model)
-    assert not _differing(run.before, fresh.model.state_dict())
+    assert not _differing(run.before, _visible(fresh))
     for path, requests, edited in [
         (run.saved, run.cases[:1], run.edited),
         (two_step["saved"], run.cases[:2], two_step["weights"]),
     ]:
         again = kedit.apply(fresh, path)
         assert again.method == method and again.requests == requests
-        assert not _differing(edited, fresh.model.state_dict())
+        assert not _differing(edited, _visible(fresh))
         again.undo()
-        assert not _differing(run.before, fresh.model.state_dict())
+        assert not _differing(run.before, _visible(fresh))
 
     other = lms[next(name for name in MODELS if name != model)]
     untouched = _weights(other)
     with pytest.raises(ModelMismatchError, match="fingerprint"):
         kedit.apply(other, run.saved)
-    assert not _differing(untouched, other.model.state_dict())
+    assert not _differing(untouched, _visible(other))
+
+
+@contextmanager
+def _on_each_update(act) -> Iterator[None]:
+    """Call `act(change)` on every change a method makes inside the block (a WeightDelta, or an
+    adaptor, memory or context change: every kind in `kedit.edits.DELTA_KINDS`)."""
+    with ExitStack() as stack:
+        patch = stack.enter_context(pytest.MonkeyPatch.context())
+        for kind in DELTA_KINDS.values():
+
+            def hooked(self, make=kind.__post_init__):
+                make(self)
+                act(self)
+
+            patch.setattr(kind, "__post_init__", hooked)
+        yield
 
 
 @contextmanager
 def _counting() -> Iterator[dict[str, int]]:
-    """Count the updates a method computes (WeightDeltas made) and the writes into the model
-    (calls of `kedit.edits.apply_deltas`) inside the block."""
+    """Count the updates a method computes (changes made, of any kind) and the writes into the
+    model (calls of `kedit.edits.apply_deltas`) inside the block."""
     counts = {"updates": 0, "writes": 0}
-    make, write = WeightDelta.__post_init__, kedit.edits.apply_deltas
+    write = kedit.edits.apply_deltas
 
-    def counted_make(self):
-        make(self)
+    def counted_make(change):
         counts["updates"] += 1
 
     def counted_write(*args, **kwargs):
         counts["writes"] += 1
         return write(*args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(WeightDelta, "__post_init__", counted_make)
+    with _on_each_update(counted_make), pytest.MonkeyPatch.context() as patch:
         patch.setattr(kedit.edits, "apply_deltas", counted_write)
         yield counts
 
@@ -312,40 +348,53 @@ def _two_step(run: Run) -> dict:
         with _counting() as counts:
             edit = run.edit_two_step(state)
         assert counts["updates"] >= 1, (
-            f"{run.method} makes no WeightDelta: give the contract another way to inject a "
-            "failure at its last moment"
+            f"{run.method} makes no change of a kind in kedit.edits.DELTA_KINDS: give the "
+            "contract another way to inject a failure at its last moment"
         )
         saved = edit.save(run.folder / f"{run.method}-{run.model}-two.kedit")
         weights = _weights(run.lm, run.before)
         run.two_step = {**counts, "state": state, "weights": weights, "saved": saved}
         edit.undo()
-        assert not _differing(run.before, run.lm.model.state_dict())
+        assert not _differing(run.before, _visible(run.lm))
     return run.two_step
 
 
-def _poison(delta: WeightDelta) -> None:
-    """Make one entry of the update non-finite."""
-    if delta.dense is not None:
-        delta.dense = delta.dense.clone()
-        delta.dense.view(-1)[-1] = float("nan")
+def _poisoned(tensor: torch.Tensor, value: float) -> torch.Tensor:
+    tensor = tensor.clone(memory_format=torch.contiguous_format)
+    tensor.view(-1)[-1] = value
+    return tensor
+
+
+def _poison(delta) -> None:
+    """Make one entry of the update non-finite (of a weight delta's factors, an adaptor's
+    tensors, a memory's appended or overwritten rows)."""
+    if isinstance(delta, WeightDelta):
+        if delta.dense is not None:
+            delta.dense = _poisoned(delta.dense, float("nan"))
+        else:
+            delta.right = _poisoned(delta.right, float("inf"))
+        return
+    tensors = getattr(delta, "tensors", None) or getattr(delta, "appended", None)
+    if tensors:
+        name = next(n for n in reversed(list(tensors)) if tensors[n].is_floating_point())
+        tensors[name] = _poisoned(tensors[name], float("nan"))
     else:
-        delta.right = delta.right.clone()
-        delta.right.view(-1)[-1] = float("inf")
+        name = next(reversed(list(delta.changed)))
+        index, values = delta.changed[name]
+        delta.changed[name] = (index, _poisoned(values, float("nan")))
 
 
 @contextmanager
 def _at_last_update(count: int, act) -> Iterator[None]:
-    """Call `act(delta)` on the `count`-th WeightDelta made inside the block."""
-    make, made = WeightDelta.__post_init__, []
+    """Call `act(delta)` on the `count`-th change made inside the block."""
+    made = []
 
-    def hooked(self):
-        make(self)
+    def counted(change):
         made.append(1)
         if len(made) == count:
-            act(self)
+            act(change)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(WeightDelta, "__post_init__", hooked)
+    with _on_each_update(counted):
         yield
 
 
@@ -365,8 +414,8 @@ def _at_last_write(count: int) -> Iterator[None]:
         yield
 
 
-def _raise(delta: WeightDelta) -> None:
-    raise InjectedFailure(f"injected at the last update ({delta.param})")
+def _raise(delta) -> None:
+    raise InjectedFailure(f"injected at the last update ({', '.join(sorted(delta.targets))})")
 
 
 FAILURES = {
@@ -397,7 +446,7 @@ def test_a_failure_at_the_last_moment_leaves_model_and_state_untouched(
     inject, error = FAILURES[failure]
     with inject(two_step), pytest.raises(error):
         run.edit_two_step(state)
-    assert not _differing(run.before, run.lm.model.state_dict())
+    assert not _differing(run.before, _visible(run.lm))
     if state is not None:
         assert _same_value(state_before, dict(vars(state)))
 

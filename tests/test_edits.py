@@ -296,7 +296,8 @@ def test_a_version_1_file_without_digest_applies_with_a_warning(random_gpt2, tmp
     ("version", "message"),
     [
         (2, "version 2 edit files carry a digest of their tensors and this one has none"),
-        (3, "edit file version 3; this kedit reads versions 1..2"),
+        (3, "version 3 edit files carry a digest of their tensors and this one has none"),
+        (4, "edit file version 4; this kedit reads versions 1..3"),
     ],
 )
 def test_a_file_without_the_digest_its_version_has_or_of_an_unknown_version_is_refused(

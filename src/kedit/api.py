@@ -123,4 +123,5 @@ def edit_each(
 
 def apply(lm: LM, path: str | Path) -> Edit:
     """Re-apply an edit saved with `Edit.save` to `lm` (same model, checked by fingerprint)."""
+    list_methods()  # registers the methods' adaptor kinds, which rebuild saved adaptors
     return apply_edit_file(lm, path)

@@ -34,7 +34,7 @@ from torch import nn
 
 from kedit.api import edit as kedit_edit
 from kedit.data._common import flatten_strings, with_space
-from kedit.edits import Edit
+from kedit.edits import Edit, WeightDelta
 from kedit.eval.metrics import fluency_entropy
 from kedit.eval.protocols import (
     TokenScore,
@@ -543,7 +543,9 @@ class BaseEditor:
             post += self._score(chunk, fluency)
             made.undo()
             weights_copy = {
-                d.param: self.model.get_parameter(d.param).detach().clone() for d in made.deltas
+                d.param: self.model.get_parameter(d.param).detach().clone()
+                for d in made.deltas
+                if isinstance(d, WeightDelta)
             }
             if keep:
                 made.apply()

@@ -1,15 +1,34 @@
-"""Edits are values: what a method changed, undone bit-exactly, saved and re-applied."""
+"""Edits are values: what a method changed, undone bit-exactly, saved and re-applied.
+
+An `Edit` is a list of changes of four kinds:
+
+- `WeightDelta`: an additive change of one parameter, dense or low-rank (ROME, MEMIT, FT, ...).
+- `AdaptorDelta`: an `Adaptor` attached to one of the model's modules, its host, whose output
+  it adapts (a LoRA adaptor); undone by detaching it, which leaves the host as it was.
+- `MemoryDelta`: entries added to, or rows changed in, a memory adaptor attached to a host
+  (GRACE's codebook, WISE's side memory and router, MELO's blocks and keys). The first edit of a
+  memory attaches it; later edits grow it, so it grows over a session and shrinks back, edit by
+  edit, as they are undone.
+- `ContextDelta`: a transform of every prompt the evaluation scores (the text in-context
+  editing puts before it); the model's modules are not touched.
+
+Adaptors are attached, not wrapped around their host: the host keeps its name, its parameters
+and their names (a weight edit of the same layer still finds them), the adaptor's tensors show
+in the model's state_dict under `<host>.kedit_<n>.` while it is attached, and detaching it
+leaves the model's own state_dict as before, bit for bit, with no wrapper left.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,8 +39,12 @@ from kedit.lm import LM, require_lm
 from kedit.requests import EditRequest
 
 # Version 2 added the digest of the tensors and metadata (`DIGEST_KEY`); version 1 had none.
-FORMAT_VERSION = 2
+# Version 3 added adaptor, memory and context changes beside weight deltas.
+FORMAT_VERSION = 3
 DIGEST_KEY = "kedit_sha256"
+ADAPTOR_PREFIX = "kedit_"  # attached adaptors are the host's submodules kedit_0, kedit_1, ...
+
+Restore = Callable[[], None]
 
 
 class ModelMismatchError(ValueError):
@@ -30,6 +53,39 @@ class ModelMismatchError(ValueError):
 
 class UndoOrderError(RuntimeError):
     """An edit was to be undone while later applied edits change some of the same parameters."""
+
+
+def _json_config(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` as JSON reads it back, so that a saved and re-read config compares equal."""
+    try:
+        return json.loads(json.dumps(config))
+    except TypeError as exc:
+        raise ValueError(f"config: expected JSON values only, got {config!r}") from exc
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite. A finite sum says so at once (an inf or NaN entry makes
+    the sum inf or NaN, and a sum is several times faster than `isfinite`); only a sum that is
+    not finite needs the entry-by-entry check (it may have overflowed)."""
+    return bool(tensor.sum().isfinite()) or bool(torch.isfinite(tensor).all())
+
+
+def _finite(tensors: Iterable[torch.Tensor]) -> bool:
+    return all(all_finite(t) for t in tensors if t.is_floating_point())
+
+
+def _module(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:
+        raise ValueError(f"path: the model has no module {path!r}") from exc
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 @dataclass
@@ -62,21 +118,51 @@ class WeightDelta:
     def rank(self) -> int | None:
         return None if self.left is None else self.left.shape[1]
 
+    @property
+    def targets(self) -> frozenset[str]:
+        return frozenset({self.param})
+
     def tensor(self, device: torch.device | None = None) -> torch.Tensor:
         if self.dense is not None:
             return self.dense.to(device)
         return self.left.to(device) @ self.right.to(device)
 
     def is_finite(self) -> bool:
-        parts = [self.dense] if self.dense is not None else [self.left, self.right]
-        return all(all_finite(p) for p in parts)
+        return _finite([self.dense] if self.dense is not None else [self.left, self.right])
 
+    def write(self, model: nn.Module, saved: set[str] | None = None) -> Restore:
+        """Add the delta to the parameter; returns what restores its value before. With `saved`
+        (the parameters an earlier write of the same batch saved, restored after this one) the
+        parameter is saved only once per batch."""
+        param = _parameter(model, self.param)
+        update = self.tensor(param.device)
+        if update.shape != param.shape:
+            raise ValueError(
+                f"delta for {self.param} has shape {tuple(update.shape)}, the parameter "
+                f"{tuple(param.shape)}"
+            )
+        new = (param.float() + update).to(param.dtype)
+        if not all_finite(new):
+            raise FloatingPointError(f"edit made {self.param} non-finite")
+        if saved is not None and self.param in saved:
+            param.copy_(new)
+            return lambda: None
+        original = _save(param)
+        if saved is not None:
+            saved.add(self.param)
+        param.copy_(new)
+        return lambda: _restore(param, original)
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every entry is finite. A finite sum says so at once (an inf or NaN entry makes
-    the sum inf or NaN, and a sum is several times faster than `isfinite`); only a sum that is
-    not finite needs the entry-by-entry check (it may have overflowed)."""
-    return bool(tensor.sum().isfinite()) or bool(torch.isfinite(tensor).all())
+    def saved(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """This change's metadata and tensors, as an edit file stores them."""
+        meta = {"kind": "weight", "param": self.param, "rank": self.rank}
+        if self.dense is not None:
+            return meta, {"dense": self.dense}
+        return meta, {"left": self.left, "right": self.right}
+
+    @classmethod
+    def from_saved(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> WeightDelta:
+        return cls(meta["param"], tensors.get("dense"), tensors.get("left"), tensors.get("right"))
 
 
 def _parameter(model: nn.Module, name: str) -> nn.Parameter:
@@ -100,11 +186,24 @@ def content_version(param: torch.Tensor) -> int:
     return _RESTORED.get(param, {}).get(version, version)
 
 
-def weights_version(model: nn.Module) -> tuple[tuple[int, int], ...]:
-    """The storage address and content version of every parameter: while it stays the same,
-    so do the weights (an in-place write changes the version, a tensor put in a parameter's
-    place the address)."""
-    return tuple((p.data_ptr(), content_version(p)) for p in model.parameters())
+def weights_version(model: nn.Module) -> tuple:
+    """The storage address and content version of every parameter, and the serial number and
+    buffers of every attached adaptor: while it stays the same, so does the model's function
+    (an in-place write changes a version, a tensor put in a parameter's place the address, and
+    an adaptor changes the function without touching a parameter)."""
+    params = tuple((p.data_ptr(), content_version(p)) for p in model.parameters())
+    adaptors = tuple(
+        (
+            module.serial,
+            tuple(
+                (name, b.data_ptr(), b._version, tuple(b.shape))
+                for name, b in module._buffers.items()
+            ),
+        )
+        for module in model.modules()
+        if isinstance(module, Adaptor)
+    )
+    return params + adaptors
 
 
 def _save(param: torch.Tensor) -> torch.Tensor:
@@ -121,76 +220,408 @@ def _restore(param: torch.Tensor, saved: torch.Tensor) -> None:
         _RESTORED.setdefault(param, {})[param._version] = _SAVED_AT[saved]
 
 
-def apply_deltas(model: nn.Module, deltas: list[WeightDelta]) -> dict[str, torch.Tensor]:
-    """Add the deltas to the model; return the original values of the touched parameters.
+_ADAPTOR_SERIALS = itertools.count()
 
-    A non-finite delta or result leaves the model exactly as it was and raises.
+
+class Adaptor(nn.Module):
+    """A module attached to one of the model's modules (its host): a forward hook passes the
+    host's input and output to `adapt`, whose result becomes the host's output.
+
+    Its state is its buffers (the model's state_dict shows them while it is attached; the
+    model's `parameters()` never do, so methods that freeze or train the model's parameters do
+    not touch them) and its `config` (JSON values). A subclass names its `kind`, is registered
+    with `register_adaptor` so that saved edits can rebuild it, and is made empty from its
+    config; edits then load or grow its buffers.
     """
-    originals: dict[str, torch.Tensor] = {}
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = _json_config(config)
+        self.serial = next(_ADAPTOR_SERIALS)  # tells adaptors apart in `weights_version`
+
+    def adapt(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The host's new output, from its input and its output (both `[..., width]`)."""
+        raise NotImplementedError
+
+    def rows(self, name: str) -> int:
+        """The rows (entries along dim 0) of buffer `name`; 0 while it does not exist."""
+        buffer = self._buffers.get(name)
+        return 0 if buffer is None else buffer.shape[0]
+
+    def set_buffer(self, name: str, value: torch.Tensor | None) -> None:
+        """Set (or, with None, remove) buffer `name`."""
+        if value is None:
+            self._buffers.pop(name, None)
+        else:
+            self.register_buffer(name, value)
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        inputs = args[0] if args else kwargs["hidden_states"]
+        if isinstance(output, tuple):
+            return (self.adapt(inputs, output[0]), *output[1:])
+        return self.adapt(inputs, output)
+
+
+_ADAPTORS: dict[str, type[Adaptor]] = {}
+
+
+def register_adaptor(cls: type[Adaptor]) -> type[Adaptor]:
+    """Make an `Adaptor` class known by its `kind`, so that saved edits can rebuild it."""
+    if not cls.kind:
+        raise ValueError(f"{cls.__name__}: an adaptor class needs a kind")
+    _ADAPTORS[cls.kind] = cls
+    return cls
+
+
+def _adaptor_class(kind: str) -> type[Adaptor]:
+    if kind not in _ADAPTORS:
+        raise ValueError(
+            f"adaptor: unknown adaptor kind {kind!r} (known: {', '.join(sorted(_ADAPTORS))}); "
+            "import the method that defines it (kedit.apply loads kedit's own methods)"
+        )
+    return _ADAPTORS[kind]
+
+
+def attached(host: nn.Module) -> list[Adaptor]:
+    """The adaptors attached to a module, in the order they act."""
+    return [m for name, m in host.named_children() if name.startswith(ADAPTOR_PREFIX)]
+
+
+def _attach(host: nn.Module, adaptor: Adaptor) -> Restore:
+    """Attach `adaptor` to `host` after those already there; returns its detach."""
+    name = f"{ADAPTOR_PREFIX}{len(attached(host))}"
+    host.add_module(name, adaptor.to(_device_of(host)))
+    handle = host.register_forward_hook(adaptor._hook, with_kwargs=True)
+
+    def detach() -> None:
+        handle.remove()
+        del host._modules[name]
+
+    return detach
+
+
+def find_memory(host: nn.Module, kind: str) -> Adaptor | None:
+    """The memory adaptor of `kind` attached to `host`, if any (a host has one of each kind)."""
+    return next((a for a in attached(host) if a.kind == kind), None)
+
+
+@dataclass
+class AdaptorDelta:
+    """An adaptor attached to the module at `path`, built from its kind, config and tensors;
+    undone by detaching it. Two adaptor edits of one module act one after the other."""
+
+    path: str
+    adaptor: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        self.config = _json_config(self.config)
+        if not self.tensors:
+            raise ValueError(f"AdaptorDelta({self.path}): an adaptor needs tensors")
+
+    @property
+    def targets(self) -> frozenset[str]:
+        return frozenset({self.path})
+
+    def is_finite(self) -> bool:
+        return _finite(self.tensors.values())
+
+    def write(self, model: nn.Module) -> Restore:
+        host = _module(model, self.path)
+        adaptor = _adaptor_class(self.adaptor)(self.config)
+        for name, value in self.tensors.items():
+            adaptor.set_buffer(name, value.clone())
+        return _attach(host, adaptor)
+
+    def saved(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        meta = {"kind": "adaptor", "path": self.path, "adaptor": self.adaptor}
+        return {**meta, "config": self.config}, dict(self.tensors)
+
+    @classmethod
+    def from_saved(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> AdaptorDelta:
+        return cls(meta["path"], meta["adaptor"], meta["config"], tensors)
+
+
+@dataclass
+class MemoryDelta:
+    """Rows appended to, and rows overwritten in, the buffers of the memory adaptor of kind
+    `adaptor` attached to the module at `path`; the memory is attached first where none is.
+
+    `rows_before` holds, for every buffer the change touches, the rows it had when the change
+    was computed: applying it elsewhere (a fresh model, a resumed run) checks them, so that
+    a memory's edits are applied in the order they were made. `changed` maps a buffer to the
+    indices (along dim 0) of the rows it overwrites and their new values.
+    """
+
+    path: str
+    adaptor: str
+    config: dict[str, Any]
+    rows_before: dict[str, int]
+    appended: dict[str, torch.Tensor] = field(default_factory=dict)
+    changed: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.config = _json_config(self.config)
+        if not self.appended and not self.changed:
+            raise ValueError(f"MemoryDelta({self.path}): it changes nothing")
+        missing = (self.appended.keys() | self.changed.keys()) - self.rows_before.keys()
+        if missing:
+            raise ValueError(f"MemoryDelta({self.path}): rows_before lacks {sorted(missing)}")
+
+    @property
+    def targets(self) -> frozenset[str]:
+        return frozenset({self.path})
+
+    def is_finite(self) -> bool:
+        return _finite([*self.appended.values(), *(v for _, v in self.changed.values())])
+
+    def _check(self, memory: Adaptor | None) -> None:
+        """Refuse a memory in another state than the one the change was computed on, and rows
+        that do not fit it, before anything is written."""
+        where = f"memory edit of {self.path!r}"
+        if memory is not None and memory.config != self.config:
+            raise ValueError(
+                f"{where}: the attached {self.adaptor} memory has config {memory.config}, the "
+                f"edit was made for {self.config}"
+            )
+        now = {name: 0 if memory is None else memory.rows(name) for name in self.rows_before}
+        if now != self.rows_before:
+            found = "none is attached" if memory is None else f"the attached one has {now}"
+            raise ValueError(
+                f"{where} builds on a {self.adaptor} memory with rows {self.rows_before}, and "
+                f"{found}: apply the earlier edits of that memory first, in their order"
+            )
+        buffers = {} if memory is None else memory._buffers
+        for name, rows in self.appended.items():
+            if name in buffers and rows.shape[1:] != buffers[name].shape[1:]:
+                raise ValueError(f"{where}: rows of {name} shaped {tuple(rows.shape)}")
+        for name, (index, values) in self.changed.items():
+            fits = name in buffers and len(index) == len(values)
+            if not fits or values.shape[1:] != buffers[name].shape[1:]:
+                raise ValueError(f"{where}: {name} has no rows {index.tolist()} to overwrite")
+            if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < now[name]:
+                raise ValueError(f"{where}: {name} has no rows {index.tolist()} to overwrite")
+
+    def write(self, model: nn.Module) -> Restore:
+        host = _module(model, self.path)
+        memory = find_memory(host, self.adaptor)
+        self._check(memory)
+        detach: Restore | None = None
+        if memory is None:
+            memory = _adaptor_class(self.adaptor)(self.config)
+            detach = _attach(host, memory)
+        device = _device_of(host)
+        overwritten = {}
+        for name, (index, values) in self.changed.items():
+            buffer = memory._buffers[name]
+            overwritten[name] = (index.to(device), buffer[index.to(device)].clone())
+            buffer[index.to(device)] = values.to(device, buffer.dtype)
+        for name, rows in self.appended.items():
+            buffer = memory._buffers.get(name)
+            rows = rows.to(device)
+            memory.set_buffer(name, rows.clone() if buffer is None else torch.cat([buffer, rows]))
+
+        def restore() -> None:
+            for name in self.appended:
+                kept = self.rows_before[name]
+                memory.set_buffer(name, memory._buffers[name][:kept].clone() if kept else None)
+            for name, (index, old) in overwritten.items():
+                memory._buffers[name][index] = old
+            if detach is not None:
+                detach()
+
+        return restore
+
+    def saved(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        meta = {
+            "kind": "memory",
+            "path": self.path,
+            "adaptor": self.adaptor,
+            "config": self.config,
+            "rows_before": self.rows_before,
+            "appended": sorted(self.appended),
+            "changed": sorted(self.changed),
+        }
+        tensors = {f"appended.{name}": rows for name, rows in self.appended.items()}
+        for name, (index, values) in self.changed.items():
+            tensors[f"changed.{name}.index"] = index
+            tensors[f"changed.{name}.values"] = values
+        return meta, tensors
+
+    @classmethod
+    def from_saved(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> MemoryDelta:
+        return cls(
+            meta["path"],
+            meta["adaptor"],
+            meta["config"],
+            meta["rows_before"],
+            {name: tensors[f"appended.{name}"] for name in meta["appended"]},
+            {
+                name: (tensors[f"changed.{name}.index"], tensors[f"changed.{name}.values"])
+                for name in meta["changed"]
+            },
+        )
+
+
+PromptTransform = Callable[[str], str]
+ContextFactory = Callable[[dict[str, Any], dict[str, torch.Tensor]], PromptTransform]
+_CONTEXT_KINDS: dict[str, ContextFactory] = {}
+# The prompt transforms of the context changes written to each model, oldest first.
+_CONTEXTS: weakref.WeakKeyDictionary[nn.Module, list[PromptTransform]] = weakref.WeakKeyDictionary()
+
+
+def register_context(kind: str, factory: ContextFactory) -> None:
+    """Make a context kind known: `factory(config, tensors)` gives its prompt transform."""
+    _CONTEXT_KINDS[kind] = factory
+
+
+register_context("prefix", lambda config, tensors: lambda prompt: config["text"] + prompt)
+
+
+def in_context(model: nn.Module, prompt: str) -> str:
+    """`prompt` as the model is to read it: with the context of every context change written
+    to it (in-context edits) applied, the oldest first; unchanged where there is none."""
+    for transform in _CONTEXTS.get(model, ()):
+        prompt = transform(prompt)
+    return prompt
+
+
+@dataclass
+class ContextDelta:
+    """A context that the evaluation protocols put around every prompt they score, built by
+    the registered context kind `context` from `config` and `tensors` ("prefix": the text
+    `config["text"]` before the prompt). The model's modules are not touched."""
+
+    context: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.config = _json_config(self.config)
+
+    @property
+    def targets(self) -> frozenset[str]:
+        return frozenset()
+
+    def is_finite(self) -> bool:
+        return _finite(self.tensors.values())
+
+    def write(self, model: nn.Module) -> Restore:
+        if self.context not in _CONTEXT_KINDS:
+            raise ValueError(
+                f"context: unknown context kind {self.context!r} (known: "
+                f"{', '.join(sorted(_CONTEXT_KINDS))})"
+            )
+        transform = _CONTEXT_KINDS[self.context](self.config, self.tensors)
+        contexts = _CONTEXTS.setdefault(model, [])
+        contexts.append(transform)
+        return lambda: contexts.remove(transform)
+
+    def saved(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {"kind": "context", "context": self.context, "config": self.config}, self.tensors
+
+    @classmethod
+    def from_saved(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ContextDelta:
+        return cls(meta["context"], meta["config"], tensors)
+
+
+Change = WeightDelta | AdaptorDelta | MemoryDelta | ContextDelta
+DELTA_KINDS: dict[str, type] = {
+    "weight": WeightDelta,
+    "adaptor": AdaptorDelta,
+    "memory": MemoryDelta,
+    "context": ContextDelta,
+}
+
+
+def _describe(change: Change) -> str:
+    return ", ".join(sorted(change.targets)) or f"the {change.context} context"
+
+
+@dataclass(eq=False)
+class Written:
+    """What `apply_deltas` wrote: the module paths and parameters it touched, and how to put
+    back what was there (`undo`, bit-exact)."""
+
+    targets: frozenset[str]
+    restores: list[Restore] = field(default_factory=list)
+
+    def undo(self) -> None:
+        with torch.no_grad():
+            for restore in reversed(self.restores):
+                restore()
+        self.restores.clear()
+
+
+def apply_deltas(model: nn.Module, deltas: list[Change]) -> Written:
+    """Write the changes into the model; return what undoes them.
+
+    A non-finite change or result, or any failure, leaves the model exactly as it was and raises.
+    """
     for delta in deltas:
         if not delta.is_finite():
-            raise FloatingPointError(f"edit produced a non-finite update for {delta.param}")
+            raise FloatingPointError(f"edit produced a non-finite update for {_describe(delta)}")
+    written = Written(frozenset(t for d in deltas for t in d.targets))
+    saved: set[str] = set()  # each parameter is saved once, by its first delta
     try:
         with torch.no_grad():
             for delta in deltas:
-                param = _parameter(model, delta.param)
-                update = delta.tensor(param.device)
-                if update.shape != param.shape:
-                    raise ValueError(
-                        f"delta for {delta.param} has shape {tuple(update.shape)}, the parameter "
-                        f"{tuple(param.shape)}"
-                    )
-                if delta.param not in originals:
-                    originals[delta.param] = _save(param)
-                new = (param.float() + update).to(param.dtype)
-                if not all_finite(new):
-                    raise FloatingPointError(f"edit made {delta.param} non-finite")
-                param.copy_(new)
+                if isinstance(delta, WeightDelta):
+                    written.restores.append(delta.write(model, saved))
+                else:
+                    written.restores.append(delta.write(model))
     except BaseException:
-        with torch.no_grad():
-            for name, value in originals.items():
-                _restore(_parameter(model, name), value)
+        written.undo()
         raise
-    return originals
+    return written
 
 
 def compute_in_sequence(
-    model: nn.Module, items: Iterable[Any], compute: Callable[[Any], list[WeightDelta]]
-) -> list[WeightDelta]:
-    """Compute deltas item by item, each on the model as the earlier ones left it.
+    model: nn.Module, items: Iterable[Any], compute: Callable[[Any], list[Change]]
+) -> list[Change]:
+    """Compute changes item by item, each on the model as the earlier ones left it.
 
-    Every item's deltas but the last's are applied before the next item is computed (nothing
+    Every item's changes but the last's are written before the next item is computed (nothing
     reads the last's: the caller applies them all); at the end (and on an exception) the model
-    is restored bit-exactly. Applying the returned deltas in order reproduces the final weights
+    is restored bit-exactly. Applying the returned changes in order reproduces the final model
     exactly.
     """
     items = list(items)
-    deltas: list[WeightDelta] = []
-    originals: dict[str, torch.Tensor] = {}
+    deltas: list[Change] = []
+    written: list[Written] = []
     try:
         for index, item in enumerate(items):
             step = compute(item)
             deltas.extend(step)
             if index + 1 < len(items):
-                for name, value in apply_deltas(model, step).items():
-                    originals.setdefault(name, value)
+                written.append(apply_deltas(model, step))
     finally:
-        with torch.no_grad():
-            for name, value in originals.items():
-                _restore(_parameter(model, name), value)
+        for done in reversed(written):
+            done.undo()
     return deltas
+
+
+def overlap(first: Iterable[str], second: Iterable[str]) -> bool:
+    """Whether two sets of parameter names and module paths share something: a name, or a
+    module and a parameter or module inside it."""
+    return any(
+        a == b or a.startswith(b + ".") or b.startswith(a + ".") for a in first for b in second
+    )
 
 
 @dataclass(eq=False)
 class _Applied:
-    """An applied edit's entry on its model's stack: the values it overwrote and its name.
+    """An applied edit's entry on its model's stack: what undoes it and its name.
 
     It holds neither the model nor the `Edit`, so an edit dropped by its caller while applied
     keeps its place (and still blocks undoing the edits under it).
     """
 
     name: str
-    originals: dict[str, torch.Tensor]
+    written: Written
     on_stack: bool = True
 
 
@@ -200,23 +631,24 @@ _STACKS: weakref.WeakKeyDictionary[nn.Module, list[_Applied]] = weakref.WeakKeyD
 
 def _undo_order(stack: list[_Applied], index: int) -> list[_Applied]:
     """The entries to undo, top first, so that `stack[index]` can be undone: it and every later
-    entry that changes a parameter of one already taken (each must go before the one under it)."""
+    entry that changes something of one already taken (each must go before the one under it)."""
     taken = [stack[index]]
-    params = set(stack[index].originals)
+    touched = set(stack[index].written.targets)
     for entry in stack[index + 1 :]:
-        if params & entry.originals.keys():
+        if overlap(touched, entry.written.targets):
             taken.append(entry)
-            params |= entry.originals.keys()
+            touched |= entry.written.targets
     return taken[::-1]
 
 
 class Edit:
     """What one call to `kedit.edit` changed in a model.
 
-    `undo()` restores the original weights bit-exactly; `save(path)` writes a single
-    `.kedit` file (safetensors with JSON metadata and a digest) that `kedit.apply` re-applies
-    to a fresh load of the same model. The edits applied to one model form a stack: an edit
-    under later applied edits that change the same parameters is undone only with them.
+    `deltas` are its changes (weight deltas, adaptors, memory entries, contexts). `undo()`
+    restores the model bit-exactly; `save(path)` writes a single `.kedit` file (safetensors with
+    JSON metadata and a digest) that `kedit.apply` re-applies to a fresh load of the same model.
+    The edits applied to one model form a stack: an edit under later applied edits that change
+    the same parameters or modules is undone only with them.
     """
 
     def __init__(
@@ -225,7 +657,7 @@ class Edit:
         method: str,
         hparams: dict[str, Any],
         requests: list[EditRequest],
-        deltas: list[WeightDelta],
+        deltas: list[Change],
         info: dict[str, Any] | None = None,
     ) -> None:
         self.lm = lm
@@ -251,7 +683,7 @@ class Edit:
         return f"{self.method} edit of {first.subject!r} -> {first.target_new!r}{more}"
 
     def apply(self) -> Edit:
-        """Write the deltas into the model, on top of its stack of applied edits (done by
+        """Write the changes into the model, on top of its stack of applied edits (done by
         `kedit.edit`; again after `undo`)."""
         if self.applied:
             raise RuntimeError("this edit is already applied")
@@ -261,12 +693,12 @@ class Edit:
         return self
 
     def undo(self, cascade: bool = False) -> None:
-        """Restore every touched parameter to its value before the edit, bit-exactly.
+        """Restore everything the edit changed to its state before the edit, bit-exactly.
 
-        Edits applied later that change some of the same parameters (and, in turn, the later
-        edits of theirs) must be undone first: this raises `UndoOrderError` naming them, or, with
-        `cascade=True`, undoes them first, the latest first. Later edits of other parameters
-        stay applied.
+        Edits applied later that change some of the same parameters or modules (and, in turn,
+        the later edits of theirs) must be undone first: this raises `UndoOrderError` naming
+        them, or, with `cascade=True`, undoes them first, the latest first. Later edits of other
+        parameters stay applied.
         """
         if not self.applied:
             raise RuntimeError("this edit is not applied; nothing to undo")
@@ -275,7 +707,8 @@ class Edit:
         order = _undo_order(stack, index)
         if len(order) > 1 and not cascade:
             later = "; ".join(
-                f"#{stack.index(entry) + 1} {entry.name} ({', '.join(sorted(entry.originals))})"
+                f"#{stack.index(entry) + 1} {entry.name} "
+                f"({', '.join(sorted(entry.written.targets))})"
                 for entry in order[-2::-1]
             )
             raise UndoOrderError(
@@ -283,11 +716,9 @@ class Edit:
                 f"{self.lm.name!r}): edits applied later change the same parameters: {later}. "
                 "Undo those first, or call undo(cascade=True) to undo them too"
             )
-        with torch.no_grad():
-            for entry in order:
-                for name, value in entry.originals.items():
-                    _restore(_parameter(self.lm.model, name), value)
-                entry.on_stack = False
+        for entry in order:
+            entry.written.undo()
+            entry.on_stack = False
         stack[:] = [entry for entry in stack if entry.on_stack]
 
     def __enter__(self) -> Edit:
@@ -310,7 +741,7 @@ class Edit:
             "model": self.lm.name,
             "model_fingerprint": self.fingerprint,
             "requests": [r.to_dict() for r in self.requests],
-            "deltas": [{"param": d.param, "rank": d.rank} for d in self.deltas],
+            "deltas": [delta.saved()[0] for delta in self.deltas],
             "info": self.info,
         }
 
@@ -322,18 +753,15 @@ class Edit:
 
         def own(tensor: torch.Tensor) -> torch.Tensor:
             # safetensors refuses tensors that share memory (KN's deltas share one direction).
-            tensor = tensor.contiguous()
+            tensor = tensor.detach().cpu().contiguous()
             if tensor.untyped_storage().data_ptr() in storages:
                 tensor = tensor.clone()
             storages.add(tensor.untyped_storage().data_ptr())
             return tensor
 
         for index, delta in enumerate(self.deltas):
-            if delta.dense is not None:
-                tensors[f"{index}.dense"] = own(delta.dense)
-            else:
-                tensors[f"{index}.left"] = own(delta.left)
-                tensors[f"{index}.right"] = own(delta.right)
+            for name, tensor in delta.saved()[1].items():
+                tensors[f"{index}.{name}"] = own(tensor)
         meta = json.dumps(self.metadata(), default=str)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={"kedit": meta, DIGEST_KEY: _digest(tensors, meta)})
@@ -358,8 +786,8 @@ def writable_edit_path(path: str | Path, name: str = "path") -> Path:
     return path
 
 
-def read_edit_file(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]:
-    """The metadata and deltas stored in a `.kedit` file."""
+def read_edit_file(path: str | Path) -> tuple[dict[str, Any], list[Change]]:
+    """The metadata and changes stored in a `.kedit` file."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -390,14 +818,12 @@ def read_edit_file(path: str | Path) -> tuple[dict[str, Any], list[WeightDelta]]
     _check_version(path, meta.get("version"), DIGEST_KEY in stored)
     deltas = []
     for index, info in enumerate(meta["deltas"]):
-        if f"{index}.dense" in tensors:
-            deltas.append(WeightDelta(info["param"], dense=tensors[f"{index}.dense"]))
-        else:
-            deltas.append(
-                WeightDelta(
-                    info["param"], left=tensors[f"{index}.left"], right=tensors[f"{index}.right"]
-                )
-            )
+        prefix = f"{index}."
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        kind = info.get("kind", "weight")  # files before version 3 hold weight deltas only
+        if kind not in DELTA_KINDS:
+            raise ValueError(f"{str(path)!r}: change {index} is of unknown kind {kind!r}")
+        deltas.append(DELTA_KINDS[kind].from_saved(info, own))
     return meta, deltas
 
 

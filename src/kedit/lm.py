@@ -293,8 +293,14 @@ def load(
         # A bundled model loads in a blink: its "Loading weights" bar would only be noise.
         bundled = Path(source).parent == zoo.MODELS_DIR
         with _no_progress_bar() if bundled else contextlib.nullcontext():
+            # With peft installed, transformers looks for an adapter config on the hub unless
+            # its own kwargs say local only, whatever `local_files_only` says.
             model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=torch_dtype, local_files_only=local_only, **placement
+                source,
+                dtype=torch_dtype,
+                local_files_only=local_only,
+                adapter_kwargs={"local_files_only": local_only},
+                **placement,
             )
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except OSError as error:

@@ -6,7 +6,9 @@
 - `generation`: greedy decoding, exact match of the continuation's first words.
 
 Prompts and answers are tokenised separately and concatenated; rows are right-padded, so
-each row's tokens keep the positions they would have alone.
+each row's tokens keep the positions they would have alone. A prompt is read in the context of
+the applied context edits (`kedit.edits.in_context`: in-context editing's demonstrations before
+it); held-out perplexity (`text_nll`) scores the model's own text without them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TypeVar
 
 import torch
 
+from kedit.edits import in_context
 from kedit.eval.metrics import locality_agreement, mean_nll, prefix_exact_match, token_accuracy
 from kedit.lm import LM
 
@@ -92,6 +95,11 @@ class GenerationScore:
     match: bool
 
 
+def _prompt_ids(lm: LM, prompt: str) -> list[int]:
+    """Token ids of a prompt as the model reads it, in the context of applied context edits."""
+    return lm.encode_prompt(in_context(lm.model, prompt))
+
+
 def _packed(groups: Sequence[Sequence[Item]], batch_size: int) -> Iterator[list[Item]]:
     """Batches of at most `batch_size` items that never split a group (an oversized group is a
     batch of its own)."""
@@ -112,7 +120,7 @@ def _answer_logits(
     `T` answer ids. One forward pass per batch."""
     check_batch_size(batch_size)
     for batch in _packed(groups, batch_size):
-        encoded = [(lm.encode_prompt(prompt), lm.encode(answer)) for prompt, answer in batch]
+        encoded = [(_prompt_ids(lm, prompt), lm.encode(answer)) for prompt, answer in batch]
         for pair, (prompt, answer) in zip(batch, encoded, strict=True):
             if not prompt or not answer:
                 raise ValueError(f"{pair!r}: prompt and answer must each be at least one token")
@@ -161,7 +169,7 @@ def greedy_generate(
     eos = lm.tokenizer.eos_token_id
     results: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        rows = [lm.encode_prompt(prompt) for prompt in prompts[start : start + batch_size]]
+        rows = [_prompt_ids(lm, prompt) for prompt in prompts[start : start + batch_size]]
         budgets = list(max_new_tokens[start : start + batch_size])
         new: list[list[int]] = [[] for _ in rows]
         while active := [r for r in range(len(rows)) if len(new[r]) < budgets[r]]:
@@ -206,7 +214,7 @@ def sample_continuations(
     with torch.random.fork_rng():
         for index, prompt in enumerate(prompts):
             torch.manual_seed(seed + index)
-            ids, mask = lm.pad([lm.encode_prompt(prompt)])
+            ids, mask = lm.pad([_prompt_ids(lm, prompt)])
             budget = (
                 max_new_tokens if context is None else min(max_new_tokens, context - ids.shape[1])
             )

@@ -146,6 +146,17 @@ def _target_nll(logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
     return -token_logp.sum(1) / valid.sum(1)
 
 
+def target_batch(lm: LM, requests: list[EditRequest], last_token: bool = False) -> _Batch:
+    """The batch of the requests' rows, one per target, each scoring the target's tokens."""
+    return _batch(lm, [row for r in requests for row in _rows(lm, r, last_token, len(requests))])
+
+
+def forward_target_nll(model: torch.nn.Module, batch: _Batch) -> torch.Tensor:
+    """Each row of `batch`'s mean target-token NLL, from a full forward pass of `model`."""
+    logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
+    return _target_nll(logits[batch.reads].float(), batch)
+
+
 @dataclass
 class _Start:
     """Where a batch's training steps start: the first trained block's output and its

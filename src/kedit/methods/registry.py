@@ -253,10 +253,13 @@ def _load_builtin_methods() -> None:
         alphaedit,
         emmet,
         ft,
+        grace,
         kn,
+        lora,
         memit,
         pmet,
         rome,
+        ultraedit,
     )
 
 

@@ -1,0 +1,109 @@
+"""What the adaptor and memory methods share: the modules they sit at (`module_path`, by the
+Layout's role) and training towards the edit targets (LoRA, AdaLoRA, GRACE's values, WISE's
+side memory, MELO's blocks).
+
+The training objective is FT-M's (`kedit.methods.ft`): the mean over requests of each one's mean
+teacher-forced NLL of its target tokens after its prompt. The model's own parameters are frozen
+for the duration; only the given tensors train. The blocks below the first trained layer run
+once, since nothing trained can change their output. All requests form one batch (the lifelong
+methods edit one request or one batch of a stream at a time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kedit.hooks import capture, start_at_block, stop_after
+from kedit.lm import LM
+from kedit.methods.ft import forward_target_nll, target_batch
+from kedit.requests import EditRequest
+
+# The Layout roles an adaptor or memory can sit at, and the Layout's path of each.
+ROLES = {"mlp_in": "mlp_in_name", "mlp_out": "mlp_out_name", "attn_out": "attn_out_name"}
+
+
+def module_path(lm: LM, role: str, layer: int) -> str:
+    """The path of the module playing `role` (one of ROLES) in block `layer`."""
+    if role not in ROLES:
+        raise ValueError(f"module: expected one of {', '.join(ROLES)}, got {role!r}")
+    return getattr(lm.layout, ROLES[role])(lm.check_layer(layer))
+
+
+@dataclass
+class Trained:
+    """How training went: the optimisation steps taken and the worst request's target NLL at
+    the end."""
+
+    steps: int
+    nll: float
+
+
+@contextmanager
+def frozen(model: nn.Module, trained: list[torch.Tensor]) -> Iterator[None]:
+    """The model's parameters but `trained` take no gradient inside the block (as they did
+    afterwards)."""
+    keep = {id(p) for p in trained}
+    thawed = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in thawed:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)
+
+
+def block_input(lm: LM, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """The residual stream entering block `layer` (the blocks above it do not run)."""
+    block = lm.layout.block(layer)
+    with torch.no_grad(), capture(lm.model, [block], "input") as seen:
+        with stop_after(lm.model, block):
+            lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return seen[block]
+
+
+def train_to_targets(
+    lm: LM,
+    requests: list[EditRequest],
+    params: list[torch.Tensor],
+    first_layer: int,
+    steps: int,
+    lr: float,
+    stop_nll: float,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    min_steps: int = 0,
+) -> Trained:
+    """Adam on `params` (leaf tensors that the model's forward pass uses, through adaptors or
+    hooks, at block `first_layer` or above) until every request's target NLL is below
+    `stop_nll` (not before `min_steps`) or `steps` steps are taken.
+
+    `extra_loss()` is added to the objective after each forward pass (a method's regulariser);
+    `after_step(step)` runs after each optimiser step, while the gradients are still there.
+    """
+    model = lm.model
+    batch = target_batch(lm, requests)
+    hidden = block_input(lm, batch.ids, batch.mask, first_layer)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    step, worst = 0, float("nan")
+    with frozen(model, params), start_at_block(model, lm.layout.blocks, first_layer, hidden):
+        for step in range(steps + 1):
+            nll = forward_target_nll(model, batch)
+            # A request with k targets (Multi-Label Edit) stops at log k: equal shares.
+            worst = float((nll.detach() - batch.floors).max())  # a NaN never meets the rule
+            if step == steps or (step >= min_steps and worst < stop_nll):
+                break
+            loss = (nll * batch.weights).sum()  # the mean over requests of their mean over targets
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step(step)
+    return Trained(step, worst)

@@ -1,0 +1,192 @@
+"""GRACE: a discrete key-value codebook at one layer (Hartvigsen et al., 2023).
+
+The codebook sits at one module of one layer (the MLP's output projection by default; EasyEdit
+puts it at GPT-2 XL's MLP input projection): its keys are inputs of that module, its values
+outputs. Where an input lies within the deferral radius ε_i of its nearest key K_i,
+the layer's output is replaced by that key's value V_i; elsewhere the layer runs as before
+(the paper's deferral rule). kedit applies the rule at every token position: the edit prompt's
+last token matches its key exactly, wherever the prompt sits in a longer text.
+
+Editing a request (x, y) takes h, the projection's input at x's last token, and its nearest
+key K_i at distance d (the paper's codebook maintenance):
+- d > ε_i + ε_init, or an empty codebook: add (h, v, ε_init) with a new value v;
+- otherwise, and the key's label is y: expand ε_i to d, so that h is covered (nothing to do
+  where it already is);
+- otherwise (another label): split, ε_i = d / 2, and add (h, v, d / 2).
+A new value starts at the layer's output there and is trained until y is the model's answer.
+The weights never change; the codebook is a memory attached to the projection, growing edit by
+edit (`MemoryDelta`), so GRACE edits one request after another.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kedit.edits import (
+    Adaptor,
+    Change,
+    MemoryDelta,
+    compute_in_sequence,
+    find_memory,
+    register_adaptor,
+)
+from kedit.hooks import capture, replace_output
+from kedit.lm import LM
+from kedit.methods._train import ROLES, module_path, train_to_targets
+from kedit.methods.registry import HyperParams, MethodResult, hp, register
+from kedit.requests import EditRequest
+
+TENSORS = ("keys", "values", "radii", "labels")
+
+
+@register_adaptor
+class Codebook(Adaptor):
+    """GRACE's codebook: keys `[n, in]`, values `[n, out]`, radii `[n]`, labels `[n]`."""
+
+    kind = "grace"
+
+    def covered(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For inputs `[m, in]`: which lie within the radius of their nearest key, and that
+        key's index."""
+        distances = torch.cdist(inputs.float(), self.keys)
+        nearest, index = distances.min(-1)
+        return nearest <= self.radii[index], index
+
+    def adapt(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        covered, index = self.covered(inputs.reshape(-1, inputs.shape[-1]))
+        if not covered.any():
+            return output
+        replaced = output.reshape(-1, output.shape[-1]).clone()
+        replaced[covered] = self.values[index[covered]].to(replaced.dtype)
+        return replaced.reshape(output.shape)
+
+
+@dataclass
+class GRACEHyperParams(HyperParams):
+    layers: list[int] = hp([35], "The one layer whose module holds the codebook.")
+    module: str = hp("mlp_out", "The Layout role of that module: mlp_in, mlp_out or attn_out.")
+    eps_init: float = hp(1.0, "ε_init: the deferral radius of a new key (Euclidean distance).")
+    steps: int = hp(100, "Maximum optimisation steps of a new value.")
+    lr: float = hp(1.0, "Adam learning rate of a new value.")
+    stop_nll: float = hp(0.05, "Stop once the target's mean NLL is below this.")
+
+    ALIASES = {"edit_lr": "lr", "n_iter": "steps", "eps": "eps_init"}
+    # EasyEdit's choices that kedit makes one way: Euclidean distance, the paper's coverage
+    # expansion, values started at the layer's output and trained with Adam; `inner_params`
+    # names the layer, which `layers` and the Layout give here.
+    IGNORED = HyperParams.IGNORED | {
+        "inner_params",
+        "dist_fn",
+        "val_init",
+        "val_train",
+        "val_reg",
+        "reg",
+        "replacement",
+        "eps_expand",
+        "num_pert",
+        "dropout",
+        "batch_size",
+    }
+
+    def validate(self) -> None:
+        if len(self.layers) != 1:
+            raise ValueError(f"layers: GRACE's codebook sits at one layer, got {self.layers!r}")
+        if self.module not in ROLES:
+            raise ValueError(f"module: expected one of {', '.join(ROLES)}, got {self.module!r}")
+        if not self.eps_init > 0:
+            raise ValueError(f"eps_init: expected a positive radius, got {self.eps_init!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps: expected a positive integer, got {self.steps!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
+
+
+def label_of(request: EditRequest) -> int:
+    """The request's label: its target as a number (equal targets, equal labels)."""
+    return zlib.crc32(request.target_new.encode())
+
+
+def last_token_input(lm: LM, path: str, prompt: str) -> tuple[torch.Tensor, int]:
+    """The input of module `path` at the prompt's last token, and that token's position."""
+    ids = lm.encode_prompt(prompt)
+    with torch.no_grad(), capture(lm.model, [path], "input") as seen:
+        lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=False)
+    return seen[path][0, len(ids) - 1].float(), len(ids) - 1
+
+
+def train_value(
+    lm: LM, request: EditRequest, path: str, position: int, hparams: GRACEHyperParams
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A value for the module's output at the prompt's last token that makes the target the
+    model's answer, started at the output there now."""
+    ids = torch.tensor([lm.encode_prompt(request.text)], device=lm.device)
+    with torch.no_grad(), capture(lm.model, [path]) as seen:
+        lm.model(input_ids=ids, use_cache=False)
+    value = seen[path][0, position].detach().float().clone().requires_grad_(True)
+
+    def put(output: torch.Tensor) -> torch.Tensor:
+        replaced = output.clone()
+        replaced[:, position] = value.to(output.dtype)
+        return replaced
+
+    with replace_output(lm.model, path, put):
+        trained = train_to_targets(
+            lm, [request], [value], hparams.layers[0], hparams.steps, hparams.lr, hparams.stop_nll
+        )
+    return value.detach(), {"steps": trained.steps, "final_nll": trained.nll}
+
+
+def _rows_before(memory: Adaptor | None) -> dict[str, int]:
+    return {name: 0 if memory is None else memory.rows(name) for name in TENSORS}
+
+
+def edit_one(lm: LM, request: EditRequest, hparams: GRACEHyperParams) -> tuple[list[Change], dict]:
+    """The codebook change for one request (none where its key is covered with its label)."""
+    path = module_path(lm, hparams.module, hparams.layers[0])
+    memory = find_memory(lm.model.get_submodule(path), Codebook.kind)
+    key, position = last_token_input(lm, path, request.text)
+    label = label_of(request)
+    radius, changed, info = hparams.eps_init, {}, {"rule": "add"}
+    if memory is not None:
+        distances = (memory.keys - key.to(memory.keys.device)).norm(dim=-1)
+        distance, nearest = (float(x) for x in distances.min(0))
+        nearest = int(nearest)
+        own_radius = float(memory.radii[nearest])
+        info["distance"] = distance
+        if distance <= own_radius + hparams.eps_init:
+            if int(memory.labels[nearest]) == label:
+                if distance <= own_radius:
+                    return [], {"rule": "covered", "distance": distance}
+                new = torch.tensor([distance])
+                change = {"radii": (torch.tensor([nearest]), new)}
+                delta = MemoryDelta(path, Codebook.kind, {}, _rows_before(memory), changed=change)
+                return [delta], {"rule": "expand", "distance": distance}
+            radius = distance / 2
+            changed = {"radii": (torch.tensor([nearest]), torch.tensor([radius]))}
+            info["rule"] = "split"
+    value, trained = train_value(lm, request, path, position, hparams)
+    appended = {
+        "keys": key[None].cpu(),
+        "values": value[None].cpu(),
+        "radii": torch.tensor([radius]),
+        "labels": torch.tensor([label], dtype=torch.long),
+    }
+    delta = MemoryDelta(path, Codebook.kind, {}, _rows_before(memory), appended, changed)
+    return [delta], {**info, **trained}
+
+
+@register("grace", GRACEHyperParams, "A discrete key-value codebook at one layer (GRACE)")
+def grace(lm: LM, requests: list[EditRequest], hparams: GRACEHyperParams) -> MethodResult:
+    records: list[dict] = []
+
+    def compute(request: EditRequest) -> list[Change]:
+        deltas, info = edit_one(lm, request, hparams)
+        records.append(info)
+        return deltas
+
+    deltas = compute_in_sequence(lm.model, requests, compute)
+    return MethodResult(deltas, records[0] if len(records) == 1 else {"requests": records})
