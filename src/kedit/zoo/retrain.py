@@ -62,7 +62,8 @@ def sentences_of(world: World, facts: set[tuple[str, str]]) -> set[str]:
     """Every training sentence that states one of `facts` (all training templates, and the alias
     sentences of an aliased person)."""
     people_by_alias = {alias: person for person, alias in world.aliases.items()}
-    sentences = {f.sentence for f in world.fact_prompts("train") if (f.subject, f.relation) in facts}
+    trained = world.fact_prompts("train")
+    sentences = {f.sentence for f in trained if (f.subject, f.relation) in facts}
     sentences |= {
         f.sentence
         for f in world.alias_prompts()

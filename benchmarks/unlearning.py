@@ -1,0 +1,124 @@
+"""Every unlearning method on the tinyworld forget task, scored against the exact retrain
+baseline; prints JSON and writes, per forget share, results.json, table.md and curves.png.
+
+For `share` of the world's people, their home city and employer are forgotten; their country,
+profession and language (in-domain) and every fact of other people must stay, and so must the
+general text (`kedit.zoo.forget_task`). The baseline is the model retrained from its recipe
+without the forgotten facts' sentences (`kedit zoo retrain-without`): it is read from
+`--baseline-dir/<model>-<share>` and trained there first with `--retrain` (about the time of the
+original training, 20-25 min at one thread). Timings are at one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+METHODS = ["ga", "grad_diff", "ga_kl", "random_label", "npo", "simnpo", "memflex"]
+
+
+def main() -> None:
+    import torch
+
+    import kedit
+    from kedit.bench.unlearning import plot_curves, unlearning_markdown
+    from kedit.data.unlearn_items import UnlearnItem
+    from kedit.zoo import ZOO_META, build_world, model_info
+    from kedit.zoo.forget_task import build_forget_task, perturbed_answers
+    from kedit.zoo.retrain import retrain_without
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="tiny-gpt2")
+    parser.add_argument("--shares", nargs="+", type=float, default=[0.01, 0.05])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument(
+        "--hparams",
+        type=json.loads,
+        default={},
+        help='JSON {"method": {"key": value}} overriding the defaults',
+    )
+    parser.add_argument("--baseline-dir", type=Path, default=Path("runs/retrain"))
+    parser.add_argument("--retrain", action="store_true", help="train a missing baseline")
+    parser.add_argument("--out", type=Path, default=Path("runs/unlearning"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    lm = kedit.load(args.model)
+    meta = model_info(args.model)
+    world = build_world(meta["world_seed"], meta["n_people"])
+    summary = []
+    for share in args.shares:
+        task = build_forget_task(world, share)
+
+        def items(facts: list) -> list[UnlearnItem]:
+            return [UnlearnItem(f.prompt, f.answer, perturbed_answers(world, f)) for f in facts]
+
+        forget = {"forget": items(task.forget), "forget_paraphrase": items(task.forget_paraphrase)}
+        retain = {"in_domain": items(task.in_domain), "other_people": items(task.other_people)}
+        train_retain = items(task.retain)
+        sets = dict(forget=forget, retain=retain, general=task.general)
+        out = args.out / f"{args.model}-{share:g}"
+        out.mkdir(parents=True, exist_ok=True)
+        runs: list[tuple[str, dict]] = [("original", kedit.evaluate_unlearning(lm, **sets))]
+        folder = args.baseline_dir / f"{args.model}-{share:g}"
+        baseline = None
+        if args.retrain or (folder / ZOO_META).is_file():
+            pairs = [item.pair for item in forget["forget"]]
+            folder = retrain_without(args.model, pairs, folder, progress=args.retrain)
+            trained = json.loads((folder / ZOO_META).read_text())
+            baseline = kedit.evaluate_unlearning(kedit.load(str(folder)), **sets)
+            baseline["seconds"] = trained["train_time_s"]
+            runs.append(("retrain (exact baseline)", baseline))
+        curves = {}
+        for method in args.methods:
+            edit = kedit.unlearn(
+                lm, forget["forget"], train_retain, method, hparams=args.hparams.get(method)
+            )
+            result = kedit.evaluate_unlearning(lm, **sets, baseline=baseline)
+            edit.undo()
+            result.update(
+                steps=edit.info["steps"],
+                seconds=edit.info["seconds"],
+                hparams=edit.hparams,
+                trained=edit.info["modules"],
+            )
+            curves[method] = edit.info["curve"]
+            runs.append((method, result))
+            print(
+                json.dumps(
+                    {
+                        "share": share,
+                        "method": method,
+                        "steps": result["steps"],
+                        "seconds": result["seconds"],
+                    }
+                ),
+                flush=True,
+            )
+        title = (
+            f"{args.model}, forget {len(task.people)} people's home city and employer "
+            f"({share:.0%}, {len(forget['forget'])} prompts)"
+        )
+        table = unlearning_markdown(title, runs)
+        (out / "table.md").write_text(table)
+        plot_curves(curves, out / "curves.png")
+        record = {
+            "model": args.model,
+            "share": share,
+            "people": list(task.people),
+            "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg()[0],
+            "written": time.strftime("%Y-%m-%d %H:%M"),
+            "runs": [{"run": label, **result} for label, result in runs],
+        }
+        (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+        print(table, flush=True)
+        summary.append(record)
+    print(json.dumps({"benchmark": "unlearning", "results": summary}))
+
+
+if __name__ == "__main__":
+    main()
