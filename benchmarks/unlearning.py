@@ -82,6 +82,7 @@ def main() -> None:
             result.update(
                 steps=edit.info["steps"],
                 seconds=edit.info["seconds"],
+                cpu_seconds=edit.info["cpu_seconds"],
                 hparams=edit.hparams,
                 trained=edit.info["modules"],
             )
