@@ -8,6 +8,12 @@ from typing import Any
 
 from kedit.eval.protocols import PROBABILITY, TEACHER_FORCED
 
+PROTOCOLS = (
+    "acc: mean token accuracy (teacher_forced); general ppl and truth ratio: probability; "
+    "utility: TOFU's model utility (probability and generation); forget quality: TOFU's KS-test "
+    "p-value against the retrained model"
+)
+
 
 def _number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
@@ -18,17 +24,11 @@ def unlearning_rows(
 ) -> tuple[list[str], list[list[str]]]:
     """The header and rows of the runs' table: each set's token accuracy (teacher_forced), the
     general perplexity and the forget set's truth ratio (probability), TOFU's model utility,
-    forget quality against the retrained baseline, steps and seconds."""
+    forget quality (KS p-value against the retrained baseline), steps and seconds (PROTOCOLS
+    says which protocol each column is)."""
     names = list(dict.fromkeys(name for _, result in runs for name in result["sets"]))
-    header = ["run", *(f"{name} acc (teacher_forced)" for name in names)]
-    header += [
-        "general ppl (probability)",
-        "forget truth ratio (probability)",
-        "model utility",
-        "forget quality (KS p)",
-        "steps",
-        "seconds",
-    ]
+    header = ["run", *(f"{name} acc" for name in names)]
+    header += ["general ppl", "forget truth ratio", "utility", "forget quality", "steps", "s"]
     rows = []
     for label, result in runs:
         sets = result["sets"]
@@ -51,9 +51,9 @@ def unlearning_rows(
 
 
 def unlearning_markdown(title: str, runs: list[tuple[str, dict[str, Any]]]) -> str:
-    """A Markdown table of the runs whose header names each column's protocol."""
+    """A Markdown table of the runs, with a line saying each column's protocol."""
     header, rows = unlearning_rows(runs)
-    lines = [f"### {title}", "", "| " + " | ".join(header) + " |"]
+    lines = [f"### {title}", "", PROTOCOLS, "", "| " + " | ".join(header) + " |"]
     lines.append("|" + "|".join("---" for _ in header) + "|")
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
