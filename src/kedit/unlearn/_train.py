@@ -228,6 +228,7 @@ def _full_weights(lm: LM, modules: list[str]) -> Iterator[_Trained]:
         with torch.no_grad():
             for p, original in zip(params, originals, strict=True):
                 p.copy_(original)
+                p.grad = None
 
 
 @contextmanager
@@ -370,7 +371,7 @@ def run_unlearning(
                 value = loss(Step(lm.model, batches, step_refs, step))
                 if not torch.isfinite(value):
                     raise FloatingPointError(
-                        f"{name}: the loss is {float(value)} at step {step}; lower lr"
+                        f"{name}: the loss is {value.item()} at step {step}; lower lr"
                     )
                 for p in trained.params:
                     p.grad = None
