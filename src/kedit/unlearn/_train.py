@@ -231,6 +231,15 @@ def _full_weights(lm: LM, modules: list[str]) -> Iterator[_Trained]:
                 p.grad = None
 
 
+def lora_delta(
+    module: str, a: torch.Tensor, b: torch.Tensor, scale: float, conv1d: bool
+) -> WeightDelta:
+    """LoRA's change of a module's weight, scale · B A (A: r × in, B: out × r), as low-rank
+    factors; transposed for a Conv1D weight, stored (in, out)."""
+    left, right = (a.T, b.T * scale) if conv1d else (b * scale, a)
+    return WeightDelta.low_rank(f"{module}.weight", left, right)
+
+
 @contextmanager
 def _lora_adapters(lm: LM, modules: list[str], hparams: UnlearnHyperParams) -> Iterator[_Trained]:
     """Wrap the modules in rank-r LoRA adapters (peft; B starts at zero, so the model is
@@ -263,12 +272,10 @@ def _lora_adapters(lm: LM, modules: list[str], hparams: UnlearnHyperParams) -> I
         scales = [layer.scaling["default"] for layer in layers]
 
         def deltas() -> list[WeightDelta]:
-            out = []
-            for index, (module, scale) in enumerate(zip(modules, scales, strict=True)):
-                a, b = masters[2 * index], masters[2 * index + 1]  # r × in, out × r
-                left, right = (a.T, b.T * scale) if lm.layout.conv1d else (b * scale, a)
-                out.append(WeightDelta.low_rank(f"{module}.weight", left, right))
-            return out
+            return [
+                lora_delta(module, masters[2 * i], masters[2 * i + 1], scale, lm.layout.conv1d)
+                for i, (module, scale) in enumerate(zip(modules, scales, strict=True))
+            ]
 
         yield _Trained(params, masters, [p.detach().clone() for p in params], deltas)
     finally:
