@@ -118,7 +118,27 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
         print(table, flush=True)
         summary.append(record)
-    print(json.dumps({"benchmark": "unlearning", "results": summary}))
+    compact = [
+        {
+            "model": record["model"],
+            "share": record["share"],
+            "runs": {
+                run["run"]: {
+                    **{
+                        f"{name}_acc": round(scores["teacher_forced"]["token_accuracy"], 4)
+                        for name, scores in run["sets"].items()
+                    },
+                    "general_ppl": round(run["general"]["probability"]["perplexity"], 4),
+                    "forget_quality": run.get("vs_baseline", {}).get("forget_quality"),
+                    "seconds": run.get("seconds"),
+                    "cpu_seconds": run.get("cpu_seconds"),
+                }
+                for run in record["runs"]
+            },
+        }
+        for record in summary
+    ]
+    print(json.dumps({"benchmark": "unlearning", "results": compact}, indent=1))
 
 
 if __name__ == "__main__":

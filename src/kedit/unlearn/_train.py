@@ -42,23 +42,32 @@ def encode_row(lm: LM, prompt: str, answer_ids: list[int]) -> Row:
     return row, list(range(len(prompt_ids) - 1, len(row))), answer_ids
 
 
+def check_fits(lm: LM, items: Sequence[UnlearnItem], field_name: str, extra: int = 0) -> None:
+    """Refuse, naming it, an item whose prompt and longest answer (plus `extra` tokens) exceed
+    the model's context."""
+    config = lm.model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
+    if not limit:
+        return
+    for index, item in enumerate(items):
+        answers = [item.answer, item.paraphrased_answer or item.answer, *item.perturbed]
+        length = len(lm.encode_prompt(item.prompt)) + max(len(lm.encode(a)) for a in answers)
+        if length + extra > limit:
+            raise ValueError(
+                f"{field_name}[{index}]: prompt and answer take {length + extra} tokens, more "
+                f"than {lm.name}'s context of {limit}"
+            )
+
+
 def item_rows(lm: LM, items: Sequence[UnlearnItem], field_name: str) -> list[Row]:
     """Each item's row; an item longer than the model's context raises an error naming it."""
-    limit = getattr(lm.model.config, "max_position_embeddings", None) or getattr(
-        lm.model.config, "n_positions", None
-    )
+    check_fits(lm, items, field_name)
     rows = []
     for index, item in enumerate(items):
         answer = lm.encode(item.answer)
         if not answer:
             raise ValueError(f"{field_name}[{index}]: the answer {item.answer!r} has no tokens")
-        row = encode_row(lm, item.prompt, answer)
-        if limit is not None and len(row[0]) > limit:
-            raise ValueError(
-                f"{field_name}[{index}]: prompt and answer take {len(row[0])} tokens, more than "
-                f"{lm.name}'s context of {limit}"
-            )
-        rows.append(row)
+        rows.append(encode_row(lm, item.prompt, answer))
     return rows
 
 

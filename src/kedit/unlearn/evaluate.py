@@ -33,6 +33,7 @@ from kedit.eval.protocols import (
     score_teacher_forced,
 )
 from kedit.lm import LM, require_lm
+from kedit.unlearn._train import check_fits
 from kedit.unlearn.metrics import (
     forget_truth_ratio,
     harmonic_mean,
@@ -44,6 +45,7 @@ from kedit.unlearn.metrics import (
 )
 
 FORGET = "forget"
+GENERATION_MARGIN = 2  # tokens generated beyond the answer's length
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -52,10 +54,16 @@ def _mean(values: Iterable[float]) -> float:
 
 
 def score_set(
-    lm: LM, items: Sequence[UnlearnItem], forget: bool, generation: bool, batch_size: int
+    lm: LM,
+    name: str,
+    items: Sequence[UnlearnItem],
+    forget: bool,
+    generation: bool,
+    batch_size: int,
 ) -> tuple[dict[str, dict[str, float]], list[float]]:
     """One set's metrics by protocol, and its items' truth-ratio statistics (items with wrong
     answers only)."""
+    check_fits(lm, items, name, GENERATION_MARGIN if generation else 0)
     accuracy = _mean(s.accuracy for s in score_teacher_forced(lm, item_pairs(items), batch_size))
     candidates = [
         (item.prompt, [item.answer, item.paraphrased_answer or item.answer, *item.perturbed])
@@ -81,7 +89,7 @@ def score_set(
             true_answer_share(n[0], n[2:]) for n in nlls if len(n) > 2
         )
     if generation:
-        generated = score_generation(lm, item_pairs(items), batch_size)
+        generated = score_generation(lm, item_pairs(items), batch_size, GENERATION_MARGIN)
         scores[GENERATION] = {
             "rouge_l_recall": _mean(
                 rouge_l_recall(g.text, item.answer)
@@ -116,7 +124,7 @@ def _evaluate_model(
     utility: list[float] = []
     for name, items in [*forget.items(), *retain.items()]:
         is_forget = name in forget
-        scores, statistics = score_set(lm, items, is_forget, generation, batch_size)
+        scores, statistics = score_set(lm, name, items, is_forget, generation, batch_size)
         result["sets"][name] = {"items": len(items), "kind": FORGET if is_forget else "retain"}
         result["sets"][name].update(scores)
         if is_forget and statistics and "truth_ratio_statistics" not in result:
