@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -238,3 +239,38 @@ def test_bad_input_is_refused_with_the_field_named(tiny_gpt2, world):
         kedit.unlearn(lm, FORGET_ITEMS, method="ga", hparams={"layers": [9]})
     with pytest.raises(TypeError, match="lm: expected a kedit.LM"):
         kedit.unlearn(lm.model, FORGET_ITEMS, method="ga")
+
+
+def test_defaults_are_the_dataclass_s_then_the_model_table_s_then_the_overrides(
+    tiny_gpt2, random_gpt2, caplog
+):
+    from importlib import resources
+
+    import yaml
+
+    from kedit.unlearn.registry import (
+        get_unlearning_method,
+        list_unlearning_methods,
+        resolve_unlearning_hparams,
+    )
+
+    text = resources.files("kedit").joinpath("hparams/models.yaml").read_text()
+    table = yaml.safe_load(text)
+    for bundled in ("tiny-gpt2", "tiny-llama", "tiny-gpt2-wide"):
+        assert set(list_unlearning_methods()) <= set(table[bundled]["methods"]), bundled
+    for method in list_unlearning_methods():
+        spec = get_unlearning_method(method)
+        tuned = {k: v for k, v in table["tiny-gpt2"]["methods"][method].items() if k != "source"}
+        assert (
+            tuned and "docs/unlearning.md#tuning" in table["tiny-gpt2"]["methods"][method]["source"]
+        )
+        resolved = resolve_unlearning_hparams(spec, tiny_gpt2, None).to_dict()
+        assert {key: resolved[key] for key in tuned} == tuned, method
+        overridden = resolve_unlearning_hparams(spec, tiny_gpt2, {"lr": 0.5}).to_dict()
+        assert overridden == {**resolved, "lr": 0.5}
+    random_gpt2.name = "untuned-gpt2"  # a name no other test noticed (one notice per name)
+    with caplog.at_level(logging.WARNING, logger="kedit"):
+        untuned = resolve_unlearning_hparams(get_unlearning_method("ga"), random_gpt2, None)
+    assert (untuned.lr, untuned.steps) == (1e-5, 100)  # the dataclass's: no entry for this model
+    notices = [r.getMessage() for r in caplog.records]
+    assert any("no tuned ga settings" in n and "docs/unlearning.md#tuning" in n for n in notices)

@@ -141,13 +141,14 @@ def unlearn(
 ) -> Edit:
     """Make `lm` forget the `forget` items (prompt, answer pairs or `UnlearnItem`s), keeping the
     `retain` items where the method uses them; returns the applied `Edit`, a weight delta that
-    undoes bit-exactly, saves and re-applies like any edit. If the method fails the model is
-    left exactly as it was. `info` records the method's curve (forget and retain token accuracy
-    along the steps), the trained weights and, for MemFlex, the localisation.
+    undoes bit-exactly, saves and re-applies like any edit. `hparams` overrides the method's
+    defaults for this model (its dataclass, then the model table). If the method fails the
+    model is left exactly as it was. `info` records the method's curve (forget and retain token
+    accuracy along the steps), the trained weights and, for MemFlex, the localisation.
     """
     require_lm(lm)
     spec = get_unlearning_method(method)
-    params = resolve_unlearning_hparams(spec, hparams)
+    params = resolve_unlearning_hparams(spec, lm, hparams)
     forget_items = as_items(forget, "forget")
     retain_items = [] if retain is None else as_items(retain, "retain")
     if spec.needs_retain and not retain_items:

@@ -8,10 +8,12 @@ from typing import Any
 
 from kedit.data.unlearn_items import UnlearnItem
 from kedit.edits import WeightDelta
+from kedit.hparams import model_settings
 from kedit.lm import LM
 from kedit.methods.registry import HyperParams, hp
 
 PARTS = ("all", "mlp", "attn")
+TUNING_DOC = "docs/unlearning.md#tuning"  # where the model table's unlearning values come from
 
 
 @dataclass
@@ -19,7 +21,7 @@ class UnlearnHyperParams(HyperParams):
     """What every unlearning method's optimisation shares (a method's dataclass extends it)."""
 
     steps: int = hp(100, "Maximum optimisation steps.")
-    lr: float = hp(1e-3, "Adam learning rate.")
+    lr: float = hp(1e-5, "Adam learning rate (TOFU's and NPO's for full fine-tuning of 7B models).")
     batch_size: int = hp(32, "Forget items per step (and as many retain items).")
     retain_weight: float = hp(0.0, "Weight of the retain term (0: the retain set is not used).")
     parts: str = hp("all", "Weights that train: 'all' (attention and MLP matrices), 'mlp', 'attn'.")
@@ -125,9 +127,10 @@ def get_unlearning_method(name: str) -> UnlearnSpec:
 
 
 def resolve_unlearning_hparams(
-    spec: UnlearnSpec, overrides: dict[str, Any] | UnlearnHyperParams | None
+    spec: UnlearnSpec, lm: LM, overrides: dict[str, Any] | UnlearnHyperParams | None
 ) -> UnlearnHyperParams:
-    """The method's defaults updated by `overrides`, validated."""
+    """The method's dataclass defaults, updated by the model table's values for `lm` (group:
+    the method's name) and then by `overrides`, validated."""
     if isinstance(overrides, HyperParams):
         if not isinstance(overrides, spec.hparams):
             raise ValueError(
@@ -138,4 +141,7 @@ def resolve_unlearning_hparams(
         return overrides
     if overrides is not None and not isinstance(overrides, dict):
         raise ValueError(f"hparams: expected a dict or {spec.hparams.__name__}, got {overrides!r}")
-    return spec.hparams.from_dict(overrides or {}, spec.name)
+    table = model_settings(spec.name, spec.name, lm, check=TUNING_DOC)
+    values = {key: setting.value for key, setting in table.items()}
+    values.update(overrides or {})
+    return spec.hparams.from_dict(values, spec.name)
