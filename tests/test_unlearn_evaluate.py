@@ -126,3 +126,35 @@ def test_bad_sets_are_refused(tiny_gpt2, sets):
         kedit.evaluate_unlearning(tiny_gpt2, forget, retain, baseline={"sets": {}})
     with pytest.raises(ValueError, match=r"retain\['public'\]\[0\]: expected a \(prompt"):
         kedit.evaluate_unlearning(tiny_gpt2, forget, {"public": ["just a prompt"]})
+
+
+def test_the_report_table_puts_each_number_in_its_column():
+    from kedit.bench.unlearning import unlearning_markdown, unlearning_rows
+
+    def run(forget_acc, retain_acc, **extra):
+        return {
+            "sets": {
+                "forget": {
+                    "kind": "forget",
+                    "teacher_forced": {"token_accuracy": forget_acc},
+                    "probability": {"truth_ratio": 0.25},
+                },
+                "in_domain": {"kind": "retain", "teacher_forced": {"token_accuracy": retain_acc}},
+            },
+            "general": {"probability": {"perplexity": 3.5}},
+            "model_utility": 0.75,
+            **extra,
+        }
+
+    after = run(0.0, 0.9, vs_baseline={"forget_quality": 0.123456}, steps=40, seconds=12.34)
+    header, rows = unlearning_rows([("before", run(1.0, 1.0)), ("ga", {**after, "cpu_seconds": 5})])
+    assert header == [
+        "run", "forget acc", "in_domain acc", "general ppl", "forget truth ratio", "utility",
+        "forget quality", "steps", "s", "cpu s",
+    ]  # fmt: skip
+    assert rows == [
+        ["before", "1.000", "1.000", "3.500", "0.250", "0.750", "–", "–", "–", "–"],
+        ["ga", "0.000", "0.900", "3.500", "0.250", "0.750", "0.1235", "40", "12.3", "5.0"],
+    ]
+    table = unlearning_markdown("t", [("ga", after)]).splitlines()
+    assert table[0] == "### t" and table[-1].startswith("| ga | 0.000 | 0.900 |")

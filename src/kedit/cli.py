@@ -730,7 +730,7 @@ def unlearn_command(
     before = kedit.evaluate_unlearning(lm, **sets, baseline=reference)
     edit = kedit.unlearn(lm, forget, retain_items, method, hparams=hparams, progress=True)
     after = kedit.evaluate_unlearning(lm, **sets, baseline=before.get("baseline"))
-    after.update(steps=edit.info["steps"], seconds=edit.info["seconds"])
+    after.update({key: edit.info[key] for key in ("steps", "seconds", "cpu_seconds")})
     saved = edit.save(out / "unlearning.kedit")
     runs = [("before", before), (edit.method, after)]
     header, rows = unlearning_rows(runs)

@@ -24,11 +24,12 @@ def unlearning_rows(
 ) -> tuple[list[str], list[list[str]]]:
     """The header and rows of the runs' table: each set's token accuracy (teacher_forced), the
     general perplexity and the forget set's truth ratio (probability), TOFU's model utility,
-    forget quality (KS p-value against the retrained baseline), steps and seconds (PROTOCOLS
-    says which protocol each column is)."""
+    forget quality (KS p-value against the retrained baseline), steps, wall and CPU seconds
+    (PROTOCOLS says which protocol each column is)."""
     names = list(dict.fromkeys(name for _, result in runs for name in result["sets"]))
     header = ["run", *(f"{name} acc" for name in names)]
-    header += ["general ppl", "forget truth ratio", "utility", "forget quality", "steps", "s"]
+    header += ["general ppl", "forget truth ratio", "utility", "forget quality", "steps"]
+    header += ["s", "cpu s"]
     rows = []
     for label, result in runs:
         sets = result["sets"]
@@ -45,6 +46,7 @@ def unlearning_rows(
             _number(result.get("vs_baseline", {}).get("forget_quality"), 4),
             str(result.get("steps", "–")),
             _number(result.get("seconds"), 1),
+            _number(result.get("cpu_seconds"), 1),
         ]
         rows.append(row)
     return header, rows
