@@ -5,8 +5,9 @@ For `share` of the world's people, their home city and employer are forgotten; t
 profession and language (in-domain) and every fact of other people must stay, and so must the
 general text (`kedit.zoo.forget_task`). The baseline is the model retrained from its recipe
 without the forgotten facts' sentences (`kedit zoo retrain-without`): it is read from
-`--baseline-dir/<model>-<share>` and trained there first with `--retrain` (about the time of the
-original training, 20-25 min at one thread). Timings are at one thread.
+`--baseline-dir/<model>-<share>` and trained there first with `--retrain` (the time of the
+original training: tiny-gpt2 about 18 min at one thread). `--rescore` scores the runs of an
+earlier results.json against a baseline trained since. Timings are at one thread.
 """
 
 from __future__ import annotations
@@ -18,14 +19,43 @@ import time
 from pathlib import Path
 
 METHODS = ["ga", "grad_diff", "ga_kl", "random_label", "npo", "simnpo", "memflex"]
+BASELINE_RUN = "retrain (exact baseline)"
+
+
+def run_methods(lm, args, forget, train_retain, sets, baseline, share, out) -> list:
+    """Each method's unlearning, scored and undone: (method, result) pairs; writes the curves."""
+    import kedit
+    from kedit.bench.unlearning import plot_curves
+
+    runs, curves = [], {}
+    for method in args.methods:
+        edit = kedit.unlearn(
+            lm, forget["forget"], train_retain, method, hparams=args.hparams.get(method)
+        )
+        result = kedit.evaluate_unlearning(lm, **sets, baseline=baseline)
+        edit.undo()
+        result.update(
+            steps=edit.info["steps"],
+            seconds=edit.info["seconds"],
+            cpu_seconds=edit.info["cpu_seconds"],
+            hparams=edit.hparams,
+            trained=edit.info["modules"],
+        )
+        curves[method] = edit.info["curve"]
+        runs.append((method, result))
+        progress = {"share": share, "method": method, "steps": result["steps"]}
+        print(json.dumps({**progress, "seconds": result["seconds"]}), flush=True)
+    plot_curves(curves, out / "curves.png")
+    return runs
 
 
 def main() -> None:
     import torch
 
     import kedit
-    from kedit.bench.unlearning import plot_curves, unlearning_markdown
+    from kedit.bench.unlearning import unlearning_markdown
     from kedit.data.unlearn_items import UnlearnItem
+    from kedit.unlearn.evaluate import compare_with_baseline
     from kedit.zoo import ZOO_META, build_world, model_info
     from kedit.zoo.forget_task import build_forget_task, perturbed_answers
     from kedit.zoo.retrain import retrain_without
@@ -43,6 +73,12 @@ def main() -> None:
     parser.add_argument("--baseline-dir", type=Path, default=Path("runs/retrain"))
     parser.add_argument("--retrain", action="store_true", help="train a missing baseline")
     parser.add_argument("--out", type=Path, default=Path("runs/unlearning"))
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score the runs of --out's results.json against the baseline (trained since) "
+        "instead of running the methods again",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -62,7 +98,6 @@ def main() -> None:
         sets = dict(forget=forget, retain=retain, general=task.general)
         out = args.out / f"{args.model}-{share:g}"
         out.mkdir(parents=True, exist_ok=True)
-        runs: list[tuple[str, dict]] = [("original", kedit.evaluate_unlearning(lm, **sets))]
         folder = args.baseline_dir / f"{args.model}-{share:g}"
         baseline = None
         if args.retrain or (folder / ZOO_META).is_file():
@@ -71,41 +106,24 @@ def main() -> None:
             trained = json.loads((folder / ZOO_META).read_text())
             baseline = kedit.evaluate_unlearning(kedit.load(str(folder)), **sets)
             baseline["seconds"] = trained["train_time_s"]
-            runs.append(("retrain (exact baseline)", baseline))
-        curves = {}
-        for method in args.methods:
-            edit = kedit.unlearn(
-                lm, forget["forget"], train_retain, method, hparams=args.hparams.get(method)
-            )
-            result = kedit.evaluate_unlearning(lm, **sets, baseline=baseline)
-            edit.undo()
-            result.update(
-                steps=edit.info["steps"],
-                seconds=edit.info["seconds"],
-                cpu_seconds=edit.info["cpu_seconds"],
-                hparams=edit.hparams,
-                trained=edit.info["modules"],
-            )
-            curves[method] = edit.info["curve"]
-            runs.append((method, result))
-            print(
-                json.dumps(
-                    {
-                        "share": share,
-                        "method": method,
-                        "steps": result["steps"],
-                        "seconds": result["seconds"],
-                    }
-                ),
-                flush=True,
-            )
+        elif args.rescore:
+            raise SystemExit(f"--rescore: no baseline in {folder}")
+        if args.rescore:
+            earlier = json.loads((out / "results.json").read_text())["runs"]
+            runs = [(r.pop("run"), r) for r in earlier if r["run"] != BASELINE_RUN]
+            for _, result in runs:
+                compare_with_baseline(result, baseline)
+        else:
+            runs = [("original", kedit.evaluate_unlearning(lm, **sets, baseline=baseline))]
+            runs += run_methods(lm, args, forget, train_retain, sets, baseline, share, out)
+        if baseline is not None:
+            runs.insert(1, (BASELINE_RUN, baseline))
         title = (
             f"{args.model}, forget {len(task.people)} people's home city and employer "
             f"({share:.0%}, {len(forget['forget'])} prompts)"
         )
         table = unlearning_markdown(title, runs)
         (out / "table.md").write_text(table)
-        plot_curves(curves, out / "curves.png")
         record = {
             "model": args.model,
             "share": share,

@@ -183,7 +183,14 @@ def evaluate_unlearning(
         baseline = _evaluate_model(
             baseline, forget_sets, retain_sets, texts, generation, batch_size
         )
-    elif not isinstance(baseline, dict) or set(result["sets"]) - set(baseline.get("sets", {})):
+    return compare_with_baseline(result, baseline)
+
+
+def compare_with_baseline(result: dict[str, Any], baseline: Any) -> dict[str, Any]:
+    """`result` (of `evaluate_unlearning`) with the baseline's result on the same sets added,
+    each set's token-accuracy gap (model − baseline) and, where both have truth-ratio
+    statistics, TOFU's forget quality (KS-test p-value) and the KS statistic."""
+    if not isinstance(baseline, dict) or set(result["sets"]) - set(baseline.get("sets", {})):
         raise ValueError(
             "baseline: expected the retrained LM, or evaluate_unlearning's result on it for the "
             f"same sets ({sorted(result['sets'])})"
