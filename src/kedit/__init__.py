@@ -1,7 +1,8 @@
 """kedit: locate, edit, erase and explain knowledge inside transformer language models."""
 
 from kedit._version import __version__ as __version__
-from kedit.api import apply, edit, edit_each, list_methods, load
+from kedit.api import apply, edit, edit_each, list_methods, load, unlearn
+from kedit.data.unlearn_items import UnlearnItem
 from kedit.edits import Edit, ModelMismatchError, UndoOrderError, WeightDelta
 from kedit.eval.runner import evaluate
 from kedit.layout import UnsupportedArchitectureError
@@ -9,6 +10,7 @@ from kedit.lm import LM
 from kedit.requests import EditRequest, Probe
 from kedit.session import Session
 from kedit.stats import CorpusUnavailable
+from kedit.unlearn.evaluate import evaluate_unlearning
 
 __all__ = [
     "LM",
@@ -19,12 +21,15 @@ __all__ = [
     "Probe",
     "Session",
     "UndoOrderError",
+    "UnlearnItem",
     "UnsupportedArchitectureError",
     "WeightDelta",
     "apply",
     "edit",
     "edit_each",
     "evaluate",
+    "evaluate_unlearning",
     "list_methods",
     "load",
+    "unlearn",
 ]

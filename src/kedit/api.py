@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from kedit.data.unlearn_items import as_items, item_pairs
 from kedit.edits import Edit, apply_edit_file, compute_in_sequence
 from kedit.lm import LM, load, require_lm
 from kedit.methods.registry import (
@@ -19,8 +22,13 @@ from kedit.methods.registry import (
 )
 from kedit.requests import EditRequest, as_requests
 from kedit.stats import recording_use
+from kedit.unlearn.registry import (
+    UnlearnHyperParams,
+    get_unlearning_method,
+    resolve_unlearning_hparams,
+)
 
-__all__ = ["apply", "edit", "edit_each", "list_methods", "load"]
+__all__ = ["apply", "edit", "edit_each", "list_methods", "load", "unlearn"]
 
 
 def edit(
@@ -125,3 +133,32 @@ def apply(lm: LM, path: str | Path) -> Edit:
     """Re-apply an edit saved with `Edit.save` to `lm` (same model, checked by fingerprint)."""
     list_methods()  # registers the methods' adaptor kinds, which rebuild saved adaptors
     return apply_edit_file(lm, path)
+
+
+def unlearn(
+    lm: LM,
+    forget: Iterable[Any],
+    retain: Iterable[Any] | None = None,
+    method: str = "grad_diff",
+    hparams: dict[str, Any] | UnlearnHyperParams | None = None,
+    progress: bool = False,
+) -> Edit:
+    """Make `lm` forget the `forget` items (prompt, answer pairs or `UnlearnItem`s), keeping the
+    `retain` items where the method uses them; returns the applied `Edit`, a weight delta that
+    undoes bit-exactly, saves and re-applies like any edit. `hparams` overrides the method's
+    defaults for this model (its dataclass, then the model table). If the method fails the
+    model is left exactly as it was. `info` records the method's curve (forget and retain token
+    accuracy along the steps), the trained weights and, for MemFlex, the localisation.
+    """
+    require_lm(lm)
+    spec = get_unlearning_method(method)
+    params = resolve_unlearning_hparams(spec, lm, hparams)
+    forget_items = as_items(forget, "forget")
+    retain_items = [] if retain is None else as_items(retain, "retain")
+    if spec.needs_retain and not retain_items:
+        raise ValueError(f"retain: method {spec.name!r} trains on a retain set; give one")
+    result = spec.fn(lm, forget_items, retain_items, params, progress)
+    digest = hashlib.sha256(json.dumps(item_pairs(forget_items)).encode()).hexdigest()[:16]
+    sizes = {"forget_items": len(forget_items), "retain_items": len(retain_items)}
+    info = {"unlearning": {**sizes, "forget_digest": digest}, **result.info}
+    return Edit(lm, spec.name, params.to_dict(), [], result.deltas, info).apply()

@@ -910,3 +910,114 @@ def circuit_command(
             )
         console.print(table)
     _written(result.save(out))
+
+
+UNLEARNING_METHODS = "ga, grad_diff, ga_kl, random_label, npo, simnpo, memflex"
+
+
+def _unlearning_sets(data: str, retain: Path | None, data_dir: Path | None, n: int | None):
+    """The forget items and the retain items (or None) that --data and --retain name."""
+    from kedit.data.unlearning import load_unlearning, load_unlearning_benchmark
+
+    kind = data.partition(":")[0]
+    if kind in ("knowundo", "tofu") and not Path(data).exists():
+        loaded = load_unlearning_benchmark(data, root=data_dir, n=n)
+        forget, benchmark_retain = list(loaded.forget), list(loaded.retain)
+        return forget, list(load_unlearning(retain, n=n)) if retain else benchmark_retain
+    if data_dir is not None:
+        raise ValueError(
+            f"--data-dir: only with --data knowundo:CONFIG or tofu:SPLIT, got {data!r}"
+        )
+    forget = list(load_unlearning(data, n=n))
+    return forget, list(load_unlearning(retain, n=n)) if retain else None
+
+
+@app.command("unlearn")
+@friendly_errors
+def unlearn_command(
+    data: Annotated[
+        str,
+        typer.Option(
+            help="Forget set: a plain, TOFU or KnowUnDo file, or knowundo:CONFIG / tofu:SPLIT "
+            "(their retain split comes with them)."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Folder for unlearning.kedit, results.json, table.md, curves.png.")
+    ],
+    model: ModelOpt = DEMO_MODEL,
+    method: Annotated[str, typer.Option(help=f"One of {UNLEARNING_METHODS}.")] = "grad_diff",
+    retain: Annotated[Path | None, typer.Option(help="Retain set file (any format).")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Local copy of the hub files of a knowundo:/tofu: --data (no download)."),
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="The model retrained without the forget set (kedit zoo retrain-without)."
+        ),
+    ] = None,
+    general: Annotated[
+        Path | None, typer.Option(help="Text file of general documents, one per line (perplexity).")
+    ] = None,
+    n: Annotated[
+        int | None, typer.Option(min=1, help="Read only the first n items of each set.")
+    ] = None,
+    hparam: HparamOpt = None,
+    hparams_file: HparamFileOpt = None,
+) -> None:
+    """Unlearn a forget set; write the edit, the scores before and after, and the curves."""
+    import kedit
+    from kedit.bench.unlearning import PROTOCOLS, plot_curves, unlearning_rows
+
+    hparams = parse_hparams(hparam, hparams_file)
+    forget, retain_items = _unlearning_sets(data, retain, data_dir, n)
+    texts = None if general is None else read_text(general, "--general").splitlines()
+    out.mkdir(parents=True, exist_ok=True)
+    lm = kedit.load(model)
+    reference = kedit.load(baseline) if baseline else None
+    sets = {"forget": forget, "retain": retain_items, "general": texts}
+    before = kedit.evaluate_unlearning(lm, **sets, baseline=reference)
+    edit = kedit.unlearn(lm, forget, retain_items, method, hparams=hparams, progress=True)
+    after = kedit.evaluate_unlearning(lm, **sets, baseline=before.get("baseline"))
+    after.update({key: edit.info[key] for key in ("steps", "seconds", "cpu_seconds")})
+    saved = edit.save(out / "unlearning.kedit")
+    runs = [("before", before), (edit.method, after)]
+    header, rows = unlearning_rows(runs)
+    table = Table(title=f"{edit.method} on {lm.name}", title_justify="left", caption=PROTOCOLS)
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    record = {"model": lm.name, "method": edit.method, "hparams": edit.hparams, "data": data}
+    record.update(before=before, after=after, info=edit.info)
+    (out / "results.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    plot_curves({edit.method: edit.info["curve"]}, out / "curves.png")
+    console.print(f"Wrote {saved}, results.json and curves.png to {out}", soft_wrap=True)
+
+
+@zoo_app.command("retrain-without")
+@friendly_errors
+def zoo_retrain_without(
+    name: Annotated[str, typer.Argument(help="A bundled model (or zoo model folder).")],
+    forget: Annotated[Path, typer.Option(help="Forget set file: the facts to leave out.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Folder (default: $KEDIT_CACHE/retrain/NAME-DIGEST).")
+    ] = None,
+) -> None:
+    """Retrain a bundled model from its recipe and seed without the forget set's facts: the
+    exact baseline of unlearning (cached: an existing retrain is reused)."""
+    from kedit.data.unlearning import load_unlearning
+    from kedit.zoo.retrain import RETRAIN_KEY, retrain_without
+
+    items = load_unlearning(forget)
+    started = time.perf_counter()
+    folder = retrain_without(name, [item.pair for item in items], out)
+    made = json.loads((folder / "kedit_zoo.json").read_text())[RETRAIN_KEY]
+    console.print(
+        f"{folder}: {name} without {len(made['facts'])} facts ({made['sentences_left_out']} "
+        f"training sentences), {time.perf_counter() - started:.0f} s",
+        soft_wrap=True,
+    )

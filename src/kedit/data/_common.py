@@ -60,8 +60,11 @@ def as_list(data: Any, source: str) -> list[Any]:
     return data
 
 
-def read_hub(dataset_id: str, split: str | None) -> tuple[str, list[dict[str, Any]]]:
-    """Rows of a Hugging Face hub dataset, read with the optional `datasets` package."""
+def read_hub(
+    dataset_id: str, split: str | None, name: str | None = None
+) -> tuple[str, list[dict[str, Any]]]:
+    """Rows of a Hugging Face hub dataset (of its config `name`, where it has several), read
+    with the optional `datasets` package."""
     try:
         import datasets
     except ImportError as exc:
@@ -70,13 +73,14 @@ def read_hub(dataset_id: str, split: str | None) -> tuple[str, list[dict[str, An
             "the `datasets` package (pip install datasets), or download the file and pass its path"
         ) from exc
     try:
-        rows = datasets.load_dataset(dataset_id, split=split or "train")
+        rows = datasets.load_dataset(dataset_id, name, split=split or "train")
     except Exception as exc:  # the hub client raises many kinds; all mean "not readable now"
         raise ValueError(
             f"{dataset_id}: could not read the Hugging Face hub dataset (split "
             f"{split or 'train'!r}): {type(exc).__name__}: {exc}; pass a local file instead"
         ) from exc
-    return f"hf://{dataset_id}[{split or 'train'}]", [dict(row) for row in rows]
+    config = f"/{name}" if name else ""
+    return f"hf://{dataset_id}{config}[{split or 'train'}]", [dict(row) for row in rows]
 
 
 def check_n(n: int | None) -> int | None:

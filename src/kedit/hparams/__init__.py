@@ -80,9 +80,10 @@ def match_model(lm: LM) -> tuple[str, str] | None:
     return None
 
 
-def model_settings(method: str, group: str, lm: LM) -> dict[str, Setting]:
+def model_settings(method: str, group: str, lm: LM, check: str | None = None) -> dict[str, Setting]:
     """The values `lm` needs for `method` (of table group `group`) beyond its dataclass, with
-    their sources: the matching table entry's, else layers by relative depth and a notice."""
+    their sources: the matching table entry's, else layers by relative depth and a notice that
+    names where to `check` them (default: `kedit methods METHOD -m MODEL`)."""
     matched = match_model(lm)
     settings: dict[str, Setting] = {}
     block = model_table()[matched[0]]["methods"].get(group) if matched else None
@@ -94,7 +95,7 @@ def model_settings(method: str, group: str, lm: LM) -> dict[str, Setting]:
         reference = _reference_entry(group, ModelShape.of(lm))
         if reference is not None:
             settings["layers"] = relative_layers(group, reference, lm.n_layers)
-        _notice_untuned(method, lm, settings.get("layers"))
+        _notice_untuned(method, lm, settings.get("layers"), check)
     return settings
 
 
@@ -147,19 +148,17 @@ def _reference_entry(group: str, shape: ModelShape) -> str | None:
     return REFERENCE_ENTRY if REFERENCE_ENTRY in having else nearest(list(having))
 
 
-def _notice_untuned(method: str, lm: LM, layers: Setting | None) -> None:
+def _notice_untuned(method: str, lm: LM, layers: Setting | None, check: str | None) -> None:
     """Say once per model and method that its defaults are untuned."""
     if (lm.name, method) in _noticed:
         return
     _noticed.add((lm.name, method))
     where = f"layers {layers.value} by relative depth" if layers else "the method's defaults"
     logger.warning(
-        "kedit: no tuned %s settings for %s (%s); using %s, untuned: check them with "
-        "`kedit methods %s -m %s`",
+        "kedit: no tuned %s settings for %s (%s); using %s, untuned: check them with %s",
         method,
         lm.name,
         ModelShape.of(lm).describe(),
         where,
-        method,
-        lm.name,
+        check or f"`kedit methods {method} -m {lm.name}`",
     )

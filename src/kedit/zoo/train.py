@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -136,10 +137,16 @@ class _DocEncoder:
 
 
 def _epoch_batches(
-    world: World, enc: _DocEncoder, rng: random.Random, recipe: Recipe, eos_id: int
+    world: World,
+    enc: _DocEncoder,
+    rng: random.Random,
+    recipe: Recipe,
+    eos_id: int,
+    exclude: Collection[str] = frozenset(),
 ) -> list[list[list[int]]]:
-    """One epoch: every training sentence once, in documents, batched by similar length."""
-    sents = world.training_sentences()
+    """One epoch: every training sentence once (but those in `exclude`), in documents, batched
+    by similar length."""
+    sents = [s for s in world.training_sentences() if s not in exclude]
     rng.shuffle(sents)
     docs, i = [], 0
     while i < len(sents):
@@ -275,12 +282,15 @@ def train_model(
     max_steps: int | None = None,
     progress: bool = True,
     evaluate: bool = True,
+    exclude: Collection[str] = frozenset(),
     **overrides: Any,
 ) -> Path:
     """Train the zoo model ``name`` from scratch and save it as a Hugging Face folder.
 
     ``small=True`` trains the tiny ``micro-gpt2`` recipe instead (seconds, for tests);
     ``max_steps`` stops early (for determinism tests); ``overrides`` replace recipe fields.
+    ``exclude`` names training sentences to leave out (the exact retrain baseline of
+    unlearning, :mod:`kedit.zoo.retrain`).
     The same seed, recipe and thread count on the same machine give bit-identical weights.
     """
     recipe = replace(get_recipe("micro-gpt2" if small else name), **overrides)
@@ -321,7 +331,7 @@ def train_model(
             lr=recipe.lr,
             betas=(0.9, 0.98),
         )
-        steps_per_epoch = len(_epoch_batches(world, enc, random.Random(0), recipe, eos_id))
+        steps_per_epoch = len(_epoch_batches(world, enc, random.Random(0), recipe, eos_id, exclude))
         total = recipe.epochs * steps_per_epoch
         if max_steps is not None:
             total = min(total, max_steps)
@@ -342,7 +352,7 @@ def train_model(
         for epoch in range(recipe.epochs):
             if step >= total:
                 break
-            for batch in _epoch_batches(world, enc, rng, recipe, eos_id):
+            for batch in _epoch_batches(world, enc, rng, recipe, eos_id, exclude):
                 if step >= total:
                     break
                 ids, mask, labels = _collate(batch, eos_id)
