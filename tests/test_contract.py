@@ -374,12 +374,14 @@ def _poison(delta) -> None:
         else:
             delta.right = _poisoned(delta.right, float("inf"))
         return
-    tensors = getattr(delta, "tensors", None) or getattr(delta, "appended", None)
-    if tensors:
-        name = next(n for n in reversed(list(tensors)) if tensors[n].is_floating_point())
-        tensors[name] = _poisoned(tensors[name], float("nan"))
-    else:
-        name = next(reversed(list(delta.changed)))
+    tensors = getattr(delta, "tensors", None) or getattr(delta, "appended", None) or {}
+    floating = [n for n in reversed(list(tensors)) if tensors[n].is_floating_point()]
+    if floating:
+        tensors[floating[0]] = _poisoned(tensors[floating[0]], float("nan"))
+    else:  # a memory change that appends no floating rows (token ids) overwrites some
+        name = next(
+            n for n in reversed(list(delta.changed)) if delta.changed[n][1].is_floating_point()
+        )
         index, values = delta.changed[name]
         delta.changed[name] = (index, _poisoned(values, float("nan")))
 

@@ -11,7 +11,7 @@ methods edit one request or one batch of a stream at a time).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -32,6 +32,16 @@ def module_path(lm: LM, role: str, layer: int) -> str:
     if role not in ROLES:
         raise ValueError(f"module: expected one of {', '.join(ROLES)}, got {role!r}")
     return getattr(lm.layout, ROLES[role])(lm.check_layer(layer))
+
+
+# A request's row: its token ids, the positions that score its target, the target's ids.
+Row = tuple[list[int], list[int], list[int]]
+
+
+def request_row(lm: LM, request: EditRequest) -> Row:
+    """The row that trains a request: its prompt and target (but the target's last token), the
+    positions predicting the target tokens, and the target's ids."""
+    return _rows(lm, request, last_token=False)
 
 
 @dataclass
@@ -78,24 +88,31 @@ def train_to_targets(
     extra_loss: Callable[[], torch.Tensor] | None = None,
     after_step: Callable[[int], None] | None = None,
     min_steps: int = 0,
+    until: Callable[[], bool] | None = None,
+    optimizer: str = "adam",
+    replayed: Sequence[Row] = (),
 ) -> Trained:
-    """Adam on `params` (leaf tensors that the model's forward pass uses, through adaptors or
-    hooks, at block `first_layer` or above) until every request's target NLL is below
-    `stop_nll` (not before `min_steps`) or `steps` steps are taken.
+    """Adam (or, with `optimizer="sgd"`, plain gradient descent) on `params` (leaf tensors that
+    the model's forward pass uses, through adaptors or hooks, at block `first_layer` or above)
+    until every request's target NLL is below `stop_nll` (not before `min_steps`) or `steps`
+    steps are taken.
 
     `extra_loss()` is added to the objective after each forward pass (a method's regulariser);
-    `after_step(step)` runs after each optimiser step, while the gradients are still there.
+    `after_step(step)` runs after each optimiser step, while the gradients are still there;
+    `until()`, where given, must hold too for an early stop. `replayed` rows (earlier edits, as
+    `request_row` gives them) train beside the requests, under the same stopping rule.
     """
     model = lm.model
-    batch = _batch(lm, [_rows(lm, request, last_token=False) for request in requests])
+    batch = _batch(lm, [request_row(lm, request) for request in requests] + list(replayed))
     hidden = block_input(lm, batch.ids, batch.mask, first_layer)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)(params, lr=lr)
     step, worst = 0, float("nan")
     with frozen(model, params), start_at_block(model, lm.layout.blocks, first_layer, hidden):
         for step in range(steps + 1):
             nll = _target_nll(model, batch)
             worst = float(nll.detach().max())  # a NaN never meets the stopping rule
-            if step == steps or (step >= min_steps and worst < stop_nll):
+            done = step >= min_steps and worst < stop_nll and (until is None or until())
+            if step == steps or done:
                 break
             loss = nll.mean() if extra_loss is None else nll.mean() + extra_loss()
             optimizer.zero_grad()

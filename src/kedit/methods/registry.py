@@ -256,6 +256,7 @@ def _load_builtin_methods() -> None:
         pmet,
         rome,
         ultraedit,
+        wise,
     )
 
 
