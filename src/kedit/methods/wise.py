@@ -349,7 +349,9 @@ def merge_shards(shards: dict[str, torch.Tensor], density: float) -> int:
     return len(live)
 
 
-def _memory_change(path: str, memory: Adaptor | None, after: dict[str, torch.Tensor]) -> MemoryDelta:
+def _memory_change(
+    path: str, memory: Adaptor | None, after: dict[str, torch.Tensor]
+) -> MemoryDelta:
     """The MemoryDelta from the side memory as it is to `after`: the rows that differ,
     overwritten, and the new rows, appended."""
     rows_before = {name: 0 if memory is None else memory.rows(name) for name in TENSORS}
