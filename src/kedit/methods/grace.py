@@ -144,35 +144,57 @@ def _rows_before(memory: Adaptor | None) -> dict[str, int]:
     return {name: 0 if memory is None else memory.rows(name) for name in TENSORS}
 
 
+@dataclass
+class Placement:
+    """Where a new key goes by the paper's codebook rules: `rule` ("add", "expand", "split" or
+    "covered"), the nearest key and its distance (None with an empty codebook), the radius of
+    the new key ("add", "split") or the nearest key's new radius ("expand", "split")."""
+
+    rule: str
+    nearest: int | None = None
+    distance: float | None = None
+    radius: float = 0.0
+    nearest_radius: float | None = None
+
+
+def place_key(memory: Adaptor | None, key: torch.Tensor, label: int, eps_init: float) -> Placement:
+    """GRACE's codebook maintenance for a new key with its label, in a memory with buffers
+    `keys [n, in]`, `radii [n]` and `labels [n]` (or none yet)."""
+    if memory is None or not memory.rows("keys"):
+        return Placement("add", radius=eps_init)
+    distances = (memory.keys - key.to(memory.keys.device)).norm(dim=-1)
+    nearest = int(distances.argmin())
+    distance, own = float(distances[nearest]), float(memory.radii[nearest])
+    if distance > own + eps_init:
+        return Placement("add", nearest, distance, eps_init)
+    if int(memory.labels[nearest]) == label:
+        rule = "covered" if distance <= own else "expand"
+        return Placement(rule, nearest, distance, nearest_radius=max(own, distance))
+    return Placement("split", nearest, distance, distance / 2, distance / 2)
+
+
 def edit_one(lm: LM, request: EditRequest, hparams: GRACEHyperParams) -> tuple[list[Change], dict]:
     """The codebook change for one request (none where its key is covered with its label)."""
     path = module_path(lm, hparams.module, hparams.layers[0])
     memory = find_memory(lm.model.get_submodule(path), Codebook.kind)
     key, position = last_token_input(lm, path, request.text)
     label = label_of(request)
-    radius, changed, info = hparams.eps_init, {}, {"rule": "add"}
-    if memory is not None:
-        distances = (memory.keys - key.to(memory.keys.device)).norm(dim=-1)
-        distance, nearest = (float(x) for x in distances.min(0))
-        nearest = int(nearest)
-        own_radius = float(memory.radii[nearest])
-        info["distance"] = distance
-        if distance <= own_radius + hparams.eps_init:
-            if int(memory.labels[nearest]) == label:
-                if distance <= own_radius:
-                    return [], {"rule": "covered", "distance": distance}
-                new = torch.tensor([distance])
-                change = {"radii": (torch.tensor([nearest]), new)}
-                delta = MemoryDelta(path, Codebook.kind, {}, _rows_before(memory), changed=change)
-                return [delta], {"rule": "expand", "distance": distance}
-            radius = distance / 2
-            changed = {"radii": (torch.tensor([nearest]), torch.tensor([radius]))}
-            info["rule"] = "split"
+    place = place_key(memory, key, label, hparams.eps_init)
+    info: dict[str, Any] = {"rule": place.rule}
+    if place.distance is not None:
+        info["distance"] = place.distance
+    if place.rule == "covered":
+        return [], info
+    changed = {}
+    if place.nearest_radius is not None:
+        changed = {"radii": (torch.tensor([place.nearest]), torch.tensor([place.nearest_radius]))}
+    if place.rule == "expand":
+        return [MemoryDelta(path, Codebook.kind, {}, _rows_before(memory), changed=changed)], info
     value, trained = train_value(lm, request, path, position, hparams)
     appended = {
         "keys": key[None].cpu(),
         "values": value[None].cpu(),
-        "radii": torch.tensor([radius]),
+        "radii": torch.tensor([place.radius]),
         "labels": torch.tensor([label], dtype=torch.long),
     }
     delta = MemoryDelta(path, Codebook.kind, {}, _rows_before(memory), appended, changed)
