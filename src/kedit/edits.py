@@ -302,6 +302,31 @@ class MemoryDelta:
         if missing:
             raise ValueError(f"MemoryDelta({self.path}): rows_before lacks {sorted(missing)}")
 
+    @classmethod
+    def to_reach(
+        cls,
+        path: str,
+        adaptor: str,
+        config: dict[str, Any],
+        memory: Adaptor | None,
+        after: dict[str, torch.Tensor],
+    ) -> MemoryDelta:
+        """The change that takes `memory` (attached at `path`, or None) to the buffers `after`,
+        whose rows extend or overwrite its own: the rows that differ, overwritten, and the new
+        rows, appended."""
+        rows_before = {name: 0 if memory is None else memory.rows(name) for name in after}
+        changed, appended = {}, {}
+        for name, rows in after.items():
+            old = rows_before[name]
+            if old:
+                before = getattr(memory, name).cpu()
+                differ = torch.nonzero((before != rows[:old]).reshape(old, -1).any(1)).flatten()
+                if len(differ):
+                    changed[name] = (differ, rows[differ])
+            if len(rows) > old:
+                appended[name] = rows[old:]
+        return cls(path, adaptor, config, rows_before, appended, changed)
+
     @property
     def targets(self) -> frozenset[str]:
         return frozenset({self.path})

@@ -44,6 +44,18 @@ def request_row(lm: LM, request: EditRequest) -> Row:
     return _rows(lm, request, last_token=False)
 
 
+def module_inputs(
+    lm: LM, path: str, rows: list[list[int]], positions: list[list[int]]
+) -> torch.Tensor:
+    """The inputs of module `path` at the given positions of each row of token ids, one after
+    the other (`[m, in]`, float32)."""
+    ids, mask = lm.pad(rows)
+    with torch.no_grad(), capture(lm.model, [path], "input") as seen:
+        lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    picked = [seen[path][row, torch.tensor(where)] for row, where in enumerate(positions)]
+    return torch.cat(picked).float()
+
+
 @dataclass
 class Trained:
     """How training went: the optimisation steps taken and the worst request's target NLL at

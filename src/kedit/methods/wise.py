@@ -46,7 +46,14 @@ from kedit.edits import (
 )
 from kedit.hooks import capture, replace_output
 from kedit.lm import LM
-from kedit.methods._train import ROLES, Row, module_path, request_row, train_to_targets
+from kedit.methods._train import (
+    ROLES,
+    Row,
+    module_inputs,
+    module_path,
+    request_row,
+    train_to_targets,
+)
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 from kedit.stats import default_corpus, read_corpus
@@ -183,17 +190,6 @@ def irrelevant_texts(lm: LM, hparams: WISEHyperParams, request: EditRequest) -> 
     return picked
 
 
-def _inputs_at(
-    lm: LM, path: str, rows: list[list[int]], positions: list[list[int]]
-) -> torch.Tensor:
-    """The module's inputs at the given positions of each row of token ids (`[m, in]`)."""
-    ids, mask = lm.pad(rows)
-    with torch.no_grad(), capture(lm.model, [path], "input") as seen:
-        lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    picked = [seen[path][row, torch.tensor(where)] for row, where in enumerate(positions)]
-    return torch.cat(picked).float()
-
-
 def margin_loss(
     edit_scores: torch.Tensor, irrelevant_scores: list[torch.Tensor], margins: list[float]
 ) -> torch.Tensor:
@@ -256,12 +252,12 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
     row = request_row(lm, request)
     replayed = shard_rows(memory, shard) if hparams.replay and not new_shard else []
     edit_rows = [row, *replayed]
-    edit_inputs = _inputs_at(lm, path, [r[0] for r in edit_rows], [r[1] for r in edit_rows])
+    edit_inputs = module_inputs(lm, path, [r[0] for r in edit_rows], [r[1] for r in edit_rows])
     texts = [
         lm.encode_prompt(text)[:IRRELEVANT_MAX_TOKENS]
         for text in irrelevant_texts(lm, hparams, request)
     ]
-    text_inputs = _inputs_at(lm, path, texts, [list(range(len(ids))) for ids in texts])
+    text_inputs = module_inputs(lm, path, texts, [list(range(len(ids))) for ids in texts])
     every_input = torch.cat([edit_inputs, text_inputs]).to(device)
     sizes = [len(edit_inputs)] + [len(ids) for ids in texts]
 
@@ -328,7 +324,7 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
     after["edits"] = torch.cat([after["edits"], torch.tensor([[shard, prompt, target]])])
     if hparams.merge_every and len(after["edits"]) % hparams.merge_every == 0:
         info["merged_shards"] = merge_shards(after, hparams.merge_density)
-    return [_memory_change(path, memory, after)], info
+    return [MemoryDelta.to_reach(path, SideMemory.kind, {}, memory, after)], info
 
 
 def merge_shards(shards: dict[str, torch.Tensor], density: float) -> int:
@@ -347,25 +343,6 @@ def merge_shards(shards: dict[str, torch.Tensor], density: float) -> int:
         owners = shards["edits"][:, 0]
         owners[torch.isin(owners, rest)] = first
     return len(live)
-
-
-def _memory_change(
-    path: str, memory: Adaptor | None, after: dict[str, torch.Tensor]
-) -> MemoryDelta:
-    """The MemoryDelta from the side memory as it is to `after`: the rows that differ,
-    overwritten, and the new rows, appended."""
-    rows_before = {name: 0 if memory is None else memory.rows(name) for name in TENSORS}
-    changed, appended = {}, {}
-    for name, rows in after.items():
-        old = rows_before[name]
-        if old:
-            before = getattr(memory, name).cpu()
-            differ = torch.nonzero((before != rows[:old]).reshape(old, -1).any(1)).flatten()
-            if len(differ):
-                changed[name] = (differ, rows[differ])
-        if len(rows) > old:
-            appended[name] = rows[old:]
-    return MemoryDelta(path, SideMemory.kind, {}, rows_before, appended, changed)
 
 
 @register("wise", WISEHyperParams, "A routed side memory beside one value matrix (WISE)")
