@@ -252,6 +252,7 @@ def _load_builtin_methods() -> None:
         grace,
         kn,
         lora,
+        melo,
         memit,
         pmet,
         rome,
