@@ -250,6 +250,7 @@ def _load_builtin_methods() -> None:
         emmet,
         ft,
         grace,
+        ike,
         kn,
         lora,
         melo,
