@@ -8,7 +8,7 @@ from kedit.methods._train import request_row
 from kedit.methods.wise import SideMemory, shard_mask, shard_rows, ties_merge
 
 PATH = "transformer.h.5.mlp.c_proj"
-PARAMS = {"layers": [5], "lr": 5.0, "act_margin": [20.0, 80.0, 40.0]}
+PARAMS = {"layers": [5], "lr": 5.0, "act_margin": [20.0, 80.0, 40.0], "act_ratio": 0.88}
 
 
 def _requests(n):
@@ -111,7 +111,7 @@ def test_wise_hparams_are_checked(tiny_gpt2, values, message):
 def test_replay_trains_the_shards_earlier_edits_again_and_its_threshold_covers_them(tiny_gpt2):
     lm = tiny_gpt2
     first, second = _requests(2)
-    params = {"layers": [5], "shard_size": 5, "replay": True}
+    params = {"layers": [5], "shard_size": 5, "replay": True, "act_ratio": 0.88}
     with kedit.edit(lm, [first, second], "wise", params) as edit:
         (memory,) = attached(lm.model.get_submodule(PATH))
         assert [i["replayed"] for i in edit.info["requests"]] == [0, 1]

@@ -24,7 +24,8 @@ import hashlib
 import json
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -171,6 +172,7 @@ class Adaptor(nn.Module):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         self.config = _json_config(config)
+        self.silent = False
 
     def adapt(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """The host's new output, from its input and its output (both `[..., width]`)."""
@@ -189,6 +191,8 @@ class Adaptor(nn.Module):
             self.register_buffer(name, value)
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.silent:
+            return output
         inputs = args[0] if args else kwargs["hidden_states"]
         if isinstance(output, tuple):
             return (self.adapt(inputs, output[0]), *output[1:])
@@ -231,6 +235,20 @@ def _attach(host: nn.Module, adaptor: Adaptor) -> Restore:
         del host._modules[name]
 
     return detach
+
+
+@contextmanager
+def silenced(adaptor: Adaptor | None) -> Iterator[None]:
+    """Inside the block the adaptor (if any) leaves its host's output as it is: a memory method
+    trains the memory's next state in its place."""
+    if adaptor is None:
+        yield
+        return
+    adaptor.silent = True
+    try:
+        yield
+    finally:
+        adaptor.silent = False
 
 
 def find_memory(host: nn.Module, kind: str) -> Adaptor | None:

@@ -33,6 +33,7 @@ from kedit.edits import (
     compute_in_sequence,
     find_memory,
     register_adaptor,
+    silenced,
 )
 from kedit.hooks import capture, replace_output
 from kedit.lm import LM
@@ -148,7 +149,8 @@ def train_block(
     device = lm.device
     down, up = (factors[name].to(device).requires_grad_(True) for name in ("down", "up"))
     positions = torch.tensor(request_row(lm, request)[1], device=device)
-    with capture(lm.model, [path], "input") as captured:
+    memory = find_memory(lm.model.get_submodule(path), LoRABlocks.kind)
+    with silenced(memory), capture(lm.model, [path], "input") as captured:
 
         def through_block(output: torch.Tensor) -> torch.Tensor:
             inputs = captured[path][:, positions].float()

@@ -43,6 +43,7 @@ from kedit.edits import (
     compute_in_sequence,
     find_memory,
     register_adaptor,
+    silenced,
 )
 from kedit.hooks import capture, replace_output
 from kedit.lm import LM
@@ -278,7 +279,7 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
         """The edits' positions pass the threshold they would set; no irrelevant token does."""
         return hparams.act_ratio * last["edit"] > last["others"]
 
-    with capture(lm.model, [path], "input") as captured:
+    with silenced(memory), capture(lm.model, [path], "input") as captured:
 
         def through_side(output: torch.Tensor) -> torch.Tensor:
             change = captured[path].to(device, torch.float32) @ side()
