@@ -93,7 +93,7 @@ def test_the_database_expands_and_splits_by_graces_rules(tiny_gpt2):
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"layers": [4, 5]}, "layers: MELO's blocks sit at one layer"),
+        ({"layers": [4, 5]}, "layers: MELO's key database sits at one layer"),
         ({"rank": 0}, "rank: expected a positive integer, got 0"),
         ({"eps_init": -1.0}, "eps_init: expected a positive number, got -1.0"),
     ],

@@ -18,13 +18,33 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kedit.edits import Change, compute_in_sequence
 from kedit.hooks import capture, start_at_block, stop_after
 from kedit.lm import LM
 from kedit.methods.ft import _batch, _rows, _target_nll
+from kedit.methods.registry import HyperParams, MethodResult
 from kedit.requests import EditRequest
 
 # The Layout roles an adaptor or memory can sit at, and the Layout's path of each.
 ROLES = {"mlp_in": "mlp_in_name", "mlp_out": "mlp_out_name", "attn_out": "attn_out_name"}
+
+
+def check_site(layers: list[int], module: str, holder: str) -> None:
+    """Refuse a memory or adaptor site other than one layer's module of a known role."""
+    if len(layers) != 1:
+        raise ValueError(f"layers: {holder} sits at one layer, got {layers!r}")
+    if module not in ROLES:
+        raise ValueError(f"module: expected one of {', '.join(ROLES)}, got {module!r}")
+
+
+def check_positive(hparams: object, integers: tuple[str, ...], numbers: tuple[str, ...]) -> None:
+    """Refuse hyper-parameters `integers` below 1 and `numbers` not above 0, by name."""
+    for name in integers:
+        if getattr(hparams, name) < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {getattr(hparams, name)!r}")
+    for name in numbers:
+        if not getattr(hparams, name) > 0:
+            raise ValueError(f"{name}: expected a positive number, got {getattr(hparams, name)!r}")
 
 
 def module_path(lm: LM, role: str, layer: int) -> str:
@@ -133,3 +153,23 @@ def train_to_targets(
             if after_step is not None:
                 after_step(step)
     return Trained(step, worst)
+
+
+EditOne = Callable[[LM, EditRequest, HyperParams], tuple[list[Change], dict]]
+
+
+def edit_one_by_one(
+    lm: LM, requests: list[EditRequest], hparams: HyperParams, edit_one: EditOne
+) -> MethodResult:
+    """A memory method's edit of `requests`: each request's changes computed by `edit_one` on the
+    model as the earlier ones left it; the info of the one request, or of each under
+    "requests"."""
+    records: list[dict] = []
+
+    def compute(request: EditRequest) -> list[Change]:
+        changes, info = edit_one(lm, request, hparams)
+        records.append(info)
+        return changes
+
+    changes = compute_in_sequence(lm.model, requests, compute)
+    return MethodResult(changes, records[0] if len(records) == 1 else {"requests": records})

@@ -30,17 +30,29 @@ from kedit.edits import (
     Adaptor,
     Change,
     MemoryDelta,
-    compute_in_sequence,
     find_memory,
     register_adaptor,
 )
 from kedit.hooks import capture, replace_output
 from kedit.lm import LM
-from kedit.methods._train import ROLES, module_path, train_to_targets
+from kedit.methods._train import (
+    check_positive,
+    check_site,
+    edit_one_by_one,
+    module_path,
+    train_to_targets,
+)
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 
 TENSORS = ("keys", "values", "radii", "labels")
+
+
+def within_radius(memory: Adaptor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For inputs `[m, in]` and a memory's `keys` and `radii`: which inputs lie within the
+    radius of their nearest key (the deferral rule), and that key's index."""
+    nearest, index = torch.cdist(inputs.float(), memory.keys).min(-1)
+    return nearest <= memory.radii[index], index
 
 
 @register_adaptor
@@ -49,15 +61,8 @@ class Codebook(Adaptor):
 
     kind = "grace"
 
-    def covered(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For inputs `[m, in]`: which lie within the radius of their nearest key, and that
-        key's index."""
-        distances = torch.cdist(inputs.float(), self.keys)
-        nearest, index = distances.min(-1)
-        return nearest <= self.radii[index], index
-
     def adapt(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        covered, index = self.covered(inputs.reshape(-1, inputs.shape[-1]))
+        covered, index = within_radius(self, inputs.reshape(-1, inputs.shape[-1]))
         if not covered.any():
             return output
         replaced = output.reshape(-1, output.shape[-1]).clone()
@@ -93,16 +98,8 @@ class GRACEHyperParams(HyperParams):
     }
 
     def validate(self) -> None:
-        if len(self.layers) != 1:
-            raise ValueError(f"layers: GRACE's codebook sits at one layer, got {self.layers!r}")
-        if self.module not in ROLES:
-            raise ValueError(f"module: expected one of {', '.join(ROLES)}, got {self.module!r}")
-        if not self.eps_init > 0:
-            raise ValueError(f"eps_init: expected a positive radius, got {self.eps_init!r}")
-        if self.steps < 1:
-            raise ValueError(f"steps: expected a positive integer, got {self.steps!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
+        check_site(self.layers, self.module, "GRACE's codebook")
+        check_positive(self, ("steps",), ("eps_init", "lr"))
 
 
 def label_of(request: EditRequest) -> int:
@@ -203,12 +200,4 @@ def edit_one(lm: LM, request: EditRequest, hparams: GRACEHyperParams) -> tuple[l
 
 @register("grace", GRACEHyperParams, "A discrete key-value codebook at one layer (GRACE)")
 def grace(lm: LM, requests: list[EditRequest], hparams: GRACEHyperParams) -> MethodResult:
-    records: list[dict] = []
-
-    def compute(request: EditRequest) -> list[Change]:
-        deltas, info = edit_one(lm, request, hparams)
-        records.append(info)
-        return deltas
-
-    deltas = compute_in_sequence(lm.model, requests, compute)
-    return MethodResult(deltas, records[0] if len(records) == 1 else {"requests": records})
+    return edit_one_by_one(lm, requests, hparams, edit_one)

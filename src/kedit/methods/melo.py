@@ -30,7 +30,6 @@ from kedit.edits import (
     Adaptor,
     Change,
     MemoryDelta,
-    compute_in_sequence,
     find_memory,
     register_adaptor,
     silenced,
@@ -38,13 +37,15 @@ from kedit.edits import (
 from kedit.hooks import capture, replace_output
 from kedit.lm import LM
 from kedit.methods._train import (
-    ROLES,
+    check_positive,
+    check_site,
+    edit_one_by_one,
     module_inputs,
     module_path,
     request_row,
     train_to_targets,
 )
-from kedit.methods.grace import label_of, place_key
+from kedit.methods.grace import label_of, place_key, within_radius
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 
@@ -60,8 +61,7 @@ class LoRABlocks(Adaptor):
 
     def adapt(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         flat = inputs.reshape(-1, inputs.shape[-1]).float()
-        nearest, index = torch.cdist(flat, self.keys).min(-1)
-        covered = nearest <= self.radii[index]
+        covered, index = within_radius(self, flat)
         if not covered.any():
             return output
         blocks = self.blocks[index[covered]]
@@ -100,18 +100,8 @@ class MELOHyperParams(HyperParams):
     }
 
     def validate(self) -> None:
-        if len(self.layers) != 1:
-            raise ValueError(f"layers: MELO's blocks sit at one layer, got {self.layers!r}")
-        if self.module not in ROLES:
-            raise ValueError(f"module: expected one of {', '.join(ROLES)}, got {self.module!r}")
-        for name in ("rank", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"{name}: expected a positive integer, got {getattr(self, name)!r}"
-                )
-        for name in ("alpha", "eps_init", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+        check_site(self.layers, self.module, "MELO's key database")
+        check_positive(self, ("rank", "steps"), ("alpha", "eps_init", "lr"))
 
 
 def new_block(shape: tuple[int, int], rank: int, seed: int, block: int) -> dict[str, torch.Tensor]:
@@ -217,12 +207,4 @@ def edit_one(lm: LM, request: EditRequest, hparams: MELOHyperParams) -> tuple[li
 
 @register("melo", MELOHyperParams, "LoRA blocks selected by a key database (MELO)")
 def melo(lm: LM, requests: list[EditRequest], hparams: MELOHyperParams) -> MethodResult:
-    records: list[dict] = []
-
-    def compute(request: EditRequest) -> list[Change]:
-        deltas, info = edit_one(lm, request, hparams)
-        records.append(info)
-        return deltas
-
-    deltas = compute_in_sequence(lm.model, requests, compute)
-    return MethodResult(deltas, records[0] if len(records) == 1 else {"requests": records})
+    return edit_one_by_one(lm, requests, hparams, edit_one)

@@ -40,7 +40,6 @@ from kedit.edits import (
     Adaptor,
     Change,
     MemoryDelta,
-    compute_in_sequence,
     find_memory,
     register_adaptor,
     silenced,
@@ -48,8 +47,10 @@ from kedit.edits import (
 from kedit.hooks import capture, replace_output
 from kedit.lm import LM
 from kedit.methods._train import (
-    ROLES,
     Row,
+    check_positive,
+    check_site,
+    edit_one_by_one,
     module_inputs,
     module_path,
     request_row,
@@ -122,10 +123,7 @@ class WISEHyperParams(HyperParams):
     }
 
     def validate(self) -> None:
-        if len(self.layers) != 1:
-            raise ValueError(f"layers: WISE's side memory sits at one layer, got {self.layers!r}")
-        if self.module not in ROLES:
-            raise ValueError(f"module: expected one of {', '.join(ROLES)}, got {self.module!r}")
+        check_site(self.layers, self.module, "WISE's side memory")
         if len(self.act_margin) != 3 or not all(m >= 0 for m in self.act_margin):
             raise ValueError(f"act_margin: expected [α, β, γ] >= 0, got {self.act_margin!r}")
         for name in ("act_ratio", "mask_ratio", "merge_density"):
@@ -133,21 +131,9 @@ class WISEHyperParams(HyperParams):
                 raise ValueError(
                     f"{name}: expected a number in (0, 1], got {getattr(self, name)!r}"
                 )
-        for name in ("steps", "shard_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"{name}: expected a positive integer, got {getattr(self, name)!r}"
-                )
-        if self.merge_every < 0 or self.irrelevant < 1:
-            raise ValueError(
-                f"merge_every >= 0 and irrelevant >= 1 expected, got {self.merge_every!r} and "
-                f"{self.irrelevant!r}"
-            )
-        if not self.lr > 0 or not self.norm_constraint > 0:
-            raise ValueError(
-                f"lr and norm_constraint: expected positive numbers, got {self.lr!r} and "
-                f"{self.norm_constraint!r}"
-            )
+        check_positive(self, ("steps", "shard_size", "irrelevant"), ("lr", "norm_constraint"))
+        if self.merge_every < 0:
+            raise ValueError(f"merge_every: expected 0 (never) or more, got {self.merge_every!r}")
 
 
 def shard_mask(shape: torch.Size, ratio: float, seed: int, shard: int) -> torch.Tensor:
@@ -348,12 +334,4 @@ def merge_shards(shards: dict[str, torch.Tensor], density: float) -> int:
 
 @register("wise", WISEHyperParams, "A routed side memory beside one value matrix (WISE)")
 def wise(lm: LM, requests: list[EditRequest], hparams: WISEHyperParams) -> MethodResult:
-    records: list[dict] = []
-
-    def compute(request: EditRequest) -> list[Change]:
-        deltas, info = edit_one(lm, request, hparams)
-        records.append(info)
-        return deltas
-
-    deltas = compute_in_sequence(lm.model, requests, compute)
-    return MethodResult(deltas, records[0] if len(records) == 1 else {"requests": records})
+    return edit_one_by_one(lm, requests, hparams, edit_one)
