@@ -66,14 +66,18 @@ UNTOUCHED = (
 )
 
 
-def run_method(lm: Any, method: str, cases: list, heldout: list[str], args: Any) -> dict:
-    """One sequential run of `method` over `cases`; its curve and summary."""
+def run_method(
+    lm: Any, method: str, cases: list, heldout: list[str], args: Any, batch: int | None = None
+) -> dict:
+    """One sequential run of `method` over `cases` (`batch` cases per step; by default --batch
+    for the batched methods, else one); its curve and summary."""
     from kedit.bench.plan import model_folder_name
     from kedit.bench.report import plot_curves
     from kedit.bench.runs import BenchConfig, run_bench
     from kedit.methods.registry import get_method
 
-    batch = args.batch if get_method(method).name in BATCHED else 1
+    if batch is None:
+        batch = args.batch if get_method(method).name in BATCHED else 1
     if args.checkpoint_every % batch:
         raise SystemExit(f"--checkpoint-every {args.checkpoint_every} is not a multiple of {batch}")
     config = BenchConfig(

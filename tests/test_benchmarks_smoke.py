@@ -1,6 +1,6 @@
-"""Smoke tests of benchmarks/batch_scale.py, sequential.py, speed.py, device_check.py,
-solve_scale.py, subject_swap.py, nullspace_overlap.py and floor.py on tiny settings (mostly
-FT-M, which needs no statistics); timings are not checked."""
+"""Smoke tests of benchmarks/batch_scale.py, sequential.py, lifelong.py, speed.py,
+device_check.py, solve_scale.py, subject_swap.py, nullspace_overlap.py and floor.py on tiny
+settings (mostly FT-M, which needs no statistics); timings are not checked."""
 
 import json
 import sys
@@ -12,6 +12,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import batch_scale  # noqa: E402
 import device_check  # noqa: E402
 import floor  # noqa: E402
+import lifelong  # noqa: E402
 import sequential  # noqa: E402
 import solve_scale  # noqa: E402
 import speed  # noqa: E402
@@ -143,3 +144,17 @@ def test_the_plain_torch_floor_takes_kedits_steps_and_edits_the_weights_alike():
         assert result["same_steps"] == 2, result
         assert result["max_relative_weight_diff"] < 1e-4, result
         assert result["kedit_median_s"] > 0 and result["floor_median_s"] > 0
+
+
+def test_lifelong_reports_throughput_and_the_memory_edits_attach(tmp_path):
+    argv = ["--methods", "grace", "ultraedit", "--edits", "4", "--batch", "2"]
+    argv += ["--checkpoint-every", "2", "--heldout-n", "5", "--out", str(tmp_path)]
+    grace, ultraedit = lifelong.main(argv)["results"]
+    assert (grace["batch"], ultraedit["batch"]) == (1, 2)
+    assert [point["edits"] for point in grace["curve"]] == [2, 4]
+    assert grace["edits_per_second"] > 0 and ultraedit["edits_per_second"] > 0
+    # GRACE adds one codebook entry per new fact at tiny-gpt2's layer-5 MLP output projection:
+    # a key of its 512 inputs, a value of its 128 outputs and a radius (float32), a label (int64)
+    assert grace["attached_bytes"] == 4 * ((512 + 128 + 1) * 4 + 8)
+    assert ultraedit["attached_bytes"] == 0  # its updates are written into the weights
+    assert (tmp_path / "tiny-gpt2.json").is_file() and (tmp_path / "tiny-gpt2.png").is_file()

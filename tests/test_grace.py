@@ -104,5 +104,5 @@ def test_a_prompt_outside_every_radius_is_untouched_bit_for_bit(tiny_gpt2):
 def test_grace_hparams_are_checked(tiny_gpt2):
     with pytest.raises(ValueError, match="layers: GRACE's codebook sits at one layer"):
         kedit.edit(tiny_gpt2, _requests(1), "grace", {"layers": [4, 5]})
-    with pytest.raises(ValueError, match="eps_init: expected a positive radius, got 0.0"):
+    with pytest.raises(ValueError, match="eps_init: expected a positive number, got 0.0"):
         kedit.edit(tiny_gpt2, _requests(1), "grace", {"eps_init": 0.0})

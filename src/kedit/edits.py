@@ -25,7 +25,8 @@ import itertools
 import json
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -240,6 +241,7 @@ class Adaptor(nn.Module):
         super().__init__()
         self.config = _json_config(config)
         self.serial = next(_ADAPTOR_SERIALS)  # tells adaptors apart in `weights_version`
+        self.silent = False
 
     def adapt(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """The host's new output, from its input and its output (both `[..., width]`)."""
@@ -258,6 +260,8 @@ class Adaptor(nn.Module):
             self.register_buffer(name, value)
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.silent:
+            return output
         inputs = args[0] if args else kwargs["hidden_states"]
         if isinstance(output, tuple):
             return (self.adapt(inputs, output[0]), *output[1:])
@@ -300,6 +304,20 @@ def _attach(host: nn.Module, adaptor: Adaptor) -> Restore:
         del host._modules[name]
 
     return detach
+
+
+@contextmanager
+def silenced(adaptor: Adaptor | None) -> Iterator[None]:
+    """Inside the block the adaptor (if any) leaves its host's output as it is: a memory method
+    trains the memory's next state in its place."""
+    if adaptor is None:
+        yield
+        return
+    adaptor.silent = True
+    try:
+        yield
+    finally:
+        adaptor.silent = False
 
 
 def find_memory(host: nn.Module, kind: str) -> Adaptor | None:
@@ -370,6 +388,31 @@ class MemoryDelta:
         missing = (self.appended.keys() | self.changed.keys()) - self.rows_before.keys()
         if missing:
             raise ValueError(f"MemoryDelta({self.path}): rows_before lacks {sorted(missing)}")
+
+    @classmethod
+    def to_reach(
+        cls,
+        path: str,
+        adaptor: str,
+        config: dict[str, Any],
+        memory: Adaptor | None,
+        after: dict[str, torch.Tensor],
+    ) -> MemoryDelta:
+        """The change that takes `memory` (attached at `path`, or None) to the buffers `after`,
+        whose rows extend or overwrite its own: the rows that differ, overwritten, and the new
+        rows, appended."""
+        rows_before = {name: 0 if memory is None else memory.rows(name) for name in after}
+        changed, appended = {}, {}
+        for name, rows in after.items():
+            old = rows_before[name]
+            if old:
+                before = getattr(memory, name).cpu()
+                differ = torch.nonzero((before != rows[:old]).reshape(old, -1).any(1)).flatten()
+                if len(differ):
+                    changed[name] = (differ, rows[differ])
+            if len(rows) > old:
+                appended[name] = rows[old:]
+        return cls(path, adaptor, config, rows_before, appended, changed)
 
     @property
     def targets(self) -> frozenset[str]:

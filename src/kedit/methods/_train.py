@@ -11,20 +11,40 @@ methods edit one request or one batch of a stream at a time).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from kedit.edits import Change, compute_in_sequence
 from kedit.hooks import capture, start_at_block, stop_after
 from kedit.lm import LM
-from kedit.methods.ft import forward_target_nll, target_batch
+from kedit.methods.ft import _batch, _Row, _rows, forward_target_nll
+from kedit.methods.registry import HyperParams, MethodResult
 from kedit.requests import EditRequest
 
 # The Layout roles an adaptor or memory can sit at, and the Layout's path of each.
 ROLES = {"mlp_in": "mlp_in_name", "mlp_out": "mlp_out_name", "attn_out": "attn_out_name"}
+
+
+def check_site(layers: list[int], module: str, holder: str) -> None:
+    """Refuse a memory or adaptor site other than one layer's module of a known role."""
+    if len(layers) != 1:
+        raise ValueError(f"layers: {holder} sits at one layer, got {layers!r}")
+    if module not in ROLES:
+        raise ValueError(f"module: expected one of {', '.join(ROLES)}, got {module!r}")
+
+
+def check_positive(hparams: object, integers: tuple[str, ...], numbers: tuple[str, ...]) -> None:
+    """Refuse hyper-parameters `integers` below 1 and `numbers` not above 0, by name."""
+    for name in integers:
+        if getattr(hparams, name) < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {getattr(hparams, name)!r}")
+    for name in numbers:
+        if not getattr(hparams, name) > 0:
+            raise ValueError(f"{name}: expected a positive number, got {getattr(hparams, name)!r}")
 
 
 def module_path(lm: LM, role: str, layer: int) -> str:
@@ -32,6 +52,30 @@ def module_path(lm: LM, role: str, layer: int) -> str:
     if role not in ROLES:
         raise ValueError(f"module: expected one of {', '.join(ROLES)}, got {role!r}")
     return getattr(lm.layout, ROLES[role])(lm.check_layer(layer))
+
+
+# A request's row: its token ids, the positions that score its target, the target's ids.
+Row = tuple[list[int], list[int], list[int]]
+
+
+def request_row(lm: LM, request: EditRequest) -> Row:
+    """The row that trains a request: its prompt and target (but the target's last token), the
+    positions predicting the target tokens, and the target's ids (one target: the methods that
+    train rows take no extra targets)."""
+    row = _rows(lm, request, last_token=False, n_requests=1)[0]
+    return row.ids, row.positions, row.targets
+
+
+def module_inputs(
+    lm: LM, path: str, rows: list[list[int]], positions: list[list[int]]
+) -> torch.Tensor:
+    """The inputs of module `path` at the given positions of each row of token ids, one after
+    the other (`[m, in]`, float32)."""
+    ids, mask = lm.pad(rows)
+    with torch.no_grad(), capture(lm.model, [path], "input") as seen:
+        lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    picked = [seen[path][row, torch.tensor(where)] for row, where in enumerate(positions)]
+    return torch.cat(picked).float()
 
 
 @dataclass
@@ -78,32 +122,57 @@ def train_to_targets(
     extra_loss: Callable[[], torch.Tensor] | None = None,
     after_step: Callable[[int], None] | None = None,
     min_steps: int = 0,
+    until: Callable[[], bool] | None = None,
+    optimizer: str = "adam",
+    replayed: Sequence[Row] = (),
 ) -> Trained:
-    """Adam on `params` (leaf tensors that the model's forward pass uses, through adaptors or
-    hooks, at block `first_layer` or above) until every request's target NLL is below
-    `stop_nll` (not before `min_steps`) or `steps` steps are taken.
+    """Adam (or, with `optimizer="sgd"`, plain gradient descent) on `params` (leaf tensors that
+    the model's forward pass uses, through adaptors or hooks, at block `first_layer` or above)
+    until every request's target NLL is below `stop_nll` (not before `min_steps`) or `steps`
+    steps are taken.
 
     `extra_loss()` is added to the objective after each forward pass (a method's regulariser);
-    `after_step(step)` runs after each optimiser step, while the gradients are still there.
+    `after_step(step)` runs after each optimiser step, while the gradients are still there;
+    `until()`, where given, must hold too for an early stop. `replayed` rows (earlier edits, as
+    `request_row` gives them) train beside the requests, under the same stopping rule.
     """
     model = lm.model
-    batch = target_batch(lm, requests)
+    rows = [request_row(lm, request) for request in requests] + list(replayed)
+    batch = _batch(lm, [_Row(*row, weight=1 / len(rows), floor=0.0) for row in rows])
     hidden = block_input(lm, batch.ids, batch.mask, first_layer)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)(params, lr=lr)
     step, worst = 0, float("nan")
     with frozen(model, params), start_at_block(model, lm.layout.blocks, first_layer, hidden):
         for step in range(steps + 1):
             nll = forward_target_nll(model, batch)
-            # A request with k targets (Multi-Label Edit) stops at log k: equal shares.
-            worst = float((nll.detach() - batch.floors).max())  # a NaN never meets the rule
-            if step == steps or (step >= min_steps and worst < stop_nll):
+            worst = float(nll.detach().max())  # a NaN never meets the stopping rule
+            done = step >= min_steps and worst < stop_nll and (until is None or until())
+            if step == steps or done:
                 break
-            loss = (nll * batch.weights).sum()  # the mean over requests of their mean over targets
-            if extra_loss is not None:
-                loss = loss + extra_loss()
+            loss = nll.mean() if extra_loss is None else nll.mean() + extra_loss()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if after_step is not None:
                 after_step(step)
     return Trained(step, worst)
+
+
+EditOne = Callable[[LM, EditRequest, HyperParams], tuple[list[Change], dict]]
+
+
+def edit_one_by_one(
+    lm: LM, requests: list[EditRequest], hparams: HyperParams, edit_one: EditOne
+) -> MethodResult:
+    """A memory method's edit of `requests`: each request's changes computed by `edit_one` on the
+    model as the earlier ones left it; the info of the one request, or of each under
+    "requests"."""
+    records: list[dict] = []
+
+    def compute(request: EditRequest) -> list[Change]:
+        changes, info = edit_one(lm, request, hparams)
+        records.append(info)
+        return changes
+
+    changes = compute_in_sequence(lm.model, requests, compute)
+    return MethodResult(changes, records[0] if len(records) == 1 else {"requests": records})

@@ -30,17 +30,29 @@ from kedit.edits import (
     Adaptor,
     Change,
     MemoryDelta,
-    compute_in_sequence,
     find_memory,
     register_adaptor,
 )
 from kedit.hooks import capture, replace_output
 from kedit.lm import LM
-from kedit.methods._train import ROLES, module_path, train_to_targets
+from kedit.methods._train import (
+    check_positive,
+    check_site,
+    edit_one_by_one,
+    module_path,
+    train_to_targets,
+)
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 
 TENSORS = ("keys", "values", "radii", "labels")
+
+
+def within_radius(memory: Adaptor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For inputs `[m, in]` and a memory's `keys` and `radii`: which inputs lie within the
+    radius of their nearest key (the deferral rule), and that key's index."""
+    nearest, index = torch.cdist(inputs.float(), memory.keys).min(-1)
+    return nearest <= memory.radii[index], index
 
 
 @register_adaptor
@@ -49,15 +61,8 @@ class Codebook(Adaptor):
 
     kind = "grace"
 
-    def covered(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For inputs `[m, in]`: which lie within the radius of their nearest key, and that
-        key's index."""
-        distances = torch.cdist(inputs.float(), self.keys)
-        nearest, index = distances.min(-1)
-        return nearest <= self.radii[index], index
-
     def adapt(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        covered, index = self.covered(inputs.reshape(-1, inputs.shape[-1]))
+        covered, index = within_radius(self, inputs.reshape(-1, inputs.shape[-1]))
         if not covered.any():
             return output
         replaced = output.reshape(-1, output.shape[-1]).clone()
@@ -93,16 +98,8 @@ class GRACEHyperParams(HyperParams):
     }
 
     def validate(self) -> None:
-        if len(self.layers) != 1:
-            raise ValueError(f"layers: GRACE's codebook sits at one layer, got {self.layers!r}")
-        if self.module not in ROLES:
-            raise ValueError(f"module: expected one of {', '.join(ROLES)}, got {self.module!r}")
-        if not self.eps_init > 0:
-            raise ValueError(f"eps_init: expected a positive radius, got {self.eps_init!r}")
-        if self.steps < 1:
-            raise ValueError(f"steps: expected a positive integer, got {self.steps!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
+        check_site(self.layers, self.module, "GRACE's codebook")
+        check_positive(self, ("steps",), ("eps_init", "lr"))
 
 
 def label_of(request: EditRequest) -> int:
@@ -144,35 +141,57 @@ def _rows_before(memory: Adaptor | None) -> dict[str, int]:
     return {name: 0 if memory is None else memory.rows(name) for name in TENSORS}
 
 
+@dataclass
+class Placement:
+    """Where a new key goes by the paper's codebook rules: `rule` ("add", "expand", "split" or
+    "covered"), the nearest key and its distance (None with an empty codebook), the radius of
+    the new key ("add", "split") or the nearest key's new radius ("expand", "split")."""
+
+    rule: str
+    nearest: int | None = None
+    distance: float | None = None
+    radius: float = 0.0
+    nearest_radius: float | None = None
+
+
+def place_key(memory: Adaptor | None, key: torch.Tensor, label: int, eps_init: float) -> Placement:
+    """GRACE's codebook maintenance for a new key with its label, in a memory with buffers
+    `keys [n, in]`, `radii [n]` and `labels [n]` (or none yet)."""
+    if memory is None or not memory.rows("keys"):
+        return Placement("add", radius=eps_init)
+    distances = (memory.keys - key.to(memory.keys.device)).norm(dim=-1)
+    nearest = int(distances.argmin())
+    distance, own = float(distances[nearest]), float(memory.radii[nearest])
+    if distance > own + eps_init:
+        return Placement("add", nearest, distance, eps_init)
+    if int(memory.labels[nearest]) == label:
+        rule = "covered" if distance <= own else "expand"
+        return Placement(rule, nearest, distance, nearest_radius=max(own, distance))
+    return Placement("split", nearest, distance, distance / 2, distance / 2)
+
+
 def edit_one(lm: LM, request: EditRequest, hparams: GRACEHyperParams) -> tuple[list[Change], dict]:
     """The codebook change for one request (none where its key is covered with its label)."""
     path = module_path(lm, hparams.module, hparams.layers[0])
     memory = find_memory(lm.model.get_submodule(path), Codebook.kind)
     key, position = last_token_input(lm, path, request.text)
     label = label_of(request)
-    radius, changed, info = hparams.eps_init, {}, {"rule": "add"}
-    if memory is not None:
-        distances = (memory.keys - key.to(memory.keys.device)).norm(dim=-1)
-        distance, nearest = (float(x) for x in distances.min(0))
-        nearest = int(nearest)
-        own_radius = float(memory.radii[nearest])
-        info["distance"] = distance
-        if distance <= own_radius + hparams.eps_init:
-            if int(memory.labels[nearest]) == label:
-                if distance <= own_radius:
-                    return [], {"rule": "covered", "distance": distance}
-                new = torch.tensor([distance])
-                change = {"radii": (torch.tensor([nearest]), new)}
-                delta = MemoryDelta(path, Codebook.kind, {}, _rows_before(memory), changed=change)
-                return [delta], {"rule": "expand", "distance": distance}
-            radius = distance / 2
-            changed = {"radii": (torch.tensor([nearest]), torch.tensor([radius]))}
-            info["rule"] = "split"
+    place = place_key(memory, key, label, hparams.eps_init)
+    info: dict[str, Any] = {"rule": place.rule}
+    if place.distance is not None:
+        info["distance"] = place.distance
+    if place.rule == "covered":
+        return [], info
+    changed = {}
+    if place.nearest_radius is not None:
+        changed = {"radii": (torch.tensor([place.nearest]), torch.tensor([place.nearest_radius]))}
+    if place.rule == "expand":
+        return [MemoryDelta(path, Codebook.kind, {}, _rows_before(memory), changed=changed)], info
     value, trained = train_value(lm, request, path, position, hparams)
     appended = {
         "keys": key[None].cpu(),
         "values": value[None].cpu(),
-        "radii": torch.tensor([radius]),
+        "radii": torch.tensor([place.radius]),
         "labels": torch.tensor([label], dtype=torch.long),
     }
     delta = MemoryDelta(path, Codebook.kind, {}, _rows_before(memory), appended, changed)
@@ -181,12 +200,4 @@ def edit_one(lm: LM, request: EditRequest, hparams: GRACEHyperParams) -> tuple[l
 
 @register("grace", GRACEHyperParams, "A discrete key-value codebook at one layer (GRACE)")
 def grace(lm: LM, requests: list[EditRequest], hparams: GRACEHyperParams) -> MethodResult:
-    records: list[dict] = []
-
-    def compute(request: EditRequest) -> list[Change]:
-        deltas, info = edit_one(lm, request, hparams)
-        records.append(info)
-        return deltas
-
-    deltas = compute_in_sequence(lm.model, requests, compute)
-    return MethodResult(deltas, records[0] if len(records) == 1 else {"requests": records})
+    return edit_one_by_one(lm, requests, hparams, edit_one)

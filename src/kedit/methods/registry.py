@@ -254,12 +254,15 @@ def _load_builtin_methods() -> None:
         emmet,
         ft,
         grace,
+        ike,
         kn,
         lora,
+        melo,
         memit,
         pmet,
         rome,
         ultraedit,
+        wise,
     )
 
 

@@ -1,0 +1,337 @@
+"""WISE: a side memory beside one FFN value matrix, with activation routing (Wang et al., 2024).
+
+The main memory, the FFN's value matrix W (the MLP output projection of one layer by default),
+never changes. Edits go to a side memory W' = W + Δ, kept as Δ. A token reads the side memory
+where its activation score Δ_act = ‖a Δ‖ (a: the token's input to W) exceeds the threshold ε;
+elsewhere the layer is as before. kedit routes every token on its own (each token's output
+depends on its own activation only, so padding or batching never changes a result).
+
+Editing trains Δ with the edit's target NLL plus the routing margin loss (the paper's L_a)
+L_a = max(0, Δ_act(x_i) − α) + max(0, β − Δ_act(x_e)) + max(0, γ − (Δ_act(x_e) − Δ_act(x_i))),
+averaged over irrelevant texts x_i (sentences of the model's corpus), Δ_act(x_e) the smallest
+score over the positions that predict the target and Δ_act(x_i) the largest over the text's
+tokens. ε is `act_ratio` times the smallest edit score seen by the shard. Training stops at
+`steps`, or once the target NLL is below `stop_nll` and the routing holds (act_ratio × the
+edit's score above every irrelevant token's score).
+
+Knowledge sharding: the side memory holds shards Δ_s, each trained through its own random
+mask M_s (a share `mask_ratio` of the entries; Δ_s = clamp(Δ_s + M_s ⊙ P)). An edit goes to the
+newest shard, a new shard starts every `shard_size` edits; a token reads the shard with the
+largest score if that passes the shard's ε (WISE-Retrieve). With `merge_every`, every that many
+edits the live shards are merged into one with TIES (trim each to the `merge_density` largest
+entries, elect each entry's sign by the summed mass, average the entries that agree:
+WISE-Merge; the merged shards are retired). With `replay` (an option of EasyEdit's WISE), an
+edit trains together with the earlier edits of its shard (their target NLL and margins), and ε
+covers all of them as they score now: on small value matrices, training a shard for a new edit
+otherwise overwrites its earlier ones (docs/tuning.md#wise). The memory keeps the edits' token
+ids for that. It grows edit by edit (`MemoryDelta`); the weights never change.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kedit.edits import (
+    Adaptor,
+    Change,
+    MemoryDelta,
+    find_memory,
+    register_adaptor,
+    silenced,
+)
+from kedit.hooks import capture, replace_output
+from kedit.lm import LM
+from kedit.methods._train import (
+    Row,
+    check_positive,
+    check_site,
+    edit_one_by_one,
+    module_inputs,
+    module_path,
+    request_row,
+    train_to_targets,
+)
+from kedit.methods.registry import HyperParams, MethodResult, hp, register
+from kedit.requests import EditRequest
+from kedit.stats import default_corpus, read_corpus
+
+TENSORS = ("deltas", "thresholds", "counts", "tokens", "edits")
+IRRELEVANT_MAX_TOKENS = 32
+
+
+@register_adaptor
+class SideMemory(Adaptor):
+    """WISE's side memory: shards `deltas [S, in, out]` (W' − W, mapping a token's input to the
+    change of its output), their thresholds `[S]` and edit counts `[S]`; and the edits it holds
+    (for replay): their token ids, one after the other (`tokens [T]`), and for each its shard,
+    prompt length and target length (`edits [n, 3]`)."""
+
+    kind = "wise"
+
+    def adapt(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        flat = inputs.reshape(-1, inputs.shape[-1]).to(self.deltas.dtype)
+        changes = torch.einsum("mi,sio->smo", flat, self.deltas)
+        best, shard = changes.norm(dim=-1).max(0)
+        routed = best > self.thresholds[shard]
+        if not routed.any():
+            return output
+        chosen = changes[shard, torch.arange(len(flat), device=flat.device)] * routed[:, None]
+        return output + chosen.reshape(output.shape).to(output.dtype)
+
+
+@dataclass
+class WISEHyperParams(HyperParams):
+    layers: list[int] = hp([27], "The one layer whose value matrix gets the side memory.")
+    module: str = hp("mlp_out", "The Layout role of that matrix: mlp_in, mlp_out or attn_out.")
+    lr: float = hp(1.0, "Gradient descent step size of the side memory.")
+    steps: int = hp(70, "Maximum optimisation steps per edit.")
+    stop_nll: float = hp(0.05, "Stop once the target NLL is below this and the margins hold.")
+    norm_constraint: float = hp(1.0, "Each entry of W' − W stays within ± this.")
+    act_margin: list[float] = hp([5.0, 20.0, 10.0], "α, β, γ of the margin loss L_a.")
+    act_ratio: float = hp(0.88, "ε = act_ratio × the smallest edit score of the shard.")
+    mask_ratio: float = hp(0.2, "Share of the side memory's entries each shard trains.")
+    shard_size: int = hp(500, "Edits per shard; then a new shard starts (save_freq).")
+    merge_every: int = hp(0, "Merge the live shards with TIES every this many edits (0: never).")
+    merge_density: float = hp(0.53, "TIES: share of each shard's largest entries kept.")
+    irrelevant: int = hp(4, "Irrelevant texts per edit, for the margin loss.")
+    irrelevant_corpus: str | None = hp(None, "Their corpus (None: the model's default corpus).")
+    replay: bool = hp(False, "Train each edit with the earlier edits of its shard (replay).")
+    seed: int = hp(0, "Seed of the shards' masks and of the irrelevant texts.")
+
+    ALIASES = {
+        "edit_lr": "lr",
+        "n_iter": "steps",
+        "save_freq": "shard_size",
+        "merge_freq": "merge_every",
+        "densities": "merge_density",
+    }
+    # EasyEdit's switches of what kedit does one way: the objective on the target tokens only,
+    # TIES as the merge, retrieval among the live shards; `inner_params` is the
+    # Layout's module at `layers`.
+    IGNORED = HyperParams.IGNORED | {
+        "inner_params",
+        "objective_optimization",
+        "merge_alg",
+        "retrieve",
+        "weights",
+        "batch_size",
+    }
+
+    def validate(self) -> None:
+        check_site(self.layers, self.module, "WISE's side memory")
+        if len(self.act_margin) != 3 or not all(m >= 0 for m in self.act_margin):
+            raise ValueError(f"act_margin: expected [α, β, γ] >= 0, got {self.act_margin!r}")
+        for name in ("act_ratio", "mask_ratio", "merge_density"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(
+                    f"{name}: expected a number in (0, 1], got {getattr(self, name)!r}"
+                )
+        check_positive(self, ("steps", "shard_size", "irrelevant"), ("lr", "norm_constraint"))
+        if self.merge_every < 0:
+            raise ValueError(f"merge_every: expected 0 (never) or more, got {self.merge_every!r}")
+
+
+def shard_mask(shape: torch.Size, ratio: float, seed: int, shard: int) -> torch.Tensor:
+    """Shard `shard`'s random mask M_s: a share `ratio` of the entries, the same at every call."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + shard)
+    return torch.rand(shape, generator=generator) < ratio
+
+
+def ties_merge(deltas: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES merging (Yadav et al., 2023) of task vectors `[S, ...]` into one: keep each vector's
+    `density` share of largest entries, elect each entry's sign by the sum of the kept entries,
+    and average the kept entries of that sign."""
+    flat = deltas.reshape(len(deltas), -1)
+    kept = max(1, math.ceil(density * flat.shape[1]))
+    cutoff = flat.abs().topk(kept, dim=1).values[:, -1:]
+    trimmed = torch.where(flat.abs() >= cutoff, flat, torch.zeros_like(flat))
+    sign = torch.sign(trimmed.sum(0))
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    merged = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return merged.reshape(deltas.shape[1:])
+
+
+def irrelevant_texts(lm: LM, hparams: WISEHyperParams, request: EditRequest) -> list[str]:
+    """`irrelevant` sentences of the corpus that do not name the request's subject, the same for
+    a request at every call."""
+    corpus = hparams.irrelevant_corpus or default_corpus(lm)
+    key = ("wise-sentences", corpus)
+    if key not in lm.cache:
+        _, docs = read_corpus(corpus)
+        parts = (part.strip() for doc in docs for part in doc.split(". "))
+        lm.cache[key] = sorted({part for part in parts if len(part) > 3})
+    sentences = lm.cache[key]
+    rng = random.Random(f"{hparams.seed}|{request.text}")
+    picked: list[str] = []
+    for _ in range(50 * hparams.irrelevant):
+        sentence = rng.choice(sentences)
+        if request.subject not in sentence and sentence not in picked:
+            picked.append(sentence)
+            if len(picked) == hparams.irrelevant:
+                break
+    return picked
+
+
+def margin_loss(
+    edit_scores: torch.Tensor, irrelevant_scores: list[torch.Tensor], margins: list[float]
+) -> torch.Tensor:
+    """L_a averaged over the irrelevant texts: the edit's score is its smallest, a text's its
+    largest."""
+    alpha, beta, gamma = margins
+    edit = edit_scores.min()
+    terms = [
+        torch.relu(text.max() - alpha)
+        + torch.relu(beta - edit)
+        + torch.relu(gamma - (edit - text.max()))
+        for text in irrelevant_scores
+    ]
+    return torch.stack(terms).mean()
+
+
+def shard_rows(memory: Adaptor, shard: int) -> list[Row]:
+    """The training rows of the edits that shard `shard` of the memory holds, oldest first."""
+    lengths = memory.edits[:, 1:].sum(1).tolist()
+    offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    tokens = memory.tokens.tolist()
+    rows = []
+    for index, (owner, prompt, target) in enumerate(memory.edits.tolist()):
+        if owner == shard:
+            ids = tokens[offsets[index] : offsets[index] + prompt + target]
+            rows.append((ids[:-1], list(range(prompt - 1, prompt + target - 1)), ids[prompt:]))
+    return rows
+
+
+def _stored(memory: Adaptor | None, shape: torch.Size) -> dict[str, torch.Tensor]:
+    """The memory's buffers on the CPU (empty ones where there is no memory yet)."""
+    if memory is not None:
+        return {name: getattr(memory, name).cpu().clone() for name in TENSORS}
+    return {
+        "deltas": torch.zeros((0, *shape)),
+        "thresholds": torch.zeros(0),
+        "counts": torch.zeros(0, dtype=torch.long),
+        "tokens": torch.zeros(0, dtype=torch.long),
+        "edits": torch.zeros((0, 3), dtype=torch.long),
+    }
+
+
+def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[list[Change], dict]:
+    """The side memory change for one request: its shard trained towards the target (with the
+    shard's earlier edits, where `replay` is on), its threshold set to cover them, a new shard or
+    a merge where due."""
+    path = module_path(lm, hparams.module, hparams.layers[0])
+    weight = lm.model.get_submodule(path).weight
+    shape = weight.shape if lm.layout.conv1d else weight.shape[::-1]  # (in, out)
+    device = weight.device
+    memory = find_memory(lm.model.get_submodule(path), SideMemory.kind)
+    after = _stored(memory, shape)
+    shards = len(after["counts"])
+    new_shard = shards == 0 or int(after["counts"][-1]) >= hparams.shard_size
+    shard = shards if new_shard else shards - 1
+    base = torch.zeros(shape) if new_shard else after["deltas"][shard]
+    base, mask = base.to(device), shard_mask(shape, hparams.mask_ratio, hparams.seed, shard)
+    mask = mask.to(device)
+
+    row = request_row(lm, request)
+    replayed = shard_rows(memory, shard) if hparams.replay and not new_shard else []
+    edit_rows = [row, *replayed]
+    edit_inputs = module_inputs(lm, path, [r[0] for r in edit_rows], [r[1] for r in edit_rows])
+    texts = [
+        lm.encode_prompt(text)[:IRRELEVANT_MAX_TOKENS]
+        for text in irrelevant_texts(lm, hparams, request)
+    ]
+    text_inputs = module_inputs(lm, path, texts, [list(range(len(ids))) for ids in texts])
+    every_input = torch.cat([edit_inputs, text_inputs]).to(device)
+    sizes = [len(edit_inputs)] + [len(ids) for ids in texts]
+
+    trained = torch.zeros(shape, device=device, requires_grad=True)
+    limit = hparams.norm_constraint
+    last: dict[str, float] = {}
+
+    def side() -> torch.Tensor:
+        return torch.clamp(base + mask * trained, -limit, limit)
+
+    def margins() -> torch.Tensor:
+        edit, *others = (every_input @ side()).norm(dim=-1).split(sizes)
+        last["edit"] = float(edit.detach().min())
+        last["others"] = max(float(x.detach().max()) for x in others)
+        return margin_loss(edit, others, hparams.act_margin)
+
+    def routed_apart() -> bool:
+        """The edits' positions pass the threshold they would set; no irrelevant token does."""
+        return hparams.act_ratio * last["edit"] > last["others"]
+
+    with silenced(memory), capture(lm.model, [path], "input") as captured:
+
+        def through_side(output: torch.Tensor) -> torch.Tensor:
+            change = captured[path].to(device, torch.float32) @ side()
+            return output + change.to(output.dtype)
+
+        with replace_output(lm.model, path, through_side):
+            result = train_to_targets(
+                lm,
+                [request],
+                [trained],
+                hparams.layers[0],
+                hparams.steps,
+                hparams.lr,
+                hparams.stop_nll,
+                extra_loss=margins,
+                until=routed_apart,
+                optimizer="sgd",
+                replayed=replayed,
+            )
+    with torch.no_grad():
+        delta = side().detach()
+        score = float((edit_inputs.to(device) @ delta).norm(dim=-1).min())
+    info: dict[str, Any] = {
+        "shard": shard,
+        "replayed": len(replayed),
+        "steps": result.steps,
+        "final_nll": result.nll,
+        "edit_score": score,
+        "margin_loss": float(margins().detach()),
+        "irrelevant_score": last["others"],
+    }
+    # ε covers every edit of the shard: the replayed ones are scored anew, others as they were.
+    earlier = math.inf if new_shard or replayed else float(after["thresholds"][shard])
+    if new_shard:
+        after["deltas"] = torch.cat([after["deltas"], torch.zeros((1, *shape))])
+        after["thresholds"] = torch.cat([after["thresholds"], torch.zeros(1)])
+        after["counts"] = torch.cat([after["counts"], torch.zeros(1, dtype=torch.long)])
+    after["deltas"][shard] = delta.cpu()
+    after["thresholds"][shard] = min(earlier, hparams.act_ratio * score)
+    after["counts"][shard] += 1
+    prompt, target = len(row[0]) - len(row[2]) + 1, len(row[2])
+    after["tokens"] = torch.cat([after["tokens"], torch.tensor(row[0] + row[2][-1:])])
+    after["edits"] = torch.cat([after["edits"], torch.tensor([[shard, prompt, target]])])
+    if hparams.merge_every and len(after["edits"]) % hparams.merge_every == 0:
+        info["merged_shards"] = merge_shards(after, hparams.merge_density)
+    return [MemoryDelta.to_reach(path, SideMemory.kind, {}, memory, after)], info
+
+
+def merge_shards(shards: dict[str, torch.Tensor], density: float) -> int:
+    """Merge the live shards (those holding edits) into the first of them with TIES, in place:
+    it gets the merged delta, the smallest threshold and all their edits; the others are retired
+    (zero delta, no edits: a score of 0 never passes). Returns how many shards were merged."""
+    live = torch.nonzero(shards["counts"] > 0).flatten()
+    if len(live) > 1:
+        first, rest = live[0], live[1:]
+        shards["deltas"][first] = ties_merge(shards["deltas"][live], density)
+        shards["thresholds"][first] = shards["thresholds"][live].min()
+        shards["counts"][first] = shards["counts"][live].sum()
+        shards["deltas"][rest] = 0.0
+        shards["thresholds"][rest] = 0.0
+        shards["counts"][rest] = 0
+        owners = shards["edits"][:, 0]
+        owners[torch.isin(owners, rest)] = first
+    return len(live)
+
+
+@register("wise", WISEHyperParams, "A routed side memory beside one value matrix (WISE)")
+def wise(lm: LM, requests: list[EditRequest], hparams: WISEHyperParams) -> MethodResult:
+    return edit_one_by_one(lm, requests, hparams, edit_one)

@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+import kedit
+from kedit.edits import attached
+from kedit.hooks import capture
+from kedit.methods._train import request_row
+from kedit.methods.wise import SideMemory, shard_mask, shard_rows, ties_merge
+
+PATH = "transformer.h.5.mlp.c_proj"
+PARAMS = {"layers": [5], "lr": 5.0, "act_margin": [20.0, 80.0, 40.0], "act_ratio": 0.88}
+
+
+def _requests(n):
+    from kedit.data import load_requests
+    from kedit.zoo import DATA_DIR
+
+    return load_requests(DATA_DIR / "tinyworld_knowedit.json", n=n)
+
+
+def test_ties_keeps_the_largest_entries_elects_signs_and_averages_those_that_agree():
+    vectors = torch.tensor(
+        [
+            [3.0, -2.0, 0.5, 1.0],
+            [0.5, 4.0, -0.2, -1.0],
+            [-2.0, 1.5, 0.1, 3.0],
+        ]
+    )
+    # density 0.5 keeps two entries each: [3, -2, 0, 0], [0, 4, 0, -1], [-2, 0, 0, 3]
+    # column sums 1, 2, 0, 2 -> signs +, +, 0, +; agreeing kept entries: [3], [4], none, [3]
+    expected = torch.tensor([3.0, 4.0, 0.0, 3.0])
+    assert torch.equal(ties_merge(vectors, 0.5), expected)
+
+
+def test_a_token_reads_the_shard_with_the_largest_score_if_it_passes_its_threshold():
+    memory = SideMemory({})
+    memory.set_buffer("deltas", torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 2.0]]]))
+    memory.set_buffer("thresholds", torch.tensor([1.5, 3.0]))
+    memory.set_buffer("counts", torch.tensor([1, 1]))
+    inputs = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 2.0], [1.0, 1.0]])
+    output = torch.zeros(4, 2)
+    # scores (shard 0, shard 1): (2, 0) -> shard 0 passes 1.5; (0, 2) -> shard 1 fails 3;
+    # (0, 4) -> shard 1 passes; (1, 2) -> shard 1 has the larger score and fails its 3.
+    expected = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 4.0], [0.0, 0.0]])
+    assert torch.equal(memory.adapt(inputs, output), expected)
+
+
+def _scores(lm, memory, text_or_ids):
+    ids = lm.encode_prompt(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids
+    with torch.no_grad(), capture(lm.model, [PATH], "input") as seen:
+        lm.model(input_ids=torch.tensor([ids]))
+    return (seen[PATH][0].float() @ memory.deltas[0]).norm(dim=-1)
+
+
+def test_an_edit_routes_its_prompt_to_the_side_memory_and_leaves_the_main_memory(tiny_gpt2):
+    lm = tiny_gpt2
+    request = _requests(1)[0]
+    weight = lm.model.get_parameter(f"{PATH}.weight").detach().clone()
+    with kedit.edit(lm, request, "wise", PARAMS) as edit:
+        (memory,) = attached(lm.model.get_submodule(PATH))
+        assert torch.equal(lm.model.get_parameter(f"{PATH}.weight"), weight)
+        threshold = float(memory.thresholds[0])
+        assert threshold == pytest.approx(0.88 * edit.info["edit_score"], rel=1e-5)
+        assert float(_scores(lm, memory, request.text)[-1]) > threshold
+        assert edit.info["irrelevant_score"] < threshold
+        mask = shard_mask(memory.deltas[0].shape, 0.2, 0, 0)
+        assert bool((memory.deltas[0][~mask] == 0).all()) and bool(memory.deltas[0][mask].any())
+        assert bool((memory.deltas[0].abs() <= 1.0).all())  # the norm constraint
+
+
+def test_shards_fill_up_and_merge_with_ties(tiny_gpt2):
+    lm = tiny_gpt2
+    first, second, third = _requests(3)
+    params = {**PARAMS, "shard_size": 1, "merge_every": 3}
+    with kedit.edit(lm, [first, second], "wise", params) as two:
+        (memory,) = attached(lm.model.get_submodule(PATH))
+        assert memory.counts.tolist() == [1, 1] and [i["shard"] for i in two.info["requests"]] == [
+            0,
+            1,
+        ]
+        masks = [shard_mask(memory.deltas[0].shape, 0.2, 0, s) for s in (0, 1)]
+        assert not torch.equal(masks[0], masks[1])
+        for shard, mask in enumerate(masks):
+            assert bool((memory.deltas[shard][~mask] == 0).all())
+        shards = memory.deltas.clone()
+        with kedit.edit(lm, third, "wise", {**params, "merge_every": 0}):
+            third_shard = memory.deltas[2].clone()  # what the third edit trains, unmerged
+        with kedit.edit(lm, third, "wise", params) as merging:
+            assert merging.info["merged_shards"] == 3
+            assert memory.counts.tolist() == [3, 0, 0] and memory.thresholds[1:].tolist() == [0, 0]
+            assert not memory.deltas[1:].any()
+            expected = ties_merge(torch.stack([*shards, third_shard]), 0.53)
+            assert torch.equal(memory.deltas[0], expected)
+        assert torch.equal(memory.deltas, shards)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"layers": [4, 5]}, "layers: WISE's side memory sits at one layer"),
+        ({"act_margin": [1.0, 2.0]}, r"act_margin: expected \[α, β, γ\] >= 0"),
+        ({"mask_ratio": 0.0}, r"mask_ratio: expected a number in \(0, 1\], got 0.0"),
+        ({"shard_size": 0}, "shard_size: expected a positive integer, got 0"),
+    ],
+)
+def test_wise_hparams_are_checked(tiny_gpt2, values, message):
+    with pytest.raises(ValueError, match=message):
+        kedit.edit(tiny_gpt2, _requests(1), "wise", values)
+
+
+def test_replay_trains_the_shards_earlier_edits_again_and_its_threshold_covers_them(tiny_gpt2):
+    lm = tiny_gpt2
+    first, second = _requests(2)
+    params = {"layers": [5], "shard_size": 5, "replay": True, "act_ratio": 0.88}
+    with kedit.edit(lm, [first, second], "wise", params) as edit:
+        (memory,) = attached(lm.model.get_submodule(PATH))
+        assert [i["replayed"] for i in edit.info["requests"]] == [0, 1]
+        assert shard_rows(memory, 0) == [request_row(lm, first), request_row(lm, second)]
+        scores = []
+        for request in (first, second):
+            ids, positions, _ = request_row(lm, request)
+            scores.append(_scores(lm, memory, ids)[positions].min())
+        assert float(memory.thresholds[0]) == pytest.approx(0.88 * float(min(scores)), rel=1e-4)
+        for request in (first, second):
+            ids, positions, targets = request_row(lm, request)
+            with torch.no_grad():
+                logits = lm.model(input_ids=torch.tensor([ids])).logits[0]
+            assert logits[positions].argmax(-1).tolist() == targets
