@@ -1,7 +1,7 @@
 """kedit: locate, edit, erase and explain knowledge inside transformer language models."""
 
 from kedit._version import __version__ as __version__
-from kedit.api import apply, edit, edit_each, list_methods, load
+from kedit.api import apply, edit, edit_each, list_methods, load, train_editor
 from kedit.edits import Edit, ModelMismatchError, UndoOrderError, WeightDelta
 from kedit.eval.runner import evaluate
 from kedit.layout import UnsupportedArchitectureError
@@ -27,4 +27,5 @@ __all__ = [
     "evaluate",
     "list_methods",
     "load",
+    "train_editor",
 ]
