@@ -213,3 +213,60 @@ def test_training_input_is_checked(tiny_gpt2, tmp_path):
         kedit.train_editor(tiny_gpt2, "mend", [], train, tmp_path)
     with pytest.raises(ValueError, match="layers: layer 9 is out of range"):
         kedit.train_editor(tiny_gpt2, "mend", train, train, tmp_path, {"layers": [9]})
+
+
+# --- SERAC ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def serac_editor(tiny_gpt2, tmp_path_factory):
+    """An untrained SERAC editor (MiniLM cosine ≥ 0.8 is in scope; the counterfactual model a
+    perturbed copy of tiny-gpt2, so that its logits differ from the base model's)."""
+    import copy
+
+    from kedit.lm import LM
+    from kedit.methods.serac import ScopeHead, SeracEditor
+
+    pytest.importorskip("sentence_transformers")
+    cf = LM(copy.deepcopy(tiny_gpt2.model), copy.deepcopy(tiny_gpt2.tokenizer), name="cf")
+    with torch.no_grad():
+        for p in cf.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    meta = {"model": tiny_gpt2.name, "model_fingerprint": tiny_gpt2.fingerprint}
+    return SeracEditor(ScopeHead(), cf, meta).save(tmp_path_factory.mktemp("serac"))
+
+
+def test_serac_answers_in_scope_with_the_counterfactual_model_and_else_as_before(
+    tiny_gpt2, serac_editor
+):
+    from kedit.methods.serac import edit_sentence, load_serac
+
+    lm, (case,) = tiny_gpt2, _requests(1)
+    inside, outside = case.text, case.locality[0].prompt
+    rows = [lm.encode_prompt(text) for text in (inside, outside)]
+    ids, mask = lm.pad(rows)
+    with torch.no_grad():
+        before = lm.model(input_ids=ids, attention_mask=mask).logits
+        with kedit.edit(lm, case, "serac", editor=serac_editor):
+            after = lm.model(input_ids=ids, attention_mask=mask).logits
+        cf = load_serac(serac_editor).counterfactual
+        context = cf.encode_prompt(edit_sentence(case))
+        alone = cf.model(input_ids=torch.tensor([context + rows[0]])).logits[0, len(context) :]
+    assert torch.equal(after[1], before[1])  # out of scope: the base model, bit for bit
+    n = len(rows[0])
+    torch.testing.assert_close(after[0, :n], alone)
+    assert not torch.allclose(after[0, :n], before[0, :n])
+
+
+def test_serac_scope_examples_label_prompts_and_paraphrases_in_scope_only():
+    from kedit.methods.serac import _scope_examples
+
+    a = kedit.EditRequest(
+        prompt="{} lives in", subject="Mira", target_new=" Oslo", rephrase=["{} resides in"],
+        locality=[("Tomas lives in", " Rome")],
+    )  # fmt: skip
+    b = kedit.EditRequest(prompt="{} resides in", subject="Mira", target_new=" Lima")
+    edits, queries, labels = _scope_examples([a, b])
+    assert edits == ["Mira lives in", "Mira resides in"]
+    assert queries == ["Mira lives in", "Mira resides in", "Tomas lives in"]
+    assert labels.tolist() == [[1, 0], [1, 1], [0, 0]]

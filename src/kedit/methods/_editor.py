@@ -21,13 +21,14 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -164,6 +165,7 @@ class EditorMeta:
     steps: int
     train: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time of the training, over all its runs
 
 
 @dataclass
@@ -322,11 +324,14 @@ class Scored:
     pair: torch.Tensor
 
 
-def scored_rows(lm: LM, pairs: list[tuple[str, str]]) -> Scored:
-    """The rows of (prompt, answer) pairs, one row per pair."""
+def scored_rows(lm: LM, pairs: list[tuple[str, str]], contexts: list[str] | None = None) -> Scored:
+    """The rows of (prompt, answer) pairs, one row per pair; with `contexts`, each pair's
+    context text comes first (its tokens, then the prompt's as they follow a sequence start)."""
     sequences, rows, cols, targets, pair = [], [], [], [], []
     for index, (prompt, answer) in enumerate(pairs):
         prompt_ids, answer_ids = lm.encode_prompt(prompt), lm.encode(answer)
+        if contexts is not None:
+            prompt_ids = lm.encode_prompt(contexts[index]) + lm.encode(prompt)
         sequences.append(prompt_ids + answer_ids[:-1])
         for offset, token in enumerate(answer_ids):
             rows.append(index)
@@ -343,3 +348,34 @@ def hits(logits: torch.Tensor, scored: Scored, n_pairs: int) -> torch.Tensor:
     right = (logits[scored.rows, scored.cols].argmax(-1) == scored.targets).float().cpu()
     wrong = torch.zeros(n_pairs).index_add_(0, scored.pair, 1 - right)
     return wrong == 0
+
+
+class TrainingProgress:
+    """A progress bar over training steps (or nothing), advanced with each step's losses."""
+
+    def __init__(self, show: bool, total: int, done: int) -> None:
+        self.show, self.total, self.done = show, total, done
+        self.bar: Progress | None = None
+
+    def __enter__(self) -> Callable[[dict[str, float]], None]:
+        if self.show:
+            self.bar = Progress(
+                TextColumn("training"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[losses]}"),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("", total=self.total, completed=self.done, losses="")
+
+        def advance(parts: dict[str, float]) -> None:
+            if self.bar is not None:
+                text = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                self.bar.update(self.task, advance=1, losses=text)
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()

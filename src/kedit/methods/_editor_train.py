@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kedit.data import load_requests
 from kedit.lm import LM
@@ -39,6 +39,7 @@ from kedit.methods._editor import (
     Factors,
     LowRank,
     Scored,
+    TrainingProgress,
     changed,
     data_digest,
     default_folder,
@@ -54,6 +55,7 @@ from kedit.methods._train import frozen
 from kedit.methods.malmen import malmen_change
 from kedit.methods.mend import mend_change
 from kedit.methods.registry import hp
+from kedit.methods.serac import train_serac
 from kedit.requests import EditRequest
 from kedit.zoo import DATA_DIR
 from kedit.zoo.edit_split import TRAIN_EDITS_FILE
@@ -309,7 +311,9 @@ def _identity(meta: EditorMeta) -> dict[str, Any]:
     return {name: getattr(meta, name) for name in fields}
 
 
-def _save_checkpoint(path: Path, net, optimizer, step: int, meta: EditorMeta, history) -> None:
+def _save_checkpoint(
+    path: Path, net, optimizer, step: int, meta: EditorMeta, history, seconds: float
+) -> None:
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     state = {
         "net": net.state_dict(),
@@ -317,6 +321,7 @@ def _save_checkpoint(path: Path, net, optimizer, step: int, meta: EditorMeta, hi
         "step": step,
         "identity": _identity(meta),
         "history": history,
+        "seconds": seconds,
     }
     torch.save(state, temporary)
     os.replace(temporary, path)
@@ -373,7 +378,8 @@ def train_editor(
         [{"params": weights, "lr": settings.lr}, {"params": scalars, "lr": settings.scalar_lr}]
     )
     checkpoint = folder / CHECKPOINT_FILE
-    step, history = 0, []
+    step, history, before = 0, [], 0.0
+    started = time.perf_counter()
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location=lm.device, weights_only=False)
         if state["identity"] != _identity(meta):
@@ -383,12 +389,12 @@ def train_editor(
             )
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
-        step, history = state["step"], state["history"]
+        step, history, before = state["step"], state["history"], state["seconds"]
     else:
         sample = train[:NORMALISATION_REQUESTS]
         net.fit_normalisation(gradient_factors(lm, sample, layers))
     folder.mkdir(parents=True, exist_ok=True)
-    with frozen(lm.model, []), _progress(progress, settings.steps, step) as advance:
+    with frozen(lm.model, []), TrainingProgress(progress, settings.steps, step) as advance:
         while step < settings.steps:
             chunk = [
                 train[i] for i in _batch_indices(len(train), settings.batch, step, settings.seed)
@@ -404,10 +410,12 @@ def train_editor(
                     {"step": step, **validate(lm, net, method, val, layers, settings.batch)}
                 )
             if settings.checkpoint_every and step % settings.checkpoint_every == 0:
-                _save_checkpoint(checkpoint, net, optimizer, step, meta, history)
+                spent = before + time.perf_counter() - started
+                _save_checkpoint(checkpoint, net, optimizer, step, meta, history, spent)
         if val and (not history or history[-1]["step"] != step):
             history.append(_validated(lm, net, method, val, layers, settings.batch, step))
     meta.validation = {"history": history}
+    meta.seconds = round(before + time.perf_counter() - started, 1)
     editor = Editor(net.cpu(), meta)
     editor.save(folder)
     checkpoint.unlink(missing_ok=True)
@@ -424,40 +432,9 @@ def train_any(
     progress: bool,
 ) -> Any:
     """Train the editor of any method that has one (`kedit.train_editor`)."""
-    trainers = {name: train_editor for name in CHANGES}
+    trainers = {**{name: train_editor for name in CHANGES}, "serac": train_serac}
     if method not in trainers:
         raise ValueError(
             f"method: {method!r} needs no training; the trained editors are {', '.join(trainers)}"
         )
     return trainers[method](lm, method, train, val or None, out, settings, progress)
-
-
-class _progress:
-    """A progress bar over the training steps (or nothing), advanced with the step's losses."""
-
-    def __init__(self, show: bool, total: int, done: int) -> None:
-        self.show, self.total, self.done = show, total, done
-        self.bar: Progress | None = None
-
-    def __enter__(self) -> Callable[[dict[str, float]], None]:
-        if self.show:
-            self.bar = Progress(
-                TextColumn("training"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[losses]}"),
-            )
-            self.bar.start()
-            self.task = self.bar.add_task("", total=self.total, completed=self.done, losses="")
-
-        def advance(parts: dict[str, float]) -> None:
-            if self.bar is not None:
-                text = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
-                self.bar.update(self.task, advance=1, losses=text)
-
-        return advance
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()

@@ -44,6 +44,7 @@ class EditorHyperParams(HyperParams):
     )
 
     MULTI_LABEL = True
+    PER_MODEL = False  # the editor was trained for one model and knows its layers
 
     def validate(self) -> None:
         if self.editor is not None and not self.editor.strip():

@@ -261,6 +261,7 @@ def _load_builtin_methods() -> None:
         mend,
         pmet,
         rome,
+        serac,
         ultraedit,
     )
 
@@ -296,6 +297,8 @@ def model_defaults(method: str, lm: LM) -> dict[str, Setting]:
     """The values the model table (`kedit.hparams`) gives `method` on `lm` beyond its dataclass,
     with their sources; a method with statistics also gets the model's default corpus."""
     spec = get_method(method)
+    if not spec.hparams.PER_MODEL:
+        return {}
     settings = model_settings(spec.name, spec.defaults, lm)
     fields = {f.name for f in dataclasses.fields(spec.hparams)}
     if "mom2_corpus" in fields and "mom2_corpus" not in settings:
