@@ -270,3 +270,35 @@ def test_serac_scope_examples_label_prompts_and_paraphrases_in_scope_only():
     assert edits == ["Mira lives in", "Mira resides in"]
     assert queries == ["Mira lives in", "Mira resides in", "Tomas lives in"]
     assert labels.tolist() == [[1, 0], [1, 1], [0, 0]]
+
+
+def test_serac_training_resumes_from_its_checkpoint(tiny_gpt2, tmp_path, monkeypatch):
+    pytest.importorskip("sentence_transformers")
+    from kedit.methods import serac
+
+    settings = {"scope_steps": 3, "counterfactual_steps": 3, "batch": 2, "checkpoint_every": 2}
+    train, val = _requests(6), _requests(8)[6:]
+    whole = kedit.train_editor(tiny_gpt2, "serac", train, val, tmp_path / "whole", settings, False)
+    real, calls = serac._counterfactual_loss, []
+
+    def dies_at_step_five(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(serac, "_counterfactual_loss", dies_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        kedit.train_editor(tiny_gpt2, "serac", train, val, tmp_path / "cut", settings, False)
+    assert torch.load(tmp_path / "cut" / serac.CHECKPOINT_FILE, weights_only=False)["step"] == 4
+    monkeypatch.setattr(serac, "_counterfactual_loss", real)
+    resumed = kedit.train_editor(tiny_gpt2, "serac", train, val, tmp_path / "cut", settings, False)
+    for mine, theirs in [
+        (whole.head, resumed.head),
+        (whole.counterfactual.model, resumed.counterfactual.model),
+    ]:
+        for name, value in mine.state_dict().items():
+            assert torch.equal(value, theirs.state_dict()[name]), name
+    assert set(resumed.meta["validation"]) == {
+        "scope_precision", "scope_recall", "counterfactual_accuracy"
+    }  # fmt: skip

@@ -56,6 +56,7 @@ from kedit.requests import EditRequest
 
 SCOPE_FILE = "scope.safetensors"
 META_FILE = "serac.json"
+CHECKPOINT_FILE = "checkpoint.pt"
 COUNTERFACTUAL = "counterfactual"
 CONTEXT_BYTES = 256  # an edit's sentence, UTF-8, zero-padded, in a memory row
 EMBEDDING_WIDTH = 384
@@ -289,11 +290,12 @@ class SeracTraining:
     scope_lr: float = hp(1e-3, "Adam learning rate of the scope classifier.")
     counterfactual_steps: int = hp(400, "Fine-tuning steps of the counterfactual model.")
     counterfactual_lr: float = hp(1e-3, "Adam learning rate of the counterfactual model.")
-    batch: int = hp(32, "Edits per step.")
+    batch: int = hp(16, "Edits per step.")
     seed: int = hp(0, "Seed of the batch order.")
+    checkpoint_every: int = hp(50, "Save a checkpoint every N steps (0: only at the end).")
 
     def validate(self) -> None:
-        for name in ("scope_steps", "counterfactual_steps", "batch"):
+        for name in ("scope_steps", "counterfactual_steps", "batch", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
@@ -322,21 +324,19 @@ def _scope_examples(requests: list[EditRequest]) -> tuple[list[str], list[str], 
     return edits, queries, labels
 
 
-def _train_scope(
-    head: ScopeHead, requests: list[EditRequest], settings: SeracTraining, advance
-) -> None:
+def _picked(requests: list[EditRequest], settings: SeracTraining, step: int) -> list:
+    """The edits of training step `step` (a function of the seed and the step alone, so a
+    resumed training sees the batches an uninterrupted one would)."""
+    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+    picked = torch.randperm(len(requests), generator=generator)[: settings.batch].tolist()
+    return [requests[i] for i in picked]
+
+
+def _scope_loss(head: ScopeHead, requests: list[EditRequest]) -> torch.Tensor:
     """Binary cross-entropy of every query of a batch of edits against every edit's scope."""
-    generator = torch.Generator().manual_seed(settings.seed)
-    optimizer = torch.optim.Adam(head.parameters(), lr=settings.scope_lr)
-    for _ in range(settings.scope_steps):
-        picked = torch.randperm(len(requests), generator=generator)[: settings.batch].tolist()
-        edits, queries, labels = _scope_examples([requests[i] for i in picked])
-        scores = head(embed(queries), embed(edits))
-        loss = nn.functional.binary_cross_entropy_with_logits(scores, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        advance({"scope_bce": float(loss.detach())})
+    edits, queries, labels = _scope_examples(requests)
+    scores = head(embed(queries), embed(edits))
+    return nn.functional.binary_cross_entropy_with_logits(scores, labels)
 
 
 def _counterfactual_pairs(requests: list[EditRequest]) -> list[tuple[str, str, str]]:
@@ -355,23 +355,11 @@ def _in_context(cf: LM, triples: list[tuple[str, str, str]]) -> Scored:
     return scored_rows(cf, [(q, a) for _, q, a in triples], [c for c, _, _ in triples])
 
 
-def _train_counterfactual(
-    cf: LM, requests: list[EditRequest], settings: SeracTraining, advance
-) -> None:
-    model = cf.model
-    model.train()
-    generator = torch.Generator().manual_seed(settings.seed + 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.counterfactual_lr)
-    for _ in range(settings.counterfactual_steps):
-        picked = torch.randperm(len(requests), generator=generator)[: settings.batch].tolist()
-        scored = _in_context(cf, _counterfactual_pairs([requests[i] for i in picked]))
-        logits = model(input_ids=scored.ids, attention_mask=scored.mask, use_cache=False).logits
-        loss = nn.functional.cross_entropy(logits[scored.rows, scored.cols].float(), scored.targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        advance({"counterfactual_nll": float(loss.detach())})
-    model.eval()
+def _counterfactual_loss(cf: LM, requests: list[EditRequest]) -> torch.Tensor:
+    """The mean NLL of the answers after the edit's sentence and the query."""
+    scored = _in_context(cf, _counterfactual_pairs(requests))
+    logits = cf.model(input_ids=scored.ids, attention_mask=scored.mask, use_cache=False).logits
+    return nn.functional.cross_entropy(logits[scored.rows, scored.cols].float(), scored.targets)
 
 
 @torch.no_grad()
@@ -436,13 +424,52 @@ def train_serac(
     torch.manual_seed(config.seed)
     head = ScopeHead()
     cf = LM(copy.deepcopy(lm.model), copy.deepcopy(lm.tokenizer), name=f"{lm.name}-counterfactual")
-    started = time.perf_counter()
+    head_optimizer = torch.optim.Adam(head.parameters(), lr=config.scope_lr)
+    cf_optimizer = torch.optim.Adam(cf.model.parameters(), lr=config.counterfactual_lr)
+    parts = {
+        "head": head,
+        "head_optimizer": head_optimizer,
+        "cf": cf.model,
+        "cf_optimizer": cf_optimizer,
+    }
+    checkpoint = folder / CHECKPOINT_FILE
+    step, before, started = 0, 0.0, time.perf_counter()
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if state["identity"] != identity:
+            raise ValueError(
+                f"out: {str(folder)!r} holds a checkpoint of a training for another model, data "
+                "or settings; give another folder or remove it"
+            )
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+        step, before = state["step"], state["seconds"]
     total = config.scope_steps + config.counterfactual_steps
-    with TrainingProgress(progress, total, 0) as advance:
-        _train_scope(head, train, config, advance)
-        _train_counterfactual(cf, train, config, advance)
-    editor = SeracEditor(head, cf, {**identity, "seconds": round(time.perf_counter() - started, 1)})
+    folder.mkdir(parents=True, exist_ok=True)
+    cf.model.train()
+    with TrainingProgress(progress, total, step) as advance:
+        while step < total:
+            batch = _picked(train, config, step)
+            scope = step < config.scope_steps
+            loss = _scope_loss(head, batch) if scope else _counterfactual_loss(cf, batch)
+            optimizer = head_optimizer if scope else cf_optimizer
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            advance({"scope_bce" if scope else "counterfactual_nll": float(loss.detach())})
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                state = {name: part.state_dict() for name, part in parts.items()}
+                spent = before + time.perf_counter() - started
+                state.update(identity=identity, step=step, seconds=spent)
+                temporary = checkpoint.with_name(f"{checkpoint.name}.{os.getpid()}.tmp")
+                torch.save(state, temporary)
+                os.replace(temporary, checkpoint)
+    cf.model.eval()
+    seconds = round(before + time.perf_counter() - started, 1)
+    editor = SeracEditor(head, cf, {**identity, "seconds": seconds})
     if val:
         editor.meta["validation"] = validate_serac(editor, val)
     editor.save(folder)
+    checkpoint.unlink(missing_ok=True)
     return load_serac(folder)
