@@ -258,12 +258,8 @@ def _context_row(request: EditRequest) -> torch.Tensor:
     return torch.tensor(list(data) + [0] * (CONTEXT_BYTES - len(data)), dtype=torch.uint8)
 
 
-class SeracHyperParams(EditorHyperParams):
-    MULTI_LABEL = False  # a memory entry holds one target
-
-
-@register("serac", SeracHyperParams, "A scope classifier and a counterfactual model (SERAC)", True)
-def serac(lm: LM, requests: list[EditRequest], hparams: SeracHyperParams) -> MethodResult:
+@register("serac", EditorHyperParams, "A scope classifier and a counterfactual model (SERAC)", True)
+def serac(lm: LM, requests: list[EditRequest], hparams: EditorHyperParams) -> MethodResult:
     editor = find_serac(lm, hparams.editor)
     memory = find_memory(lm.model, SeracMemory.kind)
     rows_before = {
