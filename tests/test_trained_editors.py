@@ -302,3 +302,22 @@ def test_serac_training_resumes_from_its_checkpoint(tiny_gpt2, tmp_path, monkeyp
     assert set(resumed.meta["validation"]) == {
         "scope_precision", "scope_recall", "counterfactual_accuracy"
     }  # fmt: skip
+
+
+def test_kedit_train_and_edit_with_the_editor_on_the_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from kedit.cli import app
+
+    runner, out = CliRunner(), tmp_path / "mend"
+    settings = ["-s", "steps=2", "-s", "batch=4", "-s", "hidden=8"]
+    result = runner.invoke(
+        app, ["train", "mend", "-m", "tiny-gpt2", "--n", "16", "--out", str(out), *settings]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Trained mend for tiny-gpt2" in result.output and (out / "editor.safetensors").is_file()
+    edit = ["edit", "--method", "mend", "--editor", str(out), "--prompt", "{} lives in"]
+    result = runner.invoke(app, [*edit, "--subject", "Mira Olsen", "--target", " Oslo"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["train", "mend", "--n", "16", "--out", str(out), "-s", "stepz=1"])
+    assert result.exit_code == 2 and "settings: unknown key(s) stepz" in result.output
