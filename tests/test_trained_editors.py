@@ -103,6 +103,7 @@ def test_the_hypernetwork_starts_as_the_identity_on_normalised_factors():
     out_keys, out_grads = net(1, keys, grads)
     torch.testing.assert_close(out_keys, (keys - net.mean[1, :5]) / net.std[1, :5])
     torch.testing.assert_close(out_grads, (grads - net.mean[1, 5:]) / net.std[1, 5:])
+    torch.testing.assert_close(net.in_gradient_units(1, out_grads), grads)  # MALMEN's d = −α δ
 
 
 def test_mend_sums_each_groups_transformed_rank_one_terms():
@@ -132,7 +133,7 @@ def test_malmen_solves_the_normal_equations_of_its_least_squares():
     groups = torch.zeros(5, dtype=torch.long)
     change = malmen_change(net, Factors([keys], [grads], groups), groups, 1)
     shift = change.left[0][0] @ change.right[0][0]  # S, [out, in]
-    values = -0.5 * net(0, keys, grads)[1]  # d_t = −α δ̃_t
+    values = -0.5 * net.in_gradient_units(0, net(0, keys, grads)[1])  # d_t = −α δ̃_t
     ridge = float(net.ridge(0).detach()) * float((keys * keys).sum(1).mean())
     # ∇_S Σ‖S u_t − d_t‖² + λ‖S‖² = 0  ⇔  S (Σ u_t u_tᵀ + λ I) = Σ d_t u_tᵀ
     lhs = shift @ (keys.T @ keys + ridge * torch.eye(8, dtype=torch.float64))
@@ -321,3 +322,17 @@ def test_kedit_train_and_edit_with_the_editor_on_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["train", "mend", "--n", "16", "--out", str(out), "-s", "stepz=1"])
     assert result.exit_code == 2 and "settings: unknown key(s) stepz" in result.output
+
+
+def test_validation_batches_never_hold_two_targets_for_one_fact():
+    from kedit.methods._editor_train import consistent_batches
+
+    def request(subject, target, rephrase):
+        return kedit.EditRequest(
+            prompt="{} lives in", subject=subject, target_new=target, rephrase=[rephrase]
+        )
+
+    a1, a2 = request("Mira", " Oslo", "{} resides in"), request("Mira", " Rome", "{} resides in")
+    b1, c1 = request("Tomas", " Oslo", "{} resides in"), request("Mira", " Oslo", "{} works in")
+    batches = consistent_batches([a1, a2, b1, c1], 3)
+    assert batches == [[a1, b1, c1], [a2]]

@@ -143,6 +143,16 @@ class FactorNet(nn.Module):
         z = z + self.second(hidden)
         return z[:, : self.d_in], z[:, self.d_in :]
 
+    def in_gradient_units(self, index: int, grads_t: torch.Tensor) -> torch.Tensor:
+        """Transformed output gradients δ̃ taken back from the normalised space (δ̃ σ + μ)."""
+        return grads_t * self.std[index, self.d_in :] + self.mean[index, self.d_in :]
+
+    @torch.no_grad()
+    def start_step_at_gradient_scale(self) -> None:
+        """α_ℓ = 1 / (mean standard deviation of δ at layer ℓ): a step −α δ of about one unit
+        per output dimension."""
+        self.log_lr.copy_(-self.std[:, self.d_in :].mean(-1).log())
+
     def lr(self, index: int) -> torch.Tensor:
         return self.log_lr[index].exp()
 

@@ -67,6 +67,10 @@ CHANGES: dict[str, tuple[ChangeFn, bool]] = {
     "mend": (mend_change, False),
     "malmen": (malmen_change, True),
 }
+# α_ℓ at the start. MEND's change moves a key's output by α Σ δ̃ (ũ·u), where the normalised
+# ũ meets the raw key; MALMEN's maps each key to d = −α δ itself: its α starts at the scale of
+# the layer's gradients (None: `FactorNet.start_step_at_gradient_scale`).
+INITIAL_STEP = {"mend": 1e-3, "malmen": None}
 NORMALISATION_REQUESTS = 128  # requests whose factors set the hypernetwork's normalisation
 
 
@@ -78,7 +82,9 @@ class EditorTraining:
     batch: int = hp(16, "Requests per step (MALMEN edits them together, in one solve).")
     lr: float = hp(1e-3, "Adam learning rate of the hypernetwork's weights.")
     scalar_lr: float = hp(2e-2, "Adam learning rate of the step sizes α_ℓ and ridges λ_ℓ (logs).")
-    init_lr: float = hp(1e-3, "α_ℓ at the start (the step size of the transformed gradient).")
+    init_lr: float | None = hp(
+        None, "α_ℓ at the start (None: MEND 1e-3; MALMEN one over the gradients' deviation)."
+    )
     hidden: int = hp(128, "Hidden width of the hypernetwork.")
     layers: list[int] | None = hp(None, "Edited layers' MLP output projections (None: last 3).")
     edit_weight: float = hp(1.0, "c_edit: weight of the edit loss.")
@@ -93,6 +99,8 @@ class EditorTraining:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         for name in ("lr", "scalar_lr", "init_lr"):
+            if name == "init_lr" and self.init_lr is None:
+                continue
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
         for name in ("edit_weight", "locality_weight"):
@@ -275,10 +283,9 @@ def validate(
 ) -> dict[str, float]:
     """Reliability (the prompt's target is the teacher-forced argmax), generalization (the
     paraphrases'), locality (the locality answers' argmax unchanged) of edits made `batch` at a
-    time (MEND: each on its own; MALMEN: each batch together)."""
+    time (MEND: each on its own; MALMEN: each batch together, `consistent_batches`)."""
     counts = {"reliability": [], "generalization": [], "locality": []}
-    for start in range(0, len(requests), batch):
-        chunk = requests[start : start + batch]
+    for chunk in consistent_batches(requests, batch):
         change, joint = _change(lm, net, method, chunk, layers)
         rows = _rows(lm, chunk)
         edit_logits, loc_logits = _edited_logits(lm, layers, change, rows, joint)
@@ -291,6 +298,26 @@ def validate(
             same = (loc_logits[scored.rows, scored.cols].argmax(-1) == base).float().cpu()
             counts["locality"] += same.tolist()
     return {k: sum(v) / len(v) for k, v in counts.items() if v}
+
+
+def consistent_batches(requests: list[EditRequest], size: int) -> list[list[EditRequest]]:
+    """The requests in batches of at most `size` where no two edit the same fact (the same
+    subject and paraphrases) towards different targets, which no batch edit can satisfy:
+    each request goes to the first batch that has room and no such conflict, in order."""
+    batches: list[list[EditRequest]] = []
+    facts: list[set] = []
+    for request in requests:
+        fact = (request.subject, request.rephrase or request.text)
+        index = next(
+            (i for i, b in enumerate(batches) if len(b) < size and fact not in facts[i]), None
+        )
+        if index is None:
+            batches.append([])
+            facts.append(set())
+            index = len(batches) - 1
+        batches[index].append(request)
+        facts[index].add(fact)
+    return batches
 
 
 def _validated(lm, net, method, val, layers, batch, step) -> dict[str, float]:
@@ -371,7 +398,8 @@ def train_editor(
             "give another folder or remove it"
         )
     torch.manual_seed(settings.seed)
-    net = new_net(meta, settings.init_lr).to(lm.device)
+    initial_step = settings.init_lr or INITIAL_STEP[method]
+    net = new_net(meta, initial_step or 1.0).to(lm.device)
     scalars = [net.log_lr, net.log_ridge]
     weights = [p for p in net.parameters() if all(p is not s for s in scalars)]
     optimizer = torch.optim.Adam(
@@ -393,6 +421,8 @@ def train_editor(
     else:
         sample = train[:NORMALISATION_REQUESTS]
         net.fit_normalisation(gradient_factors(lm, sample, layers))
+        if initial_step is None:
+            net.start_step_at_gradient_scale()
     folder.mkdir(parents=True, exist_ok=True)
     with frozen(lm.model, []), TrainingProgress(progress, settings.steps, step) as advance:
         while step < settings.steps:

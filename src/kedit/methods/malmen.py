@@ -1,7 +1,9 @@
 """MALMEN: Massive Language Model Editing Network (Tan et al., 2024).
 
 MEND's hypernetwork (`kedit.methods._editor.FactorNet`) turns each token's gradient factors
-(u_t, δ_t) at an edited layer into a value difference d_t = −α_ℓ δ̃_t; MALMEN then aggregates
+(u_t, δ_t) at an edited layer into a value difference d_t = −α_ℓ δ̃_t (δ̃_t taken back to the
+gradient's units, so that the untrained network gives d_t = −α_ℓ δ_t, a gradient step on the
+layer's output, and a token the loss does not reach asks for no change); MALMEN then aggregates
 them over the whole batch of edits by least squares instead of summing them: the change S of
 the layer's weight that best maps every key u_t to its d_t, with a ridge λ_ℓ (learned),
 
@@ -29,7 +31,7 @@ def malmen_change(net: FactorNet, factors: Factors, groups: torch.Tensor, n_grou
     left, right = [], []
     for index, (keys, grads) in enumerate(zip(factors.keys, factors.grads, strict=True)):
         _, grads_t = net(index, keys, grads)
-        values = -net.lr(index) * grads_t
+        values = -net.lr(index) * net.in_gradient_units(index, grads_t)
         lefts, rights = [], []
         for g in range(n_groups):
             member = groups == g
