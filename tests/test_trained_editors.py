@@ -336,3 +336,38 @@ def test_validation_batches_never_hold_two_targets_for_one_fact():
     b1, c1 = request("Tomas", " Oslo", "{} resides in"), request("Mira", " Oslo", "{} works in")
     batches = consistent_batches([a1, a2, b1, c1], 3)
     assert batches == [[a1, b1, c1], [a2]]
+
+
+@pytest.mark.parametrize("method", ["mend", "malmen"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_a_gradient_editor_trains_and_edits_a_half_precision_model(
+    method, dtype, bpe_tokenizer, tmp_path
+):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kedit.lm import LM
+
+    torch.manual_seed(0)
+    eos = bpe_tokenizer.eos_token_id
+    config = LlamaConfig(
+        vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+    )  # fmt: skip
+    lm = LM(LlamaForCausalLM(config).to(dtype), bpe_tokenizer, name="random-llama")
+    request = kedit.EditRequest(
+        prompt="{} lives in", subject="Mira Olsen", target_new=" Oslo",
+        rephrase=["{} resides in"], locality=[("Tomas Berg lives in", " Lisbon")],
+    )  # fmt: skip
+    other = kedit.EditRequest(prompt="{} lives in", subject="Tomas Berg", target_new=" Paris")
+    settings = {"steps": 2, "batch": 2, "hidden": 8}
+    editor = kedit.train_editor(lm, method, [request], [other], tmp_path, settings, False)
+    before = {name: value.clone() for name, value in lm.model.state_dict().items()}
+    edit = kedit.edit(lm, request, method, editor=editor)
+    for delta in edit.deltas:
+        assert delta.tensor().dtype == torch.float32 and torch.isfinite(delta.tensor()).all()
+        expected = (before[delta.param].float() + delta.tensor()).to(dtype)
+        assert torch.equal(lm.model.state_dict()[delta.param], expected)
+    assert {p.dtype for p in lm.model.parameters()} == {dtype}
+    edit.undo()
+    assert all(torch.equal(before[n], v) for n, v in lm.model.state_dict().items())
