@@ -38,6 +38,9 @@ class HyperParams:
 
     ALIASES: typing.ClassVar[dict[str, str]] = {}
     MULTI_LABEL: typing.ClassVar[bool] = False
+    # Whether the method has settings that depend on the model (the model table's); a trained
+    # editor's are the editor's own.
+    PER_MODEL: typing.ClassVar[bool] = True
     IGNORED: typing.ClassVar[frozenset[str]] = frozenset(
         {
             "alg_name",
