@@ -299,11 +299,19 @@ def changed(lm: LM, layers: list[int], change: LowRank, group: torch.Tensor) -> 
     with ExitStack() as stack:
         inputs = stack.enter_context(capture(model, paths, "input", detach=False))
         for index, path in enumerate(paths):
-            left, right = change.left[index][group], change.right[index][group]
+            left, right = change.left[index], change.right[index]
+            if len(left) == 1:  # one change for every row (MALMEN): as one dense matrix
 
-            def add(output, path=path, left=left, right=right):
-                coefficients = torch.einsum("btd,brd->btr", inputs[path].float(), right)
-                return output + torch.einsum("btr,bor->bto", coefficients, left).to(output.dtype)
+                def add(output, path=path, dense=(left[0] @ right[0]).T):
+                    return output + (inputs[path].float() @ dense).to(output.dtype)
+
+            else:
+                left, right = left[group], right[group]
+
+                def add(output, path=path, left=left, right=right):
+                    coefficients = torch.einsum("btd,brd->btr", inputs[path].float(), right)
+                    shift = torch.einsum("btr,bor->bto", coefficients, left)
+                    return output + shift.to(output.dtype)
 
             stack.enter_context(replace_output(model, path, add))
         yield
