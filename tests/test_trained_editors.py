@@ -371,3 +371,31 @@ def test_a_gradient_editor_trains_and_edits_a_half_precision_model(
     assert {p.dtype for p in lm.model.parameters()} == {dtype}
     edit.undo()
     assert all(torch.equal(before[n], v) for n, v in lm.model.state_dict().items())
+
+
+def test_each_row_runs_with_its_own_groups_change(tiny_gpt2):
+    lm, layers = tiny_gpt2, [4, 5]
+    generator = torch.Generator().manual_seed(2)
+    change = LowRank(
+        [torch.randn(2, 128, 3, generator=generator) * 0.05 for _ in layers],
+        [torch.randn(2, 3, 512, generator=generator) * 0.05 for _ in layers],
+    )
+    ids, mask = lm.pad([lm.encode_prompt(t) for t in ("Mira Olsen lives in", "Tomas speaks")])
+    with torch.no_grad(), changed(lm, layers, change, torch.tensor([1, 0])):
+        hooked = lm.model(input_ids=ids, attention_mask=mask).logits
+    meta = EditorMeta("mend", lm.name, lm.fingerprint, layers, 512, 128, 4, "", 0)
+    editor = type("E", (), {"meta": meta})()
+    for row, group in ((0, 1), (1, 0)):
+        own = LowRank(
+            [x[group : group + 1] for x in change.left],
+            [x[group : group + 1] for x in change.right],
+        )
+        with (
+            kedit.Edit(lm, "mend", {}, [], weight_deltas(lm, editor, own)).apply(),
+            torch.no_grad(),
+        ):
+            alone = lm.model(
+                input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1]
+            ).logits
+        n = int(mask[row].sum())
+        torch.testing.assert_close(hooked[row, :n], alone[0, :n], atol=1e-4, rtol=1e-4)
