@@ -78,8 +78,13 @@ def half_model(request, bpe_tokenizer):
     return _random_model(family, bpe_tokenizer, dtype)
 
 
+# Methods that edit with an editor trained for one model; their half-precision test trains one
+# for a random model (tests/test_trained_editors.py).
+TRAINED_EDITORS = {"mend", "malmen", "serac"}
+
+
 def test_every_registered_method_has_settings_here():
-    assert sorted(HPARAMS) == sorted(list_methods())
+    assert sorted(HPARAMS) == sorted(set(list_methods()) - TRAINED_EDITORS)
 
 
 @pytest.mark.parametrize("method", sorted(HPARAMS))

@@ -1,7 +1,7 @@
 """kedit: locate, edit, erase and explain knowledge inside transformer language models."""
 
 from kedit._version import __version__ as __version__
-from kedit.api import apply, edit, edit_each, list_methods, load, unlearn
+from kedit.api import apply, edit, edit_each, list_methods, load, train_editor, unlearn
 from kedit.data.unlearn_items import UnlearnItem
 from kedit.edits import Edit, ModelMismatchError, UndoOrderError, WeightDelta
 from kedit.eval.runner import evaluate
@@ -31,5 +31,6 @@ __all__ = [
     "evaluate_unlearning",
     "list_methods",
     "load",
+    "train_editor",
     "unlearn",
 ]

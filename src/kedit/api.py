@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
@@ -12,8 +13,10 @@ from typing import Any
 from kedit.data.unlearn_items import as_items, item_pairs
 from kedit.edits import Edit, apply_edit_file, compute_in_sequence
 from kedit.lm import LM, load, require_lm
+from kedit.methods._editor_train import split_by_subject, tinyworld_edits, train_any
 from kedit.methods.registry import (
     HyperParams,
+    MethodSpec,
     MethodState,
     check_targets,
     get_method,
@@ -28,7 +31,7 @@ from kedit.unlearn.registry import (
     resolve_unlearning_hparams,
 )
 
-__all__ = ["apply", "edit", "edit_each", "list_methods", "load", "unlearn"]
+__all__ = ["apply", "edit", "edit_each", "list_methods", "load", "train_editor", "unlearn"]
 
 
 def edit(
@@ -38,6 +41,7 @@ def edit(
     hparams: dict[str, Any] | HyperParams | None = None,
     batch_size: int | None = None,
     state: MethodState | None = None,
+    editor: Any = None,
 ) -> Edit:
     """Edit `lm` in place so that each request's prompt continues with its `target_new`.
 
@@ -47,12 +51,16 @@ def edit(
     `state`, what they remember of earlier edits (a fresh one when None; `kedit.Session` holds
     one for you). Returns an applied `Edit`; if the method fails, the model and `state` are left
     exactly as they were. The edit's `info["statistics"]` records the second-moment statistics
-    it used (layer, corpus, documents, tokens, length cap, dtype, cache file).
+    it used (layer, corpus, documents, tokens, length cap, dtype, cache file). Methods that edit
+    with a trained editor (MEND, MALMEN, SERAC) take it as `editor` (what `train_editor`
+    returned, or its folder; the hyper-parameter `editor` says the same).
     """
     require_lm(lm)
     items = as_requests(requests)
     spec = get_method(method)
     check_targets(spec, items)
+    if editor is not None:
+        hparams = with_editor(spec, hparams, editor)
     params = resolve_hparams(spec.name, lm, hparams)
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
@@ -85,6 +93,44 @@ def edit(
         info = infos[0] if len(infos) == 1 else {"batches": infos}
         info = {**info, "statistics": statistics} if statistics else info
         return Edit(lm, spec.name, params.to_dict(), items, deltas, info).apply()
+
+
+def with_editor(spec: MethodSpec, hparams: Any, editor: Any) -> Any:
+    """`hparams` with `editor` (a trained editor with a `.path`, or a folder) as its editor."""
+    if "editor" not in spec.hparams.field_help():
+        raise ValueError(f"editor: method {spec.name!r} edits without a trained editor")
+    folder = getattr(editor, "path", editor)
+    if not isinstance(folder, (str, Path)):
+        raise ValueError(f"editor: expected a trained editor or its folder, got {editor!r}")
+    if isinstance(hparams, HyperParams):
+        return dataclasses.replace(hparams, editor=str(folder))
+    return {**(hparams or {}), "editor": str(folder)}
+
+
+def train_editor(
+    lm: LM,
+    method: str = "mend",
+    train: Iterable[EditRequest] | None = None,
+    val: Iterable[EditRequest] | None = None,
+    out: str | Path | None = None,
+    settings: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Any:
+    """Train the editor of `method` (mend, malmen, serac) for `lm` on the edit requests `train`
+    (None: tinyworld's training edits, `kedit.zoo.edit_split`), validated on `val` (None: the
+    requests of the last tenth of `train`'s subjects, which are then left out of training).
+
+    The editor is written to the folder `out` (default: the editor cache, where `kedit.edit`
+    finds it for this model) with checkpoints on the way: a call with the same folder, model,
+    data and settings resumes an interrupted training, or returns the finished editor. Pass the
+    result to `kedit.edit(..., editor=...)`. `settings` override the training's defaults
+    (`kedit train --help`).
+    """
+    require_lm(lm)
+    train = tinyworld_edits() if train is None else list(train)
+    if val is None:
+        train, val = split_by_subject(train)
+    return train_any(lm, get_method(method).name, list(train), list(val), out, settings, progress)
 
 
 def edit_each(

@@ -209,6 +209,9 @@ def edit_command(
     target_true: Annotated[
         str | None, typer.Option(help="The current answer, e.g. ' Paris' (KN needs it).")
     ] = None,
+    editor: Annotated[
+        Path | None, typer.Option(help="A trained editor's folder (mend, malmen, serac).")
+    ] = None,
 ) -> None:
     """Edit one fact and print the top predictions before and after."""
     import kedit
@@ -225,6 +228,8 @@ def edit_command(
         )
     hparams = parse_hparams(hparam, hparams_file)
     method, model = easyedit_names(ctx, hparams, method, model)
+    if editor is not None:
+        hparams["editor"] = str(editor)
     if save is not None:
         writable_edit_path(save, "--save")
     lm = kedit.load(model)
@@ -1020,4 +1025,45 @@ def zoo_retrain_without(
         f"{folder}: {name} without {len(made['facts'])} facts ({made['sentences_left_out']} "
         f"training sentences), {time.perf_counter() - started:.0f} s",
         soft_wrap=True,
+    )
+
+
+@app.command("train")
+@friendly_errors
+def train_command(
+    method: Annotated[str, typer.Argument(help="The editor to train: mend, malmen or serac.")],
+    model: ModelOpt = DEMO_MODEL,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Training edits, any supported format (default: tinyworld's split)."),
+    ] = None,
+    val_data: Annotated[
+        Path | None,
+        typer.Option(help="Validation edits (default: the last tenth of --data's subjects)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder of the editor and its checkpoints (default: the editor cache)."),
+    ] = None,
+    setting: Annotated[
+        list[str] | None, typer.Option("--setting", "-s", help="A training setting: key=value.")
+    ] = None,
+    n: Annotated[int | None, typer.Option(help="Use the first N training edits.")] = None,
+) -> None:
+    """Train an editor (MEND, MALMEN, SERAC) for a model; re-running with the same --out resumes
+    an interrupted training. Use it with `kedit edit --method M --editor FOLDER`."""
+    import kedit
+    from kedit.data import load_requests
+    from kedit.zoo import DATA_DIR
+    from kedit.zoo.edit_split import TRAIN_EDITS_FILE
+
+    settings = parse_hparams(setting, None)
+    train = list(load_requests(data or DATA_DIR / TRAIN_EDITS_FILE, n=n))
+    val = None if val_data is None else list(load_requests(val_data))
+    lm = kedit.load(model)
+    editor = kedit.train_editor(lm, method, train, val, out, settings)
+    last = (editor.meta.validation.get("history") or [{}])[-1]
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "step")
+    console.print(
+        f"Trained {method} for {lm.name}: {editor.path}" + (f" ({shown})" if shown else "")
     )

@@ -38,6 +38,9 @@ class HyperParams:
 
     ALIASES: typing.ClassVar[dict[str, str]] = {}
     MULTI_LABEL: typing.ClassVar[bool] = False
+    # Whether the method has settings that depend on the model (the model table's); a trained
+    # editor's are the editor's own.
+    PER_MODEL: typing.ClassVar[bool] = True
     IGNORED: typing.ClassVar[frozenset[str]] = frozenset(
         {
             "alg_name",
@@ -257,10 +260,13 @@ def _load_builtin_methods() -> None:
         ike,
         kn,
         lora,
+        malmen,
         melo,
         memit,
+        mend,
         pmet,
         rome,
+        serac,
         ultraedit,
         wise,
     )
@@ -297,6 +303,8 @@ def model_defaults(method: str, lm: LM) -> dict[str, Setting]:
     """The values the model table (`kedit.hparams`) gives `method` on `lm` beyond its dataclass,
     with their sources; a method with statistics also gets the model's default corpus."""
     spec = get_method(method)
+    if not spec.hparams.PER_MODEL:
+        return {}
     settings = model_settings(spec.name, spec.defaults, lm)
     fields = {f.name for f in dataclasses.fields(spec.hparams)}
     if "mom2_corpus" in fields and "mom2_corpus" not in settings:
