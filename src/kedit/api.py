@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -203,8 +204,13 @@ def unlearn(
     retain_items = [] if retain is None else as_items(retain, "retain")
     if spec.needs_retain and not retain_items:
         raise ValueError(f"retain: method {spec.name!r} trains on a retain set; give one")
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = spec.fn(lm, forget_items, retain_items, params, progress)
+    timing = {  # the whole method, MemFlex's localisation included
+        "seconds": round(time.perf_counter() - started, 3),
+        "cpu_seconds": round(time.process_time() - cpu_started, 3),
+    }
     digest = hashlib.sha256(json.dumps(item_pairs(forget_items)).encode()).hexdigest()[:16]
     sizes = {"forget_items": len(forget_items), "retain_items": len(retain_items)}
-    info = {"unlearning": {**sizes, "forget_digest": digest}, **result.info}
+    info = {"unlearning": {**sizes, "forget_digest": digest}, **result.info, **timing}
     return Edit(lm, spec.name, params.to_dict(), [], result.deltas, info).apply()

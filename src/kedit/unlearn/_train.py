@@ -13,7 +13,6 @@ returned as weight deltas: dense, or low-rank `B A` factors for LoRA.
 from __future__ import annotations
 
 import random
-import time
 import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -323,7 +322,6 @@ def run_unlearning(
     and `hparams.layers`); `forget_answers` replaces the forget items' answer token ids in
     training (random labels), while the curves and the early stop still score the true answers.
     """
-    started, cpu_started = time.perf_counter(), time.process_time()
     order = random.Random(hparams.seed)
     forget_rows = item_rows(lm, forget, "forget")
     retain_rows = item_rows(lm, retain, "retain") if retain else []
@@ -403,7 +401,5 @@ def run_unlearning(
             "stopped_early": stopped,
             "modules": modules,
             "curve": curve,
-            "seconds": round(time.perf_counter() - started, 3),
-            "cpu_seconds": round(time.process_time() - cpu_started, 3),
         },
     )
