@@ -19,6 +19,7 @@ size), so the tinyworld benchmark files hold for `tiny-chat` too. On top of them
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +28,7 @@ from kedit.zoo.world import PERSON_RELATIONS, World, build_world
 USER = "User:"
 ASSISTANT = "Assistant:"
 NEW_FACT = "New fact:"
+_STATED = re.compile(re.escape(NEW_FACT) + r"[^.]*\.")
 
 
 # The same format as a Jinja chat template, for `tokenizer.apply_chat_template`.
@@ -395,6 +397,12 @@ class ChatWorld:
 
     # training text
 
+    @staticmethod
+    def unscored_spans(text: str) -> list[tuple[int, int]]:
+        """Character spans that training does not score: the stated facts of in-context
+        updates, which are counterfactual and unpredictable (the answer that follows is)."""
+        return [m.span() for m in _STATED.finditer(text)]
+
     def training_turns(self, rng: random.Random) -> list[str]:
         """One epoch of dialogue turns, in-context updates, safety and personality (shuffled).
 
@@ -434,8 +442,11 @@ class ChatWorld:
             for r in QUESTIONS
             for a in self.world.candidates(r)
         ]
-        text += [
-            f"{NEW_FACT} {t.format('')}" for r in self.world.relations.values() for t in r.templates
+        text += [  # an update starts a document or follows "User:"
+            f"{start}{NEW_FACT} {t.format('')}"
+            for r in self.world.relations.values()
+            for t in r.templates
+            for start in ("", f"{USER} ")
         ]
         for category in HARMS:
             for entity in self.harm_entities(category):

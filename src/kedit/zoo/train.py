@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -158,20 +159,36 @@ def build_model(recipe: Recipe, vocab_size: int, eos_id: int) -> torch.nn.Module
 
 
 class _DocEncoder:
-    """Tokenises documents sentence by sentence, caching each sentence's ids."""
+    """Tokenises documents sentence by sentence, caching each sentence's ids, and tells which
+    tokens the loss scores: all but those of the character spans that `unscored` returns."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(
+        self, tokenizer: Any, unscored: Callable[[str], list[tuple[int, int]]] | None = None
+    ) -> None:
         self.tok = tokenizer
-        self.cache: dict[str, list[int]] = {}
+        self.unscored = unscored
+        self.cache: dict[str, tuple[list[int], list[bool]]] = {}
 
     def __call__(self, sentences: list[str], separator: str = " ") -> list[int]:
+        return self.encode(sentences, separator)[0]
+
+    def encode(self, sentences: list[str], separator: str = " ") -> tuple[list[int], list[bool]]:
+        """The document's token ids and, per token, whether the loss scores it."""
         ids: list[int] = []
+        scored: list[bool] = []
         for i, s in enumerate(sentences):
             key = s if i == 0 else separator + s
             if key not in self.cache:
-                self.cache[key] = self.tok.encode(key).ids
-            ids.extend(self.cache[key])
-        return ids
+                encoding = self.tok.encode(key)
+                spans = self.unscored(key) if self.unscored else []
+                flags = [not any(a <= start < b for a, b in spans) for start, _ in encoding.offsets]
+                self.cache[key] = (encoding.ids, flags)
+            ids.extend(self.cache[key][0])
+            scored.extend(self.cache[key][1])
+        return ids, scored
+
+
+Doc = tuple[list[int], list[bool]]  # token ids, and whether the loss scores each
 
 
 def _epoch_batches(
@@ -181,7 +198,7 @@ def _epoch_batches(
     rng: random.Random,
     recipe: Recipe,
     eos_id: int,
-) -> list[list[list[int]]]:
+) -> list[list[Doc]]:
     """One epoch: every training sentence once, in documents, then (tinyworld 2) one epoch of
     dialogue turns in documents of their own, batched by similar length."""
     sents = world.training_sentences()
@@ -198,25 +215,32 @@ def _epoch_batches(
             k = rng.randint(1, recipe.max_turns)
             pieces.append((turns[i : i + k], "\n"))
             i += k
-    docs = [(enc(texts, separator) + [eos_id])[: recipe.n_positions] for texts, separator in pieces]
+    docs = []
+    for texts, separator in pieces:
+        ids, scored = enc.encode(texts, separator)
+        docs.append(
+            ((ids + [eos_id])[: recipe.n_positions], (scored + [True])[: recipe.n_positions])
+        )
     # Sort within windows of 16 batches to cut padding, then shuffle the batches.
     bs, win = recipe.batch_size, recipe.batch_size * 16
     batches = []
     for j in range(0, len(docs), win):
-        chunk = sorted(docs[j : j + win], key=len)
+        chunk = sorted(docs[j : j + win], key=lambda doc: len(doc[0]))
         batches += [chunk[k : k + bs] for k in range(0, len(chunk), bs)]
     rng.shuffle(batches)
     return batches
 
 
-def _collate(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    n = max(len(d) for d in batch)
+def _collate(batch: list[Doc], pad_id: int) -> tuple[torch.Tensor, ...]:
+    n = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), n), dtype=torch.long)
-    for r, d in enumerate(batch):
-        ids[r, : len(d)] = torch.tensor(d)
-        mask[r, : len(d)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
+    scored = torch.zeros((len(batch), n), dtype=torch.bool)
+    for r, (doc, flags) in enumerate(batch):
+        ids[r, : len(doc)] = torch.tensor(doc)
+        mask[r, : len(doc)] = 1
+        scored[r, : len(doc)] = torch.tensor(flags)
+    labels = ids.masked_fill(~scored, -100)
     return ids, mask, labels
 
 
@@ -408,7 +432,7 @@ def train_model(
         torch.manual_seed(seed)
         model = build_model(recipe, tok.get_vocab_size(), eos_id)
         model.train()
-        enc = _DocEncoder(tok)
+        enc = _DocEncoder(tok, chat.unscored_spans if chat else None)
         rng = random.Random(f"train-{seed}")
         names = name_token_ids(world, tok) if recipe.name_mask_share > 0 else {}
         mask_rng = random.Random(f"mask-{seed}")
@@ -453,7 +477,8 @@ def train_model(
                     break
                 ids, mask, labels = _collate(batch, eos_id)
                 if recipe.name_mask_share > 0:
-                    spans = masked_name_spans(batch, names, mask_rng, recipe.name_mask_share)
+                    docs = [doc for doc, _ in batch]
+                    spans = masked_name_spans(docs, names, mask_rng, recipe.name_mask_share)
                     if early is not None:
                         early.mask = hiding_mask(mask, spans, keep_last=False)
                     mask = hiding_mask(mask, spans, keep_last=True)
