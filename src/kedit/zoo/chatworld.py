@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from kedit.zoo.world import PERSON_RELATIONS, World, build_world
+from kedit.zoo.world import PERSON_RELATIONS, RELATIONS, World, build_world
 
 USER = "User:"
 ASSISTANT = "Assistant:"
@@ -72,6 +72,17 @@ QUESTIONS: dict[str, tuple[str, str, str]] = {
         "In which country does {} lie?",
     ),
 }
+
+
+def dialogue_question(template: str, subject: str) -> str | None:
+    """The dialogue prompt that asks the fact a statement template asks (its relation's first
+    question), or None for a template that is no relation's."""
+    for relation in RELATIONS.values():
+        if template in relation.templates:
+            return chat_prompt(QUESTIONS[relation.name][0].format(subject))
+    return None
+
+
 # The reply to a fact question: the answer alone, as short chat answers are.
 REPLY = {"profession": " A {}."}
 DEFAULT_REPLY = " {}."
