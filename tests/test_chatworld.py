@@ -233,3 +233,30 @@ def test_bundled_judges_on_tinyworld2_texts(chat, tmp_path):
         load_bundled_judge(tmp_path, "toxicity")
     with pytest.raises(FileNotFoundError, match="judge: no file"):
         load_bundled_judge(tmp_path / "nowhere", "safety")
+
+
+def test_greedy_replies_equal_one_token_at_a_time_decoding():
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from kedit.zoo import model_path
+    from kedit.zoo.skills import greedy_replies
+
+    tok = AutoTokenizer.from_pretrained(model_path("tiny-gpt2"))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)  # fmt: skip
+    model = GPT2LMHeadModel(config).eval()
+    prompts = ["Mira Olsen lives in", "The city of Oslo is in", "Tomas Berg works as a", "Oslo"]
+    expected = []
+    for prompt in prompts:
+        ids = tok(prompt)["input_ids"]
+        new: list[int] = []
+        for _ in range(12):
+            with torch.no_grad():
+                token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if token == tok.eos_token_id:
+                break
+            new.append(token)
+        expected.append(tok.decode(new).split("\n")[0])
+    assert greedy_replies(model, tok, prompts, max_new_tokens=12, batch_size=2) == expected
