@@ -139,9 +139,10 @@ def fact_scores(
 
 def incontext_scores(
     model: torch.nn.Module, tokenizer: Any, chat: ChatWorld, n: int = 400, seed: int = 0
-) -> dict[str, float]:
-    """On held-out people: how often a stated counterfactual is followed, and how often a stated
-    fact that does not apply changes an answer the model gives without it."""
+) -> dict[str, Any]:
+    """On held-out people: how often a stated counterfactual is followed (overall and per form
+    of the question), and how often a stated fact that does not apply changes an answer the
+    model gives without it."""
     encode = encoder(tokenizer)
     cases = chat.incontext_cases(n, random.Random(f"incontext-eval-{seed}"), "heldout")
     relevant = [c for c in cases if c.relevant]
@@ -152,8 +153,15 @@ def incontext_scores(
     kept = teacher_forced_correct(
         model, encode, [Probe(c.prompt, c.reply) for c, ok in zip(others, known, strict=True) if ok]
     )
+    forms = sorted({c.form for c in relevant})
     return {
         "incontext_followed": _share(followed),
+        **{
+            f"incontext_followed_{form.replace(' ', '_')}": _share(
+                [ok for c, ok in zip(relevant, followed, strict=True) if c.form == form]
+            )
+            for form in forms
+        },
         "incontext_irrelevant_changed": 1 - _share(kept),
         "incontext_cases": len(cases),
     }

@@ -425,7 +425,7 @@ def train_model(
     torch.set_num_threads(recipe.num_threads)
     torch.use_deterministic_algorithms(True)
     try:
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         world, chat = load_world(recipe)
         tok = train_tokenizer(world, recipe.vocab_size, chat.tokenizer_text() if chat else None)
         eos_id = tok.token_to_id(EOS)
@@ -502,7 +502,7 @@ def train_model(
         log.close()
         if early is not None:
             early.remove()
-        train_time = time.time() - t0
+        train_time, train_cpu = time.time() - t0, time.process_time() - cpu0
 
         _save(model, tok, out, recipe, eos_id)
         meta: dict[str, Any] = {
@@ -514,6 +514,8 @@ def train_model(
             "steps": step,
             "final_loss": loss_val,
             "train_time_s": round(train_time, 1),
+            # CPU seconds of this process: the time on an idle core, whatever else ran
+            "train_cpu_s": round(train_cpu, 1),
             "torch_version": torch.__version__,
             "history": history,
         }
