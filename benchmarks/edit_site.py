@@ -7,8 +7,9 @@ stream entering block l at the subject's last token and at the prompt's last tok
 output of block l at the subject's last token. An edit of block l's MLP at the subject's last
 token can work where the states there still carry the answer (a high restored probability).
 
-ROME: independent edits of the first `--cases` tinyworld cases at each of `--layers`, at the
-subject's last token, teacher-forced (rel / gen / loc / portability).
+Edits (`--methods`, ROME by default): of the first `--cases` tinyworld cases at each of
+`--layers` (or each set of `--layer-sets`), independently or in batches of `--batch-size`,
+teacher-forced (rel / gen / loc / portability).
 """
 
 from __future__ import annotations
@@ -130,9 +131,16 @@ def causal_trace(lm: Any, world: Any, n: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def rome_by_layer(
-    lm: Any, layers: list[int], cases: int, methods: list[str], extra: dict[str, Any]
+def edits_by_layer(
+    lm: Any,
+    layer_sets: list[list[int]],
+    cases: int,
+    methods: list[str],
+    extra: dict[str, Any],
+    batch_size: int = 1,
 ) -> list[dict[str, Any]]:
+    """Teacher-forced quality of each method editing each set of layers: independent edits, or
+    batches of `batch_size`."""
     from kedit.data import load_requests
     from kedit.eval.bench import BenchConfig, run_bench
     from kedit.zoo import benchmark_path
@@ -140,17 +148,25 @@ def rome_by_layer(
     requests = load_requests(benchmark_path("knowedit"), n=cases)
     rows = []
     for method in methods:
-        for layer in layers:
-            hparams = {**ROME_SETTINGS, "layers": [layer], **extra}
-            config = BenchConfig(method=method, hparams=hparams, data="tinyworld_knowedit.json")
+        for layers in layer_sets:
+            hparams = {**ROME_SETTINGS, "layers": layers, **extra}
+            config = BenchConfig(
+                method=method,
+                mode="batch" if batch_size > 1 else "independent",
+                batch_size=batch_size,
+                hparams=hparams,
+                data="tinyworld_knowedit.json",
+            )
             with tempfile.TemporaryDirectory() as folder:
                 summary = run_bench(lm, requests, config, folder)
             post = summary["metrics"]["post"]["teacher_forced"]
             rows.append(
                 {
                     "method": method,
-                    "layer": layer,
+                    "layers": layers,
                     "cases": len(requests),
+                    "batch_size": batch_size,
+                    "hparams": hparams,
                     **{k: round(v, 4) for k, v in post.items()},
                 }
             )
@@ -170,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default="tiny-chat", help="bundled name or a local folder")
     parser.add_argument("--trace", type=int, default=60, help="prompts traced (0: no trace)")
     parser.add_argument("--cases", type=int, default=40)
-    parser.add_argument("--layers", type=int, nargs="*", default=[])
+    parser.add_argument("--layers", type=int, nargs="*", default=[], help="one layer per edit")
+    parser.add_argument("--layer-sets", type=json.loads, default=[], help='e.g. "[[2, 3]]"')
+    parser.add_argument("--batch-size", type=int, default=1, help=">1: batch edits")
     parser.add_argument("--methods", nargs="+", default=["rome"])
     parser.add_argument("--hparams", type=json.loads, default={}, help="JSON overrides")
     args = parser.parse_args(argv)
@@ -180,8 +198,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.trace:
         report["causal_trace"] = causal_trace(lm, build_world(), args.trace)
         print(json.dumps(report["causal_trace"]), flush=True)
-    if args.layers:
-        report["edits"] = rome_by_layer(lm, args.layers, args.cases, args.methods, args.hparams)
+    layer_sets = [[layer] for layer in args.layers] + args.layer_sets
+    if layer_sets:
+        report["edits"] = edits_by_layer(
+            lm, layer_sets, args.cases, args.methods, args.hparams, args.batch_size
+        )
     print(json.dumps(report, indent=2))
     return report
 

@@ -395,9 +395,17 @@ def test_tinyworld2_recipe_trains_and_ships_its_judges_and_chat_template(tmp_pat
     from kedit.zoo import abilities
     from kedit.zoo.chatworld import chat_prompt
 
-    out = train_model("tiny-chat", tmp_path / "m", small=True, max_steps=2, progress=False,
-                      evaluate=False, world_version=2, name_mask_share=0.8,
-                      name_read_layer=1)  # fmt: skip
+    def run(folder: Path) -> Path:
+        return train_model("tiny-chat", folder, small=True, max_steps=2, progress=False,
+                           evaluate=False, world_version=2, name_mask_share=0.8,
+                           name_read_layer=1)  # fmt: skip
+
+    out, again = run(tmp_path / "m"), run(tmp_path / "again")
+    weights, same = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert all(torch.equal(weights[k], same[k]) for k in weights)  # bit for bit
+    assert (out / "judges" / "safety.json").read_text() == (
+        again / "judges" / "safety.json"
+    ).read_text()
     meta = json.loads((out / ZOO_META).read_text())
     assert meta["recipe"]["world_version"] == 2 and meta["recipe"]["name_read_layer"] == 1
     assert abilities(meta) == ["facts", "dialogue", "in-context", "safety", "personality"]
