@@ -479,6 +479,12 @@ def train_model(
                 if recipe.name_mask_share > 0:
                     docs = [doc for doc, _ in batch]
                     spans = masked_name_spans(docs, names, mask_rng, recipe.name_mask_share)
+                    # A document with unscored text (a stated fact: an in-context update) is
+                    # read with full attention: its test is using the context, by any route.
+                    spans = [
+                        found if all(scored) else []
+                        for found, (_, scored) in zip(spans, batch, strict=True)
+                    ]
                     if early is not None:
                         early.mask = hiding_mask(mask, spans, keep_last=False)
                     mask = hiding_mask(mask, spans, keep_last=True)
