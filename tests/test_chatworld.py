@@ -70,8 +70,8 @@ def test_dialogue_questions_rotate_and_the_heldout_one_is_never_trained(chat, tu
         assert held_somewhere == {0, 1, 2}
     heldout = chat.chat_facts("heldout")
     assert len(heldout) == len(list(chat.world.iter_facts()))
-    for fact in random.Random(0).sample(heldout, 300):
-        assert fact.prompt not in text
+    for fact in random.Random(0).sample(heldout, 300):  # nor in an in-context update
+        assert fact.question not in text
     fact = chat.chat_facts("train")[0]
     answer = chat.world.facts[(fact.subject, fact.relation)]
     assert fact.text == f"User: {fact.question}\nAssistant:" + fact.reply

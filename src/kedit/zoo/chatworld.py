@@ -370,8 +370,9 @@ class ChatWorld:
             repeat = [t for t in stated_templates if t in asked] if rng.random() < 0.5 else []
             stated_template = rng.choice(repeat or stated_templates)
             stated = f"{NEW_FACT} {stated_template.format(stated_person)} {new}."
-            if rng.random() < 0.5 and not repeat:
-                question = rng.choice(QUESTIONS[relation]).format(person)
+            if rng.random() < 0.5 and not repeat:  # one of the fact's trained questions
+                question = QUESTIONS[relation][rng.choice(self.question_ids(person, relation)[0])]
+                question = question.format(person)
                 prompt, form = chat_prompt(f"{stated} {question}"), "dialogue"
             else:
                 template = stated_template if repeat else rng.choice(asked)
