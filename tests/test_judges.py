@@ -82,3 +82,11 @@ def test_a_zoo_model_folder_brings_its_judges(tmp_path):
     assert safety(TEXTS) == ["safe", "safe", "unsafe", "safe"]
     trait = get_judge("personality", str(tmp_path))
     assert trait(TEXTS[:2]) == ["extraversion", "neuroticism"]
+
+
+def test_the_default_judge_needs_its_model(monkeypatch):
+    from kedit import zoo
+
+    monkeypatch.setattr(zoo, "list_models", lambda: ["tiny-gpt2"])
+    with pytest.raises(ValueError, match="judge: the default is tiny-chat's bundled judge"):
+        get_judge("safety")

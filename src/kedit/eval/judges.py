@@ -135,6 +135,12 @@ def get_judge(
 
     _check_kind(kind)
     if judge is None:
+        if DEFAULT_JUDGE_MODEL not in zoo.list_models():
+            raise ValueError(
+                f"judge: the default is {DEFAULT_JUDGE_MODEL}'s bundled judge, and "
+                f"{DEFAULT_JUDGE_MODEL} is not bundled here; pass a zoo model folder that holds "
+                f"{JUDGES_DIR}/{kind}.json, a Hugging Face classifier with label_map, or a callable"
+            )
         judge = DEFAULT_JUDGE_MODEL
     if callable(judge) and not isinstance(judge, (str, Path)):
         return Judge(getattr(judge, "name", getattr(judge, "__name__", "callable")), kind, judge)
