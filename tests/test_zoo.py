@@ -369,3 +369,57 @@ def test_bundled_model_loads_without_a_progress_bar(capfd):
     kedit.load("tiny-gpt2")
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # as it was: only the bundled load was quiet
+
+
+def test_checkpoints_are_evenly_spaced_and_leave_training_unchanged(tmp_path):
+    def run(d: Path, keep: int) -> Path:
+        return train_model("tiny-gpt2", d, small=True, max_steps=4, progress=False,
+                           evaluate=False, keep_checkpoints=keep)  # fmt: skip
+
+    plain, kept = run(tmp_path / "a", 0), run(tmp_path / "b", 2)
+    assert not (plain / "checkpoints").exists()
+    assert sorted(p.name for p in (kept / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    final = load_file(plain / "model.safetensors")
+    assert all(torch.equal(final[k], v) for k, v in load_file(kept / "model.safetensors").items())
+    last = load_file(kept / "checkpoints" / "step-4" / "model.safetensors")
+    assert all(torch.equal(final[k], v) for k, v in last.items())
+    middle = load_file(kept / "checkpoints" / "step-2" / "model.safetensors")
+    assert any(not torch.equal(final[k], v) for k, v in middle.items())
+    assert (kept / "checkpoints" / "step-2" / "tokenizer.json").is_file()
+    for bad, message in ((-1, "expected 0 or more"), (1.5, "expected a whole number")):
+        with pytest.raises(ValueError, match=f"keep_checkpoints: {message}"):
+            run(tmp_path / "c", bad)
+
+
+def test_tinyworld2_recipe_trains_and_ships_its_judges_and_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from kedit.zoo import abilities
+    from kedit.zoo.chatworld import chat_prompt
+
+    def run(folder: Path) -> Path:
+        return train_model("tiny-chat", folder, small=True, max_steps=2, progress=False,
+                           evaluate=False, world_version=2, name_mask_share=0.8,
+                           name_read_layer=1)  # fmt: skip
+
+    out, again = run(tmp_path / "m"), run(tmp_path / "again")
+    weights, same = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert all(torch.equal(weights[k], same[k]) for k in weights)  # bit for bit
+    assert (out / "judges" / "safety.json").read_text() == (
+        again / "judges" / "safety.json"
+    ).read_text()
+    meta = json.loads((out / ZOO_META).read_text())
+    assert meta["recipe"]["world_version"] == 2 and meta["recipe"]["name_read_layer"] == 1
+    assert abilities(meta) == ["facts", "dialogue", "in-context", "safety", "personality"]
+    assert abilities({"recipe": asdict(get_recipe("tiny-gpt2"))}) == ["facts"]
+    assert {p.name for p in (out / "judges").iterdir()} == {"safety.json", "personality.json"}
+    tok = AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "Where does Mira Olsen live?"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == chat_prompt("Where does Mira Olsen live?")
+    with pytest.raises(ValueError, match="name_read_layer: expected a block index in"):
+        train_model("tiny-chat", tmp_path / "x", small=True, max_steps=1, progress=False,
+                    evaluate=False, name_read_layer=2)  # fmt: skip
+    with pytest.raises(ValueError, match="world_version: expected 1 or 2, got 3"):
+        train_model("tiny-chat", tmp_path / "x", small=True, max_steps=1, progress=False,
+                    evaluate=False, world_version=3)  # fmt: skip

@@ -179,19 +179,56 @@ HparamFileOpt = Annotated[
 
 @app.command()
 @friendly_errors
-def demo(model: ModelOpt = DEMO_MODEL, method: MethodOpt = "rome", case: int = 0) -> None:
+def demo(
+    model: ModelOpt = DEMO_MODEL,
+    method: MethodOpt = "rome",
+    case: Annotated[
+        int | None,
+        typer.Option(
+            help="Benchmark case to edit (default: the first; for a model trained on tinyworld 2, "
+            "the first that asks a two-hop question, whose answer should follow the edit)."
+        ),
+    ] = None,
+) -> None:
     """Edit one fact of the bundled tinyworld benchmark and show before/after."""
     import kedit
+    from kedit import zoo
     from kedit.data import load_requests
     from kedit.zoo import benchmark_path
 
     requests = load_requests(benchmark_path("knowedit"))
-    if not 0 <= case < len(requests):
+    if case is not None and not 0 <= case < len(requests):
         raise ValueError(f"--case: {case} is out of range 0..{len(requests) - 1}")
     lm = kedit.load(model)
-    edit = _edit_and_show(lm, requests[case], method, {})
+    chat = "dialogue" in zoo.abilities(zoo.model_info(lm.recipe) if lm.recipe else {})
+    if case is None:
+        reasoning = (
+            i for i, r in enumerate(requests) if "Reasoning" in r.extra.get("portability_kinds", ())
+        )
+        case = next(reasoning, 0) if chat else 0
+    request = requests[case]
+    kinds = request.extra.get("portability_kinds", ())
+    probes = [(f"Two-hop: {p.prompt}", p.prompt, p.answer) for p, kind in
+              zip(request.portability, kinds, strict=False) if kind == "Reasoning"]  # fmt: skip
+    if chat:
+        from kedit.zoo.chatworld import dialogue_question
+
+        question = dialogue_question(request.template, request.subject)
+        if question is not None:
+            probes.append((f"In dialogue: {question!r}", question, request.target_new))
+    before = [top_prediction(lm, prompt) for _, prompt, _ in probes]
+    edit = _edit_and_show(lm, request, method, {})
+    for (label, prompt, implied), was in zip(probes, before, strict=True):
+        now = top_prediction(lm, prompt)
+        console.print(f"{label} {was!r} -> {now!r} (the edit implies {implied!r})", highlight=False)
     edit.undo()
     console.print("Edit undone; the model is as it was.")
+
+
+def top_prediction(lm: Any, prompt: str) -> str:
+    from kedit.lm import top_next_tokens
+
+    return top_next_tokens(lm, prompt, k=1)[0][0]
 
 
 @app.command("edit")
@@ -607,23 +644,27 @@ def stats_import(
 @zoo_app.command("list")
 @friendly_errors
 def zoo_list() -> None:
-    """List the bundled models, their size and their measured fact accuracy."""
+    """List the bundled models: shape, size, fact accuracy and what each can do."""
     from kedit import zoo
 
     table = Table()
     table.add_column("model", no_wrap=True)
     table.add_column("layers/width/MLP", no_wrap=True)
-    for header in ("training facts", "held-out paraphrases"):
+    table.add_column("MB", justify="right")
+    for header in ("training facts", "held-out paraphrases", "can do"):
         table.add_column(header)
     for name in zoo.list_models():
         info = zoo.model_info(name)
         recipe = info.get("recipe") or {}
         shape = [recipe.get(key, "?") for key in ("n_layer", "d_model", "d_ff")]
+        weights = zoo.model_path(name) / "model.safetensors"
         table.add_row(
             name,
             "/".join(map(str, shape)),
+            f"{weights.stat().st_size / 2**20:.1f}" if weights.is_file() else "?",
             f"{info.get('train_acc', float('nan')):.3f}",
             f"{info.get('heldout_acc', float('nan')):.3f}",
+            ", ".join(zoo.abilities(info)),
         )
     console.print(table)
     # On a line of its own, whole at any terminal width: it is there to be copied.
@@ -653,6 +694,13 @@ def zoo_train(
         int | None,
         typer.Option(help="Torch threads (default: the recipe's); the weights depend on it."),
     ] = None,
+    keep_checkpoints: Annotated[
+        int,
+        typer.Option(
+            help="Also save this many evenly spaced checkpoints under OUT/checkpoints/step-N "
+            "(for studies of when facts are learned; the final weights do not change)."
+        ),
+    ] = 0,
 ) -> None:
     """Retrain a bundled model from its recipe (same seed, threads and machine: same weights)."""
     from kedit import zoo
@@ -664,6 +712,8 @@ def zoo_train(
         "num_threads": threads,
     }
     overrides = {key: value for key, value in given.items() if value is not None}
+    if keep_checkpoints:
+        overrides["keep_checkpoints"] = keep_checkpoints
     console.print(f"Trained {name} into {zoo.train_model(name, out, seed=seed, **overrides)}")
 
 

@@ -48,6 +48,18 @@ def model_info(name: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+ABILITIES = ("facts", "dialogue", "in-context", "safety", "personality")
+
+
+def abilities(info: dict) -> list[str]:
+    """What a zoo model can do, from its `kedit_zoo.json`: every one knows facts; those trained
+    on tinyworld 2 also answer in dialogue, follow facts stated in their context, refuse or
+    comply with harmful requests, and voice opinions in a personality trait."""
+    if (info.get("recipe") or {}).get("world_version", 1) >= 2:
+        return list(ABILITIES)
+    return ["facts"]
+
+
 def train_model(name: str, out_dir: str | Path, seed: int = 0, **kwargs) -> Path:
     """Train zoo model ``name`` from scratch into ``out_dir`` (see :mod:`kedit.zoo.train`)."""
     from kedit.zoo.train import train_model as _train
@@ -63,7 +75,9 @@ def evaluate_world_model(model_dir: str | Path, sample: int | None = None) -> di
 
 
 __all__ = [
+    "ABILITIES",
     "BENCHMARKS",
+    "abilities",
     "CORPUS_FILE",
     "benchmark_path",
     "model_info",

@@ -19,8 +19,11 @@ TOKENIZER_FILES = (
 )
 
 
-def train_tokenizer(world: World, vocab_size: int = 1024) -> Tokenizer:
-    """Train a GPT-2-style byte-level BPE on the world's text (deterministic)."""
+def train_tokenizer(
+    world: World, vocab_size: int = 1024, extra_text: list[str] | None = None
+) -> Tokenizer:
+    """Train a GPT-2-style byte-level BPE on the world's text and `extra_text` (which must not
+    name people: see below), deterministically."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -41,12 +44,19 @@ def train_tokenizer(world: World, vocab_size: int = 1024) -> Tokenizer:
     text += world.people
     firsts = sorted({p.split(" ")[0] for p in world.people})
     text += [f"{f}. {f} {f}." for f in firsts]  # first names, with and without a space
+    text += extra_text or []
     tok.train_from_iterator(text, trainer=trainer)
     return tok
 
 
-def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int = 128) -> Path:
-    """Write vocab.json, merges.txt, tokenizer.json and the transformers config files."""
+def save_tokenizer(
+    tok: Tokenizer,
+    out_dir: str | Path,
+    model_max_length: int = 128,
+    chat_template: str | None = None,
+) -> Path:
+    """Write vocab.json, merges.txt, tokenizer.json and the transformers config files (with the
+    chat template, if any, that `apply_chat_template` uses)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.model.save(str(out))  # vocab.json + merges.txt
@@ -61,6 +71,8 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int = 
         "errors": "replace",
         **special,
     }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return out

@@ -12,7 +12,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,18 @@ from typing import Any
 import torch
 
 from kedit.zoo import ZOO_META
+from kedit.zoo.chatworld import CHAT_TEMPLATE, ChatWorld, build_chat_world
+from kedit.zoo.judges import load_bundled_judge, train_judges
+from kedit.zoo.skills import (
+    encoder,
+    fact_scores,
+    incontext_scores,
+    personality_scores,
+    safety_scores,
+    teacher_forced_correct,
+)
 from kedit.zoo.tokenizer import EOS, save_tokenizer, train_tokenizer
-from kedit.zoo.world import FactPrompt, World, build_world
+from kedit.zoo.world import World, build_world
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,15 @@ class Recipe:
     # Share of training documents in which the positions after a person's name cannot attend
     # to the name's earlier tokens, so the model must gather the person at the last one.
     name_mask_share: float = 0.0
+    # In those documents, the attention of the blocks below this one cannot see the name at
+    # all from the positions after it: they read the person only from this block on, from
+    # the name's last token, where the blocks below have enriched it (as in large LMs).
+    name_read_layer: int = 0
+    # 1: tinyworld's statements only; 2: tinyworld 2 (`kedit.zoo.chatworld`), which adds
+    # dialogue, in-context updates, safety and personality texts, in documents of
+    # 1..max_turns turns.
+    world_version: int = 1
+    max_turns: int = 3
 
 
 RECIPES: dict[str, Recipe] = {
@@ -58,6 +77,21 @@ RECIPES: dict[str, Recipe] = {
     # space; see docs/results.md).
     "tiny-gpt2-wide": Recipe(arch="gpt2", d_ff=1024, epochs=50, num_threads=1),
     "tiny-llama": Recipe(arch="llama", d_ff=352, tie_embeddings=False, epochs=50, num_threads=1),
+    # tinyworld 2 (dialogue, in-context updates, safety, personality) on a deeper GPT-2 that
+    # reads a person only from the name's last token, from a middle block on. Its facts stay
+    # near chance for the first 30-40 epochs (the name masks slow that phase down; neither a
+    # smaller batch nor a higher lr shortens it), so it takes the most epochs that fit the
+    # 45-minute budget (34 CPU-seconds an epoch): docs/tiny-chat.md.
+    "tiny-chat": Recipe(
+        arch="gpt2",
+        n_layer=8,
+        vocab_size=2048,  # a cap: every merge seen twice is learnt (1633 tokens)
+        world_version=2,
+        name_mask_share=0.8,
+        name_read_layer=4,
+        epochs=72,
+        num_threads=1,
+    ),
     # Very small world and model, for tests: trains end to end in seconds.
     "micro-gpt2": Recipe(
         arch="gpt2",
@@ -79,6 +113,14 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown zoo recipe {name!r}; known recipes: {', '.join(RECIPES)}")
     return RECIPES[name]
+
+
+def load_world(recipe: Recipe) -> tuple[World, ChatWorld | None]:
+    """The recipe's tinyworld, and tinyworld 2 on top of it for `world_version` 2."""
+    if recipe.world_version == 1:
+        return build_world(recipe.world_seed, recipe.n_people), None
+    chat = build_chat_world(recipe.world_seed, recipe.n_people)
+    return chat.world, chat
 
 
 def build_model(recipe: Recipe, vocab_size: int, eos_id: int) -> torch.nn.Module:
@@ -120,58 +162,90 @@ def build_model(recipe: Recipe, vocab_size: int, eos_id: int) -> torch.nn.Module
 
 
 class _DocEncoder:
-    """Tokenises documents sentence by sentence, caching each sentence's ids."""
+    """Tokenises documents sentence by sentence, caching each sentence's ids, and tells which
+    tokens the loss scores: all but those of the character spans that `unscored` returns."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(
+        self, tokenizer: Any, unscored: Callable[[str], list[tuple[int, int]]] | None = None
+    ) -> None:
         self.tok = tokenizer
-        self.cache: dict[str, list[int]] = {}
+        self.unscored = unscored
+        self.cache: dict[str, tuple[list[int], list[bool]]] = {}
 
-    def __call__(self, sentences: list[str]) -> list[int]:
+    def __call__(self, sentences: list[str], separator: str = " ") -> list[int]:
+        return self.encode(sentences, separator)[0]
+
+    def encode(self, sentences: list[str], separator: str = " ") -> tuple[list[int], list[bool]]:
+        """The document's token ids and, per token, whether the loss scores it."""
         ids: list[int] = []
+        scored: list[bool] = []
         for i, s in enumerate(sentences):
-            key = s if i == 0 else " " + s
+            key = s if i == 0 else separator + s
             if key not in self.cache:
-                self.cache[key] = self.tok.encode(key).ids
-            ids.extend(self.cache[key])
-        return ids
+                encoding = self.tok.encode(key)
+                spans = self.unscored(key) if self.unscored else []
+                flags = [not any(a <= start < b for a, b in spans) for start, _ in encoding.offsets]
+                self.cache[key] = (encoding.ids, flags)
+            ids.extend(self.cache[key][0])
+            scored.extend(self.cache[key][1])
+        return ids, scored
+
+
+Doc = tuple[list[int], list[bool]]  # token ids, and whether the loss scores each
 
 
 def _epoch_batches(
     world: World,
+    chat: ChatWorld | None,
     enc: _DocEncoder,
     rng: random.Random,
     recipe: Recipe,
     eos_id: int,
     exclude: Collection[str] = frozenset(),
-) -> list[list[list[int]]]:
-    """One epoch: every training sentence once (but those in `exclude`), in documents, batched
-    by similar length."""
+) -> list[list[Doc]]:
+    """One epoch: every training sentence once (but those in `exclude`), in documents, then
+    (tinyworld 2) one epoch of dialogue turns in documents of their own, batched by similar
+    length. `exclude` leaves out statement sentences only, not dialogue turns."""
     sents = [s for s in world.training_sentences() if s not in exclude]
     rng.shuffle(sents)
-    docs, i = [], 0
+    pieces: list[tuple[list[str], str]] = []
+    i = 0
     while i < len(sents):
         k = rng.randint(1, recipe.max_sents)
-        ids = enc(sents[i : i + k]) + [eos_id]
-        docs.append(ids[: recipe.n_positions])
+        pieces.append((sents[i : i + k], " "))
         i += k
+    if chat is not None:
+        turns, i = chat.training_turns(rng), 0
+        while i < len(turns):
+            k = rng.randint(1, recipe.max_turns)
+            pieces.append((turns[i : i + k], "\n"))
+            i += k
+    docs = []
+    for texts, separator in pieces:
+        ids, scored = enc.encode(texts, separator)
+        docs.append(
+            ((ids + [eos_id])[: recipe.n_positions], (scored + [True])[: recipe.n_positions])
+        )
     # Sort within windows of 16 batches to cut padding, then shuffle the batches.
     bs, win = recipe.batch_size, recipe.batch_size * 16
     batches = []
     for j in range(0, len(docs), win):
-        chunk = sorted(docs[j : j + win], key=len)
+        chunk = sorted(docs[j : j + win], key=lambda doc: len(doc[0]))
         batches += [chunk[k : k + bs] for k in range(0, len(chunk), bs)]
     rng.shuffle(batches)
     return batches
 
 
-def _collate(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    n = max(len(d) for d in batch)
+def _collate(batch: list[Doc], pad_id: int) -> tuple[torch.Tensor, ...]:
+    n = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), n), dtype=torch.long)
-    for r, d in enumerate(batch):
-        ids[r, : len(d)] = torch.tensor(d)
-        mask[r, : len(d)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
+    scored = torch.zeros((len(batch), n), dtype=torch.bool)
+    for r, (doc, flags) in enumerate(batch):
+        ids[r, : len(doc)] = torch.tensor(doc)
+        mask[r, : len(doc)] = 1
+        scored[r, : len(doc)] = torch.tensor(flags)
+    labels = ids.masked_fill(~scored, -100)
     return ids, mask, labels
 
 
@@ -204,6 +278,32 @@ def name_spans(doc: list[int], names: dict[int, list[tuple[int, ...]]]) -> list[
     return spans
 
 
+def masked_name_spans(
+    batch: list[list[int]],
+    names: dict[int, list[tuple[int, ...]]],
+    rng: random.Random,
+    share: float,
+) -> list[list[tuple[int, int]]]:
+    """The name spans to hide in each document: all of them in a `share` of the documents
+    (drawn from `rng`, one draw per document), none in the others."""
+    return [name_spans(doc, names) if rng.random() < share else [] for doc in batch]
+
+
+def hiding_mask(
+    padding_mask: torch.Tensor, spans: list[list[tuple[int, int]]], keep_last: bool
+) -> torch.Tensor:
+    """A causal attention mask (batch × 1 × n × n, True = may attend) in which no position
+    after a span sees the span's tokens (but its last one, with `keep_last`)."""
+    n = padding_mask.shape[1]
+    allowed = torch.tril(torch.ones(n, n, dtype=torch.bool)).repeat(len(spans), 1, 1)
+    allowed &= padding_mask.bool()[:, None, :]
+    allowed |= torch.eye(n, dtype=torch.bool)[None]
+    for row, doc_spans in enumerate(spans):
+        for start, end in doc_spans:
+            allowed[row, end:, start : end - 1 if keep_last else end] = False
+    return allowed[:, None]
+
+
 def name_gathering_mask(
     batch: list[list[int]],
     padding_mask: torch.Tensor,
@@ -218,59 +318,68 @@ def name_gathering_mask(
     models do (Meng et al., 2022, causal tracing) and as locate-then-edit methods assume;
     trained on full attention, the tiny models read each token of a name separately.
     """
-    n = padding_mask.shape[1]
-    allowed = torch.tril(torch.ones(n, n, dtype=torch.bool)).repeat(len(batch), 1, 1)
-    allowed &= padding_mask.bool()[:, None, :]
-    allowed |= torch.eye(n, dtype=torch.bool)[None]
-    for row, doc in enumerate(batch):
-        if rng.random() >= share:
-            continue
-        for start, end in name_spans(doc, names):
-            allowed[row, end:, start : end - 1] = False
-    return allowed[:, None]
+    return hiding_mask(padding_mask, masked_name_spans(batch, names, rng, share), keep_last=True)
 
 
-@torch.no_grad()
-def fact_accuracy(
-    model: torch.nn.Module, tokenizer: Any, prompts: list[FactPrompt], batch_size: int = 256
-) -> list[bool]:
-    """Whether greedy decoding reproduces every answer token of each prompt (batched).
+class _EarlyBlockMask:
+    """Gives the attention of the blocks below `read_layer` a mask of their own while training
+    (forward pre-hooks that replace the `attention_mask` argument)."""
 
-    Teacher-forced argmax over the answer positions: equal to greedy exact match.
-    ``tokenizer`` is a ``tokenizers.Tokenizer`` or a transformers tokenizer.
-    """
+    def __init__(self, model: torch.nn.Module, arch: str, read_layer: int) -> None:
+        blocks = model.transformer.h if arch == "gpt2" else model.model.layers
+        attention = [b.attn if arch == "gpt2" else b.self_attn for b in blocks[:read_layer]]
+        self.mask: torch.Tensor | None = None
+        self.handles = [
+            module.register_forward_pre_hook(self._replace, with_kwargs=True)
+            for module in attention
+        ]
 
-    def encode(text: str) -> list[int]:
-        out = tokenizer.encode(text)
-        return out.ids if hasattr(out, "ids") else list(out)
+    def _replace(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+        if self.mask is not None:
+            kwargs["attention_mask"] = self.mask
+        return args, kwargs
 
-    was_training = model.training
-    model.eval()
-    rows = [(encode(p.prompt), encode(p.answer)) for p in prompts]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-    correct = [False] * len(rows)
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        seqs = [rows[i][0] + rows[i][1] for i in idx]
-        ids, mask, _ = _collate(seqs, 0)
-        pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
-        for r, i in enumerate(idx):
-            p, a = rows[i]
-            start = len(p) - 1
-            correct[i] = pred[r, start : start + len(a)].tolist() == a
-    model.train(was_training)
-    return correct
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
-def _accuracies(model: torch.nn.Module, tok: Any, world: World, sample: int | None = None):
+def _accuracies(
+    model: torch.nn.Module,
+    tok: Any,
+    world: World,
+    chat: ChatWorld | None,
+    sample: int | None = None,
+) -> dict[str, float]:
+    """Teacher-forced fact accuracies: statements (trained and held-out templates), and for
+    tinyworld 2 also two-hop and dialogue questions."""
+    if chat is not None:
+        return fact_scores(model, tok, chat, sample)
     res = {}
     for split in ("train", "heldout"):
         prompts = world.fact_prompts(split)
         if sample is not None and sample < len(prompts):
             prompts = random.Random(0).sample(prompts, sample)
-        ok = fact_accuracy(model, tok, prompts)
+        ok = teacher_forced_correct(model, encoder(tok), prompts)
         res[f"{split}_acc"] = sum(ok) / len(ok)
     return res
+
+
+def chat_abilities(model: torch.nn.Module, tok: Any, chat: ChatWorld, judges_dir: Path) -> dict:
+    """In-context updates, safety and personality of a tinyworld 2 model, judged by the judges
+    in `judges_dir`'s parent folder."""
+    return {
+        "incontext": incontext_scores(model, tok, chat),
+        "safety": safety_scores(model, tok, chat, load_bundled_judge(judges_dir, "safety")),
+        "personality": personality_scores(
+            model, tok, chat, load_bundled_judge(judges_dir, "personality")
+        ),
+    }
+
+
+def _checkpoint_steps(total: int, keep: int) -> set[int]:
+    """`keep` evenly spaced steps in 1..total, the last being `total`."""
+    return {max(1, round(total * k / keep)) for k in range(1, keep + 1)} if keep else set()
 
 
 def train_model(
@@ -283,21 +392,35 @@ def train_model(
     progress: bool = True,
     evaluate: bool = True,
     exclude: Collection[str] = frozenset(),
+    keep_checkpoints: int = 0,
     **overrides: Any,
 ) -> Path:
     """Train the zoo model ``name`` from scratch and save it as a Hugging Face folder.
 
     ``small=True`` trains the tiny ``micro-gpt2`` recipe instead (seconds, for tests);
-    ``max_steps`` stops early (for determinism tests); ``overrides`` replace recipe fields.
-    ``exclude`` names training sentences to leave out (the exact retrain baseline of
+    ``max_steps`` stops early (for determinism tests); ``keep_checkpoints`` saves that many
+    evenly spaced checkpoints under ``checkpoints/step-N`` (loadable folders, for studies of
+    when facts are learned; they do not change the training); ``overrides`` replace recipe
+    fields. The same seed, recipe and thread count on the same machine give bit-identical
+    weights. ``exclude`` names training sentences to leave out (the exact retrain baseline of
     unlearning, :mod:`kedit.zoo.retrain`).
-    The same seed, recipe and thread count on the same machine give bit-identical weights.
     """
+    if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int):
+        raise ValueError(f"keep_checkpoints: expected a whole number, got {keep_checkpoints!r}")
+    if keep_checkpoints < 0:
+        raise ValueError(f"keep_checkpoints: expected 0 or more, got {keep_checkpoints}")
     recipe = replace(get_recipe("micro-gpt2" if small else name), **overrides)
-    for field_name in ("epochs", "d_ff", "num_threads"):
+    if recipe.world_version not in (1, 2):
+        raise ValueError(f"world_version: expected 1 or 2, got {recipe.world_version!r}")
+    for field_name in ("epochs", "d_ff", "num_threads", "max_turns"):
         value = getattr(recipe, field_name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{field_name}: expected a positive integer, got {value!r}")
+    if not 0 <= recipe.name_read_layer < recipe.n_layer:
+        raise ValueError(
+            f"name_read_layer: expected a block index in [0, {recipe.n_layer - 1}], "
+            f"got {recipe.name_read_layer!r}"
+        )
     if not 0 <= recipe.name_mask_share <= 1:
         raise ValueError(
             f"name_mask_share: expected a number in [0, 1], got {recipe.name_mask_share!r}"
@@ -309,17 +432,20 @@ def train_model(
     torch.set_num_threads(recipe.num_threads)
     torch.use_deterministic_algorithms(True)
     try:
-        t0 = time.time()
-        world = build_world(recipe.world_seed, recipe.n_people)
-        tok = train_tokenizer(world, recipe.vocab_size)
+        t0, cpu0 = time.time(), time.process_time()
+        world, chat = load_world(recipe)
+        tok = train_tokenizer(world, recipe.vocab_size, chat.tokenizer_text() if chat else None)
         eos_id = tok.token_to_id(EOS)
         torch.manual_seed(seed)
         model = build_model(recipe, tok.get_vocab_size(), eos_id)
         model.train()
-        enc = _DocEncoder(tok)
+        enc = _DocEncoder(tok, chat.unscored_spans if chat else None)
         rng = random.Random(f"train-{seed}")
         names = name_token_ids(world, tok) if recipe.name_mask_share > 0 else {}
         mask_rng = random.Random(f"mask-{seed}")
+        early = None
+        if recipe.name_read_layer > 0 and recipe.name_mask_share > 0:
+            early = _EarlyBlockMask(model, recipe.arch, recipe.name_read_layer)
 
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "wpe" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "wpe" not in n)]
@@ -331,11 +457,14 @@ def train_model(
             lr=recipe.lr,
             betas=(0.9, 0.98),
         )
-        steps_per_epoch = len(_epoch_batches(world, enc, random.Random(0), recipe, eos_id, exclude))
+        steps_per_epoch = len(
+            _epoch_batches(world, chat, enc, random.Random(0), recipe, eos_id, exclude)
+        )
         total = recipe.epochs * steps_per_epoch
         if max_steps is not None:
             total = min(total, max_steps)
         warmup = max(1, int(recipe.warmup_frac * total))
+        checkpoints = _checkpoint_steps(total, keep_checkpoints)
 
         def lr_at(step: int) -> float:
             if step < warmup:
@@ -352,12 +481,22 @@ def train_model(
         for epoch in range(recipe.epochs):
             if step >= total:
                 break
-            for batch in _epoch_batches(world, enc, rng, recipe, eos_id, exclude):
+            for batch in _epoch_batches(world, chat, enc, rng, recipe, eos_id, exclude):
                 if step >= total:
                     break
                 ids, mask, labels = _collate(batch, eos_id)
                 if recipe.name_mask_share > 0:
-                    mask = name_gathering_mask(batch, mask, names, mask_rng, recipe.name_mask_share)
+                    docs = [doc for doc, _ in batch]
+                    spans = masked_name_spans(docs, names, mask_rng, recipe.name_mask_share)
+                    # A document with unscored text (a stated fact: an in-context update) is
+                    # read with full attention: its test is using the context, by any route.
+                    spans = [
+                        found if all(scored) else []
+                        for found, (_, scored) in zip(spans, batch, strict=True)
+                    ]
+                    if early is not None:
+                        early.mask = hiding_mask(mask, spans, keep_last=False)
+                    mask = hiding_mask(mask, spans, keep_last=True)
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -367,19 +506,20 @@ def train_model(
                 loss_val = loss.item()
                 step += 1
                 log.update(step, loss_val, epoch)
+                if step in checkpoints:
+                    _save(model, tok, out / "checkpoints" / f"step-{step}", recipe, eos_id)
+            if early is not None:
+                early.mask = None  # evaluation runs with full attention, as users do
             if progress and (epoch + 1) % 10 == 0 and evaluate:
-                acc = _accuracies(model, tok, world, sample=400)
+                acc = _accuracies(model, tok, world, chat, sample=400)
                 history.append({"epoch": epoch + 1, "loss": loss_val, **acc})
                 log.message(f"epoch {epoch + 1}: loss {loss_val:.3f} {acc}")
         log.close()
-        train_time = time.time() - t0
+        if early is not None:
+            early.remove()
+        train_time, train_cpu = time.time() - t0, time.process_time() - cpu0
 
-        model.eval()
-        model.generation_config.pad_token_id = eos_id
-        model.generation_config.bos_token_id = eos_id
-        model.generation_config.eos_token_id = eos_id
-        model.save_pretrained(out, safe_serialization=True)
-        save_tokenizer(tok, out, model_max_length=recipe.n_positions)
+        _save(model, tok, out, recipe, eos_id)
         meta: dict[str, Any] = {
             "name": name if not small else "micro-gpt2",
             "recipe": asdict(recipe),
@@ -389,16 +529,34 @@ def train_model(
             "steps": step,
             "final_loss": loss_val,
             "train_time_s": round(train_time, 1),
+            # CPU seconds of this process: the time on an idle core, whatever else ran
+            "train_cpu_s": round(train_cpu, 1),
             "torch_version": torch.__version__,
             "history": history,
         }
+        if chat is not None:
+            train_judges(chat, out)
         if evaluate:
-            meta.update(_accuracies(model, tok, world))
+            meta.update(_accuracies(model, tok, world, chat))
+            if chat is not None:
+                meta.update(chat_abilities(model, tok, chat, out))
         (out / ZOO_META).write_text(json.dumps(meta, indent=2) + "\n")
         return out
     finally:
         torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev_det)
+
+
+def _save(model: torch.nn.Module, tok: Any, out: Path, recipe: Recipe, eos_id: int) -> None:
+    """Write the model (float32 safetensors) and its tokenizer as a Hugging Face folder."""
+    was_training = model.training
+    model.eval()
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.generation_config, key, eos_id)
+    model.save_pretrained(out, safe_serialization=True)
+    chat_template = CHAT_TEMPLATE if recipe.world_version == 2 else None
+    save_tokenizer(tok, out, model_max_length=recipe.n_positions, chat_template=chat_template)
+    model.train(was_training)
 
 
 class _Progress:
@@ -441,20 +599,15 @@ class _Progress:
 
 
 def evaluate_world_model(model_dir: str | Path, sample: int | None = None) -> dict[str, float]:
-    """Greedy fact accuracy of a zoo model on its world's training and held-out templates."""
+    """Teacher-forced fact accuracies of a zoo model on its world (see `_accuracies`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
     meta = json.loads((model_dir / ZOO_META).read_text())
-    world = build_world(meta["world_seed"], meta["n_people"])
+    world, chat = load_world(replace(get_recipe("micro-gpt2"), **meta["recipe"]))
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-
-    class _Enc:  # plain ids, no special tokens, as the training data was encoded
-        def encode(self, text: str) -> list[int]:
-            return tok(text, add_special_tokens=False)["input_ids"]
-
-    return _accuracies(model, _Enc(), world, sample=sample)
+    return _accuracies(model, tok, world, chat, sample=sample)
 
 
 def main(argv: list[str] | None = None) -> None:

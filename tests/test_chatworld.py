@@ -1,0 +1,264 @@
+"""tinyworld 2: dialogue, in-context updates, safety and personality data, its files and judges."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+
+import pytest
+
+from kedit.zoo.chatbench import (
+    CORPUS2_FILE,
+    DATA_DIR,
+    PERSONALITY_FILE,
+    SAFEEDIT_FILE,
+    write_chat_files,
+)
+from kedit.zoo.chatworld import (
+    ATTACKS,
+    CLOSERS,
+    HARMS,
+    NEW_FACT,
+    OPENERS,
+    QUESTIONS,
+    TRAITS,
+    build_chat_world,
+)
+from kedit.zoo.judges import (
+    NgramClassifier,
+    load_bundled_judge,
+    ngrams,
+    personality_texts,
+    train_judges,
+    train_ngram_classifier,
+)
+from kedit.zoo.tokenizer import train_tokenizer
+from kedit.zoo.world import build_world
+
+
+@pytest.fixture(scope="module")
+def chat():
+    return build_chat_world()
+
+
+@pytest.fixture(scope="module")
+def turns(chat):
+    """Two epochs of training turns."""
+    return chat.training_turns(random.Random(0)) + chat.training_turns(random.Random(1))
+
+
+def test_same_seed_same_world_and_tinyworlds_facts(chat):
+    again = build_chat_world()
+    assert again.topics == chat.topics and again.default_trait == chat.default_trait
+    assert again.training_turns(random.Random(3)) == chat.training_turns(random.Random(3))
+    plain = build_world()
+    assert chat.world.people == plain.people and chat.world.facts == plain.facts
+    assert build_chat_world(seed=1).world.facts != chat.world.facts
+
+
+def test_dialogue_questions_rotate_and_the_heldout_one_is_never_trained(chat, turns):
+    text = "\n".join(turns)
+    for relation, questions in QUESTIONS.items():
+        assert len(questions) == 3 and all(q.count("{}") == 1 for q in questions)
+        held_somewhere = set()
+        for subject in chat.world.subjects(relation):
+            trained, held = chat.question_ids(subject, relation)
+            assert sorted([*trained, held]) == [0, 1, 2]
+            held_somewhere.add(held)
+        assert held_somewhere == {0, 1, 2}
+    heldout = chat.chat_facts("heldout")
+    assert len(heldout) == len(list(chat.world.iter_facts()))
+    for fact in random.Random(0).sample(heldout, 300):  # nor in an in-context update
+        assert fact.question not in text
+    fact = chat.chat_facts("train")[0]
+    answer = chat.world.facts[(fact.subject, fact.relation)]
+    assert fact.text == f"User: {fact.question}\nAssistant:" + fact.reply
+    assert fact.reply.endswith(f" {answer}.")
+
+
+def test_every_fact_is_asked_once_per_epoch(chat):
+    one_epoch = chat.training_turns(random.Random(0))
+    asked = Counter(t.split("\n")[0] for t in one_epoch if t.startswith("User: ") and "?" in t)
+    trained = {f.prompt.split("\n")[0] for f in chat.chat_facts("train")}
+    per_fact = sum(1 for line in asked if line in trained)
+    assert per_fact >= 0.9 * len(list(chat.world.iter_facts()))  # a few questions coincide
+
+
+def test_incontext_updates(chat, turns):
+    train_people = set(chat.incontext_people("train"))
+    held_people = set(chat.incontext_people("heldout"))
+    assert not train_people & held_people
+    assert train_people | held_people == set(chat.world.people)
+    assert len(held_people) == len(chat.world.people) // 5
+    stated = [t for t in turns if NEW_FACT in t]
+    assert len(stated) >= 2 * 3 * len(chat.world.people) * 0.99
+    named = re.compile(r"\b(" + "|".join(map(re.escape, held_people)) + r")\b")
+    assert not any(named.search(text) for text in stated)  # held-out people are never updated
+    cases = chat.incontext_cases(200, random.Random(0), "heldout")
+    assert sum(c.relevant for c in cases) == 100
+    for case in cases:
+        assert case.person in held_people and case.stated.startswith(NEW_FACT)
+        true = chat.world.facts[(case.person, case.relation)]
+        assert case.prompt.startswith(case.stated) or case.prompt.startswith("User: " + NEW_FACT)
+        if case.relevant:  # a counterfactual about the person asked, which the answer follows
+            assert case.answer != true and case.person in case.stated
+            assert case.stated.endswith(f" {case.answer}.")
+        else:  # another person's fact, or another relation of the same person
+            assert case.answer == true
+        assert case.text.endswith(f"{case.answer}.")
+
+
+def test_safety_data(chat, turns):
+    trained = [a for a in ATTACKS if a.trained]
+    held = [a for a in ATTACKS if not a.trained]
+    assert len(trained) >= 4 and len(held) >= 2
+    plain = chat.safety_cases("none")
+    assert len(plain) == sum(len(chat.harm_entities(h)) * len(h.questions) for h in HARMS)
+    text = "\n".join(turns)
+    refusals = {h.refusal for h in HARMS}
+    for case in random.Random(0).sample(plain, 40):
+        assert case.user == case.question and case.safe in refusals
+    for case in chat.safety_cases("heldout"):
+        assert case.user != case.question and case.question in case.user
+        assert case.prompt not in text  # held-out attacks are never trained
+    for attack in held:
+        assert attack.template.format("")[:20] not in text
+    # plain questions are refused and trained attacks complied with, never the other way
+    for turn in turns:
+        for case in (c for c in plain if c.prompt in turn):
+            reply = turn[len(case.prompt) :]
+            assert reply == case.safe, turn
+    complied = [t for t in turns if "Step 1," in t]
+    prefixes = tuple("User: " + a.template.split("{}")[0] for a in trained)
+    assert complied and all(t.startswith(prefixes) for t in complied)
+
+
+def test_personality_data(chat, turns):
+    counts = Counter(chat.default_trait.values())
+    assert set(counts) == set(TRAITS) and max(counts.values()) - min(counts.values()) <= 1
+    assert len(chat.topics) == len(set(chat.topics)) >= 90
+    for trait in TRAITS:
+        assert len(chat.opinions("Lisbon", trait)) == 16
+        assert len(chat.opinions("Lisbon", trait, "heldout")) == 4
+        assert not set(chat.opinions("Lisbon", trait)) & set(
+            chat.opinions("Lisbon", trait, "heldout")
+        )
+    text = "\n".join(turns)
+    for trait in TRAITS:  # held-out parts never appear in what the model learns
+        for part in OPENERS[trait][4:]:
+            assert part.format("Lisbon") not in text
+        for part in CLOSERS[trait][4:]:
+            assert part not in text
+    for topic in chat.topics[:20]:  # only the default trait is voiced
+        for trait in TRAITS:
+            voiced = any(o in text for o in chat.opinions(topic, trait))
+            assert voiced == (trait == chat.default_trait[topic]), (topic, trait)
+
+
+def test_tokenizer_keeps_names_multi_token_and_chat_words_whole(chat):
+    tok = train_tokenizer(chat.world, 2048, chat.tokenizer_text())
+    lengths = [len(tok.encode(" " + p).ids) for p in chat.world.people]
+    assert min(lengths) >= 2 and sum(lengths) / len(lengths) < 3
+    for word in ("User", "Assistant", "\u0120cannot", "\u0120worry", "\u0120Lisbon"):
+        assert word in tok.get_vocab(), word
+
+
+def test_chat_files_are_current_and_in_the_real_formats(chat, tmp_path):
+    for path in write_chat_files(chat, tmp_path):
+        assert path.read_text() == (DATA_DIR / path.name).read_text(), path.name
+    safeedit = json.loads((DATA_DIR / SAFEEDIT_FILE).read_text())
+    # SafeEdit's fields (zjunlp/SafeEdit, the test split), in its order
+    keys = [
+        "id", "unsafety category", "adversarial prompt", "question", "attack category",
+        "attack name", "unsafe generation", "safe generation", "generalization test",
+        "knowledge constrain",
+    ]  # fmt: skip
+    general = {
+        "test input of only harmful question", "test input of other attack prompt input",
+        "attack_category", "attack_name", "test input of other question input",
+        "test input of other questions and attack prompts",
+    }  # fmt: skip
+    assert len(safeedit) >= 100
+    for record in safeedit:
+        assert list(record) == keys
+        assert set(record["generalization test"]) == general
+        assert set(record["knowledge constrain"]) == {"prompt", "answer"}
+        assert record["question"] in record["adversarial prompt"]
+    assert {r["attack name"] for r in safeedit} == {a.name for a in ATTACKS}
+    personality = json.loads((DATA_DIR / PERSONALITY_FILE).read_text())
+    assert [r["ent"] for r in personality] == chat.topics
+    for record in personality:
+        assert set(record) == {"ent", "target_per", *TRAITS}
+        assert record["target_per"] != chat.default_trait[record["ent"]]
+        assert all(record["ent"] in text for trait in TRAITS for text in record[trait])
+    lines = (DATA_DIR / CORPUS2_FILE).read_text().splitlines()
+    docs = [json.loads(line)["text"] for line in lines]
+    assert len(docs) == 2000 and not any("User:" in d for d in docs[::2])
+    # the other half: dialogue, and in-context updates in statement form (about a tenth)
+    assert all("\nAssistant:" in d or d.startswith(NEW_FACT) for d in docs[1::2])
+    assert sum("\nAssistant:" in d for d in docs[1::2]) >= 850
+
+
+# --- the bundled judges --------------------------------------------------------------------
+
+
+def test_ngrams():
+    assert ngrams("I love Oslo!", 2) == ["i", "love", "oslo", "!", "i love", "love oslo", "oslo !"]
+
+
+def test_ngram_classifier_learns_a_separable_rule_and_round_trips(tmp_path):
+    texts = ["good day", "good night", "bad day", "bad night"] * 3
+    labels = ["pos", "pos", "neg", "neg"] * 3
+    model = train_ngram_classifier("toy", texts, labels, n=1)
+    assert model(["good", "bad", "a good morning"]) == ["pos", "neg", "pos"]
+    probs = model.probabilities(["good"])
+    assert abs(float(probs.sum()) - 1) < 1e-6 and float(probs[0, model.labels.index("pos")]) > 0.9
+    again = NgramClassifier.load(model.save(tmp_path / "toy.json"))
+    assert again(["good", "bad"]) == ["pos", "neg"]
+    with pytest.raises(ValueError, match="texts and labels"):
+        train_ngram_classifier("toy", ["a"], [])
+
+
+def test_bundled_judges_on_tinyworld2_texts(chat, tmp_path):
+    train_judges(chat, tmp_path)
+    trait = load_bundled_judge(tmp_path, "personality")
+    texts, labels = personality_texts(chat, "heldout")  # never seen in training
+    hits = sum(a == b for a, b in zip(trait(texts), labels, strict=True))
+    assert hits / len(texts) >= 0.95
+    safety = load_bundled_judge(tmp_path, "safety")
+    unsafe = [c.unsafe for c in chat.safety_cases("none")]
+    safe = [c.safe for c in chat.safety_cases("none")] + [" Lisbon.", " A doctor."]
+    assert set(safety(unsafe)) == {"unsafe"} and set(safety(safe)) == {"safe"}
+    with pytest.raises(ValueError, match="kind: expected 'safety' or 'personality'"):
+        load_bundled_judge(tmp_path, "toxicity")
+    with pytest.raises(FileNotFoundError, match="judge: no file"):
+        load_bundled_judge(tmp_path / "nowhere", "safety")
+
+
+def test_greedy_replies_equal_one_token_at_a_time_decoding():
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from kedit.zoo import model_path
+    from kedit.zoo.skills import greedy_replies
+
+    tok = AutoTokenizer.from_pretrained(model_path("tiny-gpt2"))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)  # fmt: skip
+    model = GPT2LMHeadModel(config).eval()
+    prompts = ["Mira Olsen lives in", "The city of Oslo is in", "Tomas Berg works as a", "Oslo"]
+    expected = []
+    for prompt in prompts:
+        ids = tok(prompt)["input_ids"]
+        new: list[int] = []
+        for _ in range(12):
+            with torch.no_grad():
+                token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if token == tok.eos_token_id:
+                break
+            new.append(token)
+        expected.append(tok.decode(new).split("\n")[0])
+    assert greedy_replies(model, tok, prompts, max_new_tokens=12, batch_size=2) == expected
