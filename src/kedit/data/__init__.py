@@ -22,6 +22,7 @@ from kedit.data.knowedit import (
     wikibio_requests,
 )
 from kedit.data.mquake import MultiHopCase, load_mquake, mquake_cases, mquake_requests
+from kedit.data.safeedit import safeedit_requests
 from kedit.data.wikibigedit import wikibigedit_requests
 from kedit.data.zsre import zsre_requests
 
@@ -45,9 +46,11 @@ FORMATS = {
     "zsre": zsre_requests,
     "mquake": mquake_requests,
     "wikibigedit": wikibigedit_requests,
+    "safeedit": safeedit_requests,
 }
 # Fields that identify a format by the first record, tried in order (the first match wins).
 SIGNATURES = (
+    ("safeedit", {"adversarial prompt", "safe generation"}),
     ("zsre", {"src", "alt"}),
     ("wikibigedit", {"update", "ans"}),
     ("wikibio", {"text", "labels", "concept"}),
