@@ -250,6 +250,7 @@ def register(
 def _load_builtin_methods() -> None:
     from kedit.methods import (  # noqa: F401  (registration happens on import)
         alphaedit,
+        dinm,
         emmet,
         ft,
         kn,
