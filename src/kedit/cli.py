@@ -658,3 +658,123 @@ def zoo_train(
     if keep_checkpoints:
         overrides["keep_checkpoints"] = keep_checkpoints
     console.print(f"Trained {name} into {zoo.train_model(name, out, seed=seed, **overrides)}")
+
+
+def parse_label_map(text: str | None, option: str = "--judge-labels") -> dict[str, str] | None:
+    """`0=safe,1=unsafe` as {"0": "safe", "1": "unsafe"} (None stays None)."""
+    if text is None:
+        return None
+    pairs = [part.partition("=") for part in text.split(",") if part.strip()]
+    if not pairs or any(
+        not sep or not key.strip() or not value.strip() for key, sep, value in pairs
+    ):
+        raise ValueError(
+            f"{option}: expected LABEL=ours pairs such as 0=safe,1=unsafe, got {text!r}"
+        )
+    return {key.strip(): value.strip() for key, _, value in pairs}
+
+
+def judge_for(model: str, kind: str, judge: str | None, labels: str | None) -> Any:
+    """The judge of a kind: --judge (with --judge-labels for a Hugging Face classifier), else
+    the one shipped in the model's folder, else tiny-chat's bundled one."""
+    from kedit.eval.judges import get_judge
+    from kedit.lm import resolve_model_path
+    from kedit.zoo.judges import JUDGES_DIR
+
+    if judge is None and (Path(resolve_model_path(model)) / JUDGES_DIR / f"{kind}.json").is_file():
+        judge = model
+    return get_judge(kind, judge, parse_label_map(labels))
+
+
+def read_done(path: Path) -> dict[str, dict[str, Any]]:
+    """The case records a resumed run already wrote (JSON lines keyed by case_id)."""
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in read_text(path, "--out").splitlines() if line.strip()]
+    return {record["case_id"]: record for record in records}
+
+
+def show_stages(table: Table, summary: dict[str, Any]) -> None:
+    """Rows of metric, protocol, pre and post value, from a summary of tagged metrics."""
+    stages = [summary.get(stage) or {} for stage in ("pre", "post")]
+    for name in dict.fromkeys([*stages[0], *stages[1]]):
+        tagged = [stage.get(name) for stage in stages]
+        protocol = next(t["protocol"] for t in tagged if t)
+        table.add_row(name, protocol, *("" if t is None else f"{t['value']:.3f}" for t in tagged))
+
+
+JudgeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Judge: a zoo model folder, or a Hugging Face classifier with --judge-labels."
+    ),
+]
+JudgeLabelsOpt = Annotated[
+    str | None, typer.Option(help="The classifier's labels mapped to ours, e.g. 0=safe,1=unsafe.")
+]
+
+
+@app.command()
+@friendly_errors
+def detox(
+    data: Annotated[Path, typer.Option(help="SafeEdit file (zjunlp/SafeEdit or tinyworld 2's).")],
+    out: Annotated[Path, typer.Option(help="Output folder; re-running resumes.")],
+    model: ModelOpt = "tiny-chat",
+    method: Annotated[
+        str, typer.Option(help="Editing method (`kedit methods`), or 'none' to measure only.")
+    ] = "dinm",
+    n: Annotated[int | None, typer.Option(help="Use N cases.")] = None,
+    skip: Annotated[int, typer.Option(min=0, help="Skip the first K cases (e.g. tuned on).")] = 0,
+    judge: JudgeOpt = None,
+    judge_labels: JudgeLabelsOpt = None,
+    facts: Annotated[
+        int | None,
+        typer.Option(help="tinyworld fact probes for facts accuracy (default 200 on zoo models)."),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Reply length cap.")] = 48,
+    hparam: HparamOpt = None,
+    hparams_file: HparamFileOpt = None,
+) -> None:
+    """SafeEdit: edit each case on its own (DINM by default), measure DS, DG_*, fluency,
+    knowledge-constraint locality and facts accuracy before and after, undo."""
+    import kedit
+    from kedit.data import load_requests
+    from kedit.eval.safety import evaluate_safety, tinyworld_fact_probes
+    from kedit.methods.registry import resolve_hparams
+
+    hparams = parse_hparams(hparam, hparams_file)
+    requests = list(load_requests(data, format="safeedit"))[skip:][:n]
+    if not requests:
+        raise ValueError(f"--skip: {skip} leaves none of the {str(data)!r} cases")
+    lm = kedit.load(model)
+    chosen_judge = judge_for(model, "safety", judge, judge_labels)
+    if method != "none":
+        resolve_hparams(method, lm, hparams)  # bad keys fail before any measuring
+
+    def make_edit(request: Any) -> Any:
+        return kedit.edit(lm, request, method, hparams=hparams)
+
+    n_facts = (200 if lm.recipe else 0) if facts is None else facts
+    out.mkdir(parents=True, exist_ok=True)
+    cases = out / "cases.jsonl"
+    with cases.open("a") as stream:
+        result = evaluate_safety(
+            lm,
+            requests,
+            chosen_judge,
+            None if method == "none" else make_edit,
+            facts=tinyworld_fact_probes(n_facts) if n_facts else (),
+            max_new_tokens=max_new_tokens,
+            done=read_done(cases),
+            on_case=lambda record: stream.write(json.dumps(record) + "\n") or stream.flush(),
+        )
+    config = {"model": model, "method": method, "hparams": hparams, "data": str(data)}
+    summary = {**config, "n": len(requests), "skip": skip, **result}
+    summary.pop("cases")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = Table(title=f"SafeEdit: {model} / {method}", title_justify="left")
+    for column in ("metric", "protocol", "pre", "post"):
+        table.add_column(column)
+    show_stages(table, result["summary"])
+    console.print(table)
+    console.print(f"judge: {result['judge']}; per-case results in {cases}")

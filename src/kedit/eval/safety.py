@@ -152,9 +152,7 @@ class _Stage:
     facts_acc: float | None
 
     def scores(self) -> dict[str, float]:
-        return {
-            key: defense_score(self.replies[key], self.verdicts[key]) for key in self.replies
-        }
+        return {key: defense_score(self.replies[key], self.verdicts[key]) for key in self.replies}
 
 
 class SafetyRun:
@@ -221,9 +219,14 @@ def case_record(
     record: dict[str, Any] = {"case_id": request.case_id, "pre": _stage_record(pre)}
     if post is not None:
         record["post"] = _stage_record(post)
-        record["post"]["constraint_locality"] = mean(
-            locality_agreement(a, b) for a, b in zip(post.constraint, pre.constraint, strict=True)
-        ) if pre.constraint else None
+        record["post"]["constraint_locality"] = (
+            mean(
+                locality_agreement(a, b)
+                for a, b in zip(post.constraint, pre.constraint, strict=True)
+            )
+            if pre.constraint
+            else None
+        )
     if edit is not None:
         record["edit_info"] = edit.info
     return record
