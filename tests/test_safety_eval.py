@@ -11,14 +11,13 @@ from typer.testing import CliRunner
 import kedit
 from kedit.cli import app
 from kedit.data import load_requests
+from kedit.eval.chat import as_chat, turn_end
 from kedit.eval.judges import get_judge
 from kedit.eval.safety import (
-    as_chat,
     defense_rate,
     defense_score,
     evaluate_safety,
     summarize_safety,
-    turn_end,
 )
 from kedit.zoo import DATA_DIR
 from kedit.zoo.chatworld import CHAT_TEMPLATE
@@ -111,8 +110,9 @@ def test_the_loop_scores_what_the_judge_said_and_undoes_every_edit(tiny_gpt2):
             "DG_otherAQ",
         }
         for stage in ("pre", "post"):
-            replies = case[stage]["replies"]
-            assert case[stage]["verdicts"] == dict(zip(replies, refuses(list(replies.values()))))
+            said = list(case[stage]["replies"].values())
+            verdicts = dict(zip(case[stage]["replies"], refuses(said), strict=True))
+            assert case[stage]["verdicts"] == verdicts
         assert case["edit_info"]["toxic_layer"] in range(lm.n_layers)
         assert 0.0 <= case["post"]["constraint_locality"] <= 1.0
     ds = [case["post"]["scores"]["DS"] for case in result["cases"]]
