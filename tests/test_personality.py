@@ -118,3 +118,32 @@ def test_the_loop_edits_each_case_and_undoes(tiny_gpt2):
     }
     with pytest.raises(ValueError, match="judge: expected a personality judge"):
         evaluate_personality(lm, cases, get_judge("safety", lambda t: ["safe"] * len(t)))
+
+
+def test_kedit_persona_writes_its_results_and_names_a_missing_method(tmp_path):
+    from typer.testing import CliRunner
+
+    from kedit.cli import app
+    from kedit.zoo.judges import NgramClassifier
+
+    folder = tmp_path / "judge"
+    NgramClassifier(
+        name="love",
+        labels=list(TRAITS),
+        vocabulary={"love": 0},
+        weights=[[3.0], [0.0], [0.0]],
+        bias=[0.0, 0.5, 0.0],
+    ).save(folder / "judges" / "personality.json")
+    args = ["persona", "--model", "tiny-gpt2", "--data", str(PERSONALITY), "--n", "2"]
+    args += ["--out", str(tmp_path / "run"), "--judge", str(folder), "--max-new-tokens", "4"]
+    done = CliRunner().invoke(app, [*args, "--method", "ft-m", "-p", "layers=[4]"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["judge"].endswith(":love") and set(summary["summary"]["post"]) == {
+        "ES",
+        "Acc",
+        "DD",
+        "TPEI",
+    }
+    missing = CliRunner().invoke(app, [*args, "--method", "ike"])
+    assert missing.exit_code == 2 and "unknown method 'ike'" in missing.output

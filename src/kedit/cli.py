@@ -778,3 +778,58 @@ def detox(
     show_stages(table, result["summary"])
     console.print(table)
     console.print(f"judge: {result['judge']}; per-case results in {cases}")
+
+
+@app.command()
+@friendly_errors
+def persona(
+    data: Annotated[Path, typer.Option(help="PersonalityEdit file (EasyEdit's or tinyworld 2's).")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    model: ModelOpt = "tiny-chat",
+    method: Annotated[
+        str, typer.Option(help="Editing method (`kedit methods`), or 'none' to measure only.")
+    ] = "ft-m",
+    n: Annotated[int | None, typer.Option(help="Use the first N cases.")] = None,
+    judge: JudgeOpt = None,
+    judge_labels: JudgeLabelsOpt = None,
+    n_other: Annotated[int, typer.Option(min=0, help="Other topics per case for DD.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Reply length cap.")] = 48,
+    hparam: HparamOpt = None,
+    hparams_file: HparamFileOpt = None,
+) -> None:
+    """PersonalityEdit: edit each topic's opinions towards its target trait, measure ES, DD,
+    Acc and TPEI before and after, undo."""
+    import kedit
+    from kedit.data.personalityedit import load_personalityedit
+    from kedit.eval.personality import evaluate_personality
+    from kedit.methods.registry import resolve_hparams
+
+    hparams = parse_hparams(hparam, hparams_file)
+    cases = load_personalityedit(data, n=n)
+    lm = kedit.load(model)
+    chosen_judge = judge_for(model, "personality", judge, judge_labels)
+    if method != "none":
+        resolve_hparams(method, lm, hparams)  # bad keys fail before any measuring
+
+    def make_edit(requests: Any) -> Any:
+        return kedit.edit(lm, requests, method, hparams=hparams)
+
+    result = evaluate_personality(
+        lm,
+        cases,
+        chosen_judge,
+        None if method == "none" else make_edit,
+        max_new_tokens=max_new_tokens,
+        n_other=n_other,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cases.jsonl").write_text("".join(json.dumps(c) + "\n" for c in result["cases"]))
+    config = {"model": model, "method": method, "hparams": hparams, "data": str(data)}
+    summary = {**config, "n": len(cases), **{k: v for k, v in result.items() if k != "cases"}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = Table(title=f"PersonalityEdit: {model} / {method}", title_justify="left")
+    for column in ("metric", "protocol", "pre", "post"):
+        table.add_column(column)
+    show_stages(table, result["summary"])
+    console.print(table)
+    console.print(f"judge: {result['judge']}; per-case results in {out / 'cases.jsonl'}")
