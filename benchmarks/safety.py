@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = evaluate_safety(
             lm, requests, judge, make_edit, facts=facts, max_new_tokens=args.max_new_tokens
         )
-        layers = [case["edit_info"].get("toxic_layer") for case in result["cases"]]
+        layers = [n for c in result["cases"] for n in c["edit_info"].get("toxic_layers", [])]
         report["pre"] = result["summary"]["pre"]
         report["runs"][name] = {
             "method": method,
@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "post": result["summary"]["post"],
             "edit_seconds_median": round(median(seconds), 4),
             "edit_seconds_max": round(max(seconds), 4),
-            "toxic_layers": {str(k): layers.count(k) for k in sorted(set(layers), key=str)}
-            if method == "dinm"
-            else None,
+            "toxic_layers": {str(k): layers.count(k) for k in sorted(set(layers))} or None,
         }
     print(json.dumps(report, indent=2))
     if args.out is not None:

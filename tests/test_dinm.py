@@ -97,7 +97,7 @@ def test_without_the_kl_term_the_constraint_moves_more(tiny_gpt2, cases):
             edit = kedit.edit(lm, request, "dinm", hparams={**FAST, "kl_factor": kl_factor})
             after = [score.predicted for score in score_teacher_forced(lm, pairs)]
             kept += [locality_agreement(a, b) for a, b in zip(after, before, strict=True)]
-            kls.append(edit.info["final_kl"])
+            kls.append(edit.info["requests"][0]["final_kl"])
             edit.undo()
         drift[kl_factor], locality[kl_factor] = sum(kls), sum(kept) / len(kept)
     assert drift[10.0] < 0.5 * drift[0.0], drift
@@ -109,7 +109,8 @@ def test_edit_records_the_toxic_layer_and_undoes(tiny_gpt2, cases):
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     located, _ = locate_toxic_layer(lm, request.text, request.target_new, request.target_true)
     edit = kedit.edit(lm, request, "dinm")
-    info = edit.info
+    assert edit.info["toxic_layers"] == [located]
+    (info,) = edit.info["requests"]
     assert info["unsafe_from"] == "target_true"
     assert info["toxic_layer"] == info["located_layer"] == located
     assert [d.param for d in edit.deltas] == [
@@ -122,8 +123,21 @@ def test_edit_records_the_toxic_layer_and_undoes(tiny_gpt2, cases):
 def test_without_target_true_the_models_own_answer_stands_in(tiny_gpt2):
     request = EditRequest(prompt="{} lives in", subject="Mira Olsen", target_new=" Oslo")
     edit = kedit.edit(tiny_gpt2, request, "dinm")
-    assert edit.info["unsafe_from"] == "greedy"
+    assert edit.info["requests"][0]["unsafe_from"] == "greedy"
     edit.undo()
+
+
+def test_requests_are_detoxified_one_after_another(tiny_gpt2, cases):
+    lm = tiny_gpt2
+    edit = kedit.edit(lm, cases[:2], "dinm")
+    assert len(edit.deltas) == 2 and len(edit.info["toxic_layers"]) == 2
+    after_both = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    edit.undo()
+    first = kedit.edit(lm, cases[0], "dinm")
+    second = kedit.edit(lm, cases[1], "dinm")
+    assert all(torch.equal(after_both[k], v) for k, v in lm.model.state_dict().items())
+    second.undo()
+    first.undo()
 
 
 @pytest.mark.parametrize(

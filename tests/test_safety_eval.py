@@ -113,7 +113,7 @@ def test_the_loop_scores_what_the_judge_said_and_undoes_every_edit(tiny_gpt2):
             said = list(case[stage]["replies"].values())
             verdicts = dict(zip(case[stage]["replies"], refuses(said), strict=True))
             assert case[stage]["verdicts"] == verdicts
-        assert case["edit_info"]["toxic_layer"] in range(lm.n_layers)
+        assert case["edit_info"]["toxic_layers"][0] in range(lm.n_layers)
         assert 0.0 <= case["post"]["constraint_locality"] <= 1.0
     ds = [case["post"]["scores"]["DS"] for case in result["cases"]]
     assert result["summary"]["post"]["DS"]["value"] == pytest.approx(100 * sum(ds) / 2)

@@ -16,7 +16,8 @@ probe):
    gradients, so the constraint acts on W (EasyEdit computes both under no_grad, where the
    term is a constant and never acts).
 
-The located layer and its per-layer distances are recorded in the Edit's info.
+The located layers are recorded in the Edit's info (`toxic_layers`, one per request, and per
+request under `requests` the distances per layer and what the optimisation reached).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kedit.edits import WeightDelta
+from kedit.edits import WeightDelta, compute_in_sequence
 from kedit.hooks import capture, start_at_block, stop_after
 from kedit.lm import LM
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
@@ -220,9 +221,8 @@ def tune_layer(
     return delta, {"steps": step, "final_nll": float(nll.detach()), "final_kl": float(kl.detach())}
 
 
-@register("dinm", DINMHyperParams, "Detoxify: tune the located toxic layer's MLP (DINM)")
-def dinm(lm: LM, requests: list[EditRequest], hparams: DINMHyperParams) -> MethodResult:
-    (request,) = requests
+def detoxify(lm: LM, request: EditRequest, hparams: DINMHyperParams) -> tuple[WeightDelta, dict]:
+    """One request's update: locate its toxic layer (unless `layers` fixes it), tune it."""
     unsafe = request.target_true
     if unsafe is None:
         unsafe = greedy_answer(lm, request.text, len(lm.encode(request.target_new)))
@@ -236,4 +236,20 @@ def dinm(lm: LM, requests: list[EditRequest], hparams: DINMHyperParams) -> Metho
         "unsafe_from": "target_true" if request.target_true is not None else "greedy",
         **reached,
     }
-    return MethodResult([delta], info)
+    return delta, info
+
+
+@register("dinm", DINMHyperParams, "Detoxify: tune the located toxic layer's MLP (DINM)")
+def dinm(lm: LM, requests: list[EditRequest], hparams: DINMHyperParams) -> MethodResult:
+    """Each request in turn, on the model as the ones before it left it."""
+    infos: list[dict] = []
+
+    def compute(request: EditRequest) -> list[WeightDelta]:
+        delta, info = detoxify(lm, request, hparams)
+        infos.append(info)
+        return [delta]
+
+    deltas = compute_in_sequence(lm.model, requests, compute)
+    return MethodResult(
+        deltas, {"toxic_layers": [i["toxic_layer"] for i in infos], "requests": infos}
+    )
