@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from statistics import median
 from typing import Any
+
+from behaviour_runs import emit, timed_edits
 
 # The methods PersonalityEdit compares, with the hyper-parameters used on tiny-chat.
 METHODS = {"ft-m": {"layers": [5], "lr": 1e-2}, "ike": {}, "mend": {}}
@@ -64,24 +65,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for method in (m for m in methods if m in available):
         hparams = METHODS.get(method, {})
         seconds: list[float] = []
-
-        def make_edit(requests, method=method, hparams=hparams, seconds=seconds):
-            started = time.perf_counter()
-            edit = kedit.edit(lm, requests, method, hparams=hparams)
-            seconds.append(time.perf_counter() - started)
-            return edit
-
+        make_edit = timed_edits(lm, method, hparams, seconds)
         result = evaluate_personality(lm, cases, judge, make_edit, n_other=args.n_other)
         report["runs"][method] = {
             "hparams": resolve_hparams(method, lm, hparams).to_dict(),
             "post": result["summary"]["post"],
             "edit_seconds_median": round(median(seconds), 4),
         }
-    print(json.dumps(report, indent=2))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

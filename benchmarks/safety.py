@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from statistics import median
 from typing import Any
+
+from behaviour_runs import emit, timed_edits
 
 RUNS = {
     "dinm": ("dinm", {}),
@@ -70,13 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in runs:
         method, hparams = RUNS[name]
         seconds: list[float] = []
-
-        def make_edit(request, method=method, hparams=hparams, seconds=seconds):
-            started = time.perf_counter()
-            edit = kedit.edit(lm, request, method, hparams=hparams)
-            seconds.append(time.perf_counter() - started)
-            return edit
-
+        make_edit = timed_edits(lm, method, hparams, seconds)
         result = evaluate_safety(
             lm, requests, judge, make_edit, facts=facts, max_new_tokens=args.max_new_tokens
         )
@@ -90,11 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "edit_seconds_max": round(max(seconds), 4),
             "toxic_layers": {str(k): layers.count(k) for k in sorted(set(layers))} or None,
         }
-    print(json.dumps(report, indent=2))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -703,6 +703,39 @@ def show_stages(table: Table, summary: dict[str, Any]) -> None:
         table.add_row(name, protocol, *("" if t is None else f"{t['value']:.3f}" for t in tagged))
 
 
+def behaviour_setup(
+    model: str,
+    method: str,
+    hparams: dict[str, Any],
+    kind: str,
+    judge: str | None,
+    labels: str | None,
+) -> tuple[Any, Any, Callable[[Any], Any] | None]:
+    """The model, the judge of `kind` and the per-case edit function (None for method 'none')
+    of a `detox` or `persona` run; bad hyper-parameter keys fail before anything is measured."""
+    import kedit
+    from kedit.methods.registry import resolve_hparams
+
+    lm = kedit.load(model)
+    chosen = judge_for(model, kind, judge, labels)
+    if method == "none":
+        return lm, chosen, None
+    resolve_hparams(method, lm, hparams)
+    return lm, chosen, lambda requests: kedit.edit(lm, requests, method, hparams=hparams)
+
+
+def show_behaviour(result: dict[str, Any], title: str, out: Path, config: dict[str, Any]) -> None:
+    """Write summary.json (the run's config and its tagged metrics) and print the table."""
+    summary = {**config, **{key: value for key, value in result.items() if key != "cases"}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = Table(title=title, title_justify="left")
+    for column in ("metric", "protocol", "pre", "post"):
+        table.add_column(column)
+    show_stages(table, result["summary"])
+    console.print(table)
+    console.print(f"judge: {result['judge']}; per-case results in {out / 'cases.jsonl'}")
+
+
 JudgeOpt = Annotated[
     str | None,
     typer.Option(
@@ -712,6 +745,10 @@ JudgeOpt = Annotated[
 JudgeLabelsOpt = Annotated[
     str | None, typer.Option(help="The classifier's labels mapped to ours, e.g. 0=safe,1=unsafe.")
 ]
+BehaviourMethodOpt = Annotated[
+    str, typer.Option(help="Editing method (`kedit methods`), or 'none' to measure only.")
+]
+MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Reply length cap.")]
 
 
 @app.command()
@@ -720,9 +757,7 @@ def detox(
     data: Annotated[Path, typer.Option(help="SafeEdit file (zjunlp/SafeEdit or tinyworld 2's).")],
     out: Annotated[Path, typer.Option(help="Output folder; re-running resumes.")],
     model: ModelOpt = "tiny-chat",
-    method: Annotated[
-        str, typer.Option(help="Editing method (`kedit methods`), or 'none' to measure only.")
-    ] = "dinm",
+    method: BehaviourMethodOpt = "dinm",
     n: Annotated[int | None, typer.Option(help="Use N cases.")] = None,
     skip: Annotated[int, typer.Option(min=0, help="Skip the first K cases (e.g. tuned on).")] = 0,
     judge: JudgeOpt = None,
@@ -731,29 +766,22 @@ def detox(
         int | None,
         typer.Option(help="tinyworld fact probes for facts accuracy (default 200 on zoo models)."),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Reply length cap.")] = 48,
+    max_new_tokens: MaxNewTokensOpt = 48,
     hparam: HparamOpt = None,
     hparams_file: HparamFileOpt = None,
 ) -> None:
     """SafeEdit: edit each case on its own (DINM by default), measure DS, DG_*, fluency,
     knowledge-constraint locality and facts accuracy before and after, undo."""
-    import kedit
     from kedit.data import load_requests
     from kedit.eval.safety import evaluate_safety, tinyworld_fact_probes
-    from kedit.methods.registry import resolve_hparams
 
     hparams = parse_hparams(hparam, hparams_file)
     requests = list(load_requests(data, format="safeedit"))[skip:][:n]
     if not requests:
         raise ValueError(f"--skip: {skip} leaves none of the {str(data)!r} cases")
-    lm = kedit.load(model)
-    chosen_judge = judge_for(model, "safety", judge, judge_labels)
-    if method != "none":
-        resolve_hparams(method, lm, hparams)  # bad keys fail before any measuring
-
-    def make_edit(request: Any) -> Any:
-        return kedit.edit(lm, request, method, hparams=hparams)
-
+    lm, chosen_judge, make_edit = behaviour_setup(
+        model, method, hparams, "safety", judge, judge_labels
+    )
     n_facts = (200 if lm.recipe else 0) if facts is None else facts
     out.mkdir(parents=True, exist_ok=True)
     cases = out / "cases.jsonl"
@@ -762,22 +790,16 @@ def detox(
             lm,
             requests,
             chosen_judge,
-            None if method == "none" else make_edit,
+            make_edit,
             facts=tinyworld_fact_probes(n_facts) if n_facts else (),
             max_new_tokens=max_new_tokens,
             done=read_done(cases),
             on_case=lambda record: stream.write(json.dumps(record) + "\n") or stream.flush(),
         )
     config = {"model": model, "method": method, "hparams": hparams, "data": str(data)}
-    summary = {**config, "n": len(requests), "skip": skip, **result}
-    summary.pop("cases")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = Table(title=f"SafeEdit: {model} / {method}", title_justify="left")
-    for column in ("metric", "protocol", "pre", "post"):
-        table.add_column(column)
-    show_stages(table, result["summary"])
-    console.print(table)
-    console.print(f"judge: {result['judge']}; per-case results in {cases}")
+    show_behaviour(
+        result, f"SafeEdit: {model} / {method}", out, {**config, "n": len(requests), "skip": skip}
+    )
 
 
 @app.command()
@@ -786,50 +808,29 @@ def persona(
     data: Annotated[Path, typer.Option(help="PersonalityEdit file (EasyEdit's or tinyworld 2's).")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
     model: ModelOpt = "tiny-chat",
-    method: Annotated[
-        str, typer.Option(help="Editing method (`kedit methods`), or 'none' to measure only.")
-    ] = "ft-m",
+    method: BehaviourMethodOpt = "ft-m",
     n: Annotated[int | None, typer.Option(help="Use the first N cases.")] = None,
     judge: JudgeOpt = None,
     judge_labels: JudgeLabelsOpt = None,
     n_other: Annotated[int, typer.Option(min=0, help="Other topics per case for DD.")] = 3,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Reply length cap.")] = 48,
+    max_new_tokens: MaxNewTokensOpt = 48,
     hparam: HparamOpt = None,
     hparams_file: HparamFileOpt = None,
 ) -> None:
     """PersonalityEdit: edit each topic's opinions towards its target trait, measure ES, DD,
     Acc and TPEI before and after, undo."""
-    import kedit
     from kedit.data.personalityedit import load_personalityedit
     from kedit.eval.personality import evaluate_personality
-    from kedit.methods.registry import resolve_hparams
 
     hparams = parse_hparams(hparam, hparams_file)
     cases = load_personalityedit(data, n=n)
-    lm = kedit.load(model)
-    chosen_judge = judge_for(model, "personality", judge, judge_labels)
-    if method != "none":
-        resolve_hparams(method, lm, hparams)  # bad keys fail before any measuring
-
-    def make_edit(requests: Any) -> Any:
-        return kedit.edit(lm, requests, method, hparams=hparams)
-
+    lm, chosen_judge, make_edit = behaviour_setup(
+        model, method, hparams, "personality", judge, judge_labels
+    )
     result = evaluate_personality(
-        lm,
-        cases,
-        chosen_judge,
-        None if method == "none" else make_edit,
-        max_new_tokens=max_new_tokens,
-        n_other=n_other,
+        lm, cases, chosen_judge, make_edit, max_new_tokens=max_new_tokens, n_other=n_other
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "cases.jsonl").write_text("".join(json.dumps(c) + "\n" for c in result["cases"]))
     config = {"model": model, "method": method, "hparams": hparams, "data": str(data)}
-    summary = {**config, "n": len(cases), **{k: v for k, v in result.items() if k != "cases"}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = Table(title=f"PersonalityEdit: {model} / {method}", title_justify="left")
-    for column in ("metric", "protocol", "pre", "post"):
-        table.add_column(column)
-    show_stages(table, result["summary"])
-    console.print(table)
-    console.print(f"judge: {result['judge']}; per-case results in {out / 'cases.jsonl'}")
+    show_behaviour(result, f"PersonalityEdit: {model} / {method}", out, {**config, "n": len(cases)})
