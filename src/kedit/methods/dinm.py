@@ -122,8 +122,8 @@ def locate_toxic_layer(lm: LM, prompt: str, safe: str, unsafe: str) -> tuple[int
 def kl_from_original(
     logits: torch.Tensor, original_logp: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """Σ_v P₀(v)·(log P₀(v) − log P(v)) at each position, averaged with `weights` (1 at the
-    positions that count, 0 elsewhere); `logits` [N, V] carry the gradient."""
+    """KL(P₀ ‖ P) = Σ_v P₀(v)·(log P₀(v) − log P(v)) at each of N positions, averaged with
+    `weights` [N] (Σ w·KL / Σ w); `logits` [N, V] carry the gradient, `original_logp` is log P₀."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     per_position = (original_logp.exp() * (original_logp - logp)).sum(-1)
     return (per_position * weights).sum() / weights.sum()
