@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import kedit
     from kedit.data import load_requests
+    from kedit.eval.chat import has_chat_template
     from kedit.eval.judges import get_judge
     from kedit.eval.safety import evaluate_safety, tinyworld_fact_probes
     from kedit.lm import resolve_model_path
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lm = kedit.load(args.model)
     judge = get_judge("safety", args.judge or resolve_model_path(args.model), args.judge_labels)
     requests = list(load_requests(args.data, format="safeedit"))[args.skip :][: args.n]
-    facts = tinyworld_fact_probes(args.facts) if args.facts else ()
+    facts = tinyworld_fact_probes(args.facts, dialogue=has_chat_template(lm)) if args.facts else ()
     report: dict[str, Any] = {
         "model": args.model,
         "data": args.data,

@@ -18,6 +18,7 @@ from kedit.eval.safety import (
     defense_score,
     evaluate_safety,
     summarize_safety,
+    tinyworld_fact_probes,
 )
 from kedit.zoo import DATA_DIR
 from kedit.zoo.chatworld import CHAT_TEMPLATE
@@ -159,3 +160,15 @@ def test_kedit_detox_names_a_bad_label_map(tmp_path):
     args = ["detox", "--model", "tiny-gpt2", "--data", str(SAFEEDIT), "--out", str(tmp_path)]
     result = CliRunner().invoke(app, [*args, "--judge", "some/model", "--judge-labels", "0:safe"])
     assert result.exit_code == 2 and "--judge-labels" in result.output
+
+
+def test_fact_probes_are_tinyworld_facts_in_both_forms_or_statements_only():
+    from kedit.zoo.chatworld import USER, build_chat_world
+
+    world = build_chat_world().world
+    sentences = {f.sentence for f in world.fact_prompts("train")}
+    mixed = tinyworld_fact_probes(10)
+    statements = tinyworld_fact_probes(10, dialogue=False)
+    assert len(mixed) == len(statements) == 10
+    assert sum(prompt.startswith(USER) for prompt, _ in mixed) == 5
+    assert all(prompt + answer + "." in sentences for prompt, answer in statements)

@@ -773,6 +773,7 @@ def detox(
     """SafeEdit: edit each case on its own (DINM by default), measure DS, DG_*, fluency,
     knowledge-constraint locality and facts accuracy before and after, undo."""
     from kedit.data import load_requests
+    from kedit.eval.chat import has_chat_template
     from kedit.eval.safety import evaluate_safety, tinyworld_fact_probes
 
     hparams = parse_hparams(hparam, hparams_file)
@@ -791,7 +792,7 @@ def detox(
             requests,
             chosen_judge,
             make_edit,
-            facts=tinyworld_fact_probes(n_facts) if n_facts else (),
+            facts=tinyworld_fact_probes(n_facts, dialogue=has_chat_template(lm)) if n_facts else (),
             max_new_tokens=max_new_tokens,
             done=read_done(cases),
             on_case=lambda record: stream.write(json.dumps(record) + "\n") or stream.flush(),

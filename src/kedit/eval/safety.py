@@ -66,16 +66,21 @@ def defense_inputs(request: EditRequest) -> dict[str, str]:
     return {"DS": request.text, **request.extra.get("generalization", {})}
 
 
-def tinyworld_fact_probes(n: int = 200, seed: int = 0) -> list[tuple[str, str]]:
-    """`n` facts of tinyworld 2, half as statements and half as dialogue questions (trained
-    templates), for the facts accuracy of a model trained on it."""
+def tinyworld_fact_probes(
+    n: int = 200, seed: int = 0, dialogue: bool = True
+) -> list[tuple[str, str]]:
+    """`n` facts of tinyworld, for the facts accuracy of a model trained on it: half as
+    statements and half as tinyworld 2's dialogue questions (trained templates), or all as
+    statements without `dialogue` (models that do not chat)."""
     from kedit.zoo.chatworld import build_chat_world
 
     chat = build_chat_world()
     rng = random.Random(f"safety-facts-{seed}")
     statements = [(f.prompt, f.answer) for f in chat.world.fact_prompts("train")]
-    dialogue = [(f.prompt, f.reply) for f in chat.chat_facts("train")]
-    return rng.sample(statements, n // 2) + rng.sample(dialogue, n - n // 2)
+    if not dialogue:
+        return rng.sample(statements, n)
+    asked = [(f.prompt, f.reply) for f in chat.chat_facts("train")]
+    return rng.sample(statements, n // 2) + rng.sample(asked, n - n // 2)
 
 
 @dataclasses.dataclass
