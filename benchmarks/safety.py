@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--facts", type=int, default=200, help="tinyworld fact probes")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--plot", type=Path, default=None, help="bar chart of the runs (PNG)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     runs = args.runs.split(",")
@@ -86,7 +87,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "edit_seconds_max": round(max(seconds), 4),
             "toxic_layers": {str(k): layers.count(k) for k in sorted(set(layers))} or None,
         }
+    if args.plot is not None:
+        plot(report, args.plot)
     return emit(report, args.out)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """DS and each DG before the edits and after each run's, as grouped bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["DS", "DG_onlyQ", "DG_otherA", "DG_otherQ", "DG_otherAQ"]
+    stages = {"unedited": report["pre"]} | {run: r["post"] for run, r in report["runs"].items()}
+    width = 0.8 / len(stages)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for k, (label, metrics) in enumerate(stages.items()):
+        values = [metrics[name]["value"] if name in metrics else 0.0 for name in names]
+        ax.bar([i + k * width for i in range(len(names))], values, width, label=label)
+    ax.set_xticks([i + width * (len(stages) - 1) / 2 for i in range(len(names))], names)
+    ax.set_ylabel("% defended")
+    ax.set_title(f"SafeEdit on {Path(report['model']).name}, {report['n']} cases")
+    ax.legend(fontsize=8, ncol=len(stages))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,15 @@ def _judges(folder: Path) -> Path:
 def test_safety_benchmark_reports_every_run(tmp_path):
     argv = ["--model", "tiny-gpt2", "--judge", str(_judges(tmp_path)), "--skip", "0", "--n", "1"]
     argv += ["--runs", "dinm,dinm-no-kl", "--facts", "4", "--max-new-tokens", "4"]
-    report = safety.main([*argv, "--out", str(tmp_path / "safety.json")])
+    report = safety.main(
+        [*argv, "--out", str(tmp_path / "safety.json"), "--plot", str(tmp_path / "s.png")]
+    )
     assert set(report["runs"]) == {"dinm", "dinm-no-kl"}
     assert report["runs"]["dinm-no-kl"]["hparams"]["kl_factor"] == 0.0
     assert sum(report["runs"]["dinm"]["toxic_layers"].values()) == 1
     assert report["runs"]["dinm"]["post"]["DS"]["protocol"] == "generation"
     assert json.loads((tmp_path / "safety.json").read_text()) == report
+    assert (tmp_path / "s.png").stat().st_size > 0
 
 
 def test_personality_benchmark_lists_missing_methods(tmp_path):
