@@ -98,7 +98,7 @@ class _Stage:
 
 class SafetyRun:
     """Measures one model on SafeEdit requests: `before()` once on the unedited model, then
-    `after(request, edit)` per edited case."""
+    `after(request)` with each case's edit applied."""
 
     def __init__(
         self,
