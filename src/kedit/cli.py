@@ -1117,3 +1117,180 @@ def train_command(
     console.print(
         f"Trained {method} for {lm.name}: {editor.path}" + (f" ({shown})" if shown else "")
     )
+
+
+def parse_label_map(text: str | None, option: str = "--judge-labels") -> dict[str, str] | None:
+    """`0=safe,1=unsafe` as {"0": "safe", "1": "unsafe"} (None stays None)."""
+    if text is None:
+        return None
+    pairs = [part.partition("=") for part in text.split(",") if part.strip()]
+    if not pairs or any(
+        not sep or not key.strip() or not value.strip() for key, sep, value in pairs
+    ):
+        raise ValueError(
+            f"{option}: expected LABEL=ours pairs such as 0=safe,1=unsafe, got {text!r}"
+        )
+    return {key.strip(): value.strip() for key, _, value in pairs}
+
+
+def judge_for(model: str, kind: str, judge: str | None, labels: str | None) -> Any:
+    """The judge of a kind: --judge (with --judge-labels for a Hugging Face classifier), else
+    the one shipped in the model's folder, else tiny-chat's bundled one."""
+    from kedit.eval.judges import get_judge
+    from kedit.lm import resolve_model_path
+    from kedit.zoo.judges import JUDGES_DIR
+
+    if judge is None and (Path(resolve_model_path(model)) / JUDGES_DIR / f"{kind}.json").is_file():
+        judge = model
+    return get_judge(kind, judge, parse_label_map(labels))
+
+
+def read_done(path: Path) -> dict[str, dict[str, Any]]:
+    """The case records a resumed run already wrote (JSON lines keyed by case_id)."""
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in read_text(path, "--out").splitlines() if line.strip()]
+    return {record["case_id"]: record for record in records}
+
+
+def show_stages(table: Table, summary: dict[str, Any]) -> None:
+    """Rows of metric, protocol, pre and post value, from a summary of tagged metrics."""
+    stages = [summary.get(stage) or {} for stage in ("pre", "post")]
+    for name in dict.fromkeys([*stages[0], *stages[1]]):
+        tagged = [stage.get(name) for stage in stages]
+        protocol = next(t["protocol"] for t in tagged if t)
+        table.add_row(name, protocol, *("" if t is None else f"{t['value']:.3f}" for t in tagged))
+
+
+def behaviour_setup(
+    model: str,
+    method: str,
+    hparams: dict[str, Any],
+    kind: str,
+    judge: str | None,
+    labels: str | None,
+) -> tuple[Any, Any, Callable[[Any], Any] | None]:
+    """The model, the judge of `kind` and the per-case edit function (None for method 'none')
+    of a `detox` or `persona` run; bad hyper-parameter keys fail before anything is measured."""
+    import kedit
+    from kedit.methods.registry import resolve_hparams
+
+    lm = kedit.load(model)
+    chosen = judge_for(model, kind, judge, labels)
+    if method == "none":
+        return lm, chosen, None
+    resolve_hparams(method, lm, hparams)
+    return lm, chosen, lambda requests: kedit.edit(lm, requests, method, hparams=hparams)
+
+
+def show_behaviour(result: dict[str, Any], title: str, out: Path, config: dict[str, Any]) -> None:
+    """Write summary.json (the run's config and its tagged metrics) and print the table."""
+    summary = {**config, **{key: value for key, value in result.items() if key != "cases"}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = Table(title=title, title_justify="left")
+    for column in ("metric", "protocol", "pre", "post"):
+        table.add_column(column)
+    show_stages(table, result["summary"])
+    console.print(table)
+    console.print(f"judge: {result['judge']}; per-case results in {out / 'cases.jsonl'}")
+
+
+JudgeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Judge: a zoo model folder, or a Hugging Face classifier with --judge-labels."
+    ),
+]
+JudgeLabelsOpt = Annotated[
+    str | None, typer.Option(help="The classifier's labels mapped to ours, e.g. 0=safe,1=unsafe.")
+]
+BehaviourMethodOpt = Annotated[
+    str, typer.Option(help="Editing method (`kedit methods`), or 'none' to measure only.")
+]
+MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Reply length cap.")]
+
+
+@app.command()
+@friendly_errors
+def detox(
+    data: Annotated[Path, typer.Option(help="SafeEdit file (zjunlp/SafeEdit or tinyworld 2's).")],
+    out: Annotated[Path, typer.Option(help="Output folder; re-running resumes.")],
+    model: ModelOpt = "tiny-chat",
+    method: BehaviourMethodOpt = "dinm",
+    n: Annotated[int | None, typer.Option(help="Use N cases.")] = None,
+    skip: Annotated[int, typer.Option(min=0, help="Skip the first K cases (e.g. tuned on).")] = 0,
+    judge: JudgeOpt = None,
+    judge_labels: JudgeLabelsOpt = None,
+    facts: Annotated[
+        int | None,
+        typer.Option(help="tinyworld fact probes for facts accuracy (default 200 on zoo models)."),
+    ] = None,
+    max_new_tokens: MaxNewTokensOpt = 48,
+    hparam: HparamOpt = None,
+    hparams_file: HparamFileOpt = None,
+) -> None:
+    """SafeEdit: edit each case on its own (DINM by default), measure DS, DG_*, fluency,
+    knowledge-constraint locality and facts accuracy before and after, undo."""
+    from kedit.data import load_requests
+    from kedit.eval.chat import has_chat_template
+    from kedit.eval.safety import evaluate_safety, tinyworld_fact_probes
+
+    hparams = parse_hparams(hparam, hparams_file)
+    requests = list(load_requests(data, format="safeedit"))[skip:][:n]
+    if not requests:
+        raise ValueError(f"--skip: {skip} leaves none of the {str(data)!r} cases")
+    lm, chosen_judge, make_edit = behaviour_setup(
+        model, method, hparams, "safety", judge, judge_labels
+    )
+    n_facts = (200 if lm.recipe else 0) if facts is None else facts
+    out.mkdir(parents=True, exist_ok=True)
+    cases = out / "cases.jsonl"
+    with cases.open("a") as stream:
+        result = evaluate_safety(
+            lm,
+            requests,
+            chosen_judge,
+            make_edit,
+            facts=tinyworld_fact_probes(n_facts, dialogue=has_chat_template(lm)) if n_facts else (),
+            max_new_tokens=max_new_tokens,
+            done=read_done(cases),
+            on_case=lambda record: stream.write(json.dumps(record) + "\n") or stream.flush(),
+        )
+    config = {"model": model, "method": method, "hparams": hparams, "data": str(data)}
+    show_behaviour(
+        result, f"SafeEdit: {model} / {method}", out, {**config, "n": len(requests), "skip": skip}
+    )
+
+
+@app.command()
+@friendly_errors
+def persona(
+    data: Annotated[Path, typer.Option(help="PersonalityEdit file (EasyEdit's or tinyworld 2's).")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    model: ModelOpt = "tiny-chat",
+    method: BehaviourMethodOpt = "ft-m",
+    n: Annotated[int | None, typer.Option(help="Use the first N cases.")] = None,
+    judge: JudgeOpt = None,
+    judge_labels: JudgeLabelsOpt = None,
+    n_other: Annotated[int, typer.Option(min=0, help="Other topics per case for DD.")] = 3,
+    max_new_tokens: MaxNewTokensOpt = 48,
+    hparam: HparamOpt = None,
+    hparams_file: HparamFileOpt = None,
+) -> None:
+    """PersonalityEdit: edit each topic's opinions towards its target trait, measure ES, DD,
+    Acc and TPEI before and after, undo."""
+    from kedit.data.personalityedit import load_personalityedit
+    from kedit.eval.personality import evaluate_personality
+
+    hparams = parse_hparams(hparam, hparams_file)
+    cases = load_personalityedit(data, n=n)
+    lm, chosen_judge, make_edit = behaviour_setup(
+        model, method, hparams, "personality", judge, judge_labels
+    )
+    result = evaluate_personality(
+        lm, cases, chosen_judge, make_edit, max_new_tokens=max_new_tokens, n_other=n_other
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cases.jsonl").write_text("".join(json.dumps(c) + "\n" for c in result["cases"]))
+    config = {"model": model, "method": method, "hparams": hparams, "data": str(data)}
+    show_behaviour(result, f"PersonalityEdit: {model} / {method}", out, {**config, "n": len(cases)})

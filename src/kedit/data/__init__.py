@@ -30,6 +30,7 @@ from kedit.data.pitfalls import (
     load_roundedit,
     roundedit_requests,
 )
+from kedit.data.safeedit import safeedit_requests
 from kedit.data.wikibigedit import wikibigedit_requests
 from kedit.data.zsre import zsre_requests
 
@@ -59,9 +60,11 @@ FORMATS = {
     "wikibigedit": wikibigedit_requests,
     "conflictedit": conflictedit_requests,
     "roundedit": roundedit_requests,
+    "safeedit": safeedit_requests,
 }
 # Fields that identify a format by the first record, tried in order (the first match wins).
 SIGNATURES = (
+    ("safeedit", {"adversarial prompt", "safe generation"}),
     ("conflictedit", {"triples", "edits", "type"}),
     ("roundedit", {"edit", "true_objects"}),
     ("zsre", {"src", "alt"}),

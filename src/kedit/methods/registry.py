@@ -254,6 +254,7 @@ def register(
 def _load_builtin_methods() -> None:
     from kedit.methods import (  # noqa: F401  (registration happens on import)
         alphaedit,
+        dinm,
         emmet,
         ft,
         grace,

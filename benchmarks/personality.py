@@ -1,0 +1,79 @@
+"""PersonalityEdit on a chat model (tiny-chat's targets): the methods the paper compares, where
+kedit has them; prints JSON (and writes it with --out).
+
+Each case (a topic and the trait to bring about) is edited on its own, on its target-trait
+opinion texts as replies to "What do you think of {topic}?", measured and undone: ES and DD
+(teacher-forced likelihoods), Acc and TPEI (the greedy opinion, judged by the model's bundled
+personality judge or --judge with --judge-labels). A method that is not registered (IKE and
+MEND until their issues land) is listed under "missing", not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+from behaviour_runs import emit, timed_edits
+
+# The methods PersonalityEdit compares, with the hyper-parameters used on tiny-chat.
+METHODS = {"ft-m": {"layers": [5], "lr": 1e-2}, "ike": {}, "mend": {}}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import torch
+
+    import kedit
+    from kedit.data.personalityedit import load_personalityedit
+    from kedit.eval.judges import get_judge
+    from kedit.eval.personality import evaluate_personality
+    from kedit.lm import resolve_model_path
+    from kedit.methods.registry import resolve_hparams
+    from kedit.zoo import DATA_DIR
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="tiny-chat", help="bundled name or a zoo model folder")
+    parser.add_argument("--data", default=str(DATA_DIR / "tinyworld2_personality.json"))
+    parser.add_argument("--n", type=int, default=None, help="first N cases (default: all)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--judge", default=None, help="default: the model folder's own")
+    parser.add_argument("--judge-labels", type=json.loads, default=None)
+    parser.add_argument("--n-other", type=int, default=3, help="other topics per case for DD")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    lm = kedit.load(args.model)
+    judge = get_judge(
+        "personality", args.judge or resolve_model_path(args.model), args.judge_labels
+    )
+    cases = load_personalityedit(args.data, n=args.n)
+    methods = args.methods.split(",")
+    available = set(kedit.list_methods())
+    report: dict[str, Any] = {
+        "model": args.model,
+        "data": args.data,
+        "n": len(cases),
+        "judge": judge.name,
+        "missing": [m for m in methods if m not in available],
+        "runs": {},
+    }
+    report["pre"] = evaluate_personality(lm, cases, judge, n_other=args.n_other)["summary"]["pre"]
+    for method in (m for m in methods if m in available):
+        hparams = METHODS.get(method, {})
+        seconds: list[float] = []
+        make_edit = timed_edits(lm, method, hparams, seconds)
+        result = evaluate_personality(lm, cases, judge, make_edit, n_other=args.n_other)
+        report["runs"][method] = {
+            "hparams": resolve_hparams(method, lm, hparams).to_dict(),
+            "post": result["summary"]["post"],
+            "edit_seconds_median": round(median(seconds), 4),
+        }
+    return emit(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
