@@ -32,8 +32,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+", default=MODELS)
-    parser.add_argument("--editors", nargs="+", default=EDITORS)
-    parser.add_argument("--baselines", nargs="+", default=BASELINES)
+    parser.add_argument("--editors", nargs="*", default=EDITORS)
+    parser.add_argument("--baselines", nargs="*", default=BASELINES)
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--batch", type=int, default=100, help="MALMEN's batch of edits.")
     parser.add_argument("--train", action="store_true", help="Train the editors here, timed.")

