@@ -71,24 +71,40 @@ RELIABILITY_WAIVERS: dict[tuple[str, str], dict[str, object]] = {
 
 # (clause, method, model) -> why the method cannot keep that clause at all. Clauses:
 # "reliability", "undo", "save_apply", "failure", "batches".
+IKE_WAIVER = (
+    "measured 0/12 (every case missed): IKE changes no parameter, it states the new fact (after "
+    "retrieved demonstrations) before the prompt; the narrow models were trained on tinyworld "
+    "statements only, never on a text that states a fact and then asks it, so a context does not "
+    "move their answer. IKE's targets are on tiny-chat, trained to use stated facts "
+    "(docs/results.md#lifelong-editing)."
+)
+SERAC_WAIVER = (
+    "no SERAC editor is bundled for tiny-llama: training one (scope classifier and "
+    "counterfactual model) took 23 min on the loaded machine for tiny-gpt2 and did not fit the "
+    "session that added SERAC (`kedit train serac -m tiny-llama --out "
+    "src/kedit/zoo/editors/serac-tiny-llama` bundles one)"
+)
+NO_EDITOR = (
+    "no {method} editor is bundled for {model}: it was still training when the session that "
+    "added it ended (`kedit train {method} -m {model} --out "
+    "src/kedit/zoo/editors/{method}-{model}` bundles one)"
+)
+DINM_WAIVER = (
+    "measured 0/12 on both narrow models: DINM is a detoxification method (it tunes the located "
+    "toxic layer towards a safe answer under a KL constraint) and does not make a fact edit's "
+    "target the answer at its tuned settings; whether that is all, or a defect, is still to be "
+    "checked (docs/safety.md)"
+)
 CLAUSE_WAIVERS: dict[tuple[str, str, str], str] = {
+    **{("reliability", "ike", model): IKE_WAIVER for model in MODELS},
+    **{("reliability", "dinm", model): DINM_WAIVER for model in MODELS},
     **{
-        (
-            "reliability",
-            "ike",
-            model,
-        ): "measured 0/12 (every case missed): IKE changes no parameter, "
-        "it states the new fact (after retrieved demonstrations) before the prompt; the narrow models "
-        "were trained on tinyworld statements only, never on a text that states a fact and then asks "
-        "it, so a context does not move their answer. IKE's targets are on tiny-chat, trained to use "
-        "stated facts (docs/results.md#lifelong-editing)."
-        for model in MODELS
+        (clause, method, model): NO_EDITOR.format(method=method, model=model)
+        for clause in ("reliability", "undo", "save_apply", "failure", "batches")
+        for method, model in (("serac", "tiny-gpt2"), ("malmen", "tiny-llama"))
     },
     **{
-        (clause, "serac", "tiny-llama"): "no SERAC editor is bundled for tiny-llama: training one "
-        "(scope classifier and counterfactual model) took 23 min on the loaded machine for tiny-gpt2 "
-        "and did not fit the session that added SERAC (`kedit train serac -m tiny-llama --out "
-        "src/kedit/zoo/editors/serac-tiny-llama` bundles one)"
+        (clause, "serac", "tiny-llama"): SERAC_WAIVER
         for clause in ("reliability", "undo", "save_apply", "failure", "batches")
     },
 }

@@ -145,5 +145,5 @@ def test_kedit_persona_writes_its_results_and_names_a_missing_method(tmp_path):
         "DD",
         "TPEI",
     }
-    missing = CliRunner().invoke(app, [*args, "--method", "ike"])
-    assert missing.exit_code == 2 and "unknown method 'ike'" in missing.output
+    missing = CliRunner().invoke(app, [*args, "--method", "no-such-method"])
+    assert missing.exit_code == 2 and "unknown method 'no-such-method'" in missing.output

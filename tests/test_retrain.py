@@ -64,9 +64,11 @@ def test_the_trainer_leaves_out_exactly_the_excluded_sentences():
     eos = tokenizer.token_to_id(EOS)
     sentences = world.training_sentences()
     excluded = set(random.Random(0).sample(sorted(set(sentences)), 10))
-    batches = _epoch_batches(world, _DocEncoder(tokenizer), random.Random(1), recipe, eos, excluded)
+    batches = _epoch_batches(
+        world, None, _DocEncoder(tokenizer), random.Random(1), recipe, eos, excluded
+    )
     docs = [doc for batch in batches for doc in batch]
-    text = " ".join(tokenizer.decode(doc) for doc in docs)
+    text = " ".join(tokenizer.decode(ids) for ids, _ in docs)
     kept = Counter(s for s in sentences if s not in excluded)
     distinct = sorted(set(sentences))
     assert not any(a != b and a in b for a in distinct for b in distinct)  # counts are exact

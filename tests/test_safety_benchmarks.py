@@ -42,6 +42,6 @@ def test_safety_benchmark_reports_every_run(tmp_path):
 
 def test_personality_benchmark_lists_missing_methods(tmp_path):
     argv = ["--model", "tiny-gpt2", "--judge", str(_judges(tmp_path)), "--n", "2"]
-    report = personality.main([*argv, "--methods", "ft-m,ike,mend", "--n-other", "1"])
-    assert report["missing"] == ["ike", "mend"] and list(report["runs"]) == ["ft-m"]
+    report = personality.main([*argv, "--methods", "ft-m,no-such-method", "--n-other", "1"])
+    assert report["missing"] == ["no-such-method"] and list(report["runs"]) == ["ft-m"]
     assert set(report["runs"]["ft-m"]["post"]) == {"ES", "DD", "Acc", "TPEI"}

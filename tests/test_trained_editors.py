@@ -162,7 +162,10 @@ def test_running_with_a_change_equals_writing_its_weight_deltas(model, request):
     torch.testing.assert_close(hooked, direct, atol=1e-4, rtol=1e-4)
 
 
-def test_training_resumes_from_its_checkpoint_as_if_never_stopped(tiny_gpt2, tmp_path, monkeypatch):
+def test_training_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path, monkeypatch):
+    # A fresh load: after the rest of the suite the shared model's runs were not bit-identical
+    # (a cross-test state still to be found; the closing note of 2026-12-06 names it).
+    tiny_gpt2 = kedit.load("tiny-gpt2")
     train, val = _requests(8), _requests(10)[8:]
     whole = train_editor(tiny_gpt2, "mend", train, val, tmp_path / "whole", TINY, progress=False)
     real_step = _editor_train._step_loss
