@@ -89,15 +89,8 @@ NO_EDITOR = (
     "added it ended (`kedit train {method} -m {model} --out "
     "src/kedit/zoo/editors/{method}-{model}` bundles one)"
 )
-DINM_WAIVER = (
-    "measured 0/12 on both narrow models: DINM is a detoxification method (it tunes the located "
-    "toxic layer towards a safe answer under a KL constraint) and does not make a fact edit's "
-    "target the answer at its tuned settings; whether that is all, or a defect, is still to be "
-    "checked (docs/safety.md)"
-)
 CLAUSE_WAIVERS: dict[tuple[str, str, str], str] = {
     **{("reliability", "ike", model): IKE_WAIVER for model in MODELS},
-    **{("reliability", "dinm", model): DINM_WAIVER for model in MODELS},
     **{
         (clause, method, model): NO_EDITOR.format(method=method, model=model)
         for clause in ("reliability", "undo", "save_apply", "failure", "batches")
