@@ -8,6 +8,7 @@ import torch
 
 import kedit
 from kedit.data import load_requests
+from kedit.edits import WeightDelta
 from kedit.lm import LM
 from kedit.methods._locate import context_prefixes, optimize_values
 from kedit.methods._memory import CPU_BUDGET_BYTES, backward_tokens, bytes_per_token
@@ -38,6 +39,13 @@ HPARAMS = {
     "ft-l": {"layers": [1], "steps": 5},
     "ft-m": {"layers": [1], "steps": 5},
     "kn": {"steps": 4},
+    "lora": {"layers": [1], "steps": 5},
+    "adalora": {"layers": [1], "steps": 8, "final_steps": 2},
+    "grace": {"layers": [1], "steps": 5},
+    "ultraedit": {"layers": [1]},
+    "wise": {"layers": [1], "steps": 5, "irrelevant_corpus": "tinyworld"},
+    "melo": {"layers": [1], "steps": 5},
+    "ike": {"k": 2},
 }
 
 
@@ -81,9 +89,12 @@ def half_model(request, bpe_tokenizer):
 # Methods that edit with an editor trained for one model; their half-precision test trains one
 # for a random model (tests/test_trained_editors.py).
 TRAINED_EDITORS = {"mend", "malmen", "serac"}
-# Methods merged after this file was written, not yet run in half precision here (open work,
-# named in the closing note of the session that merged them).
-NOT_YET_CHECKED = {"lora", "adalora", "grace", "wise", "melo", "ultraedit", "ike", "dinm"}
+# Merged after this file's last update, not yet run in half precision here (open work).
+NOT_YET_CHECKED = {"dinm"}
+# (method, dtype) whose edit of the random half-precision models is non-finite today (measured
+# 2026-12-06: LoRA's and AdaLoRA's adaptors, trained by peft in the model's float16, overflow;
+# bfloat16 works); open.
+NON_FINITE = {("lora", torch.float16), ("adalora", torch.float16)}
 
 
 def test_every_registered_method_has_settings_here():
@@ -95,8 +106,17 @@ def test_every_method_edits_a_half_precision_model(half_model, method):
     lm = half_model
     dtype = lm.model.dtype
     before = {name: value.clone() for name, value in lm.model.state_dict().items()}
+    if (method, dtype) in NON_FINITE:
+        # a known defect, kept visible: the edit is refused and the model left as it was
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            kedit.edit(lm, REQUEST, method=method, hparams=HPARAMS[method])
+        assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+        return
     edit = kedit.edit(lm, REQUEST, method=method, hparams=HPARAMS[method])
     assert edit.deltas
+    if not all(isinstance(delta, WeightDelta) for delta in edit.deltas):
+        _check_attached_edit(lm, edit, before, dtype)
+        return
     # The deltas are kept in float32 and are finite.
     for delta in edit.deltas:
         assert delta.tensor().dtype == torch.float32
@@ -116,6 +136,22 @@ def test_every_method_edits_a_half_precision_model(half_model, method):
     after = lm.model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert {p.dtype for p in lm.model.parameters()} == {dtype}
+
+
+def _check_attached_edit(lm, edit, before, dtype) -> None:
+    """An adaptor, memory or context edit of a half-precision model: the model's own weights
+    stay as they were, in their dtype; what is attached is float32 and finite; undo leaves the
+    state_dict as before, with nothing attached."""
+    now = lm.model.state_dict()
+    assert all(torch.equal(now[name], value) for name, value in before.items())
+    assert {p.dtype for p in lm.model.parameters()} == {dtype}
+    for name in now.keys() - before.keys():
+        if now[name].is_floating_point():
+            assert now[name].dtype == torch.float32 and bool(torch.isfinite(now[name]).all())
+    edit.undo()
+    after = lm.model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
 
 
 def test_fine_tuning_adds_up_steps_below_a_bfloat16_weights_resolution(bpe_tokenizer):
