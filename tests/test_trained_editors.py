@@ -162,19 +162,19 @@ def test_running_with_a_change_equals_writing_its_weight_deltas(model, request):
     torch.testing.assert_close(hooked, direct, atol=1e-4, rtol=1e-4)
 
 
-def test_training_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path, monkeypatch):
-    # One thread, whatever $KEDIT_THREADS says (a CLI test's --threads sets it): with two, the
-    # two runs were not bit-identical (multi-threaded CPU reductions need not repeat).
+@pytest.fixture
+def one_thread():
+    """One torch thread for the block (earlier tests may leave more): float sums then add up in
+    one order, so that two runs of the same training agree bit for bit."""
     threads = torch.get_num_threads()
-    tiny_gpt2 = kedit.load("tiny-gpt2")
     torch.set_num_threads(1)
-    try:
-        _check_resume(tiny_gpt2, tmp_path, monkeypatch)
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
 
 
-def _check_resume(tiny_gpt2, tmp_path, monkeypatch):
+def test_training_resumes_from_its_checkpoint_as_if_never_stopped(
+    tiny_gpt2, tmp_path, monkeypatch, one_thread
+):
     train, val = _requests(8), _requests(10)[8:]
     whole = train_editor(tiny_gpt2, "mend", train, val, tmp_path / "whole", TINY, progress=False)
     real_step = _editor_train._step_loss
@@ -285,7 +285,7 @@ def test_serac_scope_examples_label_prompts_and_paraphrases_in_scope_only():
     assert labels.tolist() == [[1, 0], [1, 1], [0, 0]]
 
 
-def test_serac_training_resumes_from_its_checkpoint(tiny_gpt2, tmp_path, monkeypatch):
+def test_serac_training_resumes_from_its_checkpoint(tiny_gpt2, tmp_path, monkeypatch, one_thread):
     pytest.importorskip("sentence_transformers")
     from kedit.methods import serac
 

@@ -581,7 +581,9 @@ DELTA_KINDS: dict[str, type] = {
 
 
 def _describe(change: Change) -> str:
-    return ", ".join(sorted(change.targets)) or f"the {change.context} context"
+    if isinstance(change, ContextDelta):
+        return f"the {change.context} context"
+    return ", ".join(sorted(target or "the model itself" for target in change.targets))
 
 
 @dataclass(eq=False)
