@@ -14,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from kedit.edits import Change, compute_in_sequence
-from kedit.hooks import capture, start_at_block, stop_after
+from kedit.edits import Adaptor, Change, compute_in_sequence, silenced
+from kedit.hooks import capture, replace_output, start_at_block, stop_after
 from kedit.lm import LM
 from kedit.methods.ft import _batch, _Row, _rows, forward_target_nll
 from kedit.methods.registry import HyperParams, MethodResult
@@ -156,6 +157,53 @@ def train_to_targets(
             if after_step is not None:
                 after_step(step)
     return Trained(step, worst)
+
+
+class MemoryTraining(Protocol):
+    """The hyper-parameters a memory method trains its memory's next state with."""
+
+    layers: list[int]  # the one layer whose module holds the memory
+    steps: int
+    lr: float
+    stop_nll: float
+
+
+def train_at_module(
+    lm: LM,
+    request: EditRequest,
+    params: list[torch.Tensor],
+    hparams: MemoryTraining,
+    path: str,
+    output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    memory: Adaptor | None = None,
+    **options: Any,
+) -> Trained:
+    """`train_to_targets` on one request while module `path` gives `output(inputs, output)`
+    (from its input and its own output, as an adaptor's `adapt`) and `memory`, where given, is
+    silenced: how a memory method trains its memory's next state in the memory's place.
+    `options` are `train_to_targets`'s."""
+    with silenced(memory), capture(lm.model, [path], "input") as captured:
+        with replace_output(lm.model, path, lambda out: output(captured[path], out)):
+            return train_to_targets(
+                lm,
+                [request],
+                params,
+                hparams.layers[0],
+                hparams.steps,
+                hparams.lr,
+                hparams.stop_nll,
+                **options,
+            )
+
+
+def memory_tensors(
+    memory: Adaptor | None, empty: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A memory's buffers named as in `empty`, copied to the CPU; `empty` where there is no
+    memory yet."""
+    if memory is None:
+        return empty
+    return {name: getattr(memory, name).cpu().clone() for name in empty}
 
 
 EditOne = Callable[[LM, EditRequest, HyperParams], tuple[list[Change], dict]]
