@@ -76,7 +76,7 @@ def test_the_factors_make_the_weight_gradient(model, request):
     names = [f"{lm.layout.mlp_out_name(layer)}.weight" for layer in layers]
     weights = [lm.model.get_parameter(name) for name in names]
     # The reference: autograd's gradient of the summed per-request target NLL.
-    from kedit.methods.ft import forward_target_nll, target_batch
+    from kedit.methods._rows import forward_target_nll, target_batch
 
     batch = target_batch(lm, cases)
     loss = (forward_target_nll(lm.model, batch) * batch.weights * len(cases)).sum()

@@ -35,8 +35,8 @@ from torch import nn
 
 from kedit.hooks import capture, replace_output
 from kedit.lm import LM
+from kedit.methods._rows import forward_target_nll, target_batch
 from kedit.methods._train import frozen
-from kedit.methods.ft import forward_target_nll, target_batch
 from kedit.requests import EditRequest
 
 EDITOR_FILE = "editor.safetensors"

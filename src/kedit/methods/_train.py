@@ -1,8 +1,10 @@
 """What the adaptor and memory methods share: the modules they sit at (`module_path`, by the
 Layout's role) and training towards the edit targets (LoRA, AdaLoRA, GRACE's values, WISE's
-side memory, MELO's blocks).
+side memory, MELO's blocks); and what every method that trains weights uses (FT, the gradient
+editors, unlearning): freezing the others (`frozen`) and float32 master copies
+(`mixed_precision_step`).
 
-The training objective is FT-M's (`kedit.methods.ft`): the mean over requests of each one's mean
+The training objective is FT-M's (`kedit.methods._rows`): the mean over requests of each one's mean
 teacher-forced NLL of its target tokens after its prompt. The model's own parameters are frozen
 for the duration; only the given tensors train. The blocks below the first trained layer run
 once, since nothing trained can change their output. All requests form one batch (the lifelong
@@ -22,7 +24,7 @@ from torch import nn
 from kedit.edits import Adaptor, Change, compute_in_sequence, silenced
 from kedit.hooks import capture, replace_output, start_at_block, stop_after
 from kedit.lm import LM
-from kedit.methods.ft import _batch, _Row, _rows, forward_target_nll
+from kedit.methods._rows import TargetRow, batch_rows, forward_target_nll, request_rows
 from kedit.methods.registry import HyperParams, MethodResult
 from kedit.requests import EditRequest
 
@@ -63,7 +65,7 @@ def request_row(lm: LM, request: EditRequest) -> Row:
     """The row that trains a request: its prompt and target (but the target's last token), the
     positions predicting the target tokens, and the target's ids (one target: the methods that
     train rows take no extra targets)."""
-    row = _rows(lm, request, last_token=False, n_requests=1)[0]
+    row = request_rows(lm, request, last_token=False, n_requests=1)[0]
     return row.ids, row.positions, row.targets
 
 
@@ -103,6 +105,27 @@ def frozen(model: nn.Module, trained: list[torch.Tensor]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+@torch.no_grad()
+def mixed_precision_step(
+    params: list[torch.Tensor],
+    masters: list[torch.Tensor],
+    originals: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    norm_constraint: float | None,
+) -> None:
+    """One optimiser step on the float32 copies `masters` of `params` with the model's
+    gradients, each copy kept within `norm_constraint` of its original weight, then written back
+    in the model's dtype (so that steps below a bfloat16 weight's resolution add up)."""
+    for p, master in zip(params, masters, strict=True):
+        master.grad = p.grad.float()
+    optimizer.step()
+    for p, master, original in zip(params, masters, originals, strict=True):
+        if norm_constraint is not None:
+            low, high = original.float() - norm_constraint, original.float() + norm_constraint
+            master.copy_(torch.clamp(master, low, high))
+        p.copy_(master)
+
+
 def block_input(lm: LM, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
     """The residual stream entering block `layer` (the blocks above it do not run)."""
     block = lm.layout.block(layer)
@@ -139,7 +162,7 @@ def train_to_targets(
     """
     model = lm.model
     rows = [request_row(lm, request) for request in requests] + list(replayed)
-    batch = _batch(lm, [_Row(*row, weight=1 / len(rows), floor=0.0) for row in rows])
+    batch = batch_rows(lm, [TargetRow(*row, weight=1 / len(rows), floor=0.0) for row in rows])
     hidden = block_input(lm, batch.ids, batch.mask, first_layer)
     optimizer = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)(params, lr=lr)
     step, worst = 0, float("nan")

@@ -28,8 +28,8 @@ import torch
 from kedit.edits import WeightDelta
 from kedit.hooks import capture, hooks, replace_output
 from kedit.lm import LM
+from kedit.methods._rows import forward_target_nll, target_batch
 from kedit.methods._train import ROLES, frozen, module_path
-from kedit.methods.ft import forward_target_nll, target_batch
 from kedit.methods.registry import HyperParams, MethodResult, MethodState, hp, register
 from kedit.requests import EditRequest
 
