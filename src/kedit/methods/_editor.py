@@ -35,8 +35,8 @@ from torch import nn
 
 from kedit.hooks import capture, replace_output
 from kedit.lm import LM
-from kedit.methods._rows import forward_target_nll, target_batch
-from kedit.methods._train import frozen
+from kedit.methods._rows import target_batch
+from kedit.methods._train import output_gradients
 from kedit.requests import EditRequest
 
 EDITOR_FILE = "editor.safetensors"
@@ -70,28 +70,15 @@ class Factors:
 def gradient_factors(lm: LM, requests: list[EditRequest], layers: list[int]) -> Factors:
     """The factors of each request's mean target NLL (teacher-forced, all its targets) at the
     layers' MLP output projections: one forward and one backward pass."""
-    model, paths = lm.model, [lm.layout.mlp_out_name(layer) for layer in layers]
+    paths = [lm.layout.mlp_out_name(layer) for layer in layers]
     batch = target_batch(lm, requests)
-    probes: dict[str, torch.Tensor] = {}
 
-    def probe(path: str):
-        def add(output: torch.Tensor) -> torch.Tensor:
-            # A zero that takes the gradient: d loss / d probe = d loss / d output.
-            probes[path] = torch.zeros_like(output, requires_grad=True)
-            return output + probes[path]
-
-        return add
-
-    with ExitStack() as stack, torch.enable_grad():
-        stack.enter_context(frozen(model, []))
-        inputs = stack.enter_context(capture(model, paths, "input"))
-        for path in paths:
-            stack.enter_context(replace_output(model, path, probe(path)))
-        nll = forward_target_nll(model, batch)
+    def loss(nll: torch.Tensor) -> torch.Tensor:
         # Each row's loss is its own request's (rows do not see each other); a request with k
         # targets has k rows, weighted 1/k.
-        loss = (nll * batch.weights * len(requests)).sum()
-        grads = torch.autograd.grad(loss, [probes[path] for path in paths])
+        return (nll * batch.weights * len(requests)).sum()
+
+    inputs, grads = output_gradients(lm, batch, paths, loss)
     rows = _row_owner(requests)
     valid = batch.mask.bool()
     owner = rows.to(valid.device)[:, None].expand_as(valid)[valid]

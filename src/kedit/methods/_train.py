@@ -22,9 +22,15 @@ import torch
 from torch import nn
 
 from kedit.edits import Adaptor, Change, compute_in_sequence, silenced
-from kedit.hooks import capture, replace_output, start_at_block, stop_after
+from kedit.hooks import capture, hooks, replace_output, start_at_block, stop_after
 from kedit.lm import LM
-from kedit.methods._rows import TargetRow, batch_rows, forward_target_nll, request_rows
+from kedit.methods._rows import (
+    TargetBatch,
+    TargetRow,
+    batch_rows,
+    forward_target_nll,
+    request_rows,
+)
 from kedit.methods.registry import HyperParams, MethodResult
 from kedit.requests import EditRequest
 
@@ -124,6 +130,30 @@ def mixed_precision_step(
             low, high = original.float() - norm_constraint, original.float() + norm_constraint
             master.copy_(torch.clamp(master, low, high))
         p.copy_(master)
+
+
+def output_gradients(
+    lm: LM, batch: TargetBatch, paths: list[str], loss: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The inputs of the modules at `paths` on `batch`, and the gradients with respect to their
+    outputs of `loss(nll)` (nll: each row's mean target NLL), all `[rows, seq, ...]`: one
+    forward and one backward pass; the model's parameters take no gradient."""
+    model = lm.model
+    probes: dict[str, torch.Tensor] = {}
+
+    def probe(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def add(output: torch.Tensor) -> torch.Tensor:
+            # A zero that takes the gradient: d loss / d probe = d loss / d output.
+            probes[path] = torch.zeros_like(output, requires_grad=True)
+            return output + probes[path]
+
+        return add
+
+    probing = hooks(*(replace_output(model, path, probe(path)) for path in paths))
+    with torch.enable_grad(), frozen(model, []), capture(model, paths, "input") as inputs, probing:
+        value = loss(forward_target_nll(model, batch))
+        grads = torch.autograd.grad(value, [probes[path] for path in paths])
+    return inputs, list(grads)
 
 
 def block_input(lm: LM, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
