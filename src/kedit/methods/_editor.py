@@ -53,7 +53,7 @@ def default_layers(lm: LM) -> list[int]:
 def mlp_out_shape(lm: LM, layer: int) -> tuple[int, int]:
     """(input width, output width) of a layer's MLP output projection."""
     weight = lm.model.get_submodule(lm.layout.mlp_out_name(layer)).weight
-    return tuple(weight.shape) if lm.layout.conv1d else tuple(weight.shape[::-1])
+    return lm.layout.in_out(weight)
 
 
 @dataclass

@@ -152,7 +152,7 @@ def edit_one(lm: LM, request: EditRequest, hparams: MELOHyperParams) -> tuple[li
     block trained (none where its prompt's key is covered with its target)."""
     path = module_path(lm, hparams.module, hparams.layers[0])
     weight = lm.model.get_submodule(path).weight
-    shape = tuple(weight.shape if lm.layout.conv1d else weight.shape[::-1])  # (in, out)
+    shape = lm.layout.in_out(weight)
     memory = find_memory(lm.model.get_submodule(path), LoRABlocks.kind)
     row = request_row(lm, request)
     keys = module_inputs(lm, path, [row[0]], [row[1]]).cpu()

@@ -134,7 +134,7 @@ class WISEHyperParams(HyperParams):
             raise ValueError(f"merge_every: expected 0 (never) or more, got {self.merge_every!r}")
 
 
-def shard_mask(shape: torch.Size, ratio: float, seed: int, shard: int) -> torch.Tensor:
+def shard_mask(shape: tuple[int, ...], ratio: float, seed: int, shard: int) -> torch.Tensor:
     """Shard `shard`'s random mask M_s: a share `ratio` of the entries, the same at every call."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + shard)
     return torch.rand(shape, generator=generator) < ratio
@@ -204,7 +204,7 @@ def shard_rows(memory: Adaptor, shard: int) -> list[Row]:
     return rows
 
 
-def _empty(shape: torch.Size) -> dict[str, torch.Tensor]:
+def _empty(shape: tuple[int, int]) -> dict[str, torch.Tensor]:
     """The memory's buffers before the first edit."""
     return {
         "deltas": torch.zeros((0, *shape)),
@@ -221,7 +221,7 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
     a merge where due."""
     path = module_path(lm, hparams.module, hparams.layers[0])
     weight = lm.model.get_submodule(path).weight
-    shape = weight.shape if lm.layout.conv1d else weight.shape[::-1]  # (in, out)
+    shape = lm.layout.in_out(weight)
     device = weight.device
     memory = find_memory(lm.model.get_submodule(path), SideMemory.kind)
     after = memory_tensors(memory, _empty(shape))
