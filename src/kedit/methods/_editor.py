@@ -165,6 +165,17 @@ class EditorMeta:
     seconds: float = 0.0  # wall time of the training, over all its runs
 
 
+def check_trained_for(lm: LM, path: Path | None, model: str, fingerprint: str, method: str) -> None:
+    """Refuse a trained editor (at `path`, of `method`) on another model than the one it was
+    trained for (`model`, with its weights' `fingerprint`)."""
+    if fingerprint != lm.fingerprint:
+        raise ValueError(
+            f"editor: {path or 'the editor'} was trained for {model!r} (fingerprint "
+            f"{fingerprint}), not for {lm.name!r} (fingerprint {lm.fingerprint}); train one for "
+            f"it with `kedit train {method} --model ...`"
+        )
+
+
 @dataclass
 class Editor:
     """A trained gradient editor: its hypernetwork, what it was trained for, and where it lives
@@ -175,13 +186,9 @@ class Editor:
     path: Path | None = None
 
     def check_model(self, lm: LM) -> None:
-        if self.meta.model_fingerprint != lm.fingerprint:
-            raise ValueError(
-                f"editor: {self.path or 'the editor'} was trained for {self.meta.model!r} "
-                f"(fingerprint {self.meta.model_fingerprint}), not for {lm.name!r} (fingerprint "
-                f"{lm.fingerprint}); train one for it with `kedit train {self.meta.method} "
-                f"--model ...`"
-            )
+        check_trained_for(
+            lm, self.path, self.meta.model, self.meta.model_fingerprint, self.meta.method
+        )
 
     def save(self, folder: str | Path) -> Path:
         """Write `editor.safetensors` (weights, with the metadata as JSON) into `folder`."""
