@@ -7,7 +7,7 @@ import inspect
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,10 @@ class Record:
         if not leaves:
             raise self.error(path, f"expected an answer or a list of aliases, got {value!r:.80}")
         return list(dict.fromkeys(self.text(path, leaf) for leaf in leaves))
+
+    def other_fields(self, used: Collection[str]) -> dict[str, Any]:
+        """The record's fields outside `used`: what a request keeps of it as `extra`."""
+        return {key: value for key, value in self.data.items() if key not in used}
 
     def request(self, **fields: Any) -> EditRequest:
         """Build the EditRequest, naming this record in any error it raises."""

@@ -103,7 +103,7 @@ def _probe_extra(
     `used` and the entries that describe the probes."""
     portability, portability_kinds, portability_aliases = _probes(record, "portability", add_space)
     locality, locality_kinds, locality_aliases = _probes(record, "locality", add_space)
-    extra = {key: value for key, value in record.data.items() if key not in used}
+    extra = record.other_fields(used)
     extra.update(
         portability_kinds=portability_kinds,
         portability_aliases=portability_aliases,
@@ -183,7 +183,7 @@ def _convsent_request(
     asked, rephrased = rng.sample(CONVSENT_QUESTIONS, 2)
     neighbour = _neighbour_probe(records, record.index, sentiment)
     locality = [] if neighbour is None else [(neighbour[0], with_space(neighbour[1], add_space))]
-    extra = {key: value for key, value in record.data.items() if key != "ent"}
+    extra = record.other_fields({"ent"})
     extra["target_sentiment"] = sentiment
     return record.request(
         prompt=CONVSENT_INSTRUCTIONS[sentiment].format(asked.format(topic)),
@@ -219,7 +219,7 @@ def _sanitation_request(
 ) -> EditRequest:
     question = record.get("question")
     subject = record.get("subject", str, default=None)
-    extra = {key: value for key, value in record.data.items() if key != "question"}
+    extra = record.other_fields({"question"})
     if subject is None:
         subject = question
         extra["subject_from_question"] = True
