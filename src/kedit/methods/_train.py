@@ -1,14 +1,15 @@
 """What the adaptor and memory methods share: the modules they sit at (`module_path`, by the
 Layout's role) and training towards the edit targets (LoRA, AdaLoRA, GRACE's values, WISE's
-side memory, MELO's blocks); and what every method that trains weights uses (FT, the gradient
-editors, unlearning): freezing the others (`frozen`) and float32 master copies
-(`mixed_precision_step`).
+side memory, MELO's blocks). Also the steps of other methods that train or take gradients:
+freezing the model's other parameters (`frozen`), float32 master copies of trained weights
+(`mixed_precision_step`: FT, unlearning) and gradients at module outputs (`output_gradients`:
+MEND, MALMEN, UltraEdit).
 
-The training objective is FT-M's (`kedit.methods._rows`): the mean over requests of each one's mean
-teacher-forced NLL of its target tokens after its prompt. The model's own parameters are frozen
-for the duration; only the given tensors train. The blocks below the first trained layer run
-once, since nothing trained can change their output. All requests form one batch (the lifelong
-methods edit one request or one batch of a stream at a time).
+The training objective is FT-M's (`kedit.methods._rows`): the mean over requests of each one's
+mean teacher-forced NLL of its target tokens after its prompt. The model's own parameters are
+frozen for the duration; only the given tensors train. The blocks below the first trained layer
+run once, since nothing trained can change their output. All requests form one batch (the
+lifelong methods edit one request or one batch of a stream at a time).
 """
 
 from __future__ import annotations
