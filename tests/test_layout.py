@@ -185,6 +185,8 @@ def test_layout_paths_have_their_roles(family: str) -> None:
             MLP_WIDTH,
             HIDDEN,
         )
+        mlp_out_weight = model.get_parameter(f"{layout.mlp_out_name(layer)}.weight")
+        assert layout.in_out(mlp_out_weight) == (MLP_WIDTH, HIDDEN)
         assert in_out(model.get_submodule(layout.mlp_in_name(layer)), layout.conv1d)[1] in (
             MLP_WIDTH,
             2 * MLP_WIDTH,  # fused gate and up projections

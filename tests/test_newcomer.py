@@ -1,5 +1,6 @@
 """What a newcomer hit first: threads, mistyped model names, offline look-ups, bad text."""
 
+import os
 import socket
 
 import pytest
@@ -54,6 +55,26 @@ def test_the_threads_option_reaches_the_model(monkeypatch, restore_threads):
     result = runner.invoke(app, ["--threads", "2", "demo"])
     assert result.exit_code == 0, result.output
     assert torch.get_num_threads() == 2
+
+
+def test_the_threads_option_wins_for_its_command_and_leaves_the_environment(
+    monkeypatch, restore_threads
+):
+    monkeypatch.setenv("KEDIT_THREADS", "3")
+    result = runner.invoke(app, ["--threads", "2", "methods", "rome"])  # loads tiny-gpt2
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == 2
+    assert os.environ["KEDIT_THREADS"] == "3"
+    monkeypatch.delenv("KEDIT_THREADS")
+    kedit.load("tiny-gpt2")  # after the command, a load chooses by itself again
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True])
+def test_a_bad_chosen_thread_count_is_named(value, restore_threads):
+    with pytest.raises(ValueError, match="threads: expected a positive integer"):
+        with lm_module.using_threads(value):
+            pass
 
 
 def test_a_name_close_to_a_bundled_model_is_answered_at_once(monkeypatch):

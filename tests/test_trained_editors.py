@@ -9,6 +9,7 @@ import kedit
 from kedit.data import load_requests
 from kedit.methods import _editor_train
 from kedit.methods._editor import (
+    BUNDLED_EDITORS,
     Editor,
     EditorMeta,
     FactorNet,
@@ -76,7 +77,7 @@ def test_the_factors_make_the_weight_gradient(model, request):
     names = [f"{lm.layout.mlp_out_name(layer)}.weight" for layer in layers]
     weights = [lm.model.get_parameter(name) for name in names]
     # The reference: autograd's gradient of the summed per-request target NLL.
-    from kedit.methods.ft import forward_target_nll, target_batch
+    from kedit.methods._rows import forward_target_nll, target_batch
 
     batch = target_batch(lm, cases)
     loss = (forward_target_nll(lm.model, batch) * batch.weights * len(cases)).sum()
@@ -212,6 +213,12 @@ def test_an_editor_is_refused_by_another_model_and_another_method(tiny_gpt2, tin
         kedit.edit(tiny_gpt2, _requests(1), "mend", editor=tmp_path)
     with pytest.raises(ValueError, match="editor: method 'rome' edits without a trained editor"):
         kedit.edit(tiny_gpt2, _requests(1), "rome", editor=tmp_path / "ed")
+
+
+def test_a_serac_editor_is_refused_by_another_model(tiny_llama):
+    bundled = BUNDLED_EDITORS / "serac-tiny-gpt2"
+    with pytest.raises(ValueError, match="editor: .* trained for 'tiny-gpt2'.*`kedit train serac"):
+        kedit.edit(tiny_llama, _requests(1), "serac", editor=bundled)
 
 
 def test_training_input_is_checked(tiny_gpt2, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +36,7 @@ console = Console()
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -48,7 +48,9 @@ def main(
 ) -> None:
     """Locate, edit, erase and explain knowledge inside transformer language models."""
     if threads is not None:
-        os.environ["KEDIT_THREADS"] = str(threads)
+        from kedit.lm import using_threads
+
+        ctx.with_resource(using_threads(threads))
 
 
 DEMO_MODEL = "tiny-gpt2"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 
@@ -62,6 +63,12 @@ class Layout:
 
     def attn_out_name(self, layer: int) -> str:
         return f"{self.blocks}.{layer}.{self.attn_out}"
+
+    def in_out(self, weight: torch.Tensor) -> tuple[int, int]:
+        """(input width, output width) of a projection's weight, stored (in, out) where `conv1d`
+        and (out, in) as `nn.Linear` stores it elsewhere."""
+        rows, columns = weight.shape
+        return (rows, columns) if self.conv1d else (columns, rows)
 
     def in_block(self, layer: int, path: str) -> str:
         """A path relative to a block, made relative to the model."""

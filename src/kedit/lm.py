@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +27,7 @@ SAMPLED_BYTES_PER_TENSOR = 2**16
 # made one ROME edit of a bundled model 10-40x slower (15-65 s against 1.3-1.5 s).
 SINGLE_THREAD_MAX_PARAMS = 50_000_000
 THREADS_VARIABLE = "KEDIT_THREADS"
+_CHOSEN_THREADS: ContextVar[int | None] = ContextVar("kedit_threads", default=None)
 HUB_PROBE_TIMEOUT_S = 3.0
 DTYPES = {
     "float32": torch.float32,
@@ -209,12 +211,32 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def using_threads(count: int) -> Iterator[None]:
+    """Torch CPU threads `count` from now on, and for every model loaded inside the block
+    whatever $KEDIT_THREADS and its size say (`kedit --threads`: for the whole command). Like
+    torch's own setting, the thread count stays after the block; only loads after it choose
+    again."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"threads: expected a positive integer, got {count!r}")
+    token = _CHOSEN_THREADS.set(count)
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        _CHOSEN_THREADS.reset(token)
+
+
 def configure_threads(model: nn.Module) -> int:
-    """Set torch's CPU thread count for `model` and return it: $KEDIT_THREADS where set, else one
-    thread for a model under SINGLE_THREAD_MAX_PARAMS parameters on the CPU (torch's default
-    otherwise). The setting is process-wide, as torch's is."""
+    """Set torch's CPU thread count for `model` and return it: the count of an enclosing
+    `using_threads` block, else $KEDIT_THREADS where set, else one thread for a model under
+    SINGLE_THREAD_MAX_PARAMS parameters on the CPU (torch's default otherwise). The setting is
+    process-wide, as torch's is."""
+    chosen = _CHOSEN_THREADS.get()
     given = os.environ.get(THREADS_VARIABLE)
-    if given is not None:
+    if chosen is not None:
+        torch.set_num_threads(chosen)
+    elif given is not None:
         if not given.isdigit() or int(given) < 1:
             raise ValueError(f"{THREADS_VARIABLE}: expected a positive integer, got {given!r}")
         torch.set_num_threads(int(given))
@@ -268,8 +290,8 @@ def load(
     'sequential' let transformers spread it over the GPUs; a {module: device} dict places each
     module as `split_over_devices` does, the CPU included. Every weight must stay resident on a
     device, since edits change weights in place: a map that offloads weights is refused.
-    Small models on the CPU run single-threaded afterwards unless $KEDIT_THREADS says otherwise
-    (`configure_threads`).
+    Small models on the CPU run single-threaded afterwards unless `using_threads` or
+    $KEDIT_THREADS says otherwise (`configure_threads`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -66,8 +66,23 @@ def subject_template(prompt: str, subject: str) -> str:
     return prompt.replace(subject, SUBJECT_SLOT, 1)
 
 
+class SubjectPrompt:
+    """A `prompt` about a `subject` (attributes of the subclass), the prompt holding `{}` where
+    the subject goes or the subject itself."""
+
+    @property
+    def template(self) -> str:
+        """The prompt with `{}` in place of the subject."""
+        return subject_template(self.prompt, self.subject)
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return fill_subject(self.template, self.subject)
+
+
 @dataclass(frozen=True)
-class EditRequest:
+class EditRequest(SubjectPrompt):
     """A fact to edit: after the edit, `prompt` (with `subject`) should continue with `target_new`.
 
     `prompt` either contains `{}` where the subject goes, or contains the subject itself.
@@ -134,16 +149,6 @@ class EditRequest:
     def targets(self) -> tuple[str, ...]:
         """`target_new`, then the `extra_targets` (one target unless a Multi-Label Edit)."""
         return (self.target_new, *self.extra_targets)
-
-    @property
-    def template(self) -> str:
-        """The prompt with `{}` in place of the subject."""
-        return subject_template(self.prompt, self.subject)
-
-    @property
-    def text(self) -> str:
-        """The prompt with the subject filled in."""
-        return fill_subject(self.template, self.subject)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

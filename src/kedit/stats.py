@@ -392,7 +392,7 @@ def _layer_device(lm: LM, layer: int) -> torch.device:
 def _key_width(lm: LM, layer: int) -> int:
     """Width of a layer's keys: the input width of its MLP output projection."""
     weight = lm.model.get_submodule(lm.layout.mlp_out_name(layer)).weight
-    return weight.shape[0 if lm.layout.conv1d else 1]
+    return lm.layout.in_out(weight)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,6 +107,17 @@ class _Effects(Result):
     def indirect_effect(self, kind: str) -> torch.Tensor:
         return self.scores[kind] - self.low_score
 
+    def _effects_json(self) -> dict[str, Any]:
+        """The scores and settings a trace and an average both write."""
+        return {
+            "high_score": self.high_score,
+            "low_score": self.low_score,
+            "total_effect": self.total_effect,
+            "window": self.window,
+            "samples": self.samples,
+            "noise_std": self.noise_std,
+        }
+
 
 @dataclass(kw_only=True)
 class CausalTrace(_Effects):
@@ -131,12 +142,7 @@ class CausalTrace(_Effects):
             "subject_range": list(self.subject),
             "answer": self.answer,
             "correct_prediction": self.correct_prediction,
-            "high_score": self.high_score,
-            "low_score": self.low_score,
-            "total_effect": self.total_effect,
-            "window": self.window,
-            "samples": self.samples,
-            "noise_std": self.noise_std,
+            **self._effects_json(),
             "scores": {kind: rounded(value) for kind, value in self.scores.items()},
             "peaks": {
                 kind: dict(zip(("token", "layer", "indirect_effect"), self.peak(kind), strict=True))
@@ -341,12 +347,7 @@ class AverageTrace(_Effects):
         return {
             "n_facts": self.n_facts,
             "n_skipped_unknown": self.n_skipped,
-            "high_score": self.high_score,
-            "low_score": self.low_score,
-            "total_effect": self.total_effect,
-            "window": self.window,
-            "samples": self.samples,
-            "noise_std": self.noise_std,
+            **self._effects_json(),
             "token_classes": list(TOKEN_CLASSES),
             "scores": {kind: rounded(value) for kind, value in self.scores.items()},
             "indirect_effect": {kind: rounded(self.indirect_effect(kind)) for kind in self.scores},

@@ -8,11 +8,17 @@ and returns a `Loaded` list of requests.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
-from kedit.data._common import HUB_ID, Loaded, as_list, read_hub, read_json
+from kedit.data._common import (
+    HUB_ID,
+    Loaded,
+    as_list,
+    parse_with_options,
+    read_hub,
+    read_json,
+)
 from kedit.data.counterfact import counterfact_requests, easyedit_counterfact_requests
 from kedit.data.knowedit import (
     SANITATION_KEYS,
@@ -76,7 +82,6 @@ SIGNATURES = (
     ("knowedit", {"prompt", "target_new"}),
 )
 DETECT_RECORDS = 20
-COMMON_OPTIONS = {"records", "data", "source", "n", "add_space", "skip_bad"}
 
 
 def _signature(record: Any) -> str | None:
@@ -153,10 +158,4 @@ def load_requests(
         check_format(format)
     source, data = _read(path, split)
     name = format or detect_format(data, source)
-    parse = FORMATS[name]
-    extra_options = set(inspect.signature(parse).parameters) - COMMON_OPTIONS
-    for key in options:
-        if key not in extra_options:
-            known = ", ".join(sorted(extra_options)) or "none"
-            raise ValueError(f"{key}: not an option of format {name!r}; its options: {known}")
-    return parse(data, source=source, n=n, add_space=add_space, skip_bad=skip_bad, **options)
+    return parse_with_options(FORMATS[name], name, data, source, n, add_space, skip_bad, options)

@@ -3,10 +3,11 @@ loop that turns records into requests (with `n` and `skip_bad`)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ log = logging.getLogger("kedit.data")
 _MISSING = object()
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 PATH_STEP = re.compile(r"\[\d+\]|[^.\[\]]+")
+# What every format's parser takes; any other keyword is an option of that format alone.
+COMMON_OPTIONS = {"records", "data", "source", "n", "add_space", "skip_bad"}
 
 
 class Loaded(list):
@@ -157,6 +160,10 @@ class Record:
             raise self.error(path, f"expected an answer or a list of aliases, got {value!r:.80}")
         return list(dict.fromkeys(self.text(path, leaf) for leaf in leaves))
 
+    def other_fields(self, used: Collection[str]) -> dict[str, Any]:
+        """The record's fields outside `used`: what a request keeps of it as `extra`."""
+        return {key: value for key, value in self.data.items() if key not in used}
+
     def request(self, **fields: Any) -> EditRequest:
         """Build the EditRequest, naming this record in any error it raises."""
         try:
@@ -224,3 +231,25 @@ def collect(
             "%s: skipped %d malformed record(s); the first: %s", source, len(skipped), skipped[0]
         )
     return Loaded(items, format=format, source=source, skipped=skipped)
+
+
+def parse_with_options(
+    parse: Callable[..., Loaded],
+    format: str,
+    data: Any,
+    source: str,
+    n: int | None,
+    add_space: bool,
+    skip_bad: bool,
+    options: dict[str, Any],
+) -> Loaded:
+    """`parse` (format `format`'s parser) on the records read from `source`, with the format's
+    own `options`; an option the parser does not take is refused, naming the ones it takes."""
+    known = set(inspect.signature(parse).parameters) - COMMON_OPTIONS
+    for key in options:
+        if key not in known:
+            raise ValueError(
+                f"{key}: not an option of format {format!r}; its options: "
+                f"{', '.join(sorted(known)) or 'none'}"
+            )
+    return parse(data, source=source, n=n, add_space=add_space, skip_bad=skip_bad, **options)

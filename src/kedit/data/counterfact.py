@@ -31,7 +31,7 @@ FLAT_USED = {
 
 def _request(record: Record, add_space: bool) -> EditRequest:
     target_true = with_space(record.get("requested_rewrite.target_true.str"), add_space)
-    extra = {key: value for key, value in record.data.items() if key not in USED}
+    extra = record.other_fields(USED)
     relation = record.get("requested_rewrite.relation_id", str, default=None)
     if relation is not None:
         extra["relation_id"] = relation
@@ -60,7 +60,7 @@ def _flat_request(record: Record, add_space: bool) -> EditRequest:
         answer = with_space(record.get("locality_ground_truth"), add_space)
         locality.append((record.get("locality_prompt"), answer))
     truth = record.get("ground_truth", str, default=None)
-    extra = {key: value for key, value in record.data.items() if key not in FLAT_USED}
+    extra = record.other_fields(FLAT_USED)
     return record.request(
         prompt=record.get("prompt"),
         subject=record.get("subject"),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kedit.data._common import Loaded, Record, check_n, collect, read_json, with_space
-from kedit.requests import SUBJECT_SLOT, fill_subject, subject_template
+from kedit.requests import SUBJECT_SLOT, SubjectPrompt
 
 LRE_KEYS = {"name", "prompt_templates", "prompt_templates_zs", "samples", "properties"}
 LRE_OPTIONAL_KEYS = {"domain", "range"}  # accepted by Knowledge Circuits' loader as well
@@ -27,7 +27,7 @@ TEMPLATE_SETS = ("prompt_templates", "prompt_templates_zs")
 
 
 @dataclass(frozen=True)
-class Fact:
+class Fact(SubjectPrompt):
     """`prompt` (with `{}` for the subject, or containing it) continued by `answer`.
 
     `answer` carries the leading space a tokenizer expects (" Paris"); None means "whatever
@@ -50,16 +50,6 @@ class Fact:
             raise ValueError(
                 f"prompt: {self.prompt!r} contains neither '{{}}' nor the subject {self.subject!r}"
             )
-
-    @property
-    def template(self) -> str:
-        """The prompt with `{}` in place of the subject."""
-        return subject_template(self.prompt, self.subject)
-
-    @property
-    def text(self) -> str:
-        """The prompt with the subject filled in."""
-        return fill_subject(self.template, self.subject)
 
     def to_dict(self) -> dict[str, Any]:
         return {

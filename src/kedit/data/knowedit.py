@@ -96,16 +96,20 @@ def _probes(record: Record, field: str, add_space: bool) -> tuple[list, list[str
     return probes, kinds, aliases
 
 
-def _probe_extra(record: Record, add_space: bool) -> tuple[dict[str, Any], list, list]:
-    """Locality and portability probes, and the `extra` entries that describe them."""
+def _probe_extra(
+    record: Record, add_space: bool, used: set[str]
+) -> tuple[dict[str, Any], list, list]:
+    """Locality and portability probes, and the request's `extra`: the record's fields outside
+    `used` and the entries that describe the probes."""
     portability, portability_kinds, portability_aliases = _probes(record, "portability", add_space)
     locality, locality_kinds, locality_aliases = _probes(record, "locality", add_space)
-    extra = {
-        "portability_kinds": portability_kinds,
-        "portability_aliases": portability_aliases,
-        "locality_kinds": locality_kinds,
-        "locality_aliases": locality_aliases,
-    }
+    extra = record.other_fields(used)
+    extra.update(
+        portability_kinds=portability_kinds,
+        portability_aliases=portability_aliases,
+        locality_kinds=locality_kinds,
+        locality_aliases=locality_aliases,
+    )
     return extra, portability, locality
 
 
@@ -113,9 +117,7 @@ def knowedit_request(record: Record, add_space: bool) -> EditRequest:
     """One KnowEdit record (WikiData_recent, WikiData_counterfact or ZsRE) as an EditRequest."""
     truth = record.get("ground_truth", (str, list), default=None)
     rephrase_field = "rephrase" if record.has("rephrase") else "rephrase_prompt"
-    probe_extra, portability, locality = _probe_extra(record, add_space)
-    extra = {key: value for key, value in record.data.items() if key not in USED}
-    extra.update(probe_extra)
+    extra, portability, locality = _probe_extra(record, add_space, USED)
     return record.request(
         prompt=record.get("prompt"),
         subject=record.get("subject"),
@@ -138,9 +140,7 @@ knowedit_requests = records_reader(
 
 
 def _wikibio_request(record: Record, add_space: bool) -> EditRequest:
-    probe_extra, portability, locality = _probe_extra(record, add_space)
-    extra = {key: value for key, value in record.data.items() if key not in WIKIBIO_USED}
-    extra.update(probe_extra)
+    extra, portability, locality = _probe_extra(record, add_space, WIKIBIO_USED)
     return record.request(
         prompt=record.get("text"),
         subject=record.get("concept"),
@@ -183,7 +183,7 @@ def _convsent_request(
     asked, rephrased = rng.sample(CONVSENT_QUESTIONS, 2)
     neighbour = _neighbour_probe(records, record.index, sentiment)
     locality = [] if neighbour is None else [(neighbour[0], with_space(neighbour[1], add_space))]
-    extra = {key: value for key, value in record.data.items() if key != "ent"}
+    extra = record.other_fields({"ent"})
     extra["target_sentiment"] = sentiment
     return record.request(
         prompt=CONVSENT_INSTRUCTIONS[sentiment].format(asked.format(topic)),
@@ -219,7 +219,7 @@ def _sanitation_request(
 ) -> EditRequest:
     question = record.get("question")
     subject = record.get("subject", str, default=None)
-    extra = {key: value for key, value in record.data.items() if key != "question"}
+    extra = record.other_fields({"question"})
     if subject is None:
         subject = question
         extra["subject_from_question"] = True

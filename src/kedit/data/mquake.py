@@ -83,7 +83,7 @@ def _case(record: Record, add_space: bool) -> MultiHopCase:
                 },
             )
         )
-    extra = {key: value for key, value in record.data.items() if key not in USED}
+    extra = record.other_fields(USED)
     return MultiHopCase(
         case_id=None if case_id is None else str(case_id),
         requests=tuple(requests),

@@ -9,20 +9,25 @@ when given, else from the hub, which only happens because the spec named it.
 
 from __future__ import annotations
 
-import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kedit.data._common import HUB_ID, Loaded, as_list, read_hub, read_json
+from kedit.data._common import (
+    HUB_ID,
+    Loaded,
+    as_list,
+    parse_with_options,
+    read_hub,
+    read_json,
+)
 from kedit.data.knowundo import CONFIGS, knowundo_items
 from kedit.data.tofu import FORGET_SPLITS, tofu_items
 from kedit.data.unlearn_items import plain_items
 
 UNLEARN_FORMATS = {"plain": plain_items, "tofu": tofu_items, "knowundo": knowundo_items}
 HUB_IDS = {"knowundo": "zjunlp/KnowUnDo", "tofu": "locuslab/TOFU"}
-COMMON_OPTIONS = {"data", "records", "source", "n", "add_space", "skip_bad"}
 
 
 def read_records_file(path: str | Path) -> tuple[str, Any]:
@@ -84,14 +89,7 @@ def load_unlearning(
         source, data = read_records_file(path)
     chosen = format or detect_unlearn_format(data, source)
     parse = UNLEARN_FORMATS[chosen]
-    known = set(inspect.signature(parse).parameters) - COMMON_OPTIONS
-    for key in options:
-        if key not in known:
-            raise ValueError(
-                f"{key}: not an option of format {chosen!r}; its options: "
-                f"{', '.join(sorted(known)) or 'none'}"
-            )
-    return parse(data, source=source, n=n, add_space=add_space, skip_bad=skip_bad, **options)
+    return parse_with_options(parse, chosen, data, source, n, add_space, skip_bad, options)
 
 
 @dataclass

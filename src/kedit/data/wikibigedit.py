@@ -45,7 +45,7 @@ def _request(record: Record, add_space: bool) -> EditRequest:
     portability += _pairs(record, "mhop", "mhop", "mhop_ans", add_space)
     locality = _pairs(record, "locality", "loc", "loc_ans", add_space)
     truth = record.get("ground_truth", str, default=None)
-    extra = {key: value for key, value in record.data.items() if key not in USED}
+    extra = record.other_fields(USED)
     extra.update(
         portability_kinds=[kind for kind, _, _ in portability],
         locality_kinds=[kind for kind, _, _ in locality],

@@ -42,7 +42,7 @@ def _mend_request(record: Record, add_space: bool) -> EditRequest:
     truths = record.aliases("answers", record.get("answers", (list, str)))
     locality = [(record.get("loc"), with_space(record.get("loc_ans"), add_space))]
     portability = _portability(record, add_space)
-    extra = {key: value for key, value in record.data.items() if key not in USED}
+    extra = record.other_fields(USED)
     extra.update(
         target_true_aliases=truths,
         locality_kinds=[LOCALITY_KIND],

@@ -48,7 +48,7 @@ class ModelShape:
     @classmethod
     def of(cls, lm: LM) -> ModelShape:
         out = lm.model.get_submodule(lm.layout.mlp_out_name(0)).weight
-        mlp_width = out.shape[0 if lm.layout.conv1d else 1]
+        mlp_width = lm.layout.in_out(out)[0]
         return cls(lm.layout.family, lm.n_layers, lm.model.config.hidden_size, mlp_width)
 
     def describe(self) -> str:

@@ -35,8 +35,8 @@ from torch import nn
 
 from kedit.hooks import capture, replace_output
 from kedit.lm import LM
-from kedit.methods._train import frozen
-from kedit.methods.ft import forward_target_nll, target_batch
+from kedit.methods._rows import target_batch
+from kedit.methods._train import output_gradients
 from kedit.requests import EditRequest
 
 EDITOR_FILE = "editor.safetensors"
@@ -53,7 +53,7 @@ def default_layers(lm: LM) -> list[int]:
 def mlp_out_shape(lm: LM, layer: int) -> tuple[int, int]:
     """(input width, output width) of a layer's MLP output projection."""
     weight = lm.model.get_submodule(lm.layout.mlp_out_name(layer)).weight
-    return tuple(weight.shape) if lm.layout.conv1d else tuple(weight.shape[::-1])
+    return lm.layout.in_out(weight)
 
 
 @dataclass
@@ -70,28 +70,15 @@ class Factors:
 def gradient_factors(lm: LM, requests: list[EditRequest], layers: list[int]) -> Factors:
     """The factors of each request's mean target NLL (teacher-forced, all its targets) at the
     layers' MLP output projections: one forward and one backward pass."""
-    model, paths = lm.model, [lm.layout.mlp_out_name(layer) for layer in layers]
+    paths = [lm.layout.mlp_out_name(layer) for layer in layers]
     batch = target_batch(lm, requests)
-    probes: dict[str, torch.Tensor] = {}
 
-    def probe(path: str):
-        def add(output: torch.Tensor) -> torch.Tensor:
-            # A zero that takes the gradient: d loss / d probe = d loss / d output.
-            probes[path] = torch.zeros_like(output, requires_grad=True)
-            return output + probes[path]
-
-        return add
-
-    with ExitStack() as stack, torch.enable_grad():
-        stack.enter_context(frozen(model, []))
-        inputs = stack.enter_context(capture(model, paths, "input"))
-        for path in paths:
-            stack.enter_context(replace_output(model, path, probe(path)))
-        nll = forward_target_nll(model, batch)
+    def loss(nll: torch.Tensor) -> torch.Tensor:
         # Each row's loss is its own request's (rows do not see each other); a request with k
         # targets has k rows, weighted 1/k.
-        loss = (nll * batch.weights * len(requests)).sum()
-        grads = torch.autograd.grad(loss, [probes[path] for path in paths])
+        return (nll * batch.weights * len(requests)).sum()
+
+    inputs, grads = output_gradients(lm, batch, paths, loss)
     rows = _row_owner(requests)
     valid = batch.mask.bool()
     owner = rows.to(valid.device)[:, None].expand_as(valid)[valid]
@@ -178,6 +165,17 @@ class EditorMeta:
     seconds: float = 0.0  # wall time of the training, over all its runs
 
 
+def check_trained_for(lm: LM, path: Path | None, model: str, fingerprint: str, method: str) -> None:
+    """Refuse a trained editor (at `path`, of `method`) on another model than the one it was
+    trained for (`model`, with its weights' `fingerprint`)."""
+    if fingerprint != lm.fingerprint:
+        raise ValueError(
+            f"editor: {path or 'the editor'} was trained for {model!r} (fingerprint "
+            f"{fingerprint}), not for {lm.name!r} (fingerprint {lm.fingerprint}); train one for "
+            f"it with `kedit train {method} --model ...`"
+        )
+
+
 @dataclass
 class Editor:
     """A trained gradient editor: its hypernetwork, what it was trained for, and where it lives
@@ -188,13 +186,9 @@ class Editor:
     path: Path | None = None
 
     def check_model(self, lm: LM) -> None:
-        if self.meta.model_fingerprint != lm.fingerprint:
-            raise ValueError(
-                f"editor: {self.path or 'the editor'} was trained for {self.meta.model!r} "
-                f"(fingerprint {self.meta.model_fingerprint}), not for {lm.name!r} (fingerprint "
-                f"{lm.fingerprint}); train one for it with `kedit train {self.meta.method} "
-                f"--model ...`"
-            )
+        check_trained_for(
+            lm, self.path, self.meta.model, self.meta.model_fingerprint, self.meta.method
+        )
 
     def save(self, folder: str | Path) -> Path:
         """Write `editor.safetensors` (weights, with the metadata as JSON) into `folder`."""

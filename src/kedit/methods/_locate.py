@@ -21,6 +21,7 @@ from kedit.hooks import capture, hooks, replace_output, stop_after
 from kedit.lm import LM
 from kedit.methods._above import Above, adds_to_block_output, read_logits
 from kedit.methods._memory import backward_tokens, token_chunks
+from kedit.methods._train import frozen
 from kedit.methods.registry import HyperParams, hp
 from kedit.requests import EditRequest
 from kedit.stats import note_use, second_moment, statistics_record
@@ -864,9 +865,6 @@ class _ValueSearch:
         each site's delta, where a delta does not simply add to the block's output), and the
         model's parameters take no gradient."""
         model = self.lm.model
-        needs_grad = [p for p in model.parameters() if p.requires_grad]
-        for p in needs_grad:
-            p.requires_grad_(False)
         # Site hooks go in before the blocks below are cut out, which renumbers the blocks: a
         # module path resolved afterwards would name a deeper block.
         site_hooks = (
@@ -877,12 +875,8 @@ class _ValueSearch:
                 for site, delta in zip(self.sites, self.deltas, strict=True)
             ]
         )
-        try:
-            with hooks(*site_hooks, self.above.ready()):
-                yield
-        finally:
-            for p in needs_grad:
-                p.requires_grad_(True)
+        with hooks(frozen(model, []), *site_hooks, self.above.ready()):
+            yield
 
     def _add_delta(self, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """A site hook: adds each row's request's `delta` at the row's edited token."""

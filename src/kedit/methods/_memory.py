@@ -46,7 +46,7 @@ def bytes_per_token(lm: LM, first_layer: int) -> int:
 def _bytes_per_token(lm: LM, first_layer: int) -> int:
     layout = lm.layout
     projection = lm.model.get_submodule(layout.mlp_out_name(first_layer)).weight
-    intermediate, hidden = projection.shape if layout.conv1d else projection.shape[::-1]
+    intermediate, hidden = layout.in_out(projection)
     vocabulary = lm.model.get_submodule(layout.unembed).weight.shape[0]
     size = projection.element_size()
     blocks = lm.n_layers - first_layer

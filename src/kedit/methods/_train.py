@@ -1,12 +1,15 @@
 """What the adaptor and memory methods share: the modules they sit at (`module_path`, by the
 Layout's role) and training towards the edit targets (LoRA, AdaLoRA, GRACE's values, WISE's
-side memory, MELO's blocks).
+side memory, MELO's blocks). Also the steps of other methods that train or take gradients:
+freezing the model's other parameters (`frozen`), float32 master copies of trained weights
+(`mixed_precision_step`: FT, unlearning) and gradients at module outputs (`output_gradients`:
+MEND, MALMEN, UltraEdit).
 
-The training objective is FT-M's (`kedit.methods.ft`): the mean over requests of each one's mean
-teacher-forced NLL of its target tokens after its prompt. The model's own parameters are frozen
-for the duration; only the given tensors train. The blocks below the first trained layer run
-once, since nothing trained can change their output. All requests form one batch (the lifelong
-methods edit one request or one batch of a stream at a time).
+The training objective is FT-M's (`kedit.methods._rows`): the mean over requests of each one's
+mean teacher-forced NLL of its target tokens after its prompt. The model's own parameters are
+frozen for the duration; only the given tensors train. The blocks below the first trained layer
+run once, since nothing trained can change their output. All requests form one batch (the
+lifelong methods edit one request or one batch of a stream at a time).
 """
 
 from __future__ import annotations
@@ -14,14 +17,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from kedit.edits import Change, compute_in_sequence
-from kedit.hooks import capture, start_at_block, stop_after
+from kedit.edits import Adaptor, Change, compute_in_sequence, silenced
+from kedit.hooks import capture, hooks, replace_output, start_at_block, stop_after
 from kedit.lm import LM
-from kedit.methods.ft import _batch, _Row, _rows, forward_target_nll
+from kedit.methods._rows import (
+    TargetBatch,
+    TargetRow,
+    batch_rows,
+    forward_target_nll,
+    request_rows,
+)
 from kedit.methods.registry import HyperParams, MethodResult
 from kedit.requests import EditRequest
 
@@ -62,7 +72,7 @@ def request_row(lm: LM, request: EditRequest) -> Row:
     """The row that trains a request: its prompt and target (but the target's last token), the
     positions predicting the target tokens, and the target's ids (one target: the methods that
     train rows take no extra targets)."""
-    row = _rows(lm, request, last_token=False, n_requests=1)[0]
+    row = request_rows(lm, request, last_token=False, n_requests=1)[0]
     return row.ids, row.positions, row.targets
 
 
@@ -102,6 +112,51 @@ def frozen(model: nn.Module, trained: list[torch.Tensor]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+@torch.no_grad()
+def mixed_precision_step(
+    params: list[torch.Tensor],
+    masters: list[torch.Tensor],
+    originals: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    norm_constraint: float | None,
+) -> None:
+    """One optimiser step on the float32 copies `masters` of `params` with the model's
+    gradients, each copy kept within `norm_constraint` of its original weight, then written back
+    in the model's dtype (so that steps below a bfloat16 weight's resolution add up)."""
+    for p, master in zip(params, masters, strict=True):
+        master.grad = p.grad.float()
+    optimizer.step()
+    for p, master, original in zip(params, masters, originals, strict=True):
+        if norm_constraint is not None:
+            low, high = original.float() - norm_constraint, original.float() + norm_constraint
+            master.copy_(torch.clamp(master, low, high))
+        p.copy_(master)
+
+
+def output_gradients(
+    lm: LM, batch: TargetBatch, paths: list[str], loss: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The inputs of the modules at `paths` on `batch`, and the gradients with respect to their
+    outputs of `loss(nll)` (nll: each row's mean target NLL), all `[rows, seq, ...]`: one
+    forward and one backward pass; the model's parameters take no gradient."""
+    model = lm.model
+    probes: dict[str, torch.Tensor] = {}
+
+    def probe(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def add(output: torch.Tensor) -> torch.Tensor:
+            # A zero that takes the gradient: d loss / d probe = d loss / d output.
+            probes[path] = torch.zeros_like(output, requires_grad=True)
+            return output + probes[path]
+
+        return add
+
+    probing = hooks(*(replace_output(model, path, probe(path)) for path in paths))
+    with torch.enable_grad(), frozen(model, []), capture(model, paths, "input") as inputs, probing:
+        value = loss(forward_target_nll(model, batch))
+        grads = torch.autograd.grad(value, [probes[path] for path in paths])
+    return inputs, list(grads)
+
+
 def block_input(lm: LM, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
     """The residual stream entering block `layer` (the blocks above it do not run)."""
     block = lm.layout.block(layer)
@@ -138,7 +193,7 @@ def train_to_targets(
     """
     model = lm.model
     rows = [request_row(lm, request) for request in requests] + list(replayed)
-    batch = _batch(lm, [_Row(*row, weight=1 / len(rows), floor=0.0) for row in rows])
+    batch = batch_rows(lm, [TargetRow(*row, weight=1 / len(rows), floor=0.0) for row in rows])
     hidden = block_input(lm, batch.ids, batch.mask, first_layer)
     optimizer = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)(params, lr=lr)
     step, worst = 0, float("nan")
@@ -156,6 +211,53 @@ def train_to_targets(
             if after_step is not None:
                 after_step(step)
     return Trained(step, worst)
+
+
+class MemoryTraining(Protocol):
+    """The hyper-parameters a memory method trains its memory's next state with."""
+
+    layers: list[int]  # the one layer whose module holds the memory
+    steps: int
+    lr: float
+    stop_nll: float
+
+
+def train_at_module(
+    lm: LM,
+    request: EditRequest,
+    params: list[torch.Tensor],
+    hparams: MemoryTraining,
+    path: str,
+    output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    memory: Adaptor | None = None,
+    **options: Any,
+) -> Trained:
+    """`train_to_targets` on one request while module `path` gives `output(inputs, output)`
+    (from its input and its own output, as an adaptor's `adapt`) and `memory`, where given, is
+    silenced: how a memory method trains its memory's next state in the memory's place.
+    `options` are `train_to_targets`'s."""
+    with silenced(memory), capture(lm.model, [path], "input") as captured:
+        with replace_output(lm.model, path, lambda out: output(captured[path], out)):
+            return train_to_targets(
+                lm,
+                [request],
+                params,
+                hparams.layers[0],
+                hparams.steps,
+                hparams.lr,
+                hparams.stop_nll,
+                **options,
+            )
+
+
+def memory_tensors(
+    memory: Adaptor | None, empty: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A memory's buffers named as in `empty`, copied to the CPU; `empty` where there is no
+    memory yet."""
+    if memory is None:
+        return empty
+    return {name: getattr(memory, name).cpu().clone() for name in empty}
 
 
 EditOne = Callable[[LM, EditRequest, HyperParams], tuple[list[Change], dict]]

@@ -29,6 +29,7 @@ import torch
 from kedit.edits import WeightDelta, compute_in_sequence
 from kedit.hooks import capture, start_at_block, stop_after
 from kedit.lm import LM
+from kedit.methods._train import frozen
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 
@@ -200,22 +201,18 @@ def tune_layer(
     weight = lm.model.get_parameter(name)
     original = weight.detach().clone()
     objective = Objective(lm, request, layer)
-    frozen = [p for p in lm.model.parameters() if p.requires_grad and p is not weight]
-    for p in frozen:
-        p.requires_grad_(False)
     optimizer = torch.optim.Adam([weight], lr=hparams.lr, weight_decay=hparams.weight_decay)
     try:
-        for step in range(hparams.steps + 1):
-            nll, kl = objective.terms()
-            if step == hparams.steps or float(nll.detach()) < hparams.stop_nll:
-                break
-            optimizer.zero_grad()
-            (nll + hparams.kl_factor * kl).backward()
-            optimizer.step()
+        with frozen(lm.model, [weight]):
+            for step in range(hparams.steps + 1):
+                nll, kl = objective.terms()
+                if step == hparams.steps or float(nll.detach()) < hparams.stop_nll:
+                    break
+                optimizer.zero_grad()
+                (nll + hparams.kl_factor * kl).backward()
+                optimizer.step()
         delta = WeightDelta.from_dense(name, weight.detach().float() - original.float())
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
         with torch.no_grad():
             weight.copy_(original)
     return delta, {"steps": step, "final_nll": float(nll.detach()), "final_kl": float(kl.detach())}

@@ -14,7 +14,6 @@ them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +23,8 @@ from kedit.hooks import capture, stop_after
 from kedit.lm import LM
 from kedit.methods._above import Above, adds_to_block_output, read_logits
 from kedit.methods._memory import backward_tokens, token_chunks
+from kedit.methods._rows import TargetBatch, batch_rows, target_nll, target_rows
+from kedit.methods._train import frozen, mixed_precision_step
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 
@@ -69,95 +70,6 @@ class FTHyperParams(HyperParams):
 
 
 @dataclass
-class _Row:
-    """One target of one request: token ids, the positions that score the target, the target's
-    ids, the row's weight in the loss and the NLL floor of its request's targets (log k)."""
-
-    ids: list[int]
-    positions: list[int]
-    targets: list[int]
-    weight: float
-    floor: float
-
-
-@dataclass
-class _Batch:
-    """Token ids of some rows, and for each row the positions and ids of the target tokens to
-    score, its weight in the loss and its NLL floor."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    positions: torch.Tensor
-    targets: torch.Tensor
-    valid: torch.Tensor
-    weights: torch.Tensor
-    floors: torch.Tensor
-
-    @property
-    def reads(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(rows, positions)` of every scored position, row by row."""
-        rows = torch.arange(len(self.ids), device=self.positions.device)
-        return rows.repeat_interleave(self.positions.shape[1]), self.positions.flatten()
-
-
-def _rows(lm: LM, request: EditRequest, last_token: bool, n_requests: int) -> list[_Row]:
-    """A request's rows, one per target; the weights make the loss the mean over requests of
-    each request's mean over its targets."""
-    prompt_ids = lm.encode_prompt(request.text)
-    count = len(request.targets)
-    rows = []
-    for target in request.targets:
-        target_ids = lm.encode(target)
-        if last_token:
-            ids, positions = prompt_ids, [len(prompt_ids) - 1] * len(target_ids)
-        else:
-            ids = prompt_ids + target_ids[:-1]
-            positions = list(range(len(prompt_ids) - 1, len(ids)))
-        rows.append(_Row(ids, positions, target_ids, 1 / (n_requests * count), math.log(count)))
-    return rows
-
-
-def _batch(lm: LM, rows: list[_Row]) -> _Batch:
-    """The batch of some `_rows`."""
-    ids, mask = lm.pad([row.ids for row in rows])
-    positions, targets = [row.positions for row in rows], [row.targets for row in rows]
-    width = max(len(t) for t in targets)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    tgt = torch.zeros((len(rows), width), dtype=torch.long)
-    valid = torch.zeros((len(rows), width), dtype=torch.bool)
-    for row, (p, t) in enumerate(zip(positions, targets, strict=True)):
-        pos[row, : len(p)], tgt[row, : len(t)], valid[row, : len(t)] = (
-            torch.tensor(p),
-            torch.tensor(t),
-            True,
-        )
-    weights = torch.tensor([row.weight for row in rows], device=lm.device)
-    floors = torch.tensor([row.floor for row in rows], device=lm.device)
-    return _Batch(
-        ids, mask, pos.to(lm.device), tgt.to(lm.device), valid.to(lm.device), weights, floors
-    )
-
-
-def _target_nll(logits: torch.Tensor, batch: _Batch) -> torch.Tensor:
-    """Each row's mean target-token NLL, from the logits at `batch.reads`."""
-    logp = torch.log_softmax(logits, dim=-1).view(*batch.positions.shape, -1)
-    targets, valid = batch.targets.to(logp.device), batch.valid.to(logp.device)
-    token_logp = logp.gather(2, targets[..., None]).squeeze(-1) * valid
-    return -token_logp.sum(1) / valid.sum(1)
-
-
-def target_batch(lm: LM, requests: list[EditRequest], last_token: bool = False) -> _Batch:
-    """The batch of the requests' rows, one per target, each scoring the target's tokens."""
-    return _batch(lm, [row for r in requests for row in _rows(lm, r, last_token, len(requests))])
-
-
-def forward_target_nll(model: torch.nn.Module, batch: _Batch) -> torch.Tensor:
-    """Each row of `batch`'s mean target-token NLL, from a full forward pass of `model`."""
-    logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
-    return _target_nll(logits[batch.reads].float(), batch)
-
-
-@dataclass
 class _Start:
     """Where a batch's training steps start: the first trained block's output and its
     projection's input and output (where the projection's output adds to the block's), or the
@@ -169,7 +81,7 @@ class _Start:
 
 
 @torch.no_grad()
-def _run_below(lm: LM, batch: _Batch, layer: int, additive: bool) -> _Start:
+def _run_below(lm: LM, batch: TargetBatch, layer: int, additive: bool) -> _Start:
     """Run the blocks that the training does not change, once."""
     model, layout = lm.model, lm.layout
     block, projection = layout.block(layer), layout.mlp_out_name(layer)
@@ -201,9 +113,9 @@ def fine_tune(
     originals = [p.detach().clone() for p in params]
     masters = [p.detach().float().clone() for p in params]
     budget = hparams.batch_tokens or backward_tokens(lm, layers[0])
-    rows = [row for r in requests for row in _rows(lm, r, last_token, len(requests))]
+    rows = target_rows(lm, requests, last_token)
     chunks = list(token_chunks(rows, [len(row.ids) for row in rows], budget))
-    batches = [_batch(lm, chunk) for chunk in chunks]
+    batches = [batch_rows(lm, chunk) for chunk in chunks]
 
     # The first trained projection's output adds to its block's: the steps start above that
     # block, from its output plus the projection's change. Else they run it, from its input.
@@ -212,14 +124,10 @@ def fine_tune(
     starts = [_run_below(lm, batch, layers[0], additive) for batch in batches]
     above = Above(lm, layers[0] + 1 if additive else layers[0])
 
-    trainable = {id(p) for p in params}
-    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
-    for p in frozen:
-        p.requires_grad_(False)
     optimizer = torch.optim.Adam(masters, lr=hparams.lr, weight_decay=hparams.weight_decay)
     step, worst = 0, float("nan")
     try:
-        with above.ready():
+        with frozen(model, params), above.ready():
             for step in range(hparams.steps + 1):
                 for p in params:
                     p.grad = None
@@ -230,7 +138,7 @@ def fine_tune(
                     if additive:
                         hidden = hidden + (projection(start.keys) - start.values)
                     normed = above(hidden, batch.ids, batch.mask)
-                    nll = _target_nll(read_logits(lm, normed, *batch.reads), batch)
+                    nll = target_nll(read_logits(lm, normed, *batch.reads), batch)
                     maxima.append((nll.detach() - batch.floors.to(nll.device)).max())
                     last = (nll * batch.weights.to(nll.device)).sum()
                     # The last batch's backward waits for the stopping rule; earlier ones free
@@ -241,38 +149,16 @@ def fine_tune(
                 if step == hparams.steps or worst < hparams.stop_nll:
                     break
                 last.backward()
-                _update(params, masters, originals, optimizer, hparams.norm_constraint)
+                mixed_precision_step(params, masters, originals, optimizer, hparams.norm_constraint)
         deltas = [
             WeightDelta.from_dense(name, master - original.float())
             for name, master, original in zip(names, masters, originals, strict=True)
         ]
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
         with torch.no_grad():
             for p, original in zip(params, originals, strict=True):
                 p.copy_(original)
     return MethodResult(deltas, {"steps": step, "final_nll": worst})
-
-
-@torch.no_grad()
-def _update(
-    params: list[torch.Tensor],
-    masters: list[torch.Tensor],
-    originals: list[torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    norm_constraint: float | None,
-) -> None:
-    """One Adam step on the float32 copies with the model's gradients, each copy kept within
-    `norm_constraint` of its original weight, then written back in the model's dtype."""
-    for p, master in zip(params, masters, strict=True):
-        master.grad = p.grad.float()
-    optimizer.step()
-    for p, master, original in zip(params, masters, originals, strict=True):
-        if norm_constraint is not None:
-            low, high = original.float() - norm_constraint, original.float() + norm_constraint
-            master.copy_(torch.clamp(master, low, high))
-        p.copy_(master)
 
 
 @register(

@@ -33,14 +33,14 @@ from kedit.edits import (
     find_memory,
     register_adaptor,
 )
-from kedit.hooks import capture, replace_output
+from kedit.hooks import capture
 from kedit.lm import LM
 from kedit.methods._train import (
     check_positive,
     check_site,
     edit_one_by_one,
     module_path,
-    train_to_targets,
+    train_at_module,
 )
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
@@ -125,15 +125,12 @@ def train_value(
         lm.model(input_ids=ids, use_cache=False)
     value = seen[path][0, position].detach().float().clone().requires_grad_(True)
 
-    def put(output: torch.Tensor) -> torch.Tensor:
+    def put(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         replaced = output.clone()
         replaced[:, position] = value.to(output.dtype)
         return replaced
 
-    with replace_output(lm.model, path, put):
-        trained = train_to_targets(
-            lm, [request], [value], hparams.layers[0], hparams.steps, hparams.lr, hparams.stop_nll
-        )
+    trained = train_at_module(lm, request, [value], hparams, path, put)
     return value.detach(), {"steps": trained.steps, "final_nll": trained.nll}
 
 
@@ -152,6 +149,12 @@ class Placement:
     distance: float | None = None
     radius: float = 0.0
     nearest_radius: float | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The rule, and the distance to the nearest key where there is one (an edit's info)."""
+        if self.distance is None:
+            return {"rule": self.rule}
+        return {"rule": self.rule, "distance": self.distance}
 
 
 def place_key(memory: Adaptor | None, key: torch.Tensor, label: int, eps_init: float) -> Placement:
@@ -177,9 +180,7 @@ def edit_one(lm: LM, request: EditRequest, hparams: GRACEHyperParams) -> tuple[l
     key, position = last_token_input(lm, path, request.text)
     label = label_of(request)
     place = place_key(memory, key, label, hparams.eps_init)
-    info: dict[str, Any] = {"rule": place.rule}
-    if place.distance is not None:
-        info["distance"] = place.distance
+    info = place.describe()
     if place.rule == "covered":
         return [], info
     changed = {}

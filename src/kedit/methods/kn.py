@@ -127,7 +127,7 @@ def value_vector_deltas(
     deltas = []
     for layer in sorted({layer for layer, _ in neurons}):
         weight = lm.model.get_parameter(mlp_out_param(lm, layer))
-        width = weight.shape[0] if lm.layout.conv1d else weight.shape[1]
+        width = lm.layout.in_out(weight)[0]
         selected = torch.zeros(width, device=direction.device)
         selected[[index for at, index in neurons if at == layer]] = 1.0
         factors = as_param_factors(lm, direction, selected)

@@ -26,7 +26,7 @@ from torch import nn
 
 from kedit.edits import Adaptor, AdaptorDelta, WeightDelta, register_adaptor
 from kedit.lm import LM
-from kedit.methods._train import ROLES, module_path, train_to_targets
+from kedit.methods._train import ROLES, check_positive, module_path, train_to_targets
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 
@@ -77,14 +77,7 @@ class LoRAHyperParams(HyperParams):
         unknown = [role for role in self.modules if role not in ROLES]
         if not self.modules or unknown:
             raise ValueError(f"modules: expected some of {', '.join(ROLES)}, got {self.modules!r}")
-        for name in ("rank", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"{name}: expected a positive integer, got {getattr(self, name)!r}"
-                )
-        for name in ("alpha", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+        check_positive(self, ("rank", "steps"), ("alpha", "lr"))
 
 
 @dataclass

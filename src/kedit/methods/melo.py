@@ -32,24 +32,21 @@ from kedit.edits import (
     MemoryDelta,
     find_memory,
     register_adaptor,
-    silenced,
 )
-from kedit.hooks import capture, replace_output
 from kedit.lm import LM
 from kedit.methods._train import (
     check_positive,
     check_site,
     edit_one_by_one,
+    memory_tensors,
     module_inputs,
     module_path,
     request_row,
-    train_to_targets,
+    train_at_module,
 )
 from kedit.methods.grace import label_of, place_key, within_radius
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
-
-TENSORS = ("keys", "radii", "labels", "blocks", "down", "up")
 
 
 @register_adaptor
@@ -112,10 +109,8 @@ def new_block(shape: tuple[int, int], rank: int, seed: int, block: int) -> dict[
     return {"down": down, "up": torch.zeros((rank, shape[1]))}
 
 
-def _stored(memory: Adaptor | None, shape: tuple[int, int], rank: int) -> dict[str, torch.Tensor]:
-    """The memory's buffers on the CPU (empty ones where there is no memory yet)."""
-    if memory is not None:
-        return {name: getattr(memory, name).cpu().clone() for name in TENSORS}
+def _empty(shape: tuple[int, int], rank: int) -> dict[str, torch.Tensor]:
+    """The memory's buffers before the first edit."""
     return {
         "keys": torch.zeros((0, shape[0])),
         "radii": torch.zeros(0),
@@ -140,24 +135,14 @@ def train_block(
     down, up = (factors[name].to(device).requires_grad_(True) for name in ("down", "up"))
     positions = torch.tensor(request_row(lm, request)[1], device=device)
     memory = find_memory(lm.model.get_submodule(path), LoRABlocks.kind)
-    with silenced(memory), capture(lm.model, [path], "input") as captured:
 
-        def through_block(output: torch.Tensor) -> torch.Tensor:
-            inputs = captured[path][:, positions].float()
-            adapted = output.clone()
-            adapted[:, positions] += ((inputs @ down) @ up * scale).to(output.dtype)
-            return adapted
+    def through_block(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        update = (inputs[:, positions].float() @ down) @ up * scale
+        adapted = output.clone()
+        adapted[:, positions] += update.to(output.dtype)
+        return adapted
 
-        with replace_output(lm.model, path, through_block):
-            trained = train_to_targets(
-                lm,
-                [request],
-                [down, up],
-                hparams.layers[0],
-                hparams.steps,
-                hparams.lr,
-                hparams.stop_nll,
-            )
+    trained = train_at_module(lm, request, [down, up], hparams, path, through_block, memory)
     factors["down"], factors["up"] = down.detach().cpu(), up.detach().cpu()
     return {"steps": trained.steps, "final_nll": trained.nll}
 
@@ -167,18 +152,16 @@ def edit_one(lm: LM, request: EditRequest, hparams: MELOHyperParams) -> tuple[li
     block trained (none where its prompt's key is covered with its target)."""
     path = module_path(lm, hparams.module, hparams.layers[0])
     weight = lm.model.get_submodule(path).weight
-    shape = tuple(weight.shape if lm.layout.conv1d else weight.shape[::-1])  # (in, out)
+    shape = lm.layout.in_out(weight)
     memory = find_memory(lm.model.get_submodule(path), LoRABlocks.kind)
     row = request_row(lm, request)
     keys = module_inputs(lm, path, [row[0]], [row[1]]).cpu()
     label = label_of(request)
     place = place_key(memory, keys[0], label, hparams.eps_init)
-    info: dict[str, Any] = {"rule": place.rule}
-    if place.distance is not None:
-        info["distance"] = place.distance
+    info = place.describe()
     if place.rule == "covered":
         return [], info
-    after = _stored(memory, shape, hparams.rank)
+    after = memory_tensors(memory, _empty(shape, hparams.rank))
     if place.nearest_radius is not None:
         after["radii"][place.nearest] = place.nearest_radius
     if place.rule == "expand":

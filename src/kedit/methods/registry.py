@@ -341,21 +341,45 @@ def resolve_hparams(
 ) -> HyperParams:
     """Defaults for this model, updated by the user's overrides, validated."""
     spec = get_method(method)
+
+    def locate(defaults: dict[str, Any]) -> list[int]:
+        return auto_layers(lm, single=_edits_one_layer(spec, defaults))
+
+    return resolve_with_defaults(
+        spec.hparams,
+        spec.name,
+        overrides,
+        lambda: default_hparams(spec.name, lm),
+        locate if "layers" in spec.hparams.field_help() else None,
+    )
+
+
+def resolve_with_defaults(
+    hparams: type[HyperParams],
+    method: str,
+    overrides: dict[str, Any] | HyperParams | None,
+    defaults: Callable[[], dict[str, Any]],
+    locate: Callable[[dict[str, Any]], list[int]] | None = None,
+) -> HyperParams:
+    """`method`'s hyper-parameters: `overrides` themselves where they are an `hparams` instance
+    (validated), else `defaults()` (the model table's values for the model) updated by the
+    `overrides` dict and built. Where `locate` is given, `layers: auto` becomes the layers it
+    finds from the defaults."""
     if isinstance(overrides, HyperParams):
-        if not isinstance(overrides, spec.hparams):
+        if not isinstance(overrides, hparams):
             raise ValueError(
-                f"hparams: {type(overrides).__name__} given for method {spec.name!r}, "
-                f"expected {spec.hparams.__name__}"
+                f"hparams: {type(overrides).__name__} given for method {method!r}, "
+                f"expected {hparams.__name__}"
             )
         overrides.validate()
         return overrides
     if overrides is not None and not isinstance(overrides, dict):
-        raise ValueError(f"hparams: expected a dict or {spec.hparams.__name__}, got {overrides!r}")
-    defaults = default_hparams(spec.name, lm)
-    values = {**defaults, **(overrides or {})}
-    if values.get("layers") == AUTO_LAYERS and "layers" in spec.hparams.field_help():
-        values["layers"] = auto_layers(lm, single=_edits_one_layer(spec, defaults))
-    return spec.hparams.from_dict(values, spec.name)
+        raise ValueError(f"hparams: expected a dict or {hparams.__name__}, got {overrides!r}")
+    table = defaults()
+    values = {**table, **(overrides or {})}
+    if locate is not None and values.get("layers") == AUTO_LAYERS:
+        values["layers"] = locate(table)
+    return hparams.from_dict(values, method)
 
 
 AUTO_LAYERS = "auto"

@@ -45,6 +45,7 @@ from kedit.methods._editor import (
     BUNDLED_EDITORS,
     Scored,
     TrainingProgress,
+    check_trained_for,
     data_digest,
     default_folder,
     hits,
@@ -124,12 +125,9 @@ class SeracEditor:
     path: Path | None = None
 
     def check_model(self, lm: LM) -> None:
-        if self.meta["model_fingerprint"] != lm.fingerprint:
-            raise ValueError(
-                f"editor: {self.path or 'the editor'} was trained for {self.meta['model']!r} "
-                f"(fingerprint {self.meta['model_fingerprint']}), not for {lm.name!r} "
-                f"(fingerprint {lm.fingerprint}); train one with `kedit train serac --model ...`"
-            )
+        check_trained_for(
+            lm, self.path, self.meta["model"], self.meta["model_fingerprint"], "serac"
+        )
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)

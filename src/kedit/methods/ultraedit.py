@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from kedit.edits import WeightDelta
-from kedit.hooks import capture, hooks, replace_output
 from kedit.lm import LM
-from kedit.methods._train import ROLES, frozen, module_path
-from kedit.methods.ft import forward_target_nll, target_batch
+from kedit.methods._rows import target_batch
+from kedit.methods._train import ROLES, module_path, output_gradients
 from kedit.methods.registry import HyperParams, MethodResult, MethodState, hp, register
 from kedit.requests import EditRequest
 
@@ -130,7 +129,6 @@ def editing_features(
     respect to its outputs (`[m, in]`, `[m, out]`, float32), at every token of each prompt and
     target (`token="mask"`) or where a target token is predicted ("ans"). One forward and one
     backward pass; the model's parameters get no gradient."""
-    model = lm.model
     batch = target_batch(lm, requests)
     if token == "mask":
         rows, positions = torch.nonzero(batch.mask, as_tuple=True)
@@ -138,20 +136,7 @@ def editing_features(
         rows = torch.arange(len(batch.ids), device=batch.positions.device)[:, None]
         rows = rows.expand_as(batch.positions)[batch.valid]
         positions = batch.positions[batch.valid]
-    probes: dict[str, torch.Tensor] = {}
-
-    def probe(path: str):
-        def add(output: torch.Tensor) -> torch.Tensor:
-            # d(loss)/d(probe) is d(loss)/d(output): the output plus a zero that takes gradients
-            probes[path] = torch.zeros_like(output, requires_grad=True)
-            return output + probes[path]
-
-        return add
-
-    probing = hooks(*(replace_output(model, path, probe(path)) for path in paths))
-    with frozen(model, []), capture(model, paths, "input") as inputs, probing:
-        loss = forward_target_nll(model, batch).sum()
-    grads = torch.autograd.grad(loss, [probes[path] for path in paths])
+    inputs, grads = output_gradients(lm, batch, paths, torch.sum)
     return {
         path: (
             inputs[path][rows, positions].float(),

@@ -42,25 +42,23 @@ from kedit.edits import (
     MemoryDelta,
     find_memory,
     register_adaptor,
-    silenced,
 )
-from kedit.hooks import capture, replace_output
 from kedit.lm import LM
 from kedit.methods._train import (
     Row,
     check_positive,
     check_site,
     edit_one_by_one,
+    memory_tensors,
     module_inputs,
     module_path,
     request_row,
-    train_to_targets,
+    train_at_module,
 )
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 from kedit.stats import default_corpus, read_corpus
 
-TENSORS = ("deltas", "thresholds", "counts", "tokens", "edits")
 IRRELEVANT_MAX_TOKENS = 32
 
 
@@ -136,7 +134,7 @@ class WISEHyperParams(HyperParams):
             raise ValueError(f"merge_every: expected 0 (never) or more, got {self.merge_every!r}")
 
 
-def shard_mask(shape: torch.Size, ratio: float, seed: int, shard: int) -> torch.Tensor:
+def shard_mask(shape: tuple[int, ...], ratio: float, seed: int, shard: int) -> torch.Tensor:
     """Shard `shard`'s random mask M_s: a share `ratio` of the entries, the same at every call."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + shard)
     return torch.rand(shape, generator=generator) < ratio
@@ -206,10 +204,8 @@ def shard_rows(memory: Adaptor, shard: int) -> list[Row]:
     return rows
 
 
-def _stored(memory: Adaptor | None, shape: torch.Size) -> dict[str, torch.Tensor]:
-    """The memory's buffers on the CPU (empty ones where there is no memory yet)."""
-    if memory is not None:
-        return {name: getattr(memory, name).cpu().clone() for name in TENSORS}
+def _empty(shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The memory's buffers before the first edit."""
     return {
         "deltas": torch.zeros((0, *shape)),
         "thresholds": torch.zeros(0),
@@ -225,10 +221,10 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
     a merge where due."""
     path = module_path(lm, hparams.module, hparams.layers[0])
     weight = lm.model.get_submodule(path).weight
-    shape = weight.shape if lm.layout.conv1d else weight.shape[::-1]  # (in, out)
+    shape = lm.layout.in_out(weight)
     device = weight.device
     memory = find_memory(lm.model.get_submodule(path), SideMemory.kind)
-    after = _stored(memory, shape)
+    after = memory_tensors(memory, _empty(shape))
     shards = len(after["counts"])
     new_shard = shards == 0 or int(after["counts"][-1]) >= hparams.shard_size
     shard = shards if new_shard else shards - 1
@@ -265,26 +261,23 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
         """The edits' positions pass the threshold they would set; no irrelevant token does."""
         return hparams.act_ratio * last["edit"] > last["others"]
 
-    with silenced(memory), capture(lm.model, [path], "input") as captured:
+    def through_side(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        change = inputs.to(device, torch.float32) @ side()
+        return output + change.to(output.dtype)
 
-        def through_side(output: torch.Tensor) -> torch.Tensor:
-            change = captured[path].to(device, torch.float32) @ side()
-            return output + change.to(output.dtype)
-
-        with replace_output(lm.model, path, through_side):
-            result = train_to_targets(
-                lm,
-                [request],
-                [trained],
-                hparams.layers[0],
-                hparams.steps,
-                hparams.lr,
-                hparams.stop_nll,
-                extra_loss=margins,
-                until=routed_apart,
-                optimizer="sgd",
-                replayed=replayed,
-            )
+    result = train_at_module(
+        lm,
+        request,
+        [trained],
+        hparams,
+        path,
+        through_side,
+        memory,
+        extra_loss=margins,
+        until=routed_apart,
+        optimizer="sgd",
+        replayed=replayed,
+    )
     with torch.no_grad():
         delta = side().detach()
         score = float((edit_inputs.to(device) @ delta).norm(dim=-1).min())

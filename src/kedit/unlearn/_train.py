@@ -1,13 +1,13 @@
 """The optimisation every unlearning method runs; a method supplies only its loss.
 
 Items become rows of token ids whose answer tokens are scored teacher-forced (FT-M's batches,
-`kedit.methods.ft`). Each step takes the next batch of forget items and, where the method
+`kedit.methods._rows`). Each step takes the next batch of forget items and, where the method
 uses it, of retain items; every `eval_every` steps the forget and retain sets' token
 accuracies are measured (the curves) and training stops once the forget accuracy reaches
-`stop_forget_acc`. The weights train as float32 copies written back in the model's dtype (FT's
-`_update`), either the chosen matrices themselves or rank-r LoRA adapters on them (peft). At
-the end (and on any error) the model is restored exactly, adapters removed, and the change is
-returned as weight deltas: dense, or low-rank `B A` factors for LoRA.
+`stop_forget_acc`. The weights train as float32 copies written back in the model's dtype
+(`mixed_precision_step`, as FT's), either the chosen matrices themselves or rank-r LoRA
+adapters on them (peft). At the end (and on any error) the model is restored exactly, adapters
+removed, and the change is returned as weight deltas: dense, or low-rank `B A` factors for LoRA.
 """
 
 from __future__ import annotations
@@ -25,19 +25,20 @@ from torch import nn
 from kedit.data.unlearn_items import UnlearnItem
 from kedit.edits import WeightDelta
 from kedit.lm import LM
-from kedit.methods.ft import _Batch, _batch, _Row, _update
+from kedit.methods._rows import TargetBatch, TargetRow, batch_rows
+from kedit.methods._train import mixed_precision_step
 from kedit.unlearn.registry import UnlearnHyperParams, UnlearnResult
 
 FORGET, RETAIN = "forget", "retain"
 CURVE_RETAIN_ITEMS = 128  # the curves' retain accuracy is measured on the first this many items
 
 
-def encode_row(lm: LM, prompt: str, answer_ids: list[int]) -> _Row:
+def encode_row(lm: LM, prompt: str, answer_ids: list[int]) -> TargetRow:
     """The token ids of `prompt + answer`, without the answer's last token, the positions that
     predict the answer tokens and their ids (teacher forcing)."""
     prompt_ids = lm.encode_prompt(prompt)
     row = prompt_ids + answer_ids[:-1]
-    return _Row(row, list(range(len(prompt_ids) - 1, len(row))), answer_ids, 1.0, 0.0)
+    return TargetRow(row, list(range(len(prompt_ids) - 1, len(row))), answer_ids, 1.0, 0.0)
 
 
 def check_fits(lm: LM, items: Sequence[UnlearnItem], field_name: str, extra: int = 0) -> None:
@@ -57,7 +58,7 @@ def check_fits(lm: LM, items: Sequence[UnlearnItem], field_name: str, extra: int
             )
 
 
-def item_rows(lm: LM, items: Sequence[UnlearnItem], field_name: str) -> list[_Row]:
+def item_rows(lm: LM, items: Sequence[UnlearnItem], field_name: str) -> list[TargetRow]:
     """Each item's row; an item longer than the model's context raises an error naming it."""
     check_fits(lm, items, field_name)
     rows = []
@@ -69,32 +70,34 @@ def item_rows(lm: LM, items: Sequence[UnlearnItem], field_name: str) -> list[_Ro
     return rows
 
 
-def batches_of(lm: LM, rows: list[_Row], size: int, order: random.Random | None) -> list[_Batch]:
+def batches_of(
+    lm: LM, rows: list[TargetRow], size: int, order: random.Random | None
+) -> list[TargetBatch]:
     """The rows in batches of `size`, shuffled by `order` (kept in order when None)."""
     index = list(range(len(rows)))
     if order is not None:
         order.shuffle(index)
     return [
-        _batch(lm, [rows[i] for i in index[start : start + size]])
+        batch_rows(lm, [rows[i] for i in index[start : start + size]])
         for start in range(0, len(index), size)
     ]
 
 
-def answer_logprobs(model: nn.Module, batch: _Batch) -> torch.Tensor:
+def answer_logprobs(model: nn.Module, batch: TargetBatch) -> torch.Tensor:
     """Log-probabilities `[rows, answer tokens, vocabulary]` at the answer positions."""
     logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
     rows = torch.arange(len(batch.ids), device=logits.device)[:, None]
     return torch.log_softmax(logits[rows, batch.positions.to(logits.device)].float(), dim=-1)
 
 
-def token_logp(logprobs: torch.Tensor, batch: _Batch) -> torch.Tensor:
+def token_logp(logprobs: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
     """`[rows, answer tokens]` log-probability of each answer token, 0 past a row's answer."""
     targets = batch.targets.to(logprobs.device)
     return logprobs.gather(2, targets[..., None]).squeeze(-1) * batch.valid.to(logprobs.device)
 
 
 @torch.no_grad()
-def mean_token_accuracy(model: nn.Module, batches: list[_Batch]) -> float:
+def mean_token_accuracy(model: nn.Module, batches: list[TargetBatch]) -> float:
     """The mean over rows of each row's share of answer tokens that are the argmax."""
     shares = []
     for batch in batches:
@@ -112,7 +115,7 @@ class Step:
     def __init__(
         self,
         model: nn.Module,
-        batches: dict[str, _Batch | None],
+        batches: dict[str, TargetBatch | None],
         references: dict[str, torch.Tensor | None],
         number: int,
     ) -> None:
@@ -122,7 +125,7 @@ class Step:
         self.number = number
         self._logprobs: dict[str, torch.Tensor] = {}
 
-    def batch(self, which: str) -> _Batch:
+    def batch(self, which: str) -> TargetBatch:
         batch = self.batches.get(which)
         if batch is None:
             raise ValueError(f"this method's loss needs a {which} set, and there is none")
@@ -165,7 +168,7 @@ LossFn = Callable[[Step], torch.Tensor]
 
 # What a method may ask to be computed on the unedited model, for each batch: the forget rows'
 # answer log-probability ("forget": NPO) or the retain rows' full distributions ("retain": KL).
-def _answer_logp(model: nn.Module, batch: _Batch) -> torch.Tensor:
+def _answer_logp(model: nn.Module, batch: TargetBatch) -> torch.Tensor:
     return token_logp(answer_logprobs(model, batch), batch).sum(1)
 
 
@@ -389,7 +392,9 @@ def run_unlearning(
                 for p in trained.params:
                     p.grad = None
                 value.backward()
-                _update(trained.params, trained.masters, trained.originals, optimizer, None)
+                mixed_precision_step(
+                    trained.params, trained.masters, trained.originals, optimizer, None
+                )
                 curve[-1].setdefault("loss", value.item())
                 steps_run = step + 1
         deltas = trained.deltas()

@@ -10,7 +10,7 @@ from kedit.data.unlearn_items import UnlearnItem
 from kedit.edits import WeightDelta
 from kedit.hparams import model_settings
 from kedit.lm import LM
-from kedit.methods.registry import HyperParams, hp
+from kedit.methods.registry import HyperParams, hp, resolve_with_defaults
 
 PARTS = ("all", "mlp", "attn")
 TUNING_DOC = "docs/unlearning.md#tuning"  # where the model table's unlearning values come from
@@ -131,17 +131,9 @@ def resolve_unlearning_hparams(
 ) -> UnlearnHyperParams:
     """The method's dataclass defaults, updated by the model table's values for `lm` (group:
     the method's name) and then by `overrides`, validated."""
-    if isinstance(overrides, HyperParams):
-        if not isinstance(overrides, spec.hparams):
-            raise ValueError(
-                f"hparams: {type(overrides).__name__} given for method {spec.name!r}, "
-                f"expected {spec.hparams.__name__}"
-            )
-        overrides.validate()
-        return overrides
-    if overrides is not None and not isinstance(overrides, dict):
-        raise ValueError(f"hparams: expected a dict or {spec.hparams.__name__}, got {overrides!r}")
-    table = model_settings(spec.name, spec.name, lm, check=TUNING_DOC)
-    values = {key: setting.value for key, setting in table.items()}
-    values.update(overrides or {})
-    return spec.hparams.from_dict(values, spec.name)
+
+    def table() -> dict[str, Any]:
+        settings = model_settings(spec.name, spec.name, lm, check=TUNING_DOC)
+        return {key: setting.value for key, setting in settings.items()}
+
+    return resolve_with_defaults(spec.hparams, spec.name, overrides, table)

@@ -1,0 +1,117 @@
+"""Rows of target tokens, their batches and their teacher-forced NLL: the objective that FT,
+the adaptor and memory methods, the gradient editors, UltraEdit and unlearning share.
+
+A row is one target of one request: the token ids the model reads, the positions whose next
+token is a target token, and the target's ids. FT-L scores every target token at the prompt's
+last token; everything else scores them teacher-forced after the prompt. A batch pads its rows
+and records, per row, its weight in the loss and the NLL floor of its request (log k for a
+request with k targets, whose targets each get about an equal share).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kedit.lm import LM
+from kedit.requests import EditRequest
+
+
+@dataclass
+class TargetRow:
+    """One target of one request: token ids, the positions that score the target, the target's
+    ids, the row's weight in the loss and the NLL floor of its request's targets (log k)."""
+
+    ids: list[int]
+    positions: list[int]
+    targets: list[int]
+    weight: float
+    floor: float
+
+
+@dataclass
+class TargetBatch:
+    """Token ids of some rows, and for each row the positions and ids of the target tokens to
+    score, its weight in the loss and its NLL floor."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor
+    valid: torch.Tensor
+    weights: torch.Tensor
+    floors: torch.Tensor
+
+    @property
+    def reads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(rows, positions)` of every scored position, row by row."""
+        rows = torch.arange(len(self.ids), device=self.positions.device)
+        return rows.repeat_interleave(self.positions.shape[1]), self.positions.flatten()
+
+
+def request_rows(
+    lm: LM, request: EditRequest, last_token: bool, n_requests: int
+) -> list[TargetRow]:
+    """A request's rows, one per target; the weights make the loss the mean over `n_requests`
+    requests of each request's mean over its targets."""
+    prompt_ids = lm.encode_prompt(request.text)
+    count = len(request.targets)
+    rows = []
+    for target in request.targets:
+        target_ids = lm.encode(target)
+        if last_token:
+            ids, positions = prompt_ids, [len(prompt_ids) - 1] * len(target_ids)
+        else:
+            ids = prompt_ids + target_ids[:-1]
+            positions = list(range(len(prompt_ids) - 1, len(ids)))
+        rows.append(
+            TargetRow(ids, positions, target_ids, 1 / (n_requests * count), math.log(count))
+        )
+    return rows
+
+
+def target_rows(lm: LM, requests: list[EditRequest], last_token: bool = False) -> list[TargetRow]:
+    """The rows of all the requests, one per target of each."""
+    return [row for r in requests for row in request_rows(lm, r, last_token, len(requests))]
+
+
+def batch_rows(lm: LM, rows: list[TargetRow]) -> TargetBatch:
+    """The batch of some rows."""
+    ids, mask = lm.pad([row.ids for row in rows])
+    positions, targets = [row.positions for row in rows], [row.targets for row in rows]
+    width = max(len(t) for t in targets)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    tgt = torch.zeros((len(rows), width), dtype=torch.long)
+    valid = torch.zeros((len(rows), width), dtype=torch.bool)
+    for row, (p, t) in enumerate(zip(positions, targets, strict=True)):
+        pos[row, : len(p)], tgt[row, : len(t)], valid[row, : len(t)] = (
+            torch.tensor(p),
+            torch.tensor(t),
+            True,
+        )
+    weights = torch.tensor([row.weight for row in rows], device=lm.device)
+    floors = torch.tensor([row.floor for row in rows], device=lm.device)
+    return TargetBatch(
+        ids, mask, pos.to(lm.device), tgt.to(lm.device), valid.to(lm.device), weights, floors
+    )
+
+
+def target_batch(lm: LM, requests: list[EditRequest], last_token: bool = False) -> TargetBatch:
+    """The batch of the requests' rows, one per target, each scoring the target's tokens."""
+    return batch_rows(lm, target_rows(lm, requests, last_token))
+
+
+def target_nll(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """Each row's mean target-token NLL, from the logits at `batch.reads`."""
+    logp = torch.log_softmax(logits, dim=-1).view(*batch.positions.shape, -1)
+    targets, valid = batch.targets.to(logp.device), batch.valid.to(logp.device)
+    token_logp = logp.gather(2, targets[..., None]).squeeze(-1) * valid
+    return -token_logp.sum(1) / valid.sum(1)
+
+
+def forward_target_nll(model: torch.nn.Module, batch: TargetBatch) -> torch.Tensor:
+    """Each row of `batch`'s mean target-token NLL, from a full forward pass of `model`."""
+    logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
+    return target_nll(logits[batch.reads].float(), batch)
