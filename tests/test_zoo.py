@@ -26,7 +26,7 @@ from kedit.zoo.train import (
 )
 from kedit.zoo.world import PERSON_RELATIONS, RELATIONS
 
-BUNDLED = ("tiny-gpt2", "tiny-llama", "tiny-gpt2-wide")
+BUNDLED = ("tiny-gpt2", "tiny-llama", "tiny-gpt2-wide", "tiny-chat")
 
 
 @pytest.fixture(scope="module")
