@@ -1,4 +1,4 @@
-"""The contract every registered editing method keeps, on both narrow bundled models.
+"""The contract every registered editing method keeps, on the bundled models (not the wide one).
 
 It runs for each name in `kedit.list_methods()`, so a method is held to it once registered:
 
@@ -36,11 +36,18 @@ import torch
 import kedit
 import kedit.edits
 from kedit.data import load_requests
-from kedit.edits import DELTA_KINDS, Edit, ModelMismatchError, WeightDelta, in_context
+from kedit.edits import (
+    DELTA_KINDS,
+    ContextDelta,
+    Edit,
+    ModelMismatchError,
+    WeightDelta,
+    in_context,
+)
 from kedit.methods.registry import get_method
 from kedit.zoo import DATA_DIR
 
-MODELS = ("tiny-gpt2", "tiny-llama")
+MODELS = ("tiny-gpt2", "tiny-llama", "tiny-chat")
 N_CASES = 12
 RELIABILITY_FLOOR = 0.9
 
@@ -58,6 +65,36 @@ RELIABILITY_WAIVERS: dict[tuple[str, str], dict[str, object]] = {
         "measured": "4/12 = 0.33, only cases 3, 6, 8, 10 reached (14/30 = 0.47 on 30 cases)",
         "reason": "as on tiny-gpt2, KN's fixed-scale neuron update is not optimised towards "
         "the target, and on tiny-llama it reaches the target for fewer than half the cases.",
+    },
+    ("kn", "tiny-chat"): {
+        "floor": 7 / 12,
+        "measured": "7/12 = 0.58, cases 1, 2, 8, 9, 10 missed",
+        "reason": "as on the narrow models, KN's fixed-scale neuron update is not optimised "
+        "towards the target.",
+    },
+    ("ike", "tiny-chat"): {
+        "floor": 6 / 12,
+        "measured": "6/12 = 0.50, cases 0, 1, 3, 4, 8, 9 missed (0.73 on 200 benchmark cases)",
+        "reason": "IKE is as good as the model's use of a stated fact: tiny-chat follows one "
+        "on 74% of held-out people (docs/tiny-chat.md), short of its own target of 90%.",
+    },
+    **{
+        (editor, "tiny-chat"): {
+            "floor": 10 / 12,
+            "measured": "10/12 = 0.83, cases 9 and 10 missed",
+            "reason": f"the bundled {editor} editor for tiny-chat (trained by `kedit train "
+            f"{editor} -m tiny-chat` at the defaults) reaches 0.94 (MEND) and 0.83 (MALMEN) "
+            "reliability on its validation edits; these two cases are among its misses.",
+        }
+        for editor in ("mend", "malmen")
+    },
+    ("ultraedit", "tiny-chat"): {
+        "floor": 9 / 12,
+        "measured": "9/12 = 0.75, cases 8, 9, 10 missed (10/12 at lr 5e-3 and at 1e-2; 7/12 "
+        "at block 7 alone)",
+        "reason": "a single edit on a fresh UltraEdit state normalises one request's few rows "
+        "by their own statistics (docs/tuning.md#ultraedit); the step that reaches the hard "
+        "cases costs locality in the batches UltraEdit is made for.",
     },
     ("pmet", "tiny-llama"): {
         "floor": 9 / 12,
@@ -84,7 +121,7 @@ IKE_WAIVER = (
     "measured 0/12 (every case missed): IKE changes no parameter, it states the new fact (after "
     "retrieved demonstrations) before the prompt; the narrow models were trained on tinyworld "
     "statements only, never on a text that states a fact and then asks it, so a context does not "
-    "move their answer. IKE's targets are on tiny-chat, trained to use stated facts "
+    "move their answer. tiny-chat, trained to use stated facts, has its own waiver below "
     "(docs/results.md#lifelong-editing)."
 )
 SERAC_WAIVER = (
@@ -94,7 +131,7 @@ SERAC_WAIVER = (
     "src/kedit/zoo/editors/serac-tiny-llama` bundles one)"
 )
 CLAUSE_WAIVERS: dict[tuple[str, str, str], str] = {
-    **{("reliability", "ike", model): IKE_WAIVER for model in MODELS},
+    **{("reliability", "ike", model): IKE_WAIVER for model in ("tiny-gpt2", "tiny-llama")},
     **{
         (clause, "serac", "tiny-llama"): SERAC_WAIVER
         for clause in ("reliability", "undo", "save_apply", "failure", "batches")
@@ -213,7 +250,7 @@ class Run:
 
 @pytest.fixture(scope="module")
 def lms(tiny_gpt2, tiny_llama):
-    return {"tiny-gpt2": tiny_gpt2, "tiny-llama": tiny_llama}
+    return {"tiny-gpt2": tiny_gpt2, "tiny-llama": tiny_llama, "tiny-chat": kedit.load("tiny-chat")}
 
 
 @pytest.fixture(scope="module")
@@ -393,9 +430,17 @@ def _poisoned(tensor: torch.Tensor, value: float) -> torch.Tensor:
     return tensor
 
 
+class OnlyText(Exception):
+    """A change without numbers (a context edit holding only its text) cannot be non-finite."""
+
+
 def _poison(delta) -> None:
     """Make one entry of the update non-finite (of a weight delta's factors, an adaptor's
     tensors, a memory's appended or overwritten rows)."""
+    if isinstance(delta, ContextDelta) and not any(
+        t.is_floating_point() for t in delta.tensors.values()
+    ):
+        raise OnlyText(f"the {delta.context!r} context holds no tensors, only its text")
     if isinstance(delta, WeightDelta):
         if delta.dense is not None:
             delta.dense = _poisoned(delta.dense, float("nan"))
@@ -474,11 +519,13 @@ def test_a_failure_at_the_last_moment_leaves_model_and_state_untouched(
     state = two_step["state"]
     state_before = None if state is None else dict(vars(state))
     inject, error = FAILURES[failure]
-    with inject(two_step), pytest.raises(error):
+    with inject(two_step), pytest.raises((error, OnlyText)) as raised:
         run.edit_two_step(state)
     assert not _differing(run.before, _visible(run.lm))
     if state is not None:
         assert _same_value(state_before, dict(vars(state)))
+    if raised.errisinstance(OnlyText):
+        pytest.skip(f"{raised.value}: nothing to make non-finite (rolled back as an exception)")
 
 
 @pytest.mark.parametrize(("method", "model"), _pairs("batches"))

@@ -348,6 +348,21 @@ def test_kedit_train_and_edit_with_the_editor_on_the_command_line(tmp_path):
     assert result.exit_code == 2 and "settings: unknown key(s) stepz" in result.output
 
 
+def test_kedit_train_serac_prints_its_validation_summary(tmp_path):
+    from typer.testing import CliRunner
+
+    from kedit.cli import app
+
+    out = tmp_path / "serac"
+    settings = ["-s", "scope_steps=2", "-s", "counterfactual_steps=2", "-s", "batch=4"]
+    result = CliRunner().invoke(
+        app, ["train", "serac", "-m", "tiny-gpt2", "--n", "16", "--out", str(out), *settings]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Trained serac for tiny-gpt2" in result.output and "scope_recall" in result.output
+    assert (out / "scope.safetensors").is_file()
+
+
 def test_validation_batches_never_hold_two_targets_for_one_fact():
     from kedit.methods._editor_train import consistent_batches
 

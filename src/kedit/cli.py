@@ -6,6 +6,7 @@ import functools
 import json
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -1114,8 +1115,10 @@ def train_command(
     val = None if val_data is None else list(load_requests(val_data))
     lm = kedit.load(model)
     editor = kedit.train_editor(lm, method, train, val, out, settings)
-    last = (editor.meta.validation.get("history") or [{}])[-1]
-    shown = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "step")
+    meta = editor.meta if isinstance(editor.meta, dict) else asdict(editor.meta)
+    validation = meta.get("validation") or {}
+    last = (validation.get("history") or [validation])[-1]  # SERAC's is one summary
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if isinstance(v, float))
     console.print(
         f"Trained {method} for {lm.name}: {editor.path}" + (f" ({shown})" if shown else "")
     )
