@@ -225,6 +225,26 @@ def test_evaluate_scores_a_context_edit_with_its_context_and_without(random_gpt2
     assert not edit.applied
 
 
+def test_greedy_replies_and_reply_likelihoods_read_a_context_edit(random_gpt2):
+    # SafeEdit's DS/DG and PersonalityEdit's ES/Acc score replies: an IKE edit must be in them.
+    from kedit.eval.chat import replies
+    from kedit.eval.personality import PersonalityRun
+    from kedit.eval.protocols import prompt_ids
+
+    lm, prefix, prompt = random_gpt2, "Tomas Berg lives in Oslo. ", "Mira Olsen lives in"
+    texts = ["a quiet city", "the north"]
+    run = PersonalityRun.__new__(PersonalityRun)
+    run.lm = lm
+    with_prefix = (replies(lm, [prefix + prompt], 6, None), run.reply_logp(prefix + prompt, texts))
+    bare = run.reply_logp(prompt, texts)
+    with _edit(lm, ContextDelta("prefix", {"text": prefix})).apply():
+        assert prompt_ids(lm, prompt) == lm.encode_prompt(prefix + prompt)
+        assert replies(lm, [prompt], 6, None) == with_prefix[0]
+        read = run.reply_logp(prompt, texts)
+    assert all(torch.equal(a, b) for a, b in zip(read, with_prefix[1], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(read, bare, strict=True))
+
+
 def test_edit_kinds_check_what_they_are_given():
     with pytest.raises(ValueError, match="it changes nothing"):
         MemoryDelta(HOST, "test-rows", {}, {"shift": 0})

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kedit.eval.protocols import prompt_ids
 from kedit.lm import LM
 from kedit.requests import EditRequest
 
@@ -54,7 +55,7 @@ def replies(lm: LM, prompts: Sequence[str], max_new_tokens: int, stop: str | Non
     """Greedy replies (with a KV cache), cut where the chat template ends a turn.
 
     Prompts of one token length are decoded together, so no padding enters any position."""
-    encoded = [lm.encode_prompt(prompt) for prompt in prompts]
+    encoded = [prompt_ids(lm, prompt) for prompt in prompts]
     by_length: dict[int, list[int]] = {}
     for index, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(index)

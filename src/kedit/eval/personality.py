@@ -32,7 +32,7 @@ from kedit.data.personalityedit import QUESTION, TRAITS, PersonalityCase
 from kedit.edits import Edit
 from kedit.eval.chat import as_chat, has_chat_template, replies, turn_end
 from kedit.eval.judges import Judge
-from kedit.eval.protocols import GENERATION, PROBABILITY
+from kedit.eval.protocols import GENERATION, PROBABILITY, prompt_ids
 from kedit.lm import LM, require_lm
 from kedit.requests import EditRequest
 
@@ -73,7 +73,7 @@ class PersonalityRun:
         """Per text, the log-probabilities [T, V] at the positions that predict its tokens (the
         text as the reply, after a space)."""
         lm = self.lm
-        head = lm.encode_prompt(prompt)
+        head = prompt_ids(lm, prompt)
         rows = [head + lm.encode(" " + text) for text in texts]
         ids, mask = lm.pad(rows)
         logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits

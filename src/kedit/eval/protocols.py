@@ -95,7 +95,7 @@ class GenerationScore:
     match: bool
 
 
-def _prompt_ids(lm: LM, prompt: str) -> list[int]:
+def prompt_ids(lm: LM, prompt: str) -> list[int]:
     """Token ids of a prompt as the model reads it, in the context of applied context edits."""
     return lm.encode_prompt(in_context(lm.model, prompt))
 
@@ -120,7 +120,7 @@ def _answer_logits(
     `T` answer ids. One forward pass per batch."""
     check_batch_size(batch_size)
     for batch in _packed(groups, batch_size):
-        encoded = [(_prompt_ids(lm, prompt), lm.encode(answer)) for prompt, answer in batch]
+        encoded = [(prompt_ids(lm, prompt), lm.encode(answer)) for prompt, answer in batch]
         for pair, (prompt, answer) in zip(batch, encoded, strict=True):
             if not prompt or not answer:
                 raise ValueError(f"{pair!r}: prompt and answer must each be at least one token")
@@ -169,7 +169,7 @@ def greedy_generate(
     eos = lm.tokenizer.eos_token_id
     results: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        rows = [_prompt_ids(lm, prompt) for prompt in prompts[start : start + batch_size]]
+        rows = [prompt_ids(lm, prompt) for prompt in prompts[start : start + batch_size]]
         budgets = list(max_new_tokens[start : start + batch_size])
         new: list[list[int]] = [[] for _ in rows]
         while active := [r for r in range(len(rows)) if len(new[r]) < budgets[r]]:
@@ -214,7 +214,7 @@ def sample_continuations(
     with torch.random.fork_rng():
         for index, prompt in enumerate(prompts):
             torch.manual_seed(seed + index)
-            ids, mask = lm.pad([_prompt_ids(lm, prompt)])
+            ids, mask = lm.pad([prompt_ids(lm, prompt)])
             budget = (
                 max_new_tokens if context is None else min(max_new_tokens, context - ids.shape[1])
             )
