@@ -85,6 +85,21 @@ def test_chat_turns_follow_the_tokenizer_template(random_gpt2):
     assert turn_end(lm) == "\n"
 
 
+def test_replies_stop_at_the_models_context_and_refuse_a_prompt_beyond_it(random_gpt2):
+    from kedit.eval.chat import replies
+
+    lm = random_gpt2  # 64 positions
+    words = " ".join(["city"] * 200)
+    ids = lm.encode(words)
+    near_end = lm.tokenizer.decode(ids[:62])
+    full = lm.tokenizer.decode(ids[:64])
+    assert len(lm.encode_prompt(near_end)) == 62 and len(lm.encode_prompt(full)) == 64
+    short, empty = replies(lm, [near_end, full], 10, None)
+    assert 0 < len(lm.encode(short)) <= 2 and empty == ""
+    with pytest.raises(ValueError, match="prompt: 65 tokens .* do not fit the model's 64"):
+        replies(lm, [lm.tokenizer.decode(ids[:65])], 10, None)
+
+
 def test_the_loop_scores_what_the_judge_said_and_undoes_every_edit(tiny_gpt2):
     lm = tiny_gpt2
     requests = list(load_requests(SAFEEDIT, n=2))

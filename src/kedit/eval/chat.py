@@ -52,21 +52,32 @@ def chat_request(lm: LM, request: EditRequest, chat: bool) -> EditRequest:
 
 @torch.no_grad()
 def replies(lm: LM, prompts: Sequence[str], max_new_tokens: int, stop: str | None) -> list[str]:
-    """Greedy replies (with a KV cache), cut where the chat template ends a turn.
+    """Greedy replies (with a KV cache), cut where the chat template ends a turn, and where the
+    model's context ends (a reply to a prompt that fills the context is empty).
 
     Prompts of one token length are decoded together, so no padding enters any position."""
     encoded = [prompt_ids(lm, prompt) for prompt in prompts]
+    context = getattr(lm.model.config, "max_position_embeddings", None)
+    for prompt, ids in zip(prompts, encoded, strict=True):
+        if context is not None and len(ids) > context:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens (with applied context edits) do not fit the "
+                f"model's {context} positions: {prompt[:60]!r}..."
+            )
     by_length: dict[int, list[int]] = {}
     for index, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(index)
     stops = {"stop_strings": [stop], "tokenizer": lm.tokenizer} if stop else {}
     texts = [""] * len(prompts)
     for length, group in by_length.items():
+        budget = max_new_tokens if context is None else min(max_new_tokens, context - length)
+        if budget <= 0:
+            continue
         ids = torch.tensor([encoded[i] for i in group], device=lm.device)
         out = lm.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=budget,
             do_sample=False,
             pad_token_id=lm.tokenizer.eos_token_id,
             **stops,
