@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         hparams = METHODS.get(method, {})
         seconds: list[float] = []
         make_edit = timed_edits(lm, method, hparams, seconds)
-        result = evaluate_personality(lm, cases, judge, make_edit, n_other=args.n_other)
+        try:
+            result = evaluate_personality(lm, cases, judge, make_edit, n_other=args.n_other)
+        except ValueError as error:  # a method that cannot take these cases (IKE: too long)
+            report.setdefault("failed", {})[method] = str(error)
+            continue
         report["runs"][method] = {
             "hparams": resolve_hparams(method, lm, hparams).to_dict(),
             "post": result["summary"]["post"],

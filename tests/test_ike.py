@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 import kedit
 from kedit.edits import in_context
@@ -88,6 +89,18 @@ def test_demonstrations_that_would_pass_the_models_positions_are_left_out(tiny_g
             (p.prompt, p.answer) for p in request.locality
         ]:
             assert len(lm.encode_prompt(in_context(lm.model, prompt)) + lm.encode(answer)) <= limit
+
+
+def test_a_new_fact_that_cannot_fit_beside_its_prompt_is_refused(tiny_gpt2):
+    long_target = " and".join([" Lisbon"] * 70)  # 140 tokens: more than the 128 positions
+    request = EditRequest(prompt="{} lives in", subject="Mira Olsen", target_new=long_target)
+    before = {k: v.clone() for k, v in tiny_gpt2.model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"request: its new fact takes \d+ tokens .* 128 positions"
+    ):
+        kedit.edit(tiny_gpt2, request, "ike", {"k": 0})
+    assert all(torch.equal(v, before[k]) for k, v in tiny_gpt2.model.state_dict().items())
+    assert in_context(tiny_gpt2.model, "x") == "x"
 
 
 @pytest.mark.parametrize(

@@ -172,6 +172,12 @@ def context_for(lm: LM, request: EditRequest, hparams: IKEHyperParams) -> tuple[
             sizes.pop()
         while shown and len(lm.encode(text())) > room:
             shown.pop()
+        if len(lm.encode(text())) > room:
+            raise ValueError(
+                f"request: its new fact takes {len(lm.encode(text()))} tokens and the longest "
+                f"prompt scored for it {limit - room}, more than the model's {limit} positions; "
+                f"IKE cannot state it: {fact_text(request)[:60]!r}..."
+            )
     similarities = torch.tensor([score for _, score, _ in reversed(shown)])
     delta = ContextDelta("prefix", {"text": text()}, {"similarity": similarities} if shown else {})
     info = {
