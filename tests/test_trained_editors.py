@@ -292,11 +292,6 @@ def test_serac_scope_examples_label_prompts_and_paraphrases_in_scope_only():
     assert labels.tolist() == [[1, 0], [1, 1], [0, 0]]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="bit-equal when run alone; in the whole suite (2026-12-06) the resumed counterfactual "
-    "model's weights differed from the uninterrupted run's (cause not found yet)",
-)
 def test_serac_training_resumes_from_its_checkpoint(tiny_gpt2, tmp_path, monkeypatch, one_thread):
     pytest.importorskip("sentence_transformers")
     from kedit.methods import serac
