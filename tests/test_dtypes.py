@@ -46,6 +46,7 @@ HPARAMS = {
     "wise": {"layers": [1], "steps": 5, "irrelevant_corpus": "tinyworld"},
     "melo": {"layers": [1], "steps": 5},
     "ike": {"k": 2},
+    "dinm": {"steps": 5},
 }
 
 
@@ -89,8 +90,6 @@ def half_model(request, bpe_tokenizer):
 # Methods that edit with an editor trained for one model; their half-precision test trains one
 # for a random model (tests/test_trained_editors.py).
 TRAINED_EDITORS = {"mend", "malmen", "serac"}
-# Merged after this file's last update, not yet run in half precision here (open work).
-NOT_YET_CHECKED = {"dinm"}
 # (method, dtype) whose edit of the random half-precision models is non-finite today (measured
 # 2026-12-06: LoRA's and AdaLoRA's adaptors, trained by peft in the model's float16, overflow;
 # bfloat16 works); open.
@@ -98,7 +97,7 @@ NON_FINITE = {("lora", torch.float16), ("adalora", torch.float16)}
 
 
 def test_every_registered_method_has_settings_here():
-    assert sorted(HPARAMS) == sorted(set(list_methods()) - TRAINED_EDITORS - NOT_YET_CHECKED)
+    assert sorted(HPARAMS) == sorted(set(list_methods()) - TRAINED_EDITORS)
 
 
 @pytest.mark.parametrize("method", sorted(HPARAMS))

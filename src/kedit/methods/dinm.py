@@ -29,7 +29,7 @@ import torch
 from kedit.edits import WeightDelta, compute_in_sequence
 from kedit.hooks import capture, start_at_block, stop_after
 from kedit.lm import LM
-from kedit.methods._train import frozen
+from kedit.methods._train import frozen, mixed_precision_step
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 
@@ -200,18 +200,19 @@ def tune_layer(
     name = f"{lm.layout.mlp_out_name(layer)}.weight"
     weight = lm.model.get_parameter(name)
     original = weight.detach().clone()
+    master = original.float().clone()  # Adam in float32: its ε underflows in float16
     objective = Objective(lm, request, layer)
-    optimizer = torch.optim.Adam([weight], lr=hparams.lr, weight_decay=hparams.weight_decay)
+    optimizer = torch.optim.Adam([master], lr=hparams.lr, weight_decay=hparams.weight_decay)
     try:
         with frozen(lm.model, [weight]):
             for step in range(hparams.steps + 1):
                 nll, kl = objective.terms()
                 if step == hparams.steps or float(nll.detach()) < hparams.stop_nll:
                     break
-                optimizer.zero_grad()
+                weight.grad = None
                 (nll + hparams.kl_factor * kl).backward()
-                optimizer.step()
-        delta = WeightDelta.from_dense(name, weight.detach().float() - original.float())
+                mixed_precision_step([weight], [master], [original], optimizer, None)
+        delta = WeightDelta.from_dense(name, master - original.float())
     finally:
         with torch.no_grad():
             weight.copy_(original)
