@@ -168,6 +168,10 @@ def peft_layers(
             torch.manual_seed(hparams.seed)
             tuner = tuner_class(holder, config, "default")
         layers = list(holder.values())
+        for layer in layers:  # train in float32 (peft's own autocast does the same): a float16
+            for name, p in layer.named_parameters():  # adaptor overflows in Adam
+                if "lora_" in name:
+                    p.data = p.data.float()
         for path, layer in zip(paths, layers, strict=True):
             model.set_submodule(path, layer)
         yield tuner, layers
@@ -191,7 +195,7 @@ def low_rank_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return down, up * scaling
     singular = tensor(layer.lora_E)  # Λ, (r, 1)
     kept = singular[:, 0] != 0
-    ranknum = float(layer.ranknum["default"])
+    ranknum = float(layer.ranknum["default"].detach())
     return (down * singular)[kept], (up * scaling / (ranknum + ADALORA_RANK_EPS))[:, kept]
 
 
