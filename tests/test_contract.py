@@ -104,15 +104,6 @@ RELIABILITY_WAIVERS: dict[tuple[str, str], dict[str, object]] = {
         "the MLP-only update leaves the target at probability 0.08-0.38 behind the old answer "
         "(the same with mom2_update_weight 1 or 200 value steps).",
     },
-    ("serac", "tiny-gpt2"): {
-        "floor": 10 / 12,
-        "measured": "10/12 = 0.83, cases 1 and 10 missed (each alone in memory)",
-        "reason": "SERAC routes a sequence by its whole text, and this clause reads the target "
-        "after the prompt with the target's last token in the sequence too: 'The company that "
-        "employs Sofia Delric is Orbitus' falls out of the scope the classifier learned from "
-        "prompts, so the base model answers; without the last token (as the evaluation "
-        "protocols read it) both cases are reached (docs/results.md: SERAC on tiny-gpt2).",
-    },
 }
 
 # (clause, method, model) -> why the method cannot keep that clause at all. Clauses:

@@ -15,9 +15,11 @@ unchanged.
   with the edit's target.
 
 An edit is a memory entry (`MemoryDelta`): the MiniLM embedding of the edit's prompt and the
-edit's sentence, attached to the model itself, so every forward pass of the model consults it:
-the classifier reads each sequence's text as a whole (the tokens it is given, as EasyEdit's
-SERAC does), and the rows in scope get the counterfactual model's logits at their positions.
+edit's sentence, attached to the model itself, so every forward pass of the model consults it.
+Routing is causal, as a language model's output must be: the logits at a position come from
+the counterfactual model (with the edit in its context) where the text up to that position is
+in an edit's scope, else from the base model. (EasyEdit's SERAC classifies each sequence as a
+whole, so a scored answer changes whether its own prompt is routed.)
 A forward pass that continues from a KV cache (generation after its first token) sees only its
 new tokens and is left to the base model. The editor (`kedit train serac`) is a folder: the
 classifier's weights, the counterfactual model and what they were trained for; saved edits refer
@@ -219,21 +221,28 @@ class SeracMemory(Adaptor):
         mask = torch.ones_like(ids) if mask is None else mask
         editor = load_serac(self.config["editor"])
         rows = [row[keep.bool()].tolist() for row, keep in zip(ids, mask, strict=True)]
-        texts = [editor.counterfactual.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
-        entries = editor.route(texts, self.keys)
-        if bool((entries < 0).all()):
+        decode = editor.counterfactual.tokenizer.decode
+        prefixes = [
+            [decode(r[: t + 1], skip_special_tokens=True) for t in range(len(r))] for r in rows
+        ]
+        distinct = sorted({text for texts in prefixes for text in texts})
+        routed = dict(zip(distinct, editor.route(distinct, self.keys).tolist(), strict=True))
+        entries = [torch.tensor([routed[text] for text in texts]) for texts in prefixes]
+        if all(bool((row < 0).all()) for row in entries):
             return output
         logits = output.logits.clone()
         window = ids.shape[1] - logits.shape[1]  # the leading positions without logits
-        for row, entry in enumerate(entries.tolist()):
-            if entry < 0:
-                continue
-            context = bytes(self.contexts[entry].tolist()).rstrip(b"\0").decode()
-            with torch.no_grad():
-                answer = editor.counterfactual_logits(context, rows[row])
-            positions = mask[row].bool().nonzero().squeeze(1).to(logits.device)
-            shown = positions >= window
-            logits[row, positions[shown] - window] = answer[shown.cpu()].to(logits)
+        for row, row_entries in enumerate(entries):
+            positions = mask[row].bool().nonzero().squeeze(1).cpu()
+            for entry in sorted(set(row_entries.tolist()) - {-1}):
+                chosen = (row_entries == entry) & (positions >= window)
+                if not bool(chosen.any()):
+                    continue
+                context = bytes(self.contexts[entry].tolist()).rstrip(b"\0").decode()
+                with torch.no_grad():
+                    answer = editor.counterfactual_logits(context, rows[row])
+                at = (positions[chosen] - window).to(logits.device)
+                logits[row, at] = answer[chosen.to(answer.device)].to(logits)
         output.logits = logits
         return output
 
