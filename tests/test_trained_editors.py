@@ -285,6 +285,40 @@ def test_serac_answers_in_scope_with_the_counterfactual_model_and_else_as_before
         torch.testing.assert_close(after[0, t], expected)
 
 
+def test_serac_generation_routes_every_new_token_by_the_whole_text(tiny_gpt2, serac_editor):
+    # Greedy decoding with a KV cache: each step's logits come from the model the text so far
+    # is routed to (the counterfactual one with the edit in context, in scope; else the base).
+    from kedit.methods.serac import edit_sentence, embed, load_serac
+
+    lm, (case,) = tiny_gpt2, _requests(1)
+    cf = load_serac(serac_editor).counterfactual
+    context, key = cf.encode_prompt(edit_sentence(case)), embed([case.text])
+    ids, expected, routed = lm.encode_prompt(case.text), [], []
+    with torch.no_grad():
+        for _ in range(4):
+            text = lm.tokenizer.decode(ids, skip_special_tokens=True)
+            routed.append(bool(torch.nn.functional.cosine_similarity(embed([text]), key)[0] >= 0.8))
+            model, prefix = (cf.model, context) if routed[-1] else (lm.model, [])
+            expected.append(model(input_ids=torch.tensor([prefix + ids])).logits[0, -1])
+            allowed = expected[-1].clone()
+            allowed[lm.tokenizer.eos_token_id] = -float("inf")  # as min_new_tokens does
+            ids = ids + [int(allowed.argmax())]
+        prompt = torch.tensor([lm.encode_prompt(case.text)])
+        with kedit.edit(lm, case, "serac", editor=serac_editor):
+            out = lm.model.generate(
+                input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                min_new_tokens=4, do_sample=False, output_logits=True,
+                return_dict_in_generate=True, pad_token_id=lm.tokenizer.eos_token_id,
+            )  # fmt: skip
+    assert out.sequences[0].tolist() == ids
+    assert all(routed)  # the prompt and its continuations stay in the edit's scope
+    with torch.no_grad():
+        base = lm.model(input_ids=torch.tensor([ids[:-1]])).logits[0, -4:]
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits[0], expected[step])
+        assert not torch.allclose(logits[0], base[step])  # not the base model's, cached steps too
+
+
 def test_serac_scope_examples_label_prompts_and_paraphrases_in_scope_only():
     from kedit.methods.serac import _scope_examples
 

@@ -20,8 +20,8 @@ Routing is causal, as a language model's output must be: the logits at a positio
 the counterfactual model (with the edit in its context) where the text up to that position is
 in an edit's scope, else from the base model. (EasyEdit's SERAC classifies each sequence as a
 whole, so a scored answer changes whether its own prompt is routed.)
-A forward pass that continues from a KV cache (generation after its first token) sees only its
-new tokens and is left to the base model. The editor (`kedit train serac`) is a folder: the
+A forward pass that continues from a KV cache (generation) is routed by the whole text the
+cache was filled with and its new tokens. The editor (`kedit train serac`) is a folder: the
 classifier's weights, the counterfactual model and what they were trained for; saved edits refer
 to it by its folder.
 """
@@ -32,6 +32,7 @@ import copy
 import json
 import os
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -214,16 +215,33 @@ class SeracMemory(Adaptor):
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        cached = kwargs.get("past_key_values") or kwargs.get("cache")
-        if ids is None or self.rows("keys") == 0 or _seen_tokens(cached) > 0:
+        if ids is None or self.rows("keys") == 0:
             return output
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
+        cached = kwargs.get("past_key_values") or kwargs.get("cache")
+        # This hook runs after the pass, which has already added its own tokens to the cache.
+        seen = max(_seen_tokens(cached) - ids.shape[1], 0)
+        # A pass that continues from a KV cache (generation) holds only its new tokens, and a
+        # mask over all of them: its rows are the earlier passes' rows and the new tokens.
+        earlier = _SEEN_ROWS.get(cached, []) if seen else []
+        if seen and len(earlier) != len(ids):
+            return output  # a cache this memory did not see filled: left to the base model
+        new = [
+            row[keep.bool()[-row.shape[0] :]].tolist() for row, keep in zip(ids, mask, strict=True)
+        ]
+        rows = [old + add for old, add in zip(earlier, new, strict=True)] if seen else new
+        if cached is not None:
+            try:
+                _SEEN_ROWS[cached] = rows
+            except TypeError:  # a legacy tuple cache cannot be a weak key: not followed
+                pass
         editor = load_serac(self.config["editor"])
-        rows = [row[keep.bool()].tolist() for row, keep in zip(ids, mask, strict=True)]
         decode = editor.counterfactual.tokenizer.decode
+        first = [len(r) - len(add) for r, add in zip(rows, new, strict=True)]
         prefixes = [
-            [decode(r[: t + 1], skip_special_tokens=True) for t in range(len(r))] for r in rows
+            [decode(r[: t + 1], skip_special_tokens=True) for t in range(start, len(r))]
+            for r, start in zip(rows, first, strict=True)
         ]
         distinct = sorted({text for texts in prefixes for text in texts})
         routed = dict(zip(distinct, editor.route(distinct, self.keys).tolist(), strict=True))
@@ -233,18 +251,23 @@ class SeracMemory(Adaptor):
         logits = output.logits.clone()
         window = ids.shape[1] - logits.shape[1]  # the leading positions without logits
         for row, row_entries in enumerate(entries):
-            positions = mask[row].bool().nonzero().squeeze(1).cpu()
+            positions = mask[row, -ids.shape[1] :].bool().nonzero().squeeze(1).cpu()
             for entry in sorted(set(row_entries.tolist()) - {-1}):
                 chosen = (row_entries == entry) & (positions >= window)
                 if not bool(chosen.any()):
                     continue
                 context = bytes(self.contexts[entry].tolist()).rstrip(b"\0").decode()
                 with torch.no_grad():
-                    answer = editor.counterfactual_logits(context, rows[row])
+                    answer = editor.counterfactual_logits(context, rows[row])[first[row] :]
                 at = (positions[chosen] - window).to(logits.device)
                 logits[row, at] = answer[chosen.to(answer.device)].to(logits)
         output.logits = logits
         return output
+
+
+# The token rows each KV cache has been filled with, so that a pass continuing from it can be
+# routed by its whole text (weak keys: an entry goes with its cache).
+_SEEN_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _seen_tokens(cache: Any) -> int:
