@@ -63,6 +63,14 @@ class LM:
         self.model.eval()
 
     @property
+    def context_length(self) -> int | None:
+        """How many positions the model reads (None where its config does not say)."""
+        config = self.model.config
+        return getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+
+    @property
     def device(self) -> torch.device:
         """Where the model takes its inputs: its first parameter's device (the embeddings' on a
         model split over devices by `device_map`)."""

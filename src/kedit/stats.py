@@ -365,7 +365,7 @@ def _save_entry(key: StatsKey, moment: torch.Tensor, meta: dict) -> None:
 
 def _stats_key(lm: LM, layer: int, corpus: Corpus, max_length: int, dtype: str) -> StatsKey:
     """The key of a layer's statistic; the length cap is also cut to the model's context."""
-    context = getattr(lm.model.config, "max_position_embeddings", None) or max_length
+    context = lm.context_length or max_length
     module = lm.layout.mlp_out_name(layer)
     return StatsKey(
         lm.fingerprint, module, corpus.id, corpus.n_samples, min(max_length, context), dtype

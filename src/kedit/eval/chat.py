@@ -57,7 +57,7 @@ def replies(lm: LM, prompts: Sequence[str], max_new_tokens: int, stop: str | Non
 
     Prompts of one token length are decoded together, so no padding enters any position."""
     encoded = [prompt_ids(lm, prompt) for prompt in prompts]
-    context = getattr(lm.model.config, "max_position_embeddings", None)
+    context = lm.context_length
     for prompt, ids in zip(prompts, encoded, strict=True):
         if context is not None and len(ids) > context:
             raise ValueError(

@@ -209,7 +209,7 @@ def sample_continuations(
     Prompt `i` is sampled with seed `seed + i`, so results do not depend on the other prompts;
     the global random state is left as it was. Sampling stops at the model's context length.
     """
-    context = getattr(lm.model.config, "max_position_embeddings", None)
+    context = lm.context_length
     continuations = []
     with torch.random.fork_rng():
         for index, prompt in enumerate(prompts):

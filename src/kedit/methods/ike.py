@@ -157,7 +157,7 @@ def context_for(lm: LM, request: EditRequest, hparams: IKEHyperParams) -> tuple[
         for (fact, score), kind in zip(nearest, kinds, strict=True)
     ]
     new_fact = hparams.edit_template.format(fact=fact_text(request), prompt="", answer="")
-    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    limit = lm.context_length
     room = limit - _longest_scored(lm, request) if limit else None
 
     def text() -> str:

@@ -44,8 +44,7 @@ def encode_row(lm: LM, prompt: str, answer_ids: list[int]) -> TargetRow:
 def check_fits(lm: LM, items: Sequence[UnlearnItem], field_name: str, extra: int = 0) -> None:
     """Refuse, naming it, an item whose prompt and longest answer (plus `extra` tokens) exceed
     the model's context."""
-    config = lm.model.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
+    limit = lm.context_length
     if not limit:
         return
     for index, item in enumerate(items):
