@@ -700,6 +700,9 @@ def torchrun_group() -> Iterator[str | None]:
     dist.init_process_group("nccl" if device else "gloo")
     try:
         yield device
+        # A rank that tears down its connections while a peer is still finishing (rank 0 writes
+        # the files after the last reduction) makes gloo abort that peer at exit.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
