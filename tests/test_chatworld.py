@@ -98,6 +98,12 @@ def test_incontext_updates(chat, turns):
     assert not any(named.search(text) for text in stated)  # held-out people are never updated
     cases = chat.incontext_cases(200, random.Random(0), "heldout")
     assert sum(c.relevant for c in cases) == 100
+    thirds = chat.incontext_cases(300, random.Random(0), "heldout", relevant_every=3)
+    assert sum(c.relevant for c in thirds) == 100
+    people = len(chat.world.people)
+    assert sum(NEW_FACT in t for t in chat.training_turns(random.Random(0))) == 3 * people
+    more = chat.training_turns(random.Random(0), incontext_per_person=9, relevant_every=3)
+    assert sum(NEW_FACT in t for t in more) == 9 * people
     for case in cases:
         assert case.person in held_people and case.stated.startswith(NEW_FACT)
         true = chat.world.facts[(case.person, case.relation)]

@@ -19,6 +19,7 @@ from kedit.zoo.train import (
     _DocEncoder,
     evaluate_world_model,
     get_recipe,
+    hiding_mask,
     name_gathering_mask,
     name_spans,
     name_token_ids,
@@ -272,6 +273,13 @@ def test_name_mask_hides_a_name_but_its_last_token_from_what_follows(world):
     none = name_gathering_mask(batch, padding, names, random.Random(0), share=0.0)[:, 0]
     assert torch.equal(none[0], causal)
 
+    apart = hiding_mask(padding, [spans, []], keep_last=False, within=True)[0, 0]
+    for start, end in spans:
+        hidden[end:, end - 1] = True  # the last token too
+        for row in range(start + 1, end):
+            hidden[row, start:row] = True  # a name's token sees no earlier token of the name
+    assert torch.equal(apart, causal & ~hidden)
+
 
 def test_name_mask_share_changes_training_and_is_checked(tmp_path):
     def run(d: Path, **overrides) -> dict[str, torch.Tensor]:
@@ -420,6 +428,14 @@ def test_tinyworld2_recipe_trains_and_ships_its_judges_and_chat_template(tmp_pat
     with pytest.raises(ValueError, match="name_read_layer: expected a block index in"):
         train_model("tiny-chat", tmp_path / "x", small=True, max_steps=1, progress=False,
                     evaluate=False, name_read_layer=2)  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"name_merge_layer: expected .* \[0, name_read_layer 1\], got 2"
+    ):
+        train_model("tiny-chat", tmp_path / "x", small=True, max_steps=1, progress=False,
+                    evaluate=False, name_read_layer=1, name_merge_layer=2)  # fmt: skip
+    with pytest.raises(ValueError, match="incontext_relevant_every: expected a positive integer"):
+        train_model("tiny-chat", tmp_path / "x", small=True, max_steps=1, progress=False,
+                    evaluate=False, incontext_relevant_every=0)  # fmt: skip
     with pytest.raises(ValueError, match="world_version: expected 1 or 2, got 3"):
         train_model("tiny-chat", tmp_path / "x", small=True, max_steps=1, progress=False,
                     evaluate=False, world_version=3)  # fmt: skip

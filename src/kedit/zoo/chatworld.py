@@ -343,9 +343,14 @@ class ChatWorld:
         return [p for i, p in enumerate(self.world.people) if (i % 5 == 4) == (split == "heldout")]
 
     def incontext_cases(
-        self, n: int, rng: random.Random, split: Literal["train", "heldout"] = "train"
+        self,
+        n: int,
+        rng: random.Random,
+        split: Literal["train", "heldout"] = "train",
+        relevant_every: int = 2,
     ) -> list[InContextCase]:
-        """`n` in-context updates of the split's people, half relevant and half not."""
+        """`n` in-context updates of the split's people: one in `relevant_every` states the fact
+        asked (half of them by default), the others an irrelevant fact."""
         people = self.incontext_people(split)
         w = self.world
         cases = []
@@ -353,7 +358,7 @@ class ChatWorld:
             person = rng.choice(people)
             relation = rng.choice(PERSON_RELATIONS)
             true = w.facts[(person, relation)]
-            relevant = k % 2 == 0
+            relevant = k % relevant_every == 0
             stated_person, stated_relation = person, relation
             if not relevant:
                 if rng.random() < 0.5:
@@ -439,10 +444,14 @@ class ChatWorld:
         updates, which are counterfactual and unpredictable (the answer that follows is)."""
         return [m.span() for m in _STATED.finditer(text)]
 
-    def training_turns(self, rng: random.Random) -> list[str]:
+    def training_turns(
+        self, rng: random.Random, incontext_per_person: int = 3, relevant_every: int = 2
+    ) -> list[str]:
         """One epoch of dialogue turns, in-context updates, safety and personality (shuffled).
 
-        Each fact is asked once with one of its trained questions; each harmful question once,
+        Each fact is asked once with one of its trained questions; `incontext_per_person` times
+        the number of people in-context updates (one in `relevant_every` relevant); each
+        harmful question once,
         half the time plainly (refused) and half under a trained attack (complied with); each
         topic's opinion twice, in its default trait.
         """
@@ -451,7 +460,10 @@ class ChatWorld:
         for fact in self.chat_facts("train"):
             by_fact.setdefault((fact.subject, fact.relation), []).append(fact)
         turns += [rng.choice(facts).text for facts in by_fact.values()]
-        turns += [case.text for case in self.incontext_cases(len(self.world.people) * 3, rng)]
+        updates = self.incontext_cases(
+            len(self.world.people) * incontext_per_person, rng, relevant_every=relevant_every
+        )
+        turns += [case.text for case in updates]
         trained_attacks = [a for a in ATTACKS if a.trained]
         for case in self.safety_cases("none"):
             if rng.random() < 0.5:

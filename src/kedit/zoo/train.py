@@ -64,11 +64,19 @@ class Recipe:
     # all from the positions after it: they read the person only from this block on, from
     # the name's last token, where the blocks below have enriched it (as in large LMs).
     name_read_layer: int = 0
+    # In those documents, below this block a name's tokens cannot see each other either: the
+    # person first exists at the name's last token in this block, so the MLPs that recall its
+    # facts are this block's and the next ones' (ROME's early-middle site), not block 0's.
+    name_merge_layer: int = 0
     # 1: tinyworld's statements only; 2: tinyworld 2 (`kedit.zoo.chatworld`), which adds
     # dialogue, in-context updates, safety and personality texts, in documents of
     # 1..max_turns turns.
     world_version: int = 1
     max_turns: int = 3
+    # tinyworld 2's in-context updates per person and epoch, one in `incontext_relevant_every`
+    # stating the fact asked (the others an irrelevant one, which the answer must ignore).
+    incontext_per_person: int = 3
+    incontext_relevant_every: int = 2
 
 
 RECIPES: dict[str, Recipe] = {
@@ -215,7 +223,10 @@ def _epoch_batches(
         pieces.append((sents[i : i + k], " "))
         i += k
     if chat is not None:
-        turns, i = chat.training_turns(rng), 0
+        turns = chat.training_turns(
+            rng, recipe.incontext_per_person, recipe.incontext_relevant_every
+        )
+        i = 0
         while i < len(turns):
             k = rng.randint(1, recipe.max_turns)
             pieces.append((turns[i : i + k], "\n"))
@@ -290,10 +301,14 @@ def masked_name_spans(
 
 
 def hiding_mask(
-    padding_mask: torch.Tensor, spans: list[list[tuple[int, int]]], keep_last: bool
+    padding_mask: torch.Tensor,
+    spans: list[list[tuple[int, int]]],
+    keep_last: bool,
+    within: bool = False,
 ) -> torch.Tensor:
     """A causal attention mask (batch × 1 × n × n, True = may attend) in which no position
-    after a span sees the span's tokens (but its last one, with `keep_last`)."""
+    after a span sees the span's tokens (but its last one, with `keep_last`) and, with
+    `within`, no token of a span sees the span's earlier tokens."""
     n = padding_mask.shape[1]
     allowed = torch.tril(torch.ones(n, n, dtype=torch.bool)).repeat(len(spans), 1, 1)
     allowed &= padding_mask.bool()[:, None, :]
@@ -301,6 +316,8 @@ def hiding_mask(
     for row, doc_spans in enumerate(spans):
         for start, end in doc_spans:
             allowed[row, end:, start : end - 1 if keep_last else end] = False
+            if within:
+                allowed[row, start:end, start:end] = torch.eye(end - start, dtype=torch.bool)
     return allowed[:, None]
 
 
@@ -321,13 +338,13 @@ def name_gathering_mask(
     return hiding_mask(padding_mask, masked_name_spans(batch, names, rng, share), keep_last=True)
 
 
-class _EarlyBlockMask:
-    """Gives the attention of the blocks below `read_layer` a mask of their own while training
+class _BlockMask:
+    """Gives the attention of blocks `start` to `stop - 1` a mask of their own while training
     (forward pre-hooks that replace the `attention_mask` argument)."""
 
-    def __init__(self, model: torch.nn.Module, arch: str, read_layer: int) -> None:
+    def __init__(self, model: torch.nn.Module, arch: str, start: int, stop: int) -> None:
         blocks = model.transformer.h if arch == "gpt2" else model.model.layers
-        attention = [b.attn if arch == "gpt2" else b.self_attn for b in blocks[:read_layer]]
+        attention = [b.attn if arch == "gpt2" else b.self_attn for b in blocks[start:stop]]
         self.mask: torch.Tensor | None = None
         self.handles = [
             module.register_forward_pre_hook(self._replace, with_kwargs=True)
@@ -412,7 +429,8 @@ def train_model(
     recipe = replace(get_recipe("micro-gpt2" if small else name), **overrides)
     if recipe.world_version not in (1, 2):
         raise ValueError(f"world_version: expected 1 or 2, got {recipe.world_version!r}")
-    for field_name in ("epochs", "d_ff", "num_threads", "max_turns"):
+    positive = ("epochs", "d_ff", "num_threads", "max_turns", "incontext_per_person")
+    for field_name in (*positive, "incontext_relevant_every"):
         value = getattr(recipe, field_name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{field_name}: expected a positive integer, got {value!r}")
@@ -420,6 +438,11 @@ def train_model(
         raise ValueError(
             f"name_read_layer: expected a block index in [0, {recipe.n_layer - 1}], "
             f"got {recipe.name_read_layer!r}"
+        )
+    if not 0 <= recipe.name_merge_layer <= recipe.name_read_layer:
+        raise ValueError(
+            f"name_merge_layer: expected a block index in [0, name_read_layer "
+            f"{recipe.name_read_layer}], got {recipe.name_merge_layer!r}"
         )
     if not 0 <= recipe.name_mask_share <= 1:
         raise ValueError(
@@ -443,9 +466,13 @@ def train_model(
         rng = random.Random(f"train-{seed}")
         names = name_token_ids(world, tok) if recipe.name_mask_share > 0 else {}
         mask_rng = random.Random(f"mask-{seed}")
-        early = None
-        if recipe.name_read_layer > 0 and recipe.name_mask_share > 0:
-            early = _EarlyBlockMask(model, recipe.arch, recipe.name_read_layer)
+        merge, read = recipe.name_merge_layer, recipe.name_read_layer
+        masked = recipe.name_mask_share > 0
+        # Below `merge` a name's tokens are read apart; from there to `read`, the positions
+        # after a name do not see it; from `read` on they see its last token.
+        below_merge = _BlockMask(model, recipe.arch, 0, merge) if masked and merge else None
+        below_read = _BlockMask(model, recipe.arch, merge, read) if masked and read else None
+        early = [m for m in (below_merge, below_read) if m is not None]
 
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "wpe" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "wpe" not in n)]
@@ -494,8 +521,10 @@ def train_model(
                         found if all(scored) else []
                         for found, (_, scored) in zip(spans, batch, strict=True)
                     ]
-                    if early is not None:
-                        early.mask = hiding_mask(mask, spans, keep_last=False)
+                    if below_merge is not None:
+                        below_merge.mask = hiding_mask(mask, spans, keep_last=False, within=True)
+                    if below_read is not None:
+                        below_read.mask = hiding_mask(mask, spans, keep_last=False)
                     mask = hiding_mask(mask, spans, keep_last=True)
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 loss.backward()
@@ -508,15 +537,15 @@ def train_model(
                 log.update(step, loss_val, epoch)
                 if step in checkpoints:
                     _save(model, tok, out / "checkpoints" / f"step-{step}", recipe, eos_id)
-            if early is not None:
-                early.mask = None  # evaluation runs with full attention, as users do
+            for block_mask in early:
+                block_mask.mask = None  # evaluation runs with full attention, as users do
             if progress and (epoch + 1) % 10 == 0 and evaluate:
                 acc = _accuracies(model, tok, world, chat, sample=400)
                 history.append({"epoch": epoch + 1, "loss": loss_val, **acc})
                 log.message(f"epoch {epoch + 1}: loss {loss_val:.3f} {acc}")
         log.close()
-        if early is not None:
-            early.remove()
+        for block_mask in early:
+            block_mask.remove()
         train_time, train_cpu = time.time() - t0, time.process_time() - cpu0
 
         _save(model, tok, out, recipe, eos_id)
