@@ -70,6 +70,12 @@ class LM:
             config, "n_positions", None
         )
 
+    def new_token_budget(self, prompt_length: int, wanted: int) -> int:
+        """How many tokens may follow a prompt of `prompt_length`: `wanted`, cut where the
+        model's context ends (0 or less: none)."""
+        context = self.context_length
+        return wanted if context is None else min(wanted, context - prompt_length)
+
     @property
     def device(self) -> torch.device:
         """Where the model takes its inputs: its first parameter's device (the embeddings' on a

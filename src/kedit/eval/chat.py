@@ -70,7 +70,7 @@ def replies(lm: LM, prompts: Sequence[str], max_new_tokens: int, stop: str | Non
     stops = {"stop_strings": [stop], "tokenizer": lm.tokenizer} if stop else {}
     texts = [""] * len(prompts)
     for length, group in by_length.items():
-        budget = max_new_tokens if context is None else min(max_new_tokens, context - length)
+        budget = lm.new_token_budget(length, max_new_tokens)
         if budget <= 0:
             continue
         ids = torch.tensor([encoded[i] for i in group], device=lm.device)

@@ -209,15 +209,12 @@ def sample_continuations(
     Prompt `i` is sampled with seed `seed + i`, so results do not depend on the other prompts;
     the global random state is left as it was. Sampling stops at the model's context length.
     """
-    context = lm.context_length
     continuations = []
     with torch.random.fork_rng():
         for index, prompt in enumerate(prompts):
             torch.manual_seed(seed + index)
             ids, mask = lm.pad([prompt_ids(lm, prompt)])
-            budget = (
-                max_new_tokens if context is None else min(max_new_tokens, context - ids.shape[1])
-            )
+            budget = lm.new_token_budget(ids.shape[1], max_new_tokens)
             with torch.no_grad():
                 out = lm.model.generate(
                     input_ids=ids,
