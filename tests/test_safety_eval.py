@@ -100,6 +100,20 @@ def test_replies_stop_at_the_models_context_and_refuse_a_prompt_beyond_it(random
         replies(lm, [lm.tokenizer.decode(ids[:65])], 10, None)
 
 
+def test_greedy_generation_stops_at_the_models_context_and_refuses_a_prompt_beyond_it(
+    random_gpt2,
+):
+    from kedit.eval.protocols import greedy_generate
+
+    lm = random_gpt2  # 64 positions
+    ids = lm.encode(" ".join(["city"] * 200))
+    near_end, full = lm.tokenizer.decode(ids[:62]), lm.tokenizer.decode(ids[:64])
+    short, empty = greedy_generate(lm, [near_end, full], [10, 10])
+    assert len(short) <= 2 and empty == []
+    with pytest.raises(ValueError, match="prompt: 65 tokens .* do not fit the model's 64"):
+        greedy_generate(lm, [lm.tokenizer.decode(ids[:65])], [1])
+
+
 def test_the_loop_scores_what_the_judge_said_and_undoes_every_edit(tiny_gpt2):
     lm = tiny_gpt2
     requests = list(load_requests(SAFEEDIT, n=2))

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kedit.eval.protocols import prompt_ids
+from kedit.eval.protocols import fitting_prompt_ids
 from kedit.lm import LM
 from kedit.requests import EditRequest
 
@@ -56,14 +56,7 @@ def replies(lm: LM, prompts: Sequence[str], max_new_tokens: int, stop: str | Non
     model's context ends (a reply to a prompt that fills the context is empty).
 
     Prompts of one token length are decoded together, so no padding enters any position."""
-    encoded = [prompt_ids(lm, prompt) for prompt in prompts]
-    context = lm.context_length
-    for prompt, ids in zip(prompts, encoded, strict=True):
-        if context is not None and len(ids) > context:
-            raise ValueError(
-                f"prompt: {len(ids)} tokens (with applied context edits) do not fit the "
-                f"model's {context} positions: {prompt[:60]!r}..."
-            )
+    encoded = [fitting_prompt_ids(lm, prompt) for prompt in prompts]
     by_length: dict[int, list[int]] = {}
     for index, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(index)

@@ -100,6 +100,19 @@ def prompt_ids(lm: LM, prompt: str) -> list[int]:
     return lm.encode_prompt(in_context(lm.model, prompt))
 
 
+def fitting_prompt_ids(lm: LM, prompt: str) -> list[int]:
+    """`prompt_ids`, refusing a prompt that does not fit the model's positions (generation
+    would index past them)."""
+    ids = prompt_ids(lm, prompt)
+    context = lm.context_length
+    if context is not None and len(ids) > context:
+        raise ValueError(
+            f"prompt: {len(ids)} tokens (with applied context edits) do not fit the "
+            f"model's {context} positions: {prompt[:60]!r}..."
+        )
+    return ids
+
+
 def _packed(groups: Sequence[Sequence[Item]], batch_size: int) -> Iterator[list[Item]]:
     """Batches of at most `batch_size` items that never split a group (an oversized group is a
     batch of its own)."""
@@ -160,7 +173,7 @@ def greedy_generate(
     lm: LM, prompts: Sequence[str], max_new_tokens: Sequence[int], batch_size: int = 64
 ) -> list[list[int]]:
     """Greedy continuations (token ids, without the prompt), `max_new_tokens[i]` for prompt `i`
-    at most, stopping at the end-of-sequence token.
+    at most, stopping at the end-of-sequence token and where the model's context ends.
 
     No KV cache: each step re-runs the right-padded rows that are still generating and reads
     the logits at each row's last real token; cheap for answer-length continuations.
@@ -169,8 +182,9 @@ def greedy_generate(
     eos = lm.tokenizer.eos_token_id
     results: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        rows = [prompt_ids(lm, prompt) for prompt in prompts[start : start + batch_size]]
-        budgets = list(max_new_tokens[start : start + batch_size])
+        rows = [fitting_prompt_ids(lm, prompt) for prompt in prompts[start : start + batch_size]]
+        wanted = max_new_tokens[start : start + batch_size]
+        budgets = [lm.new_token_budget(len(row), n) for row, n in zip(rows, wanted, strict=True)]
         new: list[list[int]] = [[] for _ in rows]
         while active := [r for r in range(len(rows)) if len(new[r]) < budgets[r]]:
             ids, mask = lm.pad([rows[r] + new[r] for r in active])
