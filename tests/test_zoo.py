@@ -290,6 +290,9 @@ def test_name_mask_share_changes_training_and_is_checked(tmp_path):
 
     plain, masked = run(tmp_path / "a"), run(tmp_path / "b", name_mask_share=1.0)
     assert any(not torch.equal(plain[k], masked[k]) for k in plain)
+    read = {"name_mask_share": 1.0, "name_read_layer": 1}
+    merged = run(tmp_path / "m0", **read), run(tmp_path / "m1", **read, name_merge_layer=1)
+    assert any(not torch.equal(merged[0][k], merged[1][k]) for k in plain)  # names read apart
     with pytest.raises(ValueError, match=r"name_mask_share: expected a number in \[0, 1\], got 2"):
         run(tmp_path / "c", name_mask_share=2)
 

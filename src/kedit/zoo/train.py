@@ -431,8 +431,14 @@ def train_model(
     recipe = replace(get_recipe("micro-gpt2" if small else name), **overrides)
     if recipe.world_version not in (1, 2):
         raise ValueError(f"world_version: expected 1 or 2, got {recipe.world_version!r}")
-    positive = ("epochs", "d_ff", "num_threads", "max_turns", "incontext_per_person")
-    for field_name in (*positive, "incontext_relevant_every"):
+    for field_name in (
+        "epochs",
+        "d_ff",
+        "num_threads",
+        "max_turns",
+        "incontext_per_person",
+        "incontext_relevant_every",
+    ):
         value = getattr(recipe, field_name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{field_name}: expected a positive integer, got {value!r}")
