@@ -94,6 +94,50 @@ def test_prefix_keys_and_values_follow_the_weights_across_an_edit_and_its_undo(t
     assert prefix_states(lm, prefixes) is not again
 
 
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("fact_token", ["subject_last", "last"])
+def test_a_lookup_from_the_lowest_edited_blocks_input_equals_the_whole_model_run_again(
+    model, fact_token, request, monkeypatch
+):
+    lm = request.getfixturevalue(model)
+    lower, upper = 1, 2
+    params = resolve_hparams(
+        "memit",
+        lm,
+        {"layers": [lower, upper], "prefix_lengths": [[4, 2]], "fact_token": fact_token},
+    )
+    requests, prefixes = _requests(3), context_prefixes(lm, params)
+    assert prefix_states(lm, prefixes).width > 1
+    site = lm.layout.block(upper)
+    found = optimize_values(
+        lm, requests, upper, prefixes, params, [site], key_layers=[lower], input_of=lower
+    )
+    inputs = [f.block_input for (f,) in found]
+    assert all(i.layer == lower for i in inputs)
+    # Blocks from the input's block up change (as a spread over layers changes them); a
+    # lookup from there must see the change exactly as a run of the whole model does.
+    generator = torch.Generator().manual_seed(0)
+    weights = [
+        lm.model.get_parameter(lm.layout.mlp_out_name(layer) + ".weight")
+        for layer in (lower, upper)
+    ]
+    originals = [weight.detach().clone() for weight in weights]
+    with torch.no_grad():
+        for weight in weights:
+            weight.add_(0.05 * weight.std() * torch.randn(weight.shape, generator=generator))
+    try:
+        whole = _locate.lookup_activations(lm, requests, prefixes, fact_token, [upper], [site])
+        monkeypatch.setattr(_locate, "backward_tokens", lambda *args: 1)  # one request a pass
+        resumed = _locate.lookup_from_block(lm, inputs, [upper], [site])
+    finally:
+        with torch.no_grad():
+            for weight, original in zip(weights, originals, strict=True):
+                weight.copy_(original)
+    for got, expected in ((resumed[0][upper], whole[0][upper]), (resumed[1][site], whole[1][site])):
+        assert got.shape == expected.shape == (3, len(prefixes), expected.shape[-1])
+        assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max())
+
+
 def test_fine_tuning_from_above_the_trained_block_equals_running_it(tiny_gpt2, monkeypatch):
     requests = _requests(3)
     hparams = {"layers": [4], "steps": 6}

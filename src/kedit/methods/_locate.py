@@ -12,12 +12,13 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 
 from kedit.edits import weights_version
-from kedit.hooks import capture, hooks, replace_output, stop_after
+from kedit.hooks import capture, hooks, replace_output, start_at_block, stop_after
 from kedit.lm import LM
 from kedit.methods._above import Above, adds_to_block_output, read_logits
 from kedit.methods._memory import backward_tokens, token_chunks
@@ -296,27 +297,84 @@ def lookup_activations(
             encode_prompts(lm, [prefix + text for prefix, text, _ in items]), positions, strict=True
         )
     ]
-    names = [lm.layout.mlp_out_name(layer) for layer in key_layers]
     last = max([*key_layers, *(_block_of(lm, site) for site in sites)])
     budget = backward_tokens(lm, min(key_layers or [last]))
-    chunks = list(token_chunks(range(len(items)), [len(t) for t in texts], budget))
+
+    def passes() -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
+        for chunk in token_chunks(range(len(items)), [len(t) for t in texts], budget):
+            ids, mask = lm.pad([texts[i] for i in chunk])
+            at = torch.tensor([positions[i] for i in chunk])
+            yield at, partial(lm.model, input_ids=ids, attention_mask=mask, use_cache=False)
+
+    return _read_at_edited_token(lm, key_layers, sites, passes(), (len(requests), len(prefixes)))
+
+
+@torch.no_grad()
+def lookup_from_block(
+    lm: LM, inputs: list[BlockInput], key_layers: list[int], sites: list[str] = ()
+) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]]:
+    """`lookup_activations` of the same requests and prefixes, each request's prompts run from
+    its `BlockInput` on (the model's blocks below that input's block must be those the input
+    was taken with; the blocks from it up may have changed since)."""
+    layer = inputs[0].layer
+    width = max(found.hidden.shape[1] for found in inputs)
+    last = max([*key_layers, *(_block_of(lm, site) for site in sites)])
+    budget = backward_tokens(lm, min(key_layers or [last]))
+    sizes = [len(found.at) * width for found in inputs]
+
+    def padded(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(
+            tensor, (0, 0) * (tensor.dim() - 2) + (0, width - tensor.shape[1])
+        )
+
+    def passes() -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
+        for chunk in token_chunks(inputs, sizes, budget):
+            hidden = torch.cat([padded(found.hidden) for found in chunk])
+            mask = torch.cat([padded(found.mask) for found in chunk])
+            positions = torch.cat([padded(found.positions) for found in chunk])
+
+            def run(hidden=hidden, mask=mask, positions=positions) -> None:
+                with start_at_block(lm.model, lm.layout.blocks, layer, hidden):
+                    lm.model(
+                        input_ids=torch.zeros_like(mask),
+                        attention_mask=mask,
+                        position_ids=positions,
+                        use_cache=False,
+                    )
+
+            yield torch.cat([found.at for found in chunk]), run
+
+    shape = (len(inputs), len(inputs[0].at))
+    return _read_at_edited_token(lm, key_layers, sites, passes(), shape)
+
+
+def _read_at_edited_token(
+    lm: LM,
+    key_layers: list[int],
+    sites: list[str],
+    passes: Iterator[tuple[torch.Tensor, Callable[[], None]]],
+    shape: tuple[int, int],
+) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]]:
+    """The keys of `key_layers` and the outputs of `sites` at positions `at` of each row of
+    each pass `(at, run)` (`run()` runs the model; it stops after the highest block read),
+    as `(*shape, width)` float32 tensors."""
+    model = lm.model
+    names = [lm.layout.mlp_out_name(layer) for layer in key_layers]
+    last = max([*key_layers, *(_block_of(lm, site) for site in sites)])
     keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in key_layers}
     outs: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
-    model, block = lm.model, lm.layout.block(last)
-    for chunk in chunks:
-        ids, mask = lm.pad([texts[i] for i in chunk])
-        at = torch.tensor([positions[i] for i in chunk])
+    for at, run in passes:
+        # The hooks go in before a pass cuts the blocks below out (which renumbers them).
         with capture(model, names, "input") as seen, capture(model, list(sites)) as written:
-            with stop_after(model, block):
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            with stop_after(model, lm.layout.block(last)):
+                run()
         for layer, name in zip(key_layers, names, strict=True):
             keys[layer].append(_at(seen[name], at))
         for site in sites:
             outs[site].append(_at(written[site], at))
-    shape = (len(requests), len(prefixes), -1)
     return (
-        {layer: torch.cat(parts).view(shape) for layer, parts in keys.items()},
-        {site: torch.cat(parts).view(shape) for site, parts in outs.items()},
+        {layer: torch.cat(parts).view(*shape, -1) for layer, parts in keys.items()},
+        {site: torch.cat(parts).view(*shape, -1) for site, parts in outs.items()},
     )
 
 
@@ -343,6 +401,21 @@ class ValueResult:
     steps: int
     target_nll: float
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    block_input: BlockInput | None = None
+
+
+@dataclass
+class BlockInput:
+    """The input of block `layer` over one request's prompts after each prefix, up to the
+    edited token, from the value pass (rows × tokens, padded; `at`: the edited token's
+    position in each row). A lookup at a higher layer, once the edits from block `layer` up
+    are applied, starts there (`lookup_from_block`): the blocks below stay unedited."""
+
+    layer: int
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    at: torch.Tensor
 
 
 def optimize_value(
@@ -370,11 +443,13 @@ def optimize_values(
     sites: list[str],
     essence_prompt: str = "{} is a",
     key_layers: list[int] = (),
+    input_of: int | None = None,
 ) -> list[list[ValueResult]]:
     """For each request, vectors delta_s that, added to the outputs of the modules `sites` (all
     in block `layer`) at the edited token, make `target_new` likely after every prefix
     (ROME Eq. 4; several sites at once as in PMET). One list per request, one result per site;
-    each also carries the unedited keys of `key_layers` (each ≤ `layer`) at the edited token.
+    each also carries the unedited keys of `key_layers` (each ≤ `layer`) at the edited token
+    and, given `input_of` (≤ `layer`), that block's input over the prompts (`BlockInput`).
     A request with `extra_targets` (Multi-Label Edit) makes all its targets likely: its target
     NLL is the mean over targets and prefixes.
 
@@ -403,7 +478,9 @@ def optimize_values(
     results: list[list[ValueResult]] = []
     for chunk in token_chunks(requests, tokens, budget):
         batch = _ValueBatch.build(lm, chunk, prefixes, essence_prompt, hparams.fact_token)
-        search = _ValueSearch(lm, batch, len(chunk), layer, sites, hparams, list(key_layers))
+        search = _ValueSearch(
+            lm, batch, len(chunk), layer, sites, hparams, list(key_layers), input_of
+        )
         results.extend(search.run())
     return results
 
@@ -418,33 +495,62 @@ class _PrefixStates:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def _per_weights(lm: LM, key: tuple, compute: Callable[[], Any]) -> Any:
+    """`compute()`, kept on `lm.cache` under `key` with `weights_version`, which an edit changes
+    and its undo restores: work that depends on the weights only is done once per version."""
+    version = weights_version(lm.model)
+    cached = lm.cache.get(key)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    value = compute()
+    lm.cache[key] = (version, value)
+    return value
+
+
+def _prefix_batch(lm: LM, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    """The prefixes' token ids left-padded to the longest, as the model's keyword arguments."""
+    width = max(len(tokens) for tokens in ids)
+    pad = lm.tokenizer.pad_token_id
+    tokens = torch.tensor([[pad] * (width - len(t)) + t for t in ids], device=lm.device)
+    mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in ids], device=lm.device)
+    return {
+        "input_ids": tokens,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+    }
+
+
 def prefix_states(lm: LM, prefixes: list[str]) -> _PrefixStates | None:
     """The `_PrefixStates` of `prefixes` (None where none has a token: GPT-2's empty prefix).
 
     They do not depend on the edit, so every request and step shares them: computed once per
-    model and weights, and kept on `lm.cache` with `weights_version`, which an edit changes and
-    its undo restores."""
+    model and weights (`_per_weights`)."""
     ids = [lm.encode_prompt(prefix) for prefix in prefixes]
     width = max(len(tokens) for tokens in ids)
     if not width:
         return None
-    key, version = ("prefix_states", tuple(prefixes)), weights_version(lm.model)
-    cached = lm.cache.get(key)
-    if cached is not None and cached[0] == version:
-        return cached[1]
-    pad = lm.tokenizer.pad_token_id
-    tokens = torch.tensor([[pad] * (width - len(t)) + t for t in ids], device=lm.device)
-    mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in ids], device=lm.device)
-    with torch.no_grad():
-        out = lm.model.base_model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-            use_cache=True,
-        )
-    states = _PrefixStates(ids, width, _cache_tensors(out))
-    lm.cache[key] = (version, states)
-    return states
+
+    def compute() -> _PrefixStates:
+        with torch.no_grad():
+            out = lm.model.base_model(**_prefix_batch(lm, ids), use_cache=True)
+        return _PrefixStates(ids, width, _cache_tensors(out))
+
+    return _per_weights(lm, ("prefix_states", tuple(prefixes)), compute)
+
+
+def prefix_block_input(lm: LM, states: _PrefixStates, layer: int) -> dict[str, torch.Tensor]:
+    """The input of block `layer` at the prefixes' tokens (`hidden`, prefixes × width × d, laid
+    out as `states`) and those tokens' `positions`; once per model and weights."""
+
+    def compute() -> dict[str, torch.Tensor]:
+        batch = _prefix_batch(lm, states.ids)
+        block = lm.layout.block(layer)
+        with torch.no_grad(), capture(lm.model, [block], "input") as seen:
+            with stop_after(lm.model, block):
+                lm.model(**batch, use_cache=False)
+        return {"hidden": seen[block], "positions": batch["position_ids"]}
+
+    return _per_weights(lm, ("prefix_block_input", tuple(map(tuple, states.ids)), layer), compute)
 
 
 @dataclass
@@ -689,12 +795,14 @@ class _ValueSearch:
         sites: list[str],
         hparams: LocateHyperParams,
         key_layers: list[int],
+        input_of: int | None = None,
     ) -> None:
         self.lm, self.batch, self.n_requests = lm, batch, n_requests
         self.layer, self.sites, self.hparams = layer, sites, hparams
         self.additive = len(sites) == 1 and adds_to_block_output(lm, layer, sites[0])
         self.above = Above(lm, layer + 1 if self.additive else layer)
         device = lm.device
+        self.input_of = input_of
         self.context, self.start, self.initial, self.keys = self._run_first(key_layers)
         self.deltas = [torch.zeros_like(start, requires_grad=True) for start in self.initial]
         self.optimizer = torch.optim.Adam(self.deltas, lr=hparams.v_lr)
@@ -733,6 +841,7 @@ class _ValueSearch:
                     self.done[r][0],
                     self.done[r][1],
                     {layer: keys[r] for layer, keys in self.keys.items()},
+                    self.block_inputs[r] if self.block_inputs else None,
                 )
                 for delta, start in zip(self.deltas, self.initial, strict=True)
             ]
@@ -753,10 +862,12 @@ class _ValueSearch:
         block-`layer` output where the delta adds to it, else its input); each site's unedited
         output v₀ at the edited token of each request's first (bare) prompt (n_requests ×
         width, float32); and the keys of `key_layers` at the edited token of each request's
-        prompt rows (n_requests × prefixes × in, float32)."""
+        prompt rows (n_requests × prefixes × in, float32). Sets `block_inputs` (one
+        `BlockInput` per request, given `input_of`; else empty)."""
         layout, batch, model = self.lm.layout, self.batch, self.lm.model
         block = layout.block(self.layer)
         names = [layout.mlp_out_name(layer) for layer in key_layers]
+        lower = [] if self.input_of is None else [layout.block(self.input_of)]
         n_rest, n_context = batch.rest_ids.shape[1], batch.context_mask.shape[1]
         past = {}
         if batch.prefixes is not None:
@@ -765,7 +876,10 @@ class _ValueSearch:
             past = {self.above.cache_argument: _ContextCache(shared).fresh()}
         start = "output" if self.additive else "input"
         with torch.no_grad(), capture(model, [block], start) as seen:
-            with capture(model, self.sites) as out, capture(model, names, "input") as inputs:
+            with (
+                capture(model, self.sites) as out,
+                capture(model, names + lower, "input") as inputs,
+            ):
                 # The context's keys and values are needed at every layer; without a context
                 # nothing above the edited block is.
                 with nullcontext() if n_context else stop_after(model, block):
@@ -793,7 +907,37 @@ class _ValueSearch:
             )
             for layer, name in zip(key_layers, names, strict=True)
         }
+        self.block_inputs = self._block_input(inputs[lower[0]], at) if lower else []
         return context, seen[block][:, n_rest:], initial, keys
+
+    def _block_input(self, hidden: torch.Tensor, at: torch.Tensor) -> list[BlockInput]:
+        """Per request, the `BlockInput` of block `input_of` over its prompt rows, from that
+        block's input over the rest of the context and the suffix (`hidden`) and the prefixes'
+        (`prefix_block_input`), cut after the last edited token."""
+        batch, layer = self.batch, self.input_of
+        prompts = batch.key_rows.flatten()
+        mask = torch.cat([batch.context_mask, batch.suffix_mask], dim=1)[prompts]
+        positions = torch.cat([batch.rest_positions, batch.suffix_positions], dim=1)[prompts]
+        hidden = hidden[prompts.to(hidden.device)]
+        at = at[prompts]
+        if batch.prefixes is not None:
+            shared = prefix_block_input(self.lm, batch.prefixes, layer)
+            rows = batch.prefix_of[prompts]
+            hidden = torch.cat([shared["hidden"][rows.to(hidden.device)], hidden], dim=1)
+            positions = torch.cat([shared["positions"][rows], positions], dim=1)
+            at = at + batch.prefixes.width
+        end = int(at.max()) + 1
+        per_request = len(prompts) // self.n_requests
+        return [
+            BlockInput(
+                layer,
+                hidden[rows, :end],
+                mask[rows, :end],
+                positions[rows, :end],
+                at[rows],
+            )
+            for rows in torch.arange(len(prompts)).split(per_request)
+        ]
 
     def _select(self) -> _Rows:
         """The rows of the unfinished requests."""

@@ -17,11 +17,13 @@ import torch
 from kedit.edits import WeightDelta, compute_in_sequence
 from kedit.lm import LM
 from kedit.methods._locate import (
+    BlockInput,
     LocateHyperParams,
     as_param_factors,
     context_prefixes,
     layer_second_moment,
     lookup_activations,
+    lookup_from_block,
     mlp_out_param,
     optimize_values,
     second_moment_cholesky,
@@ -109,12 +111,15 @@ class Targets:
     """What the spread starts from, per request (rows, float64, from the unedited model): the
     target output z_i of the measured site at the top edited layer, the site's unedited output
     there (after the bare prompt), and the lowest edited layer's keys averaged over the context
-    prefixes; and the value optimisation's steps."""
+    prefixes; and the value optimisation's steps. With more than one edited layer, also each
+    request's input of the lowest edited block (`BlockInput`), where the lookups of the higher
+    layers start."""
 
     values: torch.Tensor
     current: torch.Tensor
     keys: torch.Tensor
     steps: list[int]
+    block_inputs: list[BlockInput] | None = None
 
 
 def value_targets(
@@ -125,7 +130,14 @@ def value_targets(
     layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
     prefixes = context_prefixes(lm, hparams)
     found = optimize_values(
-        lm, requests, layers[-1], prefixes, hparams, sites, key_layers=[layers[0]]
+        lm,
+        requests,
+        layers[-1],
+        prefixes,
+        hparams,
+        sites,
+        key_layers=[layers[0]],
+        input_of=layers[0] if len(layers) > 1 else None,
     )
     measured = [f[-1] for f in found]
     current = torch.stack([f.initial_output for f in measured]).double()
@@ -134,6 +146,7 @@ def value_targets(
         current=current,
         keys=torch.stack([f.keys[layers[0]].mean(dim=0) for f in measured]).double(),
         steps=[f.steps for f in measured],
+        block_inputs=[f.block_input for f in measured] if len(layers) > 1 else None,
     )
 
 
@@ -159,7 +172,8 @@ def spread_over_layers(
     there divided by `divisor(number of layers left)` (MEMIT: the number itself).
     `solve(layer, residuals, keys)` returns the `(left, right)` factors of one layer's update;
     each layer's update is applied before the next layer's keys and residuals are measured
-    (the lowest layer's come with the targets, from the unedited model).
+    (the lowest layer's come with the targets, from the unedited model; the others' from the
+    lowest edited block's input, as no block below it changes).
     """
     layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
     prefixes = context_prefixes(lm, hparams)
@@ -170,9 +184,12 @@ def spread_over_layers(
         if index == 0:
             keys, current = targets.keys, targets.current
         else:
-            seen, outputs = lookup_activations(
-                lm, requests, prefixes, hparams.fact_token, [layer], [site]
-            )
+            if targets.block_inputs is not None:
+                seen, outputs = lookup_from_block(lm, targets.block_inputs, [layer], [site])
+            else:
+                seen, outputs = lookup_activations(
+                    lm, requests, prefixes, hparams.fact_token, [layer], [site]
+                )
             keys, current = seen[layer].mean(dim=1).double(), outputs[site][:, 0].double()
         residuals = (targets.values.to(current.device) - current) / divisor(len(layers) - index)
         left, right = solve(layer, residuals, keys)
