@@ -210,7 +210,12 @@ def start_at_block(
     blocks = getattr(parent, attr)
     # Per-layer config lists are indexed by position in the block loop (Qwen2's
     # `config.layer_types[i]` picks each block's attention mask): cut them like the blocks.
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    # The loop reads its own module's config (a multimodal model's text config sits there).
+    configs = {
+        id(config): config
+        for config in (getattr(model, "config", None), getattr(parent, "config", None))
+        if config is not None
+    }
     saved = [
         (config, key, getattr(config, key))
         for config in configs.values()
