@@ -4,14 +4,16 @@ kedit has them; prints JSON (and writes it with --out).
 Each case (a topic and the trait to bring about) is edited on its own, on its target-trait
 opinion texts as replies to "What do you think of {topic}?", measured and undone: ES and DD
 (teacher-forced likelihoods), Acc and TPEI (the greedy opinion, judged by the model's bundled
-personality judge or --judge with --judge-labels). A method that is not registered (IKE and
-MEND until their issues land) is listed under "missing", not measured.
+personality judge or --judge with --judge-labels). A method that is not registered is listed
+under "missing", not measured. IKE states one target-trait text, the case's shortest, in the
+context (`--ike-texts all` states every one, which does not fit a 128-position model).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--judge-labels", type=json.loads, default=None)
     parser.add_argument("--n-other", type=int, default=3, help="other topics per case for DD")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--ike-texts", choices=["shortest", "all"], default="shortest")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     lm = kedit.load(args.model)
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         hparams = METHODS.get(method, {})
         seconds: list[float] = []
         make_edit = timed_edits(lm, method, hparams, seconds)
+        if method == "ike" and args.ike_texts == "shortest":
+            make_edit = stating_shortest(lm, make_edit)
         try:
             result = evaluate_personality(lm, cases, judge, make_edit, n_other=args.n_other)
         except ValueError as error:  # a method that cannot take these cases (IKE: too long)
@@ -73,10 +78,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         report["runs"][method] = {
             "hparams": resolve_hparams(method, lm, hparams).to_dict(),
+            **({"texts_stated": args.ike_texts} if method == "ike" else {}),
             "post": result["summary"]["post"],
             "edit_seconds_median": round(median(seconds), 4),
         }
     return emit(report, args.out)
+
+
+def stating_shortest(lm: Any, make_edit: Callable) -> Callable:
+    """`make_edit` on the shortest of a case's requests (IKE's context must leave room for the
+    question and the scored reply)."""
+    return lambda requests: make_edit([min(requests, key=lambda r: len(lm.encode(r.target_new)))])
 
 
 if __name__ == "__main__":

@@ -45,3 +45,14 @@ def test_personality_benchmark_lists_missing_methods(tmp_path):
     report = personality.main([*argv, "--methods", "ft-m,no-such-method", "--n-other", "1"])
     assert report["missing"] == ["no-such-method"] and list(report["runs"]) == ["ft-m"]
     assert set(report["runs"]["ft-m"]["post"]) == {"ES", "DD", "Acc", "TPEI"}
+
+
+def test_personality_benchmark_has_ike_state_only_the_shortest_target_text(tiny_gpt2):
+    from kedit.requests import EditRequest
+
+    texts = [" a long opinion about the topic and more", " short", " a middling opinion"]
+    requests = [EditRequest(prompt="Q:", subject="Q", target_new=text) for text in texts]
+    seen = []
+    make_edit = personality.stating_shortest(tiny_gpt2, lambda chosen: seen.append(chosen))
+    make_edit(requests)
+    assert seen == [[requests[1]]]
