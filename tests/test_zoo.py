@@ -297,6 +297,27 @@ def test_name_mask_share_changes_training_and_is_checked(tmp_path):
         run(tmp_path / "c", name_mask_share=2)
 
 
+def test_untrained_mlp_below_keeps_those_mlps_initial_and_trains_the_rest(tmp_path):
+    def run(d: Path, steps: int, **overrides) -> dict[str, torch.Tensor]:
+        train_model(
+            "tiny-gpt2", d, small=True, max_steps=steps, progress=False, evaluate=False,
+            **overrides,
+        )  # fmt: skip
+        return load_file(d / "model.safetensors")
+
+    initial = run(tmp_path / "i", 0)
+    trained = run(tmp_path / "t", 4, untrained_mlp_below=1)
+    block0_mlp = [k for k in initial if k.startswith("transformer.h.0.mlp.")]
+    assert len(block0_mlp) == 4  # c_fc and c_proj, weights and biases
+    assert all(torch.equal(initial[k], trained[k]) for k in block0_mlp)
+    for k in ("transformer.h.1.mlp.c_proj.weight", "transformer.h.0.attn.c_attn.weight"):
+        assert not torch.equal(initial[k], trained[k])
+    with pytest.raises(
+        ValueError, match=r"untrained_mlp_below: expected a block index in \[0, 1\]"
+    ):
+        run(tmp_path / "x", 1, untrained_mlp_below=2)
+
+
 # --- the generated benchmarks ------------------------------------------------------------
 
 

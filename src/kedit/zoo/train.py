@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kedit.layout import layout_for
 from kedit.zoo import ZOO_META
 from kedit.zoo.chatworld import CHAT_TEMPLATE, ChatWorld, build_chat_world
 from kedit.zoo.judges import load_bundled_judge, train_judges
@@ -77,6 +78,9 @@ class Recipe:
     # stating the fact asked (the others an irrelevant one, which the answer must ignore).
     incontext_per_person: int = 3
     incontext_relevant_every: int = 2
+    # The MLPs of the blocks below this one keep their initial weights: what a name recalls
+    # must be stored in the MLPs from this block on (a study of where facts settle).
+    untrained_mlp_below: int = 0
 
 
 RECIPES: dict[str, Recipe] = {
@@ -452,6 +456,11 @@ def train_model(
             f"name_merge_layer: expected a block index in [0, name_read_layer "
             f"{recipe.name_read_layer}], got {recipe.name_merge_layer!r}"
         )
+    if not 0 <= recipe.untrained_mlp_below < recipe.n_layer:
+        raise ValueError(
+            f"untrained_mlp_below: expected a block index in [0, {recipe.n_layer - 1}], "
+            f"got {recipe.untrained_mlp_below!r}"
+        )
     if not 0 <= recipe.name_mask_share <= 1:
         raise ValueError(
             f"name_mask_share: expected a number in [0, 1], got {recipe.name_mask_share!r}"
@@ -482,8 +491,19 @@ def train_model(
         below_read = _BlockMask(model, recipe.arch, merge, read) if masked and read else None
         early = [m for m in (below_merge, below_read) if m is not None]
 
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "wpe" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "wpe" not in n)]
+        layout = layout_for(model)
+        untrained = {
+            name
+            for block in range(recipe.untrained_mlp_below)
+            for name, _ in model.get_submodule(layout.mlp_name(block)).named_parameters(
+                prefix=layout.mlp_name(block)
+            )
+        }
+        for name, param in model.named_parameters():
+            param.requires_grad_(name not in untrained)
+        trained = [(n, p) for n, p in model.named_parameters() if n not in untrained]
+        decay = [p for n, p in trained if p.ndim >= 2 and "wpe" not in n]
+        no_decay = [p for n, p in trained if not (p.ndim >= 2 and "wpe" not in n)]
         opt = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": recipe.weight_decay},
