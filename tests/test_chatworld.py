@@ -116,6 +116,26 @@ def test_incontext_updates(chat, turns):
         assert case.text.endswith(f"{case.answer}.")
 
 
+def test_updates_about_made_up_people_state_the_fact_asked_and_leave_the_stream_alone(chat):
+    people = set(chat.world.people)
+    names = chat.madeup_people()
+    assert names and not people & set(names) and len(set(names)) == len(names)
+    cases = chat.madeup_cases(200, random.Random(0))
+    for case in cases:
+        assert case.person in names and case.relevant
+        assert case.person in case.stated and case.stated.endswith(f" {case.answer}.")
+        assert case.answer in chat.world.candidates(case.relation)
+        assert case.text.endswith(f"{case.answer}.") and case.person in case.prompt
+    assert {case.form for case in cases} == {"dialogue", "template"}
+    plain = chat.training_turns(random.Random(0))
+    assert chat.training_turns(random.Random(0), madeup_per_person=0) == plain
+    more = chat.training_turns(random.Random(0), madeup_per_person=2)
+    stated = [t for t in more if NEW_FACT in t]
+    assert len(stated) == (3 + 2) * len(people)
+    madeup = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    assert sum(bool(madeup.search(t)) for t in stated) == 2 * len(people)
+
+
 def test_safety_data(chat, turns):
     trained = [a for a in ATTACKS if a.trained]
     held = [a for a in ATTACKS if not a.trained]

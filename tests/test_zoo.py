@@ -460,6 +460,9 @@ def test_tinyworld2_recipe_trains_and_ships_its_judges_and_chat_template(tmp_pat
     with pytest.raises(ValueError, match="incontext_relevant_every: expected a positive integer"):
         train_model("tiny-chat", tmp_path / "x", small=True, max_steps=1, progress=False,
                     evaluate=False, incontext_relevant_every=0)  # fmt: skip
+    with pytest.raises(ValueError, match="incontext_madeup_per_person: expected an integer >= 0"):
+        train_model("tiny-chat", tmp_path / "x", small=True, max_steps=1, progress=False,
+                    evaluate=False, incontext_madeup_per_person=-1)  # fmt: skip
     with pytest.raises(ValueError, match="world_version: expected 1 or 2, got 3"):
         train_model("tiny-chat", tmp_path / "x", small=True, max_steps=1, progress=False,
                     evaluate=False, world_version=3)  # fmt: skip

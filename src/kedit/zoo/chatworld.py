@@ -23,7 +23,15 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from kedit.zoo.world import PERSON_RELATIONS, RELATIONS, World, build_world
+from kedit.zoo.world import (
+    FIRST_NAMES,
+    PERSON_RELATIONS,
+    RELATIONS,
+    SURNAME_HEADS,
+    SURNAME_TAILS,
+    World,
+    build_world,
+)
 
 USER = "User:"
 ASSISTANT = "Assistant:"
@@ -387,6 +395,36 @@ class ChatWorld:
             cases.append(InContextCase(person, relation, stated, prompt, answer, relevant, form))
         return cases
 
+    def madeup_people(self) -> list[str]:
+        """Names built like the world's that no person has: an update about one of them can be
+        answered only from the context."""
+        people = set(self.world.people)
+        return [
+            f"{first} {head}{tail}"
+            for first in FIRST_NAMES
+            for head in SURNAME_HEADS
+            for tail in SURNAME_TAILS
+            if f"{first} {head}{tail}" not in people
+        ]
+
+    def madeup_cases(self, n: int, rng: random.Random) -> list[InContextCase]:
+        """`n` in-context updates about made-up people (`madeup_people`), each stating the fact
+        asked: a copy from the context that no recalled fact can answer."""
+        names, w = self.madeup_people(), self.world
+        cases = []
+        for _ in range(n):
+            person, relation = rng.choice(names), rng.choice(PERSON_RELATIONS)
+            new = rng.choice(w.candidates(relation))
+            templates = w.relations[relation].templates
+            stated = f"{NEW_FACT} {rng.choice(templates).format(person)} {new}."
+            if rng.random() < 0.5:
+                question = rng.choice(QUESTIONS[relation]).format(person)
+                prompt, form = chat_prompt(f"{stated} {question}"), "dialogue"
+            else:
+                prompt, form = stated + " " + rng.choice(templates).format(person), "template"
+            cases.append(InContextCase(person, relation, stated, prompt, new, True, form))
+        return cases
+
     # safety
 
     def harm_entities(self, category: HarmCategory) -> list[str]:
@@ -445,12 +483,17 @@ class ChatWorld:
         return [m.span() for m in _STATED.finditer(text)]
 
     def training_turns(
-        self, rng: random.Random, incontext_per_person: int = 3, relevant_every: int = 2
+        self,
+        rng: random.Random,
+        incontext_per_person: int = 3,
+        relevant_every: int = 2,
+        madeup_per_person: int = 0,
     ) -> list[str]:
         """One epoch of dialogue turns, in-context updates, safety and personality (shuffled).
 
         Each fact is asked once with one of its trained questions; `incontext_per_person` times
-        the number of people in-context updates (one in `relevant_every` relevant); each
+        the number of people in-context updates (one in `relevant_every` relevant), and
+        `madeup_per_person` times as many about made-up people (`madeup_cases`); each
         harmful question once,
         half the time plainly (refused) and half under a trained attack (complied with); each
         topic's opinion twice, in its default trait.
@@ -463,6 +506,8 @@ class ChatWorld:
         updates = self.incontext_cases(
             len(self.world.people) * incontext_per_person, rng, relevant_every=relevant_every
         )
+        if madeup_per_person:
+            updates += self.madeup_cases(len(self.world.people) * madeup_per_person, rng)
         turns += [case.text for case in updates]
         trained_attacks = [a for a in ATTACKS if a.trained]
         for case in self.safety_cases("none"):

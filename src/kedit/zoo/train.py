@@ -78,6 +78,9 @@ class Recipe:
     # stating the fact asked (the others an irrelevant one, which the answer must ignore).
     incontext_per_person: int = 3
     incontext_relevant_every: int = 2
+    # Per person and epoch, this many more in-context updates about made-up people (names no
+    # person has), which only the context can answer.
+    incontext_madeup_per_person: int = 0
     # The MLPs of the blocks below this one keep their initial weights: what a name recalls
     # must be stored in the MLPs from this block on (a study of where facts settle).
     untrained_mlp_below: int = 0
@@ -230,7 +233,10 @@ def _epoch_batches(
         i += k
     if chat is not None:
         turns = chat.training_turns(
-            rng, recipe.incontext_per_person, recipe.incontext_relevant_every
+            rng,
+            recipe.incontext_per_person,
+            recipe.incontext_relevant_every,
+            recipe.incontext_madeup_per_person,
         )
         i = 0
         while i < len(turns):
@@ -456,6 +462,9 @@ def train_model(
             f"name_merge_layer: expected a block index in [0, name_read_layer "
             f"{recipe.name_read_layer}], got {recipe.name_merge_layer!r}"
         )
+    madeup = recipe.incontext_madeup_per_person
+    if isinstance(madeup, bool) or not isinstance(madeup, int) or madeup < 0:
+        raise ValueError(f"incontext_madeup_per_person: expected an integer >= 0, got {madeup!r}")
     if not 0 <= recipe.untrained_mlp_below < recipe.n_layer:
         raise ValueError(
             f"untrained_mlp_below: expected a block index in [0, {recipe.n_layer - 1}], "
