@@ -138,6 +138,30 @@ def test_a_lookup_from_the_lowest_edited_blocks_input_equals_the_whole_model_run
         assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max())
 
 
+def test_a_spread_too_large_to_keep_the_lowest_blocks_input_runs_the_model_to_the_same_edit(
+    tiny_gpt2, monkeypatch
+):
+    from kedit.methods import _spread
+
+    requests = _requests(3)
+    hparams = {"layers": [1, 2], "prefix_lengths": [[4, 2]]}
+    kept = kedit.edit(tiny_gpt2, requests, method="memit", hparams=hparams)
+    kept.undo()
+    calls = []
+    lookup = _spread.lookup_activations
+    monkeypatch.setattr(_spread, "BLOCK_INPUT_BYTES", 0)
+    monkeypatch.setattr(
+        _spread, "lookup_activations", lambda *args: calls.append(1) or lookup(*args)
+    )
+    rerun = kedit.edit(tiny_gpt2, requests, method="memit", hparams=hparams)
+    rerun.undo()
+    assert calls == [1]  # the second layer's lookup
+    assert kept.info["value_steps"] == rerun.info["value_steps"]
+    for one, other in zip(kept.deltas, rerun.deltas, strict=True):
+        scale = other.tensor().abs().max()
+        assert torch.allclose(one.tensor(), other.tensor(), atol=1e-4 * scale)
+
+
 def test_fine_tuning_from_above_the_trained_block_equals_running_it(tiny_gpt2, monkeypatch):
     requests = _requests(3)
     hparams = {"layers": [4], "steps": 6}

@@ -31,6 +31,10 @@ from kedit.methods._locate import (
 from kedit.methods.registry import hp
 from kedit.requests import EditRequest
 
+# Up to this size the lowest edited block's input is kept from the value pass for the higher
+# layers' lookups; a larger batch runs the whole model again for each (less memory, more time).
+BLOCK_INPUT_BYTES = 2**30
+
 Solver = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """`solve(layer, residuals, keys)`: the `(left, right)` factors of one layer's update."""
 
@@ -129,6 +133,7 @@ def value_targets(
     by the value optimisation; the others' deltas are dropped)."""
     layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
     prefixes = context_prefixes(lm, hparams)
+    resume = len(layers) > 1 and _block_input_bytes(lm, requests, prefixes) <= BLOCK_INPUT_BYTES
     found = optimize_values(
         lm,
         requests,
@@ -137,7 +142,7 @@ def value_targets(
         hparams,
         sites,
         key_layers=[layers[0]],
-        input_of=layers[0] if len(layers) > 1 else None,
+        input_of=layers[0] if resume else None,
     )
     measured = [f[-1] for f in found]
     current = torch.stack([f.initial_output for f in measured]).double()
@@ -146,8 +151,17 @@ def value_targets(
         current=current,
         keys=torch.stack([f.keys[layers[0]].mean(dim=0) for f in measured]).double(),
         steps=[f.steps for f in measured],
-        block_inputs=[f.block_input for f in measured] if len(layers) > 1 else None,
+        block_inputs=[f.block_input for f in measured] if resume else None,
     )
+
+
+def _block_input_bytes(lm: LM, requests: list[EditRequest], prefixes: list[str]) -> int:
+    """About what the lowest edited block's input over every request's prefixed prompts takes
+    (the longest prefix's length for each)."""
+    tokens = sum(len(lm.encode_prompt(prefixes[-1] + request.text)) for request in requests)
+    projection = lm.model.get_submodule(lm.layout.mlp_out_name(0)).weight
+    _, hidden = lm.layout.in_out(projection)
+    return tokens * len(prefixes) * hidden * projection.element_size()
 
 
 def memit_targets(lm: LM, requests: list[EditRequest], hparams: LocateHyperParams) -> Targets:
