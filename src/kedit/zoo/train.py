@@ -452,11 +452,12 @@ def train_model(
         value = getattr(recipe, field_name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{field_name}: expected a positive integer, got {value!r}")
-    if not 0 <= recipe.name_read_layer < recipe.n_layer:
-        raise ValueError(
-            f"name_read_layer: expected a block index in [0, {recipe.n_layer - 1}], "
-            f"got {recipe.name_read_layer!r}"
-        )
+    for field_name in ("name_read_layer", "untrained_mlp_below"):
+        value = getattr(recipe, field_name)
+        if not 0 <= value < recipe.n_layer:
+            raise ValueError(
+                f"{field_name}: expected a block index in [0, {recipe.n_layer - 1}], got {value!r}"
+            )
     if not 0 <= recipe.name_merge_layer <= recipe.name_read_layer:
         raise ValueError(
             f"name_merge_layer: expected a block index in [0, name_read_layer "
@@ -465,11 +466,6 @@ def train_model(
     madeup = recipe.incontext_madeup_per_person
     if isinstance(madeup, bool) or not isinstance(madeup, int) or madeup < 0:
         raise ValueError(f"incontext_madeup_per_person: expected an integer >= 0, got {madeup!r}")
-    if not 0 <= recipe.untrained_mlp_below < recipe.n_layer:
-        raise ValueError(
-            f"untrained_mlp_below: expected a block index in [0, {recipe.n_layer - 1}], "
-            f"got {recipe.untrained_mlp_below!r}"
-        )
     if not 0 <= recipe.name_mask_share <= 1:
         raise ValueError(
             f"name_mask_share: expected a number in [0, 1], got {recipe.name_mask_share!r}"
