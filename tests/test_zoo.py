@@ -297,6 +297,12 @@ def test_name_mask_share_changes_training_and_is_checked(tmp_path):
         run(tmp_path / "c", name_mask_share=2)
 
 
+def test_a_trained_model_records_the_recipe_it_was_trained_by(tmp_path):
+    train_model("tiny-gpt2", tmp_path, max_steps=1, progress=False, evaluate=False)
+    meta = json.loads((tmp_path / ZOO_META).read_text())
+    assert meta["name"] == "tiny-gpt2" and meta["steps"] == 1
+
+
 def test_untrained_mlp_below_keeps_those_mlps_initial_and_trains_the_rest(tmp_path):
     def run(d: Path, steps: int, **overrides) -> dict[str, torch.Tensor]:
         train_model(

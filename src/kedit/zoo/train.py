@@ -504,8 +504,8 @@ def train_model(
                 prefix=layout.mlp_name(block)
             )
         }
-        for name, param in model.named_parameters():
-            param.requires_grad_(name not in untrained)
+        for param_name, param in model.named_parameters():
+            param.requires_grad_(param_name not in untrained)
         trained = [(n, p) for n, p in model.named_parameters() if n not in untrained]
         decay = [p for n, p in trained if p.ndim >= 2 and "wpe" not in n]
         no_decay = [p for n, p in trained if not (p.ndim >= 2 and "wpe" not in n)]
