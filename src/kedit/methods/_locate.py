@@ -297,16 +297,14 @@ def lookup_activations(
             encode_prompts(lm, [prefix + text for prefix, text, _ in items]), positions, strict=True
         )
     ]
-    last = max([*key_layers, *(_block_of(lm, site) for site in sites)])
-    budget = backward_tokens(lm, min(key_layers or [last]))
 
-    def passes() -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
+    def passes(budget: int) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
         for chunk in token_chunks(range(len(items)), [len(t) for t in texts], budget):
             ids, mask = lm.pad([texts[i] for i in chunk])
             at = torch.tensor([positions[i] for i in chunk])
             yield at, partial(lm.model, input_ids=ids, attention_mask=mask, use_cache=False)
 
-    return _read_at_edited_token(lm, key_layers, sites, passes(), (len(requests), len(prefixes)))
+    return _read_at_edited_token(lm, key_layers, sites, passes, (len(requests), len(prefixes)))
 
 
 @torch.no_grad()
@@ -318,8 +316,6 @@ def lookup_from_block(
     was taken with; the blocks from it up may have changed since)."""
     layer = inputs[0].layer
     width = max(found.hidden.shape[1] for found in inputs)
-    last = max([*key_layers, *(_block_of(lm, site) for site in sites)])
-    budget = backward_tokens(lm, min(key_layers or [last]))
     sizes = [len(found.at) * width for found in inputs]
 
     def padded(tensor: torch.Tensor) -> torch.Tensor:
@@ -327,7 +323,7 @@ def lookup_from_block(
             tensor, (0, 0) * (tensor.dim() - 2) + (0, width - tensor.shape[1])
         )
 
-    def passes() -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
+    def passes(budget: int) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
         for chunk in token_chunks(inputs, sizes, budget):
             hidden = torch.cat([padded(found.hidden) for found in chunk])
             mask = torch.cat([padded(found.mask) for found in chunk])
@@ -345,25 +341,27 @@ def lookup_from_block(
             yield torch.cat([found.at for found in chunk]), run
 
     shape = (len(inputs), len(inputs[0].at))
-    return _read_at_edited_token(lm, key_layers, sites, passes(), shape)
+    return _read_at_edited_token(lm, key_layers, sites, passes, shape)
 
 
 def _read_at_edited_token(
     lm: LM,
     key_layers: list[int],
     sites: list[str],
-    passes: Iterator[tuple[torch.Tensor, Callable[[], None]]],
+    passes: Callable[[int], Iterator[tuple[torch.Tensor, Callable[[], None]]]],
     shape: tuple[int, int],
 ) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]]:
     """The keys of `key_layers` and the outputs of `sites` at positions `at` of each row of
-    each pass `(at, run)` (`run()` runs the model; it stops after the highest block read),
-    as `(*shape, width)` float32 tensors."""
+    each pass `(at, run)` of `passes(budget)` (batches of at most `budget` tokens, what a
+    backward pass from the lowest block read fits; `run()` runs the model, which stops after
+    the highest block read), as `(*shape, width)` float32 tensors."""
     model = lm.model
     names = [lm.layout.mlp_out_name(layer) for layer in key_layers]
     last = max([*key_layers, *(_block_of(lm, site) for site in sites)])
+    budget = backward_tokens(lm, min(key_layers or [last]))
     keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in key_layers}
     outs: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
-    for at, run in passes:
+    for at, run in passes(budget):
         # The hooks go in before a pass cuts the blocks below out (which renumbers them).
         with capture(model, names, "input") as seen, capture(model, list(sites)) as written:
             with stop_after(model, lm.layout.block(last)):
