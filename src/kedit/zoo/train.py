@@ -106,7 +106,9 @@ RECIPES: dict[str, Recipe] = {
         name_read_layer=4,
         incontext_per_person=9,
         incontext_relevant_every=3,
-        epochs=72,
+        incontext_madeup_per_person=3,
+        untrained_mlp_below=2,
+        epochs=60,
         num_threads=1,
     ),
     # Very small world and model, for tests: trains end to end in seconds.
