@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 
@@ -20,8 +19,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     import kedit
-    from kedit.zoo import ZOO_META, model_path
-    from kedit.zoo.chatworld import ATTACKS, build_chat_world
+    from kedit.zoo import model_chat_world
+    from kedit.zoo.chatworld import ATTACKS
     from kedit.zoo.skills import greedy_replies, reply_label
 
     parser = argparse.ArgumentParser(
@@ -31,9 +30,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     lm = kedit.load(args.model)
-    folder = Path(args.model) if Path(args.model).is_dir() else model_path(args.model)
-    info = json.loads((folder / ZOO_META).read_text())
-    chat = build_chat_world(info["world_seed"], info["n_people"])
+    chat = model_chat_world(args.model)
     labels: dict[str, list[str | None]] = defaultdict(list)
     for group in ("trained", "heldout"):
         cases = chat.safety_cases(group)

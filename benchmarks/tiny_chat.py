@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 
@@ -26,8 +25,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import kedit
     from kedit.eval.judges import get_judge
-    from kedit.zoo import ZOO_META, model_path
-    from kedit.zoo.chatworld import build_chat_world
+    from kedit.zoo import model_chat_world, model_folder
     from kedit.zoo.judges import personality_texts
     from kedit.zoo.skills import fact_scores, incontext_scores, personality_scores, safety_scores
 
@@ -45,9 +43,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     started = time.perf_counter()
     lm = kedit.load(args.model)
-    folder = Path(args.model) if Path(args.model).is_dir() else model_path(args.model)
-    info = json.loads((folder / ZOO_META).read_text())
-    chat = build_chat_world(info["world_seed"], info["n_people"])
+    folder = model_folder(args.model)
+    chat = model_chat_world(folder)
     own = str(folder)
     safety = get_judge("safety", args.safety_judge or own, args.safety_labels)
     trait = get_judge("personality", args.personality_judge or own, args.personality_labels)

@@ -11,7 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kedit.zoo import CORPUS_FILE, build_world, list_models, model_path
+from kedit.zoo import (
+    CORPUS_FILE,
+    build_world,
+    list_models,
+    model_chat_world,
+    model_folder,
+    model_path,
+)
 from kedit.zoo.benchmark import COUNTERFACT_FILE, DATA_DIR, KNOWEDIT_FILE, write_benchmarks
 from kedit.zoo.tokenizer import train_tokenizer
 from kedit.zoo.train import (
@@ -156,6 +163,18 @@ def test_bundled_model_was_trained_by_its_recipe(name):
     recipe = asdict(get_recipe(name))
     assert meta["name"] == name
     assert {key: recipe[key] for key in meta["recipe"]} == meta["recipe"]
+
+
+def test_a_model_s_chat_world_is_the_one_its_record_names(tmp_path):
+    # A copy of tiny-chat's record with another seed and size must give that world, not the
+    # bundled one; a bundled name resolves to its folder.
+    assert model_folder("tiny-chat") == model_path("tiny-chat")
+    meta = json.loads((model_path("tiny-chat") / ZOO_META).read_text())
+    (tmp_path / ZOO_META).write_text(json.dumps({**meta, "world_seed": 3, "n_people": 24}))
+    assert model_folder(tmp_path) == tmp_path
+    world = model_chat_world(tmp_path).world
+    assert world.people == build_world(3, 24).people
+    assert model_chat_world("tiny-chat").world.people == build_world(0, 320).people
 
 
 @pytest.mark.parametrize("name", BUNDLED)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kedit.zoo.world import World, build_world
+
+if TYPE_CHECKING:
+    from kedit.zoo.chatworld import ChatWorld
 
 MODELS_DIR = Path(__file__).parent / "models"
 DATA_DIR = Path(__file__).parent / "data"
@@ -48,6 +52,22 @@ def model_info(name: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def model_folder(model: str | Path) -> Path:
+    """A zoo model's folder: `model` itself when it is one, else the bundled model of that name."""
+    return Path(model) if Path(model).is_dir() else model_path(str(model))
+
+
+def model_chat_world(model: str | Path) -> ChatWorld:
+    """The tinyworld 2 a zoo model (bundled name or folder) was trained on, rebuilt from the
+    seed and size its `kedit_zoo.json` records."""
+    import json
+
+    from kedit.zoo.chatworld import build_chat_world
+
+    info = json.loads((model_folder(model) / ZOO_META).read_text())
+    return build_chat_world(info["world_seed"], info["n_people"])
+
+
 ABILITIES = ("facts", "dialogue", "in-context", "safety", "personality")
 
 
@@ -80,6 +100,8 @@ __all__ = [
     "abilities",
     "CORPUS_FILE",
     "benchmark_path",
+    "model_chat_world",
+    "model_folder",
     "model_info",
     "World",
     "build_world",
