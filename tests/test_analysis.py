@@ -273,8 +273,12 @@ def test_patching_no_edge_is_the_clean_run_and_every_edge_the_corrupted_run(tiny
     corrupted = float(_metric(tiny_gpt2, batch, batch.corrupted).mean())
     kept = evaluate_edges(tiny_gpt2, pairs, graph.real, "logit_diff")
     assert kept["metric"] == pytest.approx(clean, rel=1e-4) and kept["faithfulness"] == 1.0
+    assert kept["corrupted_metric"] == pytest.approx(corrupted, rel=1e-4, abs=1e-4)
     dropped = evaluate_edges(tiny_gpt2, pairs, torch.zeros_like(graph.real), "logit_diff")
     assert dropped["metric"] == pytest.approx(corrupted, rel=1e-4, abs=1e-4)
+    # normalised between the corrupted run (0) and the full model (1); the share kept is raw
+    assert dropped["faithfulness"] == pytest.approx(0.0, abs=1e-4)
+    assert dropped["metric_kept"] == pytest.approx(corrupted / clean, rel=1e-4)
 
 
 def test_patching_one_edge_equals_patching_the_residual_stream_by_hand(tiny_gpt2):

@@ -953,8 +953,9 @@ def circuit_command(
     evaluation = result.evaluation
     console.print(
         f"{result.n_edges} of {result.graph.n_edges} edges; faithfulness "
-        f"{evaluation['faithfulness']:.3f} (metric {evaluation['metric']:.3f} of "
-        f"{evaluation['full_metric']:.3f}); Hit@10 {evaluation['hit']:.3f}"
+        f"{evaluation['faithfulness']:.3f} (metric {evaluation['metric']:.3f}; full model "
+        f"{evaluation['full_metric']:.3f}, corrupted run {evaluation['corrupted_metric']:.3f}); "
+        f"Hit@10 {evaluation['hit']:.3f}"
     )
     if result.curve:
         table = Table("size", "edges", "faithfulness", "random circuits", "Hit@10")

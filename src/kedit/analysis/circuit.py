@@ -12,9 +12,14 @@ EAP-IG (Hanna et al., 2024) averages the gradient over `steps` runs whose input 
 move from the corrupted to the clean ones, x = x_c + (k/steps)(x_clean − x_c), k = 0..steps−1.
 
 A circuit keeps some edges (the top n by |score|, those above a threshold, or greedily from the
-logits up) and drops edges that no longer connect the input to the logits. Its faithfulness
-is measured by running the model with every edge outside the circuit carrying the corrupted
-value: faithfulness = m(circuit) / m(full model), averaged over prompts.
+logits up) and drops edges that no longer connect the input to the logits. It is measured by
+running the model with every edge outside the circuit carrying the corrupted value, each m
+averaged over prompts. Faithfulness is normalised between the corrupted run (no edge kept, 0)
+and the full model (1), as in Hanna et al. (2024) and the Knowledge Circuits experiments:
+
+    faithfulness = (m(circuit) − m(corrupted)) / (m(full model) − m(corrupted))
+
+and `metric_kept` = m(circuit) / m(full model) is the share of the full model's metric kept.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from math import nan
 from pathlib import Path
 from typing import Any
 
@@ -251,21 +257,26 @@ def evaluate_edges(
     lm: LM, pairs: Sequence[ContrastPair], edges: torch.Tensor, metric: str, batch_size: int = 32
 ) -> dict[str, float]:
     """Run the model with every edge outside `edges` carrying the corrupted value: the mean
-    metric and Hit@10 of the clean answer, against the full model's."""
+    metric and Hit@10 of the clean answer, against the full model's and (the metric) the
+    corrupted run's; the faithfulness between those two and the share of the full metric kept
+    (module docstring)."""
     graph = build_graph(lm)
     patch = (graph.real & ~edges).float()
-    totals = {"metric": 0.0, "full_metric": 0.0, "hit": 0.0, "full_hit": 0.0}
+    totals = dict.fromkeys(("metric", "full_metric", "corrupted_metric", "hit", "full_hit"), 0.0)
     for batch in _batches(lm, pairs, batch_size):
-        corrupted, _ = _recorded(lm, graph, batch.corrupted, batch.mask)
+        corrupted, corrupted_logits = _recorded(lm, graph, batch.corrupted, batch.mask)
         full = _run(lm, batch.clean, batch.mask)
         with GraphRun(lm, graph, corrupted=corrupted, patch=patch):
             patched = _run(lm, batch.clean, batch.mask)
         totals["metric"] += float(batch.metric(patched, metric).sum())
         totals["full_metric"] += float(batch.metric(full, metric).sum())
+        totals["corrupted_metric"] += float(batch.metric(corrupted_logits, metric).sum())
         totals["hit"] += float(batch.hits(patched).sum())
         totals["full_hit"] += float(batch.hits(full).sum())
     means = {key: value / len(pairs) for key, value in totals.items()}
-    means["faithfulness"] = means["metric"] / means["full_metric"]
+    span = means["full_metric"] - means["corrupted_metric"]
+    means["faithfulness"] = (means["metric"] - means["corrupted_metric"]) / span if span else nan
+    means["metric_kept"] = means["metric"] / means["full_metric"] if means["full_metric"] else nan
     return means
 
 
@@ -452,9 +463,10 @@ class Circuit(Result):
         if self.curve and "random_faithfulness" in self.curve[0]:
             randoms = [p["random_faithfulness"] for p in self.curve]
             ax.plot(sizes, randoms, marker="x", linestyle="--", label="random circuits")
-        ax.axhline(1.0, color="grey", linewidth=0.5)
+        for level in (0.0, 1.0):  # the corrupted run and the full model
+            ax.axhline(level, color="grey", linewidth=0.5)
         ax.set_xlabel("edges kept")
-        ax.set_ylabel(f"faithfulness ({self.metric})")
+        ax.set_ylabel(f"faithfulness ({self.metric}; corrupted 0, full 1)")
         ax.legend()
         return save_figure(figure, path)
 
@@ -503,8 +515,8 @@ def faithfulness_curve(
             random_edges = prune(graph, _selection(graph, noise, selection, size))
             randoms.append(evaluate_edges(lm, pairs, random_edges, metric, batch_size))
         if randoms:
-            point["random_faithfulness"] = sum(r["faithfulness"] for r in randoms) / len(randoms)
-            point["random_hit"] = sum(r["hit"] for r in randoms) / len(randoms)
+            for key in ("faithfulness", "metric_kept", "hit"):
+                point[f"random_{key}"] = sum(r[key] for r in randoms) / len(randoms)
         curve.append(point)
     return curve
 

@@ -76,6 +76,8 @@ class CircuitDiff:
             "jaccard_overlap": self.overlap,
             "faithfulness_before": self.before.evaluation["faithfulness"],
             "faithfulness_after": self.after.evaluation["faithfulness"],
+            "metric_kept_before": self.before.evaluation["metric_kept"],
+            "metric_kept_after": self.after.evaluation["metric_kept"],
             "changed_nodes": self.changed_nodes(),
         }
 
