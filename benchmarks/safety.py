@@ -20,6 +20,8 @@ from behaviour_runs import emit, timed_edits
 
 RUNS = {
     "dinm": ("dinm", {}),
+    # the layer DINM locates per case, trained until the safe answer's NLL is below 0.003
+    "dinm-located": ("dinm", {"layers": [], "stop_nll": 0.003}),
     "dinm-no-kl": ("dinm", {"kl_factor": 0.0}),
     "ft-l": ("ft-l", {"layers": [7], "lr": 1e-2}),
 }
