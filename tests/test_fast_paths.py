@@ -5,6 +5,7 @@ once."""
 
 import pytest
 import torch
+from test_layout import tiny_lm
 
 import kedit
 from kedit.edits import WeightDelta, all_finite, compute_in_sequence, weights_version
@@ -160,6 +161,48 @@ def test_a_spread_too_large_to_keep_the_lowest_blocks_input_runs_the_model_to_th
     for one, other in zip(kept.deltas, rerun.deltas, strict=True):
         scale = other.tensor().abs().max()
         assert torch.allclose(one.tensor(), other.tensor(), atol=1e-4 * scale)
+
+
+def _run_above(lm, above, hidden):
+    """(the replayed output, the base's own output) for `hidden` at Above's first block."""
+    ids = torch.tensor([lm.encode("Mira Olsen lives in Oslo")], device=lm.device)
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), above.ready():
+        above(hidden, ids, mask)  # runs the base and records
+        replayed = above(hidden * 0.5, ids, mask)
+        base = above.base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return replayed, base
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "phi", "opt"])
+def test_replaying_the_blocks_above_equals_running_the_models_base(family):
+    lm = tiny_lm(family)
+    above = _above.Above(lm, 1)
+    width = lm.model.get_input_embeddings().weight.shape[1]
+    hidden = torch.randn(1, len(lm.encode("Mira Olsen lives in Oslo")), width)
+    replayed, base = _run_above(lm, above, hidden)  # the base reads `above._hidden`: hidden/2
+    assert lm.cache[("above_replay", 1, False)] is True
+    assert torch.allclose(replayed, base, atol=1e-6)
+
+
+def test_a_base_that_does_more_than_its_blocks_is_not_replayed(random_gpt2, monkeypatch):
+    lm = random_gpt2
+    forward = lm.model.base_model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.last_hidden_state = out.last_hidden_state * 2.0
+        return out
+
+    monkeypatch.setattr(lm.model.base_model, "forward", scaled)
+    above = _above.Above(lm, 1)
+    hidden = torch.randn(1, len(lm.encode("Mira Olsen lives in Oslo")), 32)
+    try:
+        replayed, base = _run_above(lm, above, hidden)
+        assert lm.cache[("above_replay", 1, False)] is False
+        assert torch.equal(replayed, base)
+    finally:
+        lm.cache.pop(("above_replay", 1, False), None)  # the fixture is shared
 
 
 def test_fine_tuning_from_above_the_trained_block_equals_running_it(tiny_gpt2, monkeypatch):
