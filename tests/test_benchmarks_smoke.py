@@ -1,6 +1,6 @@
 """Smoke tests of benchmarks/batch_scale.py, sequential.py, lifelong.py, speed.py,
-device_check.py, solve_scale.py, subject_swap.py, nullspace_overlap.py and floor.py on tiny
-settings (mostly FT-M, which needs no statistics); timings are not checked."""
+device_check.py, solve_scale.py, subject_swap.py, nullspace_overlap.py, floor.py and
+key_rank.py on tiny settings (mostly FT-M, which needs no statistics); timings are not checked."""
 
 import json
 import sys
@@ -12,6 +12,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import batch_scale  # noqa: E402
 import device_check  # noqa: E402
 import floor  # noqa: E402
+import key_rank  # noqa: E402
 import lifelong  # noqa: E402
 import sequential  # noqa: E402
 import solve_scale  # noqa: E402
@@ -158,3 +159,11 @@ def test_lifelong_reports_throughput_and_the_memory_edits_attach(tmp_path):
     assert grace["attached_bytes"] == 4 * ((512 + 128 + 1) * 4 + 8)
     assert ultraedit["attached_bytes"] == 0  # its updates are written into the weights
     assert (tmp_path / "tiny-gpt2.json").is_file() and (tmp_path / "tiny-gpt2.png").is_file()
+
+
+def test_key_rank_counts_the_directions_the_people_s_keys_span():
+    report = key_rank.main(["--model", "tiny-gpt2", "--layer", "0"])
+    assert (report["people"], report["key_width"]) == (320, 512)
+    # 320 centred keys span at most 319 directions; 99% of their variance needs more than 90%
+    assert 1 <= report["directions_90"] <= report["directions_99"] <= 319
+    assert 0 < report["mean_abs_cosine"] <= report["max_cosine"] <= 1
