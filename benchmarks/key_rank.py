@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import kedit
     from kedit.analysis import tinyworld_facts
-    from kedit.hooks import capture
+    from kedit.methods._locate import lookup_activations
+    from kedit.requests import EditRequest
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="tiny-chat", help="bundled name or a local folder")
@@ -30,17 +31,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     lm = kedit.load(args.model)
-    site = lm.layout.mlp_out_name(args.layer)
-    keys = []
-    for fact in tinyworld_facts("lives_in", 0):
-        before = fact.prompt.split("{}")[0]
-        ids = lm.encode(fact.prompt.format(fact.subject))
-        last = len(lm.encode((before + fact.subject).rstrip())) - 1
-        with torch.no_grad(), capture(lm.model, [site], "input") as seen:
-            lm.model(input_ids=torch.tensor([ids], device=lm.device))
-        keys.append(seen[site][0, last].float().cpu())
-    centred = torch.stack(keys)
-    centred = centred - centred.mean(0)
+    requests = [
+        EditRequest(prompt=fact.prompt, subject=fact.subject, target_new=fact.answer)
+        for fact in tinyworld_facts("lives_in", 0)
+    ]
+    # ROME's own lookup: no context prefix, the subject's last token
+    found, _ = lookup_activations(lm, requests, [""], "subject_last", [args.layer])
+    keys = found[args.layer][:, 0].cpu()
+    centred = keys - keys.mean(0)
     energy = torch.linalg.svdvals(centred) ** 2
     share = energy.cumsum(0) / energy.sum()
     unit = torch.nn.functional.normalize(centred, dim=1)

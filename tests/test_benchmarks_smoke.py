@@ -162,8 +162,27 @@ def test_lifelong_reports_throughput_and_the_memory_edits_attach(tmp_path):
 
 
 def test_key_rank_counts_the_directions_the_people_s_keys_span():
+    import numpy
+    import torch
+
+    import kedit
+    from kedit.analysis import tinyworld_facts
+    from kedit.analysis._common import tokenize_facts
+    from kedit.hooks import capture
+
     report = key_rank.main(["--model", "tiny-gpt2", "--layer", "0"])
     assert (report["people"], report["key_width"]) == (320, 512)
-    # 320 centred keys span at most 319 directions; 99% of their variance needs more than 90%
-    assert 1 <= report["directions_90"] <= report["directions_99"] <= 319
-    assert 0 < report["mean_abs_cosine"] <= report["max_cosine"] <= 1
+    # the same keys read another way: each prompt alone, the projection's input at the
+    # subject span's last token, and the directions counted with numpy
+    lm = kedit.load("tiny-gpt2")
+    site, keys = lm.layout.mlp_out_name(0), []
+    for item in tokenize_facts(lm, tinyworld_facts("lives_in", 0)):
+        with torch.no_grad(), capture(lm.model, [site], "input") as seen:
+            lm.model(input_ids=torch.tensor([item.ids]))
+        keys.append(seen[site][0, item.subject[1] - 1].double().numpy())
+    centred = numpy.array(keys) - numpy.mean(keys, axis=0)
+    energy = numpy.linalg.svd(centred, compute_uv=False) ** 2
+    share = numpy.cumsum(energy) / energy.sum()
+    assert report["directions_90"] == int(numpy.searchsorted(share, 0.9)) + 1
+    assert report["directions_99"] == int(numpy.searchsorted(share, 0.99)) + 1
+    assert 1 <= report["directions_90"] < report["directions_99"] <= 319
