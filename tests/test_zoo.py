@@ -175,6 +175,10 @@ def test_a_model_s_chat_world_is_the_one_its_record_names(tmp_path):
     world = model_chat_world(tmp_path).world
     assert world.people == build_world(3, 24).people
     assert model_chat_world("tiny-chat").world.people == build_world(0, 320).people
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(ValueError, match=r"has no kedit_zoo.json; expected a zoo model"):
+        model_chat_world(plain)
 
 
 @pytest.mark.parametrize("name", BUNDLED)

@@ -44,11 +44,12 @@ def benchmark_path(format: str = "knowedit") -> Path:
     return DATA_DIR / BENCHMARKS[format]
 
 
-def model_info(name: str) -> dict:
-    """What a bundled model's `kedit_zoo.json` records: recipe, seeds, fact accuracies."""
+def model_info(model: str | Path) -> dict:
+    """What a zoo model's `kedit_zoo.json` records (bundled name or folder): recipe, seeds,
+    fact accuracies; {} for a model without one."""
     import json
 
-    path = model_path(name) / ZOO_META
+    path = model_folder(model) / ZOO_META
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -60,11 +61,11 @@ def model_folder(model: str | Path) -> Path:
 def model_chat_world(model: str | Path) -> ChatWorld:
     """The tinyworld 2 a zoo model (bundled name or folder) was trained on, rebuilt from the
     seed and size its `kedit_zoo.json` records."""
-    import json
-
     from kedit.zoo.chatworld import build_chat_world
 
-    info = json.loads((model_folder(model) / ZOO_META).read_text())
+    info = model_info(model)
+    if not info:
+        raise ValueError(f"model: {str(model)!r} has no {ZOO_META}; expected a zoo model")
     return build_chat_world(info["world_seed"], info["n_people"])
 
 
