@@ -74,7 +74,8 @@ class Above:
     """Blocks `first`.. and the final norm of `lm`, run on hidden states that a caller hands to
     each call (inside `ready()`, which leaves the blocks below `first` out of the model).
 
-    The first call for a set of inputs (the same `ids`, `mask` and `positions` tensors) runs
+    The first call for a set of inputs (the same `ids`, `mask` and `positions` tensor objects,
+    which callers do not change in place) runs
     the model's base and records what it hands each block besides the hidden states (the
     attention mask, position embeddings, cache positions); later calls with those inputs call
     the blocks and the final norm directly with the recorded arguments, which skips the base's
