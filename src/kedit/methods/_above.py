@@ -75,14 +75,13 @@ class Above:
     each call (inside `ready()`, which leaves the blocks below `first` out of the model).
 
     The first call for a set of inputs (the same `ids`, `mask` and `positions` tensor objects,
-    which callers do not change in place) runs
-    the model's base and records what it hands each block besides the hidden states (the
-    attention mask, position embeddings, cache positions); later calls with those inputs call
-    the blocks and the final norm directly with the recorded arguments, which skips the base's
-    per-call work (embeddings whose output is discarded, mask building: 0.2-0.4 ms a call on
-    tiny-gpt2 at one thread, 3-7% of an edit). Once per model, layer and cache use the replay is
-    checked against the base on the same inputs, and a model whose base does more between or
-    after its blocks keeps the base.
+    which callers do not change in place) runs the model's base and records what it hands each
+    block besides the hidden states (the attention mask, position embeddings, cache positions);
+    later calls with those inputs call the blocks and the final norm directly with the recorded
+    arguments, which skips the base's per-call work (embeddings whose output is discarded, mask
+    building: 0.2-0.4 ms a call on tiny-gpt2 at one thread, 3-7% of an edit). Once per model,
+    layer and cache use the replay is checked against the base on the same inputs, and a model
+    whose base does more between or after its blocks keeps the base.
     """
 
     def __init__(self, lm: LM, first: int) -> None:
