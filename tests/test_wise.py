@@ -126,3 +126,16 @@ def test_replay_trains_the_shards_earlier_edits_again_and_its_threshold_covers_t
             with torch.no_grad():
                 logits = lm.model(input_ids=torch.tensor([ids])).logits[0]
             assert logits[positions].argmax(-1).tolist() == targets
+
+
+def test_an_edit_whose_target_is_already_predicted_trains_until_it_is_routed(tiny_gpt2):
+    # A target NLL under stop_nll before any step (here: a stop_nll no NLL exceeds) leaves
+    # only the routing to wait for; it is judged on the side memory as it is at that step.
+    lm = tiny_gpt2
+    request = _requests(1)[0]
+    with kedit.edit(lm, request, "wise", {**PARAMS, "stop_nll": 1e6}) as edit:
+        (memory,) = attached(lm.model.get_submodule(PATH))
+        assert edit.info["steps"] >= 1  # a zero side memory routes nothing apart
+        assert 0.88 * edit.info["edit_score"] > edit.info["irrelevant_score"]
+        ids, positions, _ = request_row(lm, request)
+        assert float(_scores(lm, memory, ids)[positions].min()) > float(memory.thresholds[0])

@@ -246,20 +246,24 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
 
     trained = torch.zeros(shape, device=device, requires_grad=True)
     limit = hparams.norm_constraint
-    last: dict[str, float] = {}
 
     def side() -> torch.Tensor:
         return torch.clamp(base + mask * trained, -limit, limit)
 
-    def margins() -> torch.Tensor:
+    def scores() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Δ_act at the edits' positions, and at each irrelevant text's tokens."""
         edit, *others = (every_input @ side()).norm(dim=-1).split(sizes)
-        last["edit"] = float(edit.detach().min())
-        last["others"] = max(float(x.detach().max()) for x in others)
-        return margin_loss(edit, others, hparams.act_margin)
+        return edit, others
+
+    def margins() -> torch.Tensor:
+        return margin_loss(*scores(), hparams.act_margin)
 
     def routed_apart() -> bool:
-        """The edits' positions pass the threshold they would set; no irrelevant token does."""
-        return hparams.act_ratio * last["edit"] > last["others"]
+        """The edits' positions pass the threshold they would set; no irrelevant token does
+        (scored with the side memory as it is now, which may be before any step)."""
+        with torch.no_grad():
+            edit, others = scores()
+        return hparams.act_ratio * float(edit.min()) > max(float(x.max()) for x in others)
 
     def through_side(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         change = inputs.to(device, torch.float32) @ side()
@@ -280,15 +284,16 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
     )
     with torch.no_grad():
         delta = side().detach()
-        score = float((edit_inputs.to(device) @ delta).norm(dim=-1).min())
+        edit_scores, other_scores = scores()
+    score = float(edit_scores.min())
     info: dict[str, Any] = {
         "shard": shard,
         "replayed": len(replayed),
         "steps": result.steps,
         "final_nll": result.nll,
         "edit_score": score,
-        "margin_loss": float(margins().detach()),
-        "irrelevant_score": last["others"],
+        "margin_loss": float(margin_loss(edit_scores, other_scores, hparams.act_margin)),
+        "irrelevant_score": max(float(x.max()) for x in other_scores),
     }
     # ε covers every edit of the shard: the replayed ones are scored anew, others as they were.
     earlier = math.inf if new_shard or replayed else float(after["thresholds"][shard])

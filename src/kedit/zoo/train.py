@@ -96,7 +96,8 @@ RECIPES: dict[str, Recipe] = {
     # reads a person only from the name's last token, from a middle block on. Three times the
     # default in-context updates, two thirds of them irrelevant: so that a stated fact that
     # does not apply leaves the answer alone (and the many named people shorten the phase in
-    # which facts stay near chance). 72 epochs, 53 CPU-minutes: docs/tiny-chat.md.
+    # which facts stay near chance). 60 epochs, about 46 minutes on an idle core:
+    # docs/tiny-chat.md.
     "tiny-chat": Recipe(
         arch="gpt2",
         n_layer=8,
