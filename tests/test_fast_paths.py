@@ -97,15 +97,22 @@ def test_prefix_keys_and_values_follow_the_weights_across_an_edit_and_its_undo(t
 
 @pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])
 @pytest.mark.parametrize("fact_token", ["subject_last", "last"])
-def test_a_lookup_from_the_lowest_edited_blocks_input_equals_the_whole_model_run_again(
-    model, fact_token, request, monkeypatch
+@pytest.mark.parametrize("additive", [True, False])
+def test_lookups_from_the_lowest_edited_blocks_input_equal_the_whole_model_run_again(
+    model, fact_token, additive, request, monkeypatch
 ):
+    # Where an edited projection's output adds to its block's (both bundled architectures),
+    # a lookup starts above that block from its unedited output plus the projection's change,
+    # and passes the next lookup what it needs to start above the next edited block;
+    # elsewhere (here forced) each lookup starts at the lowest edited block's input.
     lm = request.getfixturevalue(model)
-    lower, upper = 1, 2
+    if not additive:
+        monkeypatch.setattr(_locate, "adds_to_block_output", lambda *args: False)
+    lower, middle, upper = 1, 2, 3
     params = resolve_hparams(
         "memit",
         lm,
-        {"layers": [lower, upper], "prefix_lengths": [[4, 2]], "fact_token": fact_token},
+        {"layers": [lower, middle, upper], "prefix_lengths": [[4, 2]], "fact_token": fact_token},
     )
     requests, prefixes = _requests(3), context_prefixes(lm, params)
     assert prefix_states(lm, prefixes).width > 1
@@ -114,27 +121,42 @@ def test_a_lookup_from_the_lowest_edited_blocks_input_equals_the_whole_model_run
         lm, requests, upper, prefixes, params, [site], key_layers=[lower], input_of=lower
     )
     inputs = [f.block_input for (f,) in found]
-    assert all(i.layer == lower for i in inputs)
-    # Blocks from the input's block up change (as a spread over layers changes them); a
-    # lookup from there must see the change exactly as a run of the whole model does.
+    projection = lm.layout.mlp_out_name(lower) if additive else None
+    assert all(i.layer == lower + additive and i.projection == projection for i in inputs)
+    # Blocks from the input's block up change (as a spread over layers changes them), the
+    # middle one again between the lookups; each lookup must see them as a whole run does.
     generator = torch.Generator().manual_seed(0)
     weights = [
         lm.model.get_parameter(lm.layout.mlp_out_name(layer) + ".weight")
-        for layer in (lower, upper)
+        for layer in (lower, middle, upper)
     ]
     originals = [weight.detach().clone() for weight in weights]
-    with torch.no_grad():
-        for weight in weights:
+
+    def change(weight: torch.Tensor) -> None:
+        with torch.no_grad():
             weight.add_(0.05 * weight.std() * torch.randn(weight.shape, generator=generator))
+
+    monkeypatch.setattr(_locate, "backward_tokens", lambda *args: 1)  # one request a pass
     try:
-        whole = _locate.lookup_activations(lm, requests, prefixes, fact_token, [upper], [site])
-        monkeypatch.setattr(_locate, "backward_tokens", lambda *args: 1)  # one request a pass
-        resumed = _locate.lookup_from_block(lm, inputs, [upper], [site])
+        for weight in weights:
+            change(weight)
+        whole = _locate.lookup_activations(lm, requests, prefixes, fact_token, [middle], [site])
+        *resumed, kept = _locate.lookup_from_block(lm, inputs, [middle], [site], keep=middle)
+        change(weights[1])
+        whole_next = _locate.lookup_activations(lm, requests, prefixes, fact_token, [upper], [site])
+        *resumed_next, _ = _locate.lookup_from_block(lm, kept, [upper], [site])
     finally:
         with torch.no_grad():
             for weight, original in zip(weights, originals, strict=True):
                 weight.copy_(original)
-    for got, expected in ((resumed[0][upper], whole[0][upper]), (resumed[1][site], whole[1][site])):
+    assert all(i.layer == middle + 1 for i in kept)
+    pairs = [
+        (resumed[0][middle], whole[0][middle]),
+        (resumed[1][site], whole[1][site]),
+        (resumed_next[0][upper], whole_next[0][upper]),
+        (resumed_next[1][site], whole_next[1][site]),
+    ]
+    for got, expected in pairs:
         assert got.shape == expected.shape == (3, len(prefixes), expected.shape[-1])
         assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max())
 

@@ -309,14 +309,26 @@ def lookup_activations(
 
 @torch.no_grad()
 def lookup_from_block(
-    lm: LM, inputs: list[BlockInput], key_layers: list[int], sites: list[str] = ()
-) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]]:
+    lm: LM,
+    inputs: list[BlockInput],
+    key_layers: list[int],
+    sites: list[str] = (),
+    keep: int | None = None,
+) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor], list[BlockInput] | None]:
     """`lookup_activations` of the same requests and prefixes, each request's prompts run from
     its `BlockInput` on (the model's blocks below that input's block must be those the input
-    was taken with; the blocks from it up may have changed since)."""
-    layer = inputs[0].layer
+    was taken with; the blocks from it up may have changed since).
+
+    Given `keep` (a block the pass runs, below or at the highest read, whose MLP output
+    projection's output adds to its own), also returns each request's `BlockInput` above that
+    block, taken in the same pass: a later lookup, once that projection has changed, starts
+    there (MEMIT's spread measures each layer after the update of the one below)."""
+    layer, projection = inputs[0].layer, inputs[0].projection
     width = max(found.hidden.shape[1] for found in inputs)
     sizes = [len(found.at) * width for found in inputs]
+    kept_block = [] if keep is None else [lm.layout.block(keep)]
+    kept_projection = [] if keep is None else [lm.layout.mlp_out_name(keep)]
+    kept: list[BlockInput] = []
 
     def padded(tensor: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pad(
@@ -326,22 +338,60 @@ def lookup_from_block(
     def passes(budget: int) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
         for chunk in token_chunks(inputs, sizes, budget):
             hidden = torch.cat([padded(found.hidden) for found in chunk])
+            if projection is not None:
+                keys = torch.cat([padded(found.keys) for found in chunk])
+                values = torch.cat([padded(found.values) for found in chunk])
+                hidden = hidden + (lm.model.get_submodule(projection)(keys) - values)
             mask = torch.cat([padded(found.mask) for found in chunk])
             positions = torch.cat([padded(found.positions) for found in chunk])
 
-            def run(hidden=hidden, mask=mask, positions=positions) -> None:
-                with start_at_block(lm.model, lm.layout.blocks, layer, hidden):
-                    lm.model(
-                        input_ids=torch.zeros_like(mask),
-                        attention_mask=mask,
-                        position_ids=positions,
-                        use_cache=False,
-                    )
+            def run(hidden=hidden, mask=mask, positions=positions, chunk=chunk) -> None:
+                # Hooks go in before the blocks below `layer` are left out (which renumbers them).
+                with (
+                    capture(lm.model, kept_block) as block_out,
+                    capture(lm.model, kept_projection, "input") as projection_in,
+                    capture(lm.model, kept_projection) as projection_out,
+                ):
+                    try:
+                        with start_at_block(lm.model, lm.layout.blocks, layer, hidden):
+                            lm.model(
+                                input_ids=torch.zeros_like(mask),
+                                attention_mask=mask,
+                                position_ids=positions,
+                                use_cache=False,
+                            )
+                    finally:
+                        if keep is not None and kept_block[0] in block_out:
+                            found = [
+                                block_out[kept_block[0]],
+                                projection_in[kept_projection[0]],
+                                projection_out[kept_projection[0]],
+                            ]
+                            kept.extend(_kept_inputs(chunk, keep, kept_projection[0], found))
 
             yield torch.cat([found.at for found in chunk]), run
 
     shape = (len(inputs), len(inputs[0].at))
-    return _read_at_edited_token(lm, key_layers, sites, passes, shape)
+    seen, outputs = _read_at_edited_token(lm, key_layers, sites, passes, shape)
+    return seen, outputs, kept if keep is not None else None
+
+
+def _kept_inputs(
+    chunk: list[BlockInput], layer: int, projection: str, found: list[torch.Tensor]
+) -> list[BlockInput]:
+    """The `BlockInput` above block `layer` of each input of `chunk`, from that block's output
+    and its projection's input and output over the chunk's rows (`found`, padded)."""
+    start, kept = 0, []
+    for given in chunk:
+        rows, width = slice(start, start + len(given.at)), given.hidden.shape[1]
+        hidden, keys, values = (tensor[rows, :width] for tensor in found)
+        kept.append(
+            BlockInput(
+                layer + 1, hidden, given.mask, given.positions, given.at, projection, keys, values
+            )
+        )
+        start += len(given.at)
+    return kept
 
 
 def _read_at_edited_token(
@@ -407,13 +457,22 @@ class BlockInput:
     """The input of block `layer` over one request's prompts after each prefix, up to the
     edited token, from the value pass (rows × tokens, padded; `at`: the edited token's
     position in each row). A lookup at a higher layer, once the edits from block `layer` up
-    are applied, starts there (`lookup_from_block`): the blocks below stay unedited."""
+    are applied, starts there (`lookup_from_block`): the blocks below stay unedited.
+
+    With `projection` (the MLP output projection of block `layer - 1`, an edited one, whose
+    output adds to its block's), `hidden` is that input as it was before the projection
+    changed, and `keys` and `values` the projection's input and output then, over the same
+    tokens: the lookup adds the projection's change, `projection(keys) - values`, and does
+    not run block `layer - 1` again."""
 
     layer: int
     hidden: torch.Tensor
     mask: torch.Tensor
     positions: torch.Tensor
     at: torch.Tensor
+    projection: str | None = None
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
 
 def optimize_value(
@@ -536,19 +595,33 @@ def prefix_states(lm: LM, prefixes: list[str]) -> _PrefixStates | None:
     return _per_weights(lm, ("prefix_states", tuple(prefixes)), compute)
 
 
-def prefix_block_input(lm: LM, states: _PrefixStates, layer: int) -> dict[str, torch.Tensor]:
-    """The input of block `layer` at the prefixes' tokens (`hidden`, prefixes × width × d, laid
-    out as `states`) and those tokens' `positions`; once per model and weights."""
+def prefix_block_input(
+    lm: LM, states: _PrefixStates, layer: int, additive: bool
+) -> dict[str, torch.Tensor]:
+    """At the prefixes' tokens (prefixes × width × ..., laid out as `states`): the input of
+    block `layer` (`hidden`) and those tokens' `positions`; with `additive`, block `layer`'s
+    output instead, and its MLP output projection's input (`keys`) and output (`values`), as
+    `BlockInput` keeps them. Once per model and weights."""
 
     def compute() -> dict[str, torch.Tensor]:
         batch = _prefix_batch(lm, states.ids)
         block = lm.layout.block(layer)
-        with torch.no_grad(), capture(lm.model, [block], "input") as seen:
-            with stop_after(lm.model, block):
-                lm.model(**batch, use_cache=False)
-        return {"hidden": seen[block], "positions": batch["position_ids"]}
+        projections = [lm.layout.mlp_out_name(layer)] if additive else []
+        with torch.no_grad(), capture(lm.model, [block], _BLOCK_SIDE[additive]) as seen:
+            with capture(lm.model, projections, "input") as keys:
+                with capture(lm.model, projections) as values, stop_after(lm.model, block):
+                    lm.model(**batch, use_cache=False)
+        found = {"hidden": seen[block], "positions": batch["position_ids"]}
+        for projection in projections:
+            found.update(keys=keys[projection], values=values[projection])
+        return found
 
-    return _per_weights(lm, ("prefix_block_input", tuple(map(tuple, states.ids)), layer), compute)
+    key = ("prefix_block_input", tuple(map(tuple, states.ids)), layer, additive)
+    return _per_weights(lm, key, compute)
+
+
+# Where a lookup starts from a block: its output (when the edit there adds to it) or its input.
+_BLOCK_SIDE = {True: "output", False: "input"}
 
 
 @dataclass
@@ -865,7 +938,13 @@ class _ValueSearch:
         layout, batch, model = self.lm.layout, self.batch, self.lm.model
         block = layout.block(self.layer)
         names = [layout.mlp_out_name(layer) for layer in key_layers]
-        lower = [] if self.input_of is None else [layout.block(self.input_of)]
+        lower, lower_projection, additive_lower = [], [], False
+        if self.input_of is not None:
+            lower_projection = [layout.mlp_out_name(self.input_of)]
+            additive_lower = adds_to_block_output(self.lm, self.input_of, lower_projection[0])
+            lower = [layout.block(self.input_of)]
+            if not additive_lower:
+                lower_projection = []
         n_rest, n_context = batch.rest_ids.shape[1], batch.context_mask.shape[1]
         past = {}
         if batch.prefixes is not None:
@@ -876,7 +955,9 @@ class _ValueSearch:
         with torch.no_grad(), capture(model, [block], start) as seen:
             with (
                 capture(model, self.sites) as out,
-                capture(model, names + lower, "input") as inputs,
+                capture(model, names + lower_projection, "input") as inputs,
+                capture(model, lower, _BLOCK_SIDE[additive_lower]) as lower_seen,
+                capture(model, lower_projection) as lower_values,
             ):
                 # The context's keys and values are needed at every layer; without a context
                 # nothing above the edited block is.
@@ -905,34 +986,47 @@ class _ValueSearch:
             )
             for layer, name in zip(key_layers, names, strict=True)
         }
-        self.block_inputs = self._block_input(inputs[lower[0]], at) if lower else []
+        self.block_inputs = []
+        if lower:
+            found = {"hidden": lower_seen[lower[0]]}
+            for projection in lower_projection:
+                found.update(keys=inputs[projection], values=lower_values[projection])
+            self.block_inputs = self._block_input(found, at)
         return context, seen[block][:, n_rest:], initial, keys
 
-    def _block_input(self, hidden: torch.Tensor, at: torch.Tensor) -> list[BlockInput]:
-        """Per request, the `BlockInput` of block `input_of` over its prompt rows, from that
-        block's input over the rest of the context and the suffix (`hidden`) and the prefixes'
+    def _block_input(self, found: dict[str, torch.Tensor], at: torch.Tensor) -> list[BlockInput]:
+        """Per request, the `BlockInput` of block `input_of` (or, where the edit there adds to
+        its output, of the block above) over its prompt rows, from what the value pass `found`
+        over the rest of the context and the suffix and from the prefixes'
         (`prefix_block_input`), cut after the last edited token."""
         batch, layer = self.batch, self.input_of
+        additive = "keys" in found
         prompts = batch.key_rows.flatten()
         mask = torch.cat([batch.context_mask, batch.suffix_mask], dim=1)[prompts]
         positions = torch.cat([batch.rest_positions, batch.suffix_positions], dim=1)[prompts]
-        hidden = hidden[prompts.to(hidden.device)]
+        found = {name: tensor[prompts.to(tensor.device)] for name, tensor in found.items()}
         at = at[prompts]
         if batch.prefixes is not None:
-            shared = prefix_block_input(self.lm, batch.prefixes, layer)
+            shared = prefix_block_input(self.lm, batch.prefixes, layer, additive)
             rows = batch.prefix_of[prompts]
-            hidden = torch.cat([shared["hidden"][rows.to(hidden.device)], hidden], dim=1)
+            found = {
+                name: torch.cat([shared[name][rows.to(tensor.device)], tensor], dim=1)
+                for name, tensor in found.items()
+            }
             positions = torch.cat([shared["positions"][rows], positions], dim=1)
             at = at + batch.prefixes.width
         end = int(at.max()) + 1
         per_request = len(prompts) // self.n_requests
+        projection = self.lm.layout.mlp_out_name(layer) if additive else None
         return [
             BlockInput(
-                layer,
-                hidden[rows, :end],
+                layer + 1 if additive else layer,
+                found["hidden"][rows, :end],
                 mask[rows, :end],
                 positions[rows, :end],
                 at[rows],
+                projection,
+                *(found[name][rows, :end] for name in ("keys", "values") if additive),
             )
             for rows in torch.arange(len(prompts)).split(per_request)
         ]

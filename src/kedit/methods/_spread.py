@@ -16,6 +16,7 @@ import torch
 
 from kedit.edits import WeightDelta, compute_in_sequence
 from kedit.lm import LM
+from kedit.methods._above import adds_to_block_output
 from kedit.methods._locate import (
     BlockInput,
     LocateHyperParams,
@@ -156,12 +157,13 @@ def value_targets(
 
 
 def _block_input_bytes(lm: LM, requests: list[EditRequest], prefixes: list[str]) -> int:
-    """About what the lowest edited block's input over every request's prefixed prompts takes
-    (the longest prefix's length for each)."""
+    """About what the lowest edited block's `BlockInput` over every request's prefixed prompts
+    takes at most (the longest prefix's length for each; its output, its MLP output
+    projection's input and output)."""
     tokens = sum(len(lm.encode_prompt(prefixes[-1] + request.text)) for request in requests)
     projection = lm.model.get_submodule(lm.layout.mlp_out_name(0)).weight
-    _, hidden = lm.layout.in_out(projection)
-    return tokens * len(prefixes) * hidden * projection.element_size()
+    keys, hidden = lm.layout.in_out(projection)
+    return tokens * len(prefixes) * (2 * hidden + keys) * projection.element_size()
 
 
 def memit_targets(lm: LM, requests: list[EditRequest], hparams: LocateHyperParams) -> Targets:
@@ -192,14 +194,24 @@ def spread_over_layers(
     layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
     prefixes = context_prefixes(lm, hparams)
     site = site or lm.layout.block(layers[-1])
+    inputs = targets.block_inputs
 
     def compute(index: int) -> list[WeightDelta]:
+        nonlocal inputs
         layer = layers[index]
         if index == 0:
             keys, current = targets.keys, targets.current
         else:
-            if targets.block_inputs is not None:
-                seen, outputs = lookup_from_block(lm, targets.block_inputs, [layer], [site])
+            if inputs is not None:
+                # The next lookup starts above this layer's block where its update adds to
+                # the block's output, from what this lookup passes there.
+                keep = index + 1 < len(layers) and adds_to_block_output(
+                    lm, layer, lm.layout.mlp_out_name(layer)
+                )
+                seen, outputs, after = lookup_from_block(
+                    lm, inputs, [layer], [site], layer if keep else None
+                )
+                inputs = after or inputs
             else:
                 seen, outputs = lookup_activations(
                     lm, requests, prefixes, hparams.fact_token, [layer], [site]
