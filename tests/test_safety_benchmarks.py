@@ -1,5 +1,5 @@
-"""Smoke tests of benchmarks/safety.py and benchmarks/personality.py on tiny-gpt2 with judges
-built here (the quality targets are measured on tiny-chat; timings are not checked)."""
+"""Smoke tests of benchmarks/safety.py, personality.py and personality_mend.py on tiny-gpt2 with
+judges built here (the quality targets are measured on tiny-chat; timings are not checked)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from kedit.zoo.judges import NgramClassifier
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import personality  # noqa: E402
+import personality_mend  # noqa: E402
 import safety  # noqa: E402
 
 
@@ -56,3 +57,39 @@ def test_personality_benchmark_has_ike_state_only_the_shortest_target_text(tiny_
     make_edit = personality.stating_shortest(tiny_gpt2, lambda chosen: seen.append(chosen))
     make_edit(requests)
     assert seen == [[requests[1]]]
+
+
+def test_mend_on_opinions_trains_on_the_other_topics_and_measures_the_held_out_ones(tmp_path):
+    argv = ["--model", "tiny-gpt2", "--judge", str(_judges(tmp_path)), "--n", "6"]
+    argv += ["--heldout-every", "3", "--steps", "2", "--n-other", "1"]
+    report = personality_mend.main([*argv, "--editor-dir", str(tmp_path / "editor")])
+    # cases 2 and 5 held out; the four others give one request per target-trait text (4 each)
+    assert len(report["heldout_topics"]) == 2 and report["train_topics"] == 4
+    assert report["train_requests"] == 16
+    assert (tmp_path / "editor" / "editor.safetensors").is_file()
+    assert set(report["runs"]) == {
+        "mend (trained on opinions)",
+        "mend (bundled, trained on facts)",
+        "ft-m",
+    }
+    for run in report["runs"].values():
+        assert set(run["post"]) == {"ES", "DD", "Acc", "TPEI"}
+        assert run["post"]["ES"]["n"] == 2
+
+
+def test_opinion_requests_probe_locality_on_another_topic(tiny_gpt2, tmp_path):
+    from kedit.data.personalityedit import load_personalityedit
+    from kedit.eval.judges import get_judge
+    from kedit.eval.personality import PersonalityRun
+    from kedit.zoo import DATA_DIR
+
+    cases = list(load_personalityedit(DATA_DIR / "tinyworld2_personality.json", n=5))
+    train, heldout = personality_mend.split_cases(cases, 5)
+    assert [c.topic for c in heldout] == [cases[4].topic] and train == cases[:4]
+    run = PersonalityRun(tiny_gpt2, get_judge("personality", _judges(tmp_path)))
+    requests = personality_mend.opinion_requests(run, train)
+    assert len(requests) == sum(len(c.texts[c.target]) for c in train)
+    for request in requests:
+        (probe,) = request.locality
+        assert request.subject not in probe.prompt
+        assert any(c.topic in probe.prompt for c in train)
