@@ -5,7 +5,13 @@ import kedit
 from kedit.edits import attached
 from kedit.hooks import capture
 from kedit.methods._train import request_row
-from kedit.methods.wise import SideMemory, shard_mask, shard_rows, ties_merge
+from kedit.methods.wise import (
+    SideMemory,
+    other_shards_rows,
+    shard_mask,
+    shard_rows,
+    ties_merge,
+)
 
 PATH = "transformer.h.5.mlp.c_proj"
 PARAMS = {"layers": [5], "lr": 5.0, "act_margin": [20.0, 80.0, 40.0], "act_ratio": 0.88}
@@ -101,6 +107,8 @@ def test_shards_fill_up_and_merge_with_ties(tiny_gpt2):
         ({"act_margin": [1.0, 2.0]}, r"act_margin: expected \[α, β, γ\] >= 0"),
         ({"mask_ratio": 0.0}, r"mask_ratio: expected a number in \(0, 1\], got 0.0"),
         ({"shard_size": 0}, "shard_size: expected a positive integer, got 0"),
+        ({"negatives": -1}, "negatives: expected an integer >= 0, got -1"),
+        ({"negatives": True}, "negatives: expected int, got True"),
     ],
 )
 def test_wise_hparams_are_checked(tiny_gpt2, values, message):
@@ -139,3 +147,29 @@ def test_an_edit_whose_target_is_already_predicted_trains_until_it_is_routed(tin
         assert 0.88 * edit.info["edit_score"] > edit.info["irrelevant_score"]
         ids, positions, _ = request_row(lm, request)
         assert float(_scores(lm, memory, ids)[positions].min()) > float(memory.thresholds[0])
+
+
+def test_with_negatives_every_edit_is_retrieved_by_its_own_shard(tiny_gpt2):
+    lm = tiny_gpt2
+    requests = _requests(6)
+    params = {"layers": [5], "shard_size": 2, "replay": True, "negatives": 8}
+    with kedit.edit(lm, requests, "wise", params):
+        (memory,) = attached(lm.model.get_submodule(PATH))
+        assert memory.edits[:, 0].tolist() == [0, 0, 1, 1, 2, 2]
+        for index, request in enumerate(requests):
+            ids, positions, _ = request_row(lm, request)
+            with torch.no_grad(), capture(lm.model, [PATH], "input") as seen:
+                lm.model(input_ids=torch.tensor([ids]))
+            inputs = seen[PATH][0].float()[positions]
+            scores = torch.einsum("ti,sio->sto", inputs, memory.deltas).norm(dim=-1)
+            best, shard = scores.max(0)
+            assert shard.tolist() == [index // 2] * len(positions)
+            assert bool((best > memory.thresholds[index // 2]).all())
+        # the rows a later edit takes as negatives: other shards' edits only, each at most once,
+        # the same at every call
+        rows = other_shards_rows(memory, 2, 3, requests[5], seed=0)
+        others = shard_rows(memory, 0) + shard_rows(memory, 1)
+        assert len(rows) == 3 and all(row in others for row in rows)
+        assert len({tuple(row[0]) for row in rows}) == 3
+        assert rows == other_shards_rows(memory, 2, 3, requests[5], seed=0)
+        assert other_shards_rows(memory, 2, 10, requests[5], seed=0) == others

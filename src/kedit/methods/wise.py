@@ -97,6 +97,12 @@ class WISEHyperParams(HyperParams):
     merge_every: int = hp(0, "Merge the live shards with TIES every this many edits (0: never).")
     merge_density: float = hp(0.53, "TIES: share of each shard's largest entries kept.")
     irrelevant: int = hp(4, "Irrelevant texts per edit, for the margin loss.")
+    negatives: int = hp(
+        0,
+        "Edits of other shards per edit that count as irrelevant texts (at their target"
+        " positions), and the edit's tokens must outscore every other shard by γ: so that"
+        " retrieval hands each edit's tokens to its own shard (0: the paper's WISE).",
+    )
     irrelevant_corpus: str | None = hp(None, "Their corpus (None: the model's default corpus).")
     replay: bool = hp(False, "Train each edit with the earlier edits of its shard (replay).")
     seed: int = hp(0, "Seed of the shards' masks and of the irrelevant texts.")
@@ -130,6 +136,8 @@ class WISEHyperParams(HyperParams):
                     f"{name}: expected a number in (0, 1], got {getattr(self, name)!r}"
                 )
         check_positive(self, ("steps", "shard_size", "irrelevant"), ("lr", "norm_constraint"))
+        if self.negatives < 0:
+            raise ValueError(f"negatives: expected an integer >= 0, got {self.negatives!r}")
         if self.merge_every < 0:
             raise ValueError(f"merge_every: expected 0 (never) or more, got {self.merge_every!r}")
 
@@ -191,17 +199,35 @@ def margin_loss(
     return torch.stack(terms).mean()
 
 
-def shard_rows(memory: Adaptor, shard: int) -> list[Row]:
-    """The training rows of the edits that shard `shard` of the memory holds, oldest first."""
+def memory_rows(memory: Adaptor | None) -> list[tuple[int, Row]]:
+    """The training rows of the edits the memory holds, oldest first, each with its shard."""
+    if memory is None:
+        return []
     lengths = memory.edits[:, 1:].sum(1).tolist()
     offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
     tokens = memory.tokens.tolist()
     rows = []
     for index, (owner, prompt, target) in enumerate(memory.edits.tolist()):
-        if owner == shard:
-            ids = tokens[offsets[index] : offsets[index] + prompt + target]
-            rows.append((ids[:-1], list(range(prompt - 1, prompt + target - 1)), ids[prompt:]))
+        ids = tokens[offsets[index] : offsets[index] + prompt + target]
+        row = (ids[:-1], list(range(prompt - 1, prompt + target - 1)), ids[prompt:])
+        rows.append((owner, row))
     return rows
+
+
+def shard_rows(memory: Adaptor, shard: int) -> list[Row]:
+    """The training rows of the edits that shard `shard` of the memory holds, oldest first."""
+    return [row for owner, row in memory_rows(memory) if owner == shard]
+
+
+def other_shards_rows(
+    memory: Adaptor | None, shard: int, count: int, request: EditRequest, seed: int
+) -> list[Row]:
+    """Up to `count` rows of edits held by shards other than `shard`, drawn without repeats (the
+    same for a request at every call)."""
+    rows = [row for owner, row in memory_rows(memory) if owner != shard]
+    if len(rows) <= count:
+        return rows
+    return random.Random(f"{seed}|negatives|{request.text}").sample(rows, count)
 
 
 def _empty(shape: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -241,8 +267,22 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
         for text in irrelevant_texts(lm, hparams, request)
     ]
     text_inputs = module_inputs(lm, path, texts, [list(range(len(ids))) for ids in texts])
-    every_input = torch.cat([edit_inputs, text_inputs]).to(device)
-    sizes = [len(edit_inputs)] + [len(ids) for ids in texts]
+    # Other shards' edits, scored where they predict their targets, count as irrelevant texts:
+    # so that retrieval does not hand their tokens to this shard.
+    negatives = other_shards_rows(memory, shard, hparams.negatives, request, hparams.seed)
+    negative_inputs = []
+    if negatives:
+        rows, positions = [r[0] for r in negatives], [r[1] for r in negatives]
+        negative_inputs.append(module_inputs(lm, path, rows, positions))
+    every_input = torch.cat([edit_inputs, text_inputs, *negative_inputs]).to(device)
+    sizes = [len(edit_inputs)] + [len(ids) for ids in texts] + [len(r[1]) for r in negatives]
+    # ... and this shard's edits must outscore, by γ, every other shard on their own tokens.
+    rivals = None
+    other_shards = [index for index in range(shards) if index != shard]
+    if hparams.negatives and other_shards:
+        deltas = after["deltas"][other_shards].to(device)
+        changes = torch.einsum("mi,sio->smo", edit_inputs.to(device), deltas)
+        rivals = changes.norm(dim=-1).max(0).values
 
     trained = torch.zeros(shape, device=device, requires_grad=True)
     limit = hparams.norm_constraint
@@ -256,13 +296,20 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
         return edit, others
 
     def margins() -> torch.Tensor:
-        return margin_loss(*scores(), hparams.act_margin)
+        edit, others = scores()
+        loss = margin_loss(edit, others, hparams.act_margin)
+        if rivals is not None:
+            loss = loss + torch.relu(hparams.act_margin[2] + rivals - edit).mean()
+        return loss
 
     def routed_apart() -> bool:
-        """The edits' positions pass the threshold they would set; no irrelevant token does
-        (scored with the side memory as it is now, which may be before any step)."""
+        """The edits' positions pass the threshold they would set and outscore the other
+        shards there; no irrelevant token passes (scored with the side memory as it is now,
+        which may be before any step)."""
         with torch.no_grad():
             edit, others = scores()
+        if rivals is not None and not bool((edit > rivals).all()):
+            return False
         return hparams.act_ratio * float(edit.min()) > max(float(x.max()) for x in others)
 
     def through_side(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
