@@ -25,6 +25,13 @@ edit trains together with the earlier edits of its shard (their target NLL and m
 covers all of them as they score now: on small value matrices, training a shard for a new edit
 otherwise overwrites its earlier ones (docs/tuning.md#wise). The memory keeps the edits' token
 ids for that. It grows edit by edit (`MemoryDelta`); the weights never change.
+
+With `negatives` (kedit's, not the paper's), retrieval among many shards is trained too: that
+many edits of other shards count as irrelevant texts (scored where they predict their targets),
+and the margin loss adds max(0, γ + s_other − Δ_act(x_e)) at each of the shard's edit positions,
+s_other the highest score another shard gives there; training stops only once they outscore
+it. Without it a newer shard takes over an earlier edit's tokens, or an older one a newer's
+(docs/tuning.md#wise).
 """
 
 from __future__ import annotations
