@@ -217,6 +217,24 @@ def test_stop_after_stops_the_forward_pass(gpt2: LM) -> None:
     assert no_hooks_left(gpt2.model)
 
 
+def test_stop_before_a_module_has_its_input_but_runs_neither_it_nor_its_hooks(gpt2: LM) -> None:
+    ids, mask = batch(gpt2)
+    name = gpt2.layout.mlp_out_name(1)
+    with capture(gpt2.model, [name], "input") as whole:
+        gpt2.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    ran = []
+    handle = gpt2.model.get_submodule(name).register_forward_hook(lambda *_: ran.append(name))
+    try:
+        with capture(gpt2.model, [name], "input") as seen, capture(gpt2.model, [name]) as out:
+            with stop_after(gpt2.model, name, before=True):
+                gpt2.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        handle.remove()
+    assert ran == [] and out == {}
+    assert torch.equal(seen[name], whole[name])
+    assert no_hooks_left(gpt2.model)
+
+
 def test_stop_after_ends_only_its_own_block(gpt2: LM) -> None:
     ids, mask = batch(gpt2)
     early, late = gpt2.layout.block(0), gpt2.layout.block(2)

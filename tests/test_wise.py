@@ -7,7 +7,9 @@ from kedit.hooks import capture
 from kedit.methods._train import request_row
 from kedit.methods.wise import (
     SideMemory,
+    margin_loss,
     other_shards_rows,
+    segment_maxima,
     shard_mask,
     shard_rows,
     ties_merge,
@@ -173,3 +175,16 @@ def test_with_negatives_every_edit_is_retrieved_by_its_own_shard(tiny_gpt2):
         assert len({tuple(row[0]) for row in rows}) == 3
         assert rows == other_shards_rows(memory, 2, 3, requests[5], seed=0)
         assert other_shards_rows(memory, 2, 10, requests[5], seed=0) == others
+
+
+def test_the_margin_loss_takes_each_irrelevant_texts_largest_score():
+    values = torch.tensor([1.0, 5.0, 2.0, 7.0, 3.0, 3.0], requires_grad=True)
+    maxima = segment_maxima(values, [3, 1, 2])
+    assert maxima.tolist() == [5.0, 7.0, 3.0]
+    # α, β, γ = 4, 10, 3 with the edit's smallest score 8: per text
+    # relu(t - 4) + relu(10 - 8) + relu(3 - (8 - t)): t=5: 1 + 2 + 0; t=7: 3 + 2 + 2; t=3: 0 + 2 + 0
+    loss = margin_loss(torch.tensor([9.0, 8.0]), maxima, [4.0, 10.0, 3.0])
+    assert float(loss.detach()) == pytest.approx((3 + 7 + 2) / 3)
+    loss.backward()
+    # d/dt of each text's terms: t=5: 1 (the γ term is flat there); t=7: 1 + 1; t=3: 0
+    assert values.grad.tolist() == pytest.approx([0.0, 1 / 3, 0.0, 2 / 3, 0.0, 0.0], abs=1e-6)

@@ -160,18 +160,22 @@ def replace_input(
 
 
 @contextmanager
-def stop_after(model: nn.Module, name: str) -> Iterator[None]:
-    """End the forward pass once module `name` has run; the `with` block swallows that stop.
+def stop_after(model: nn.Module, name: str, before: bool = False) -> Iterator[None]:
+    """End the forward pass once module `name` has run (with `before`: as it is about to run,
+    its input there, its own work and its hooks' not done); the `with` block swallows that stop.
 
     Combine with `capture` to collect activations without computing the layers above.
     """
 
     stop = StopForward(name)
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+    def hook(*_: Any) -> None:
         raise stop
 
-    handle = model.get_submodule(name).register_forward_hook(hook)
+    module = model.get_submodule(name)
+    handle = (
+        module.register_forward_pre_hook(hook) if before else module.register_forward_hook(hook)
+    )
     try:
         yield
     except StopForward as exc:

@@ -80,10 +80,12 @@ def module_inputs(
     lm: LM, path: str, rows: list[list[int]], positions: list[list[int]]
 ) -> torch.Tensor:
     """The inputs of module `path` at the given positions of each row of token ids, one after
-    the other (`[m, in]`, float32)."""
+    the other (`[m, in]`, float32). The pass ends there: neither the module, nor what is
+    attached to it (a memory, whose routing reads every shard), nor the layers above run."""
     ids, mask = lm.pad(rows)
     with torch.no_grad(), capture(lm.model, [path], "input") as seen:
-        lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        with stop_after(lm.model, path, before=True):
+            lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
     picked = [seen[path][row, torch.tensor(where)] for row, where in enumerate(positions)]
     return torch.cat(picked).float()
 

@@ -191,19 +191,30 @@ def irrelevant_texts(lm: LM, hparams: WISEHyperParams, request: EditRequest) -> 
 
 
 def margin_loss(
-    edit_scores: torch.Tensor, irrelevant_scores: list[torch.Tensor], margins: list[float]
+    edit_scores: torch.Tensor, irrelevant_maxima: torch.Tensor, margins: list[float]
 ) -> torch.Tensor:
     """L_a averaged over the irrelevant texts: the edit's score is its smallest, a text's its
-    largest."""
+    largest (`irrelevant_maxima`, one per text)."""
     alpha, beta, gamma = margins
     edit = edit_scores.min()
-    terms = [
-        torch.relu(text.max() - alpha)
+    terms = (
+        torch.relu(irrelevant_maxima - alpha)
         + torch.relu(beta - edit)
-        + torch.relu(gamma - (edit - text.max()))
-        for text in irrelevant_scores
-    ]
-    return torch.stack(terms).mean()
+        + torch.relu(gamma - (edit - irrelevant_maxima))
+    )
+    return terms.mean()
+
+
+def segment_maxima(values: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """The largest of each consecutive segment of `values` (`sizes` long each), in one gather:
+    a loop over hundreds of texts would cost more than the scores themselves."""
+    width = max(sizes)
+    starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+    offsets = torch.arange(width)
+    index = starts[:, None] + offsets[None]
+    index = torch.where(offsets[None] < torch.tensor(sizes)[:, None], index, len(values))
+    padded = torch.cat([values, values.new_full((1,), -math.inf)])
+    return padded[index.to(values.device)].max(dim=1).values
 
 
 def memory_rows(memory: Adaptor | None) -> list[tuple[int, Row]]:
@@ -268,27 +279,32 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
     row = request_row(lm, request)
     replayed = shard_rows(memory, shard) if hparams.replay and not new_shard else []
     edit_rows = [row, *replayed]
-    edit_inputs = module_inputs(lm, path, [r[0] for r in edit_rows], [r[1] for r in edit_rows])
     texts = [
         lm.encode_prompt(text)[:IRRELEVANT_MAX_TOKENS]
         for text in irrelevant_texts(lm, hparams, request)
     ]
-    text_inputs = module_inputs(lm, path, texts, [list(range(len(ids))) for ids in texts])
     # Other shards' edits, scored where they predict their targets, count as irrelevant texts:
     # so that retrieval does not hand their tokens to this shard.
     negatives = other_shards_rows(memory, shard, hparams.negatives, request, hparams.seed)
-    negative_inputs = []
-    if negatives:
-        rows, positions = [r[0] for r in negatives], [r[1] for r in negatives]
-        negative_inputs.append(module_inputs(lm, path, rows, positions))
-    every_input = torch.cat([edit_inputs, text_inputs, *negative_inputs]).to(device)
-    sizes = [len(edit_inputs)] + [len(ids) for ids in texts] + [len(r[1]) for r in negatives]
+    # Every row's inputs at the side memory in one pass: the edits' at the positions that
+    # predict their targets, each irrelevant text's at every token, each negative's as an edit.
+    rows = [r[0] for r in edit_rows] + texts + [r[0] for r in negatives]
+    positions = (
+        [r[1] for r in edit_rows]
+        + [list(range(len(ids))) for ids in texts]
+        + [r[1] for r in negatives]
+    )
+    every_input = module_inputs(lm, path, rows, positions).to(device)
+    sizes = [sum(len(r[1]) for r in edit_rows)] + [
+        len(where) for where in positions[len(edit_rows) :]
+    ]
+    edit_inputs = every_input[: sizes[0]]
     # ... and this shard's edits must outscore, by γ, every other shard on their own tokens.
     rivals = None
     other_shards = [index for index in range(shards) if index != shard]
     if hparams.negatives and other_shards:
         deltas = after["deltas"][other_shards].to(device)
-        changes = torch.einsum("mi,sio->smo", edit_inputs.to(device), deltas)
+        changes = torch.einsum("mi,sio->smo", edit_inputs, deltas)
         rivals = changes.norm(dim=-1).max(0).values
 
     trained = torch.zeros(shape, device=device, requires_grad=True)
@@ -297,10 +313,10 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
     def side() -> torch.Tensor:
         return torch.clamp(base + mask * trained, -limit, limit)
 
-    def scores() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Δ_act at the edits' positions, and at each irrelevant text's tokens."""
-        edit, *others = (every_input @ side()).norm(dim=-1).split(sizes)
-        return edit, others
+    def scores() -> tuple[torch.Tensor, torch.Tensor]:
+        """Δ_act at the edits' positions, and the largest at each irrelevant text's tokens."""
+        flat = (every_input @ side()).norm(dim=-1)
+        return flat[: sizes[0]], segment_maxima(flat[sizes[0] :], sizes[1:])
 
     def margins() -> torch.Tensor:
         edit, others = scores()
@@ -317,7 +333,7 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
             edit, others = scores()
         if rivals is not None and not bool((edit > rivals).all()):
             return False
-        return hparams.act_ratio * float(edit.min()) > max(float(x.max()) for x in others)
+        return hparams.act_ratio * float(edit.min()) > float(others.max())
 
     def through_side(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         change = inputs.to(device, torch.float32) @ side()
@@ -347,7 +363,7 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
         "final_nll": result.nll,
         "edit_score": score,
         "margin_loss": float(margin_loss(edit_scores, other_scores, hparams.act_margin)),
-        "irrelevant_score": max(float(x.max()) for x in other_scores),
+        "irrelevant_score": float(other_scores.max()),
     }
     # ε covers every edit of the shard: the replayed ones are scored anew, others as they were.
     earlier = math.inf if new_shard or replayed else float(after["thresholds"][shard])
