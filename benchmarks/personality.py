@@ -24,36 +24,51 @@ from behaviour_runs import emit, timed_edits
 METHODS = {"ft-m": {"layers": [5], "lr": 1e-2}, "ike": {}, "mend": {}}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def personality_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options this benchmark shares with personality_mend.py: model, data, judge, DD's
+    other topics and the output file."""
+    from kedit.zoo import DATA_DIR
+
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="tiny-chat", help="bundled name or a zoo model folder")
+    parser.add_argument("--data", default=str(DATA_DIR / "tinyworld2_personality.json"))
+    parser.add_argument("--n", type=int, default=None, help="first N cases (default: all)")
+    parser.add_argument("--judge", default=None, help="default: the model folder's own")
+    parser.add_argument("--judge-labels", type=json.loads, default=None)
+    parser.add_argument("--n-other", type=int, default=3, help="other topics per case for DD")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    return parser
+
+
+def personality_setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
+    """(model, personality judge, cases) of the parsed options, at one thread."""
     import torch
 
     import kedit
     from kedit.data.personalityedit import load_personalityedit
     from kedit.eval.judges import get_judge
-    from kedit.eval.personality import evaluate_personality
     from kedit.lm import resolve_model_path
-    from kedit.methods.registry import resolve_hparams
-    from kedit.zoo import DATA_DIR
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="tiny-chat", help="bundled name or a zoo model folder")
-    parser.add_argument("--data", default=str(DATA_DIR / "tinyworld2_personality.json"))
-    parser.add_argument("--n", type=int, default=None, help="first N cases (default: all)")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--judge", default=None, help="default: the model folder's own")
-    parser.add_argument("--judge-labels", type=json.loads, default=None)
-    parser.add_argument("--n-other", type=int, default=3, help="other topics per case for DD")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    parser.add_argument("--ike-texts", choices=["shortest", "all"], default="shortest")
-    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     lm = kedit.load(args.model)
     judge = get_judge(
         "personality", args.judge or resolve_model_path(args.model), args.judge_labels
     )
-    cases = load_personalityedit(args.data, n=args.n)
+    return lm, judge, list(load_personalityedit(args.data, n=args.n))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import kedit
+    from kedit.eval.personality import evaluate_personality
+    from kedit.methods.registry import resolve_hparams
+
+    parser = personality_parser(__doc__)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--ike-texts", choices=["shortest", "all"], default="shortest")
+    args = parser.parse_args(argv)
+    lm, judge, cases = personality_setup(args)
     methods = args.methods.split(",")
     available = set(kedit.list_methods())
     report: dict[str, Any] = {

@@ -12,15 +12,13 @@ The editor is kept in `--editor-dir` and resumed or reused from there.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 from pathlib import Path
 from statistics import median
 from typing import Any
 
 from behaviour_runs import emit, timed_edits
-from personality import METHODS
+from personality import METHODS, personality_parser, personality_setup
 
 
 def split_cases(cases: list[Any], heldout_every: int) -> tuple[list[Any], list[Any]]:
@@ -47,37 +45,17 @@ def opinion_requests(run: Any, cases: list[Any]) -> list[Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import torch
-
     import kedit
-    from kedit.data.personalityedit import load_personalityedit
-    from kedit.eval.judges import get_judge
     from kedit.eval.personality import PersonalityRun, evaluate_personality
-    from kedit.lm import resolve_model_path
-    from kedit.zoo import DATA_DIR
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="tiny-chat", help="bundled name or a zoo model folder")
-    parser.add_argument("--data", default=str(DATA_DIR / "tinyworld2_personality.json"))
-    parser.add_argument("--n", type=int, default=None, help="first N cases (default: all)")
-    parser.add_argument("--judge", default=None, help="default: the model folder's own")
-    parser.add_argument("--judge-labels", type=json.loads, default=None)
+    parser = personality_parser(__doc__)
     parser.add_argument("--heldout-every", type=int, default=5)
     parser.add_argument("--steps", type=int, default=300, help="MEND training steps")
     parser.add_argument("--editor-dir", type=Path, default=Path("runs/mend-personality"))
-    parser.add_argument("--n-other", type=int, default=3, help="other topics per case for DD")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.heldout_every < 2:
         parser.error(f"--heldout-every: expected 2 or more, got {args.heldout_every}")
-    torch.set_num_threads(1)
-    lm = kedit.load(args.model)
-    judge = get_judge(
-        "personality", args.judge or resolve_model_path(args.model), args.judge_labels
-    )
-    cases = list(load_personalityedit(args.data, n=args.n))
+    lm, judge, cases = personality_setup(args)
     train_cases, heldout = split_cases(cases, args.heldout_every)
     run = PersonalityRun(lm, judge, n_other=args.n_other)
     requests = opinion_requests(run, train_cases)
