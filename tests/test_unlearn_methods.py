@@ -153,7 +153,10 @@ def test_memflex_gradients_are_those_of_the_mean_answer_nll(tiny_gpt2):
         logp = torch.log_softmax(logits[len(ids) - len(answer) : len(ids)].float(), -1)
         nll.append(-logp[torch.arange(len(answer)), torch.tensor(answer)].mean())
     expected = _gradient(lm, torch.stack(nll).mean(), f"{module}.weight")
-    assert torch.allclose(grads[module], expected, rtol=1e-4, atol=1e-8)
+    # Batched and row-by-row float32 sums round differently: about 1e-7 on entries up to 0.33,
+    # more than 1e-4 relative on the smallest entries; a wrong gradient is off by far more.
+    atol = 1e-5 * float(expected.abs().max())
+    assert torch.allclose(grads[module], expected, rtol=1e-4, atol=atol)
     assert all(p.grad is None for p in lm.model.parameters())
 
 
