@@ -189,7 +189,8 @@ def spread_over_layers(
     `solve(layer, residuals, keys)` returns the `(left, right)` factors of one layer's update;
     each layer's update is applied before the next layer's keys and residuals are measured
     (the lowest layer's come with the targets, from the unedited model; the others' from the
-    lowest edited block's input, as no block below it changes).
+    `BlockInput` the targets carry, passed on from lookup to lookup so that each starts above
+    the block edited last, as no block below it has changed since).
     """
     layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
     prefixes = context_prefixes(lm, hparams)
