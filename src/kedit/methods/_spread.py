@@ -117,8 +117,8 @@ class Targets:
     target output z_i of the measured site at the top edited layer, the site's unedited output
     there (after the bare prompt), and the lowest edited layer's keys averaged over the context
     prefixes; and the value optimisation's steps. With more than one edited layer, also each
-    request's input of the lowest edited block (`BlockInput`), where the lookups of the higher
-    layers start."""
+    request's `BlockInput` at the lowest edited block (above it, where its update adds to its
+    output), where the lookups of the higher layers start."""
 
     values: torch.Tensor
     current: torch.Tensor
