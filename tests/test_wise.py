@@ -8,6 +8,7 @@ from kedit.methods._train import request_row
 from kedit.methods.wise import (
     SideMemory,
     margin_loss,
+    memory_rows,
     other_shards_rows,
     segment_maxima,
     shard_mask,
@@ -125,7 +126,10 @@ def test_replay_trains_the_shards_earlier_edits_again_and_its_threshold_covers_t
     with kedit.edit(lm, [first, second], "wise", params) as edit:
         (memory,) = attached(lm.model.get_submodule(PATH))
         assert [i["replayed"] for i in edit.info["requests"]] == [0, 1]
-        assert shard_rows(memory, 0) == [request_row(lm, first), request_row(lm, second)]
+        assert shard_rows(memory_rows(memory), 0) == [
+            request_row(lm, first),
+            request_row(lm, second),
+        ]
         scores = []
         for request in (first, second):
             ids, positions, _ = request_row(lm, request)
@@ -169,12 +173,13 @@ def test_with_negatives_every_edit_is_retrieved_by_its_own_shard(tiny_gpt2):
             assert bool((best > memory.thresholds[index // 2]).all())
         # the rows a later edit takes as negatives: other shards' edits only, each at most once,
         # the same at every call
-        rows = other_shards_rows(memory, 2, 3, requests[5], seed=0)
-        others = shard_rows(memory, 0) + shard_rows(memory, 1)
+        held = memory_rows(memory)
+        rows = other_shards_rows(held, 2, 3, requests[5], seed=0)
+        others = shard_rows(held, 0) + shard_rows(held, 1)
         assert len(rows) == 3 and all(row in others for row in rows)
         assert len({tuple(row[0]) for row in rows}) == 3
-        assert rows == other_shards_rows(memory, 2, 3, requests[5], seed=0)
-        assert other_shards_rows(memory, 2, 10, requests[5], seed=0) == others
+        assert rows == other_shards_rows(held, 2, 3, requests[5], seed=0)
+        assert other_shards_rows(held, 2, 10, requests[5], seed=0) == others
 
 
 def test_the_margin_loss_takes_each_irrelevant_texts_largest_score():

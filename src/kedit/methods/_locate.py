@@ -326,9 +326,7 @@ def lookup_from_block(
     layer, projection = inputs[0].layer, inputs[0].projection
     width = max(found.hidden.shape[1] for found in inputs)
     sizes = [len(found.at) * width for found in inputs]
-    kept_block = [] if keep is None else [lm.layout.block(keep)]
-    kept_projection = [] if keep is None else [lm.layout.mlp_out_name(keep)]
-    kept: list[BlockInput] = []
+    pending: list[tuple[list[BlockInput], Callable[[], dict[str, torch.Tensor]]]] = []
 
     def padded(tensor: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pad(
@@ -347,44 +345,37 @@ def lookup_from_block(
 
             def run(hidden=hidden, mask=mask, positions=positions, chunk=chunk) -> None:
                 # Hooks go in before the blocks below `layer` are left out (which renumbers them).
-                with (
-                    capture(lm.model, kept_block) as block_out,
-                    capture(lm.model, kept_projection, "input") as projection_in,
-                    capture(lm.model, kept_projection) as projection_out,
-                ):
-                    try:
-                        with start_at_block(lm.model, lm.layout.blocks, layer, hidden):
-                            lm.model(
-                                input_ids=torch.zeros_like(mask),
-                                attention_mask=mask,
-                                position_ids=positions,
-                                use_cache=False,
-                            )
-                    finally:
-                        if keep is not None and kept_block[0] in block_out:
-                            found = [
-                                block_out[kept_block[0]],
-                                projection_in[kept_projection[0]],
-                                projection_out[kept_projection[0]],
-                            ]
-                            kept.extend(_kept_inputs(chunk, keep, kept_projection[0], found))
+                kept = nullcontext(None) if keep is None else _capture_start(lm, keep, True)
+                with kept as found:
+                    if found is not None:
+                        pending.append((chunk, found))
+                    with start_at_block(lm.model, lm.layout.blocks, layer, hidden):
+                        lm.model(
+                            input_ids=torch.zeros_like(mask),
+                            attention_mask=mask,
+                            position_ids=positions,
+                            use_cache=False,
+                        )
 
             yield torch.cat([found.at for found in chunk]), run
 
     shape = (len(inputs), len(inputs[0].at))
     seen, outputs = _read_at_edited_token(lm, key_layers, sites, passes, shape)
-    return seen, outputs, kept if keep is not None else None
+    if keep is None:
+        return seen, outputs, None
+    kept = [item for chunk, found in pending for item in _kept_inputs(lm, chunk, keep, found())]
+    return seen, outputs, kept
 
 
 def _kept_inputs(
-    chunk: list[BlockInput], layer: int, projection: str, found: list[torch.Tensor]
+    lm: LM, chunk: list[BlockInput], layer: int, found: dict[str, torch.Tensor]
 ) -> list[BlockInput]:
-    """The `BlockInput` above block `layer` of each input of `chunk`, from that block's output
-    and its projection's input and output over the chunk's rows (`found`, padded)."""
-    start, kept = 0, []
+    """The `BlockInput` above block `layer` of each input of `chunk`, from what `_capture_start`
+    `found` over the chunk's rows (padded)."""
+    start, kept, projection = 0, [], lm.layout.mlp_out_name(layer)
     for given in chunk:
         rows, width = slice(start, start + len(given.at)), given.hidden.shape[1]
-        hidden, keys, values = (tensor[rows, :width] for tensor in found)
+        hidden, keys, values = (found[name][rows, :width] for name in ("hidden", "keys", "values"))
         kept.append(
             BlockInput(
                 layer + 1, hidden, given.mask, given.positions, given.at, projection, keys, values
@@ -605,23 +596,39 @@ def prefix_block_input(
 
     def compute() -> dict[str, torch.Tensor]:
         batch = _prefix_batch(lm, states.ids)
-        block = lm.layout.block(layer)
-        projections = [lm.layout.mlp_out_name(layer)] if additive else []
-        with torch.no_grad(), capture(lm.model, [block], _BLOCK_SIDE[additive]) as seen:
-            with capture(lm.model, projections, "input") as keys:
-                with capture(lm.model, projections) as values, stop_after(lm.model, block):
-                    lm.model(**batch, use_cache=False)
-        found = {"hidden": seen[block], "positions": batch["position_ids"]}
-        for projection in projections:
-            found.update(keys=keys[projection], values=values[projection])
-        return found
+        with torch.no_grad(), _capture_start(lm, layer, additive) as found:
+            with stop_after(lm.model, lm.layout.block(layer)):
+                lm.model(**batch, use_cache=False)
+        return {**found(), "positions": batch["position_ids"]}
 
     key = ("prefix_block_input", tuple(map(tuple, states.ids)), layer, additive)
     return _per_weights(lm, key, compute)
 
 
-# Where a lookup starts from a block: its output (when the edit there adds to it) or its input.
-_BLOCK_SIDE = {True: "output", False: "input"}
+@contextmanager
+def _capture_start(
+    lm: LM, layer: int, additive: bool
+) -> Iterator[Callable[[], dict[str, torch.Tensor]]]:
+    """Record, over the forward passes inside, what a lookup that starts from block `layer`
+    needs (`BlockInput`): the block's input (`hidden`), or with `additive` its output and its
+    MLP output projection's input (`keys`) and output (`values`). Yields a function that
+    returns them (call it once the pass has run, inside the block or after)."""
+    block = lm.layout.block(layer)
+    projections = [lm.layout.mlp_out_name(layer)] if additive else []
+    side = "output" if additive else "input"
+    with (
+        capture(lm.model, [block], side) as seen,
+        capture(lm.model, projections, "input") as keys,
+        capture(lm.model, projections) as values,
+    ):
+
+        def found() -> dict[str, torch.Tensor]:
+            named = {"hidden": seen[block]}
+            for projection in projections:
+                named.update(keys=keys[projection], values=values[projection])
+            return named
+
+        yield found
 
 
 @dataclass
@@ -938,13 +945,12 @@ class _ValueSearch:
         layout, batch, model = self.lm.layout, self.batch, self.lm.model
         block = layout.block(self.layer)
         names = [layout.mlp_out_name(layer) for layer in key_layers]
-        lower, lower_projection, additive_lower = [], [], False
+        lower = nullcontext(None)
         if self.input_of is not None:
-            lower_projection = [layout.mlp_out_name(self.input_of)]
-            additive_lower = adds_to_block_output(self.lm, self.input_of, lower_projection[0])
-            lower = [layout.block(self.input_of)]
-            if not additive_lower:
-                lower_projection = []
+            additive = adds_to_block_output(
+                self.lm, self.input_of, layout.mlp_out_name(self.input_of)
+            )
+            lower = _capture_start(self.lm, self.input_of, additive)
         n_rest, n_context = batch.rest_ids.shape[1], batch.context_mask.shape[1]
         past = {}
         if batch.prefixes is not None:
@@ -955,9 +961,8 @@ class _ValueSearch:
         with torch.no_grad(), capture(model, [block], start) as seen:
             with (
                 capture(model, self.sites) as out,
-                capture(model, names + lower_projection, "input") as inputs,
-                capture(model, lower, _BLOCK_SIDE[additive_lower]) as lower_seen,
-                capture(model, lower_projection) as lower_values,
+                capture(model, names, "input") as inputs,
+                lower as lower_found,
             ):
                 # The context's keys and values are needed at every layer; without a context
                 # nothing above the edited block is.
@@ -986,12 +991,7 @@ class _ValueSearch:
             )
             for layer, name in zip(key_layers, names, strict=True)
         }
-        self.block_inputs = []
-        if lower:
-            found = {"hidden": lower_seen[lower[0]]}
-            for projection in lower_projection:
-                found.update(keys=inputs[projection], values=lower_values[projection])
-            self.block_inputs = self._block_input(found, at)
+        self.block_inputs = [] if lower_found is None else self._block_input(lower_found(), at)
         return context, seen[block][:, n_rest:], initial, keys
 
     def _block_input(self, found: dict[str, torch.Tensor], at: torch.Tensor) -> list[BlockInput]:

@@ -232,17 +232,17 @@ def memory_rows(memory: Adaptor | None) -> list[tuple[int, Row]]:
     return rows
 
 
-def shard_rows(memory: Adaptor, shard: int) -> list[Row]:
-    """The training rows of the edits that shard `shard` of the memory holds, oldest first."""
-    return [row for owner, row in memory_rows(memory) if owner == shard]
+def shard_rows(held: list[tuple[int, Row]], shard: int) -> list[Row]:
+    """Of the memory's rows (`memory_rows`), those of the edits shard `shard` holds."""
+    return [row for owner, row in held if owner == shard]
 
 
 def other_shards_rows(
-    memory: Adaptor | None, shard: int, count: int, request: EditRequest, seed: int
+    held: list[tuple[int, Row]], shard: int, count: int, request: EditRequest, seed: int
 ) -> list[Row]:
-    """Up to `count` rows of edits held by shards other than `shard`, drawn without repeats (the
-    same for a request at every call)."""
-    rows = [row for owner, row in memory_rows(memory) if owner != shard]
+    """Of the memory's rows (`memory_rows`), up to `count` of edits held by shards other than
+    `shard`, drawn without repeats (the same for a request at every call)."""
+    rows = [row for owner, row in held if owner != shard]
     if len(rows) <= count:
         return rows
     return random.Random(f"{seed}|negatives|{request.text}").sample(rows, count)
@@ -277,7 +277,8 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
     mask = mask.to(device)
 
     row = request_row(lm, request)
-    replayed = shard_rows(memory, shard) if hparams.replay and not new_shard else []
+    held = memory_rows(memory)
+    replayed = shard_rows(held, shard) if hparams.replay and not new_shard else []
     edit_rows = [row, *replayed]
     texts = [
         lm.encode_prompt(text)[:IRRELEVANT_MAX_TOKENS]
@@ -285,7 +286,7 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
     ]
     # Other shards' edits, scored where they predict their targets, count as irrelevant texts:
     # so that retrieval does not hand their tokens to this shard.
-    negatives = other_shards_rows(memory, shard, hparams.negatives, request, hparams.seed)
+    negatives = other_shards_rows(held, shard, hparams.negatives, request, hparams.seed)
     # Every row's inputs at the side memory in one pass: the edits' at the positions that
     # predict their targets, each irrelevant text's at every token, each negative's as an edit.
     rows = [r[0] for r in edit_rows] + texts + [r[0] for r in negatives]
@@ -301,11 +302,12 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
     edit_inputs = every_input[: sizes[0]]
     # ... and this shard's edits must outscore, by γ, every other shard on their own tokens.
     rivals = None
-    other_shards = [index for index in range(shards) if index != shard]
-    if hparams.negatives and other_shards:
-        deltas = after["deltas"][other_shards].to(device)
-        changes = torch.einsum("mi,sio->smo", edit_inputs, deltas)
-        rivals = changes.norm(dim=-1).max(0).values
+    if hparams.negatives and shards > (0 if new_shard else 1):
+        changes = torch.einsum("mi,sio->smo", edit_inputs, after["deltas"].to(device))
+        shard_scores = changes.norm(dim=-1)
+        if not new_shard:
+            shard_scores[shard] = -math.inf
+        rivals = shard_scores.max(0).values
 
     trained = torch.zeros(shape, device=device, requires_grad=True)
     limit = hparams.norm_constraint
