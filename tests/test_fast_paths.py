@@ -9,6 +9,7 @@ from test_layout import tiny_lm
 
 import kedit
 from kedit.edits import WeightDelta, all_finite, compute_in_sequence, weights_version
+from kedit.hooks import start_at_block
 from kedit.methods import _above, _locate, ft
 from kedit.methods._locate import context_prefixes, optimize_values, prefix_states
 from kedit.methods.registry import resolve_hparams
@@ -189,11 +190,17 @@ def _run_above(lm, above, hidden):
     """(the replayed output, the base's own output) for `hidden` at Above's first block."""
     ids = torch.tensor([lm.encode("Mira Olsen lives in Oslo")], device=lm.device)
     mask = torch.ones_like(ids)
-    with torch.no_grad(), above.ready():
+    with torch.no_grad():
         above(hidden, ids, mask)  # runs the base and records
         replayed = above(hidden * 0.5, ids, mask)
-        base = above.base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        base = _base_from(lm, above.first, hidden * 0.5, ids, mask)
     return replayed, base
+
+
+def _base_from(lm, first, hidden, ids, mask):
+    """The model's base run with `hidden` fed to block `first`."""
+    with start_at_block(lm.model, lm.layout.blocks, first, hidden):
+        return lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "phi", "opt"])
@@ -225,6 +232,41 @@ def test_a_base_that_does_more_than_its_blocks_is_not_replayed(random_gpt2, monk
         assert torch.equal(replayed, base)
     finally:
         lm.cache.pop(("above_replay", 1, False), None)  # the fixture is shared
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_primed_first_call_replays_what_the_base_computes_without_running_it(family, monkeypatch):
+    lm = tiny_lm(family)
+    ids = torch.tensor([lm.encode("Mira Olsen lives in Oslo")], device=lm.device)
+    mask = torch.ones_like(ids)
+    width = lm.model.get_input_embeddings().weight.shape[1]
+    hidden = torch.randn(1, ids.shape[1], width)
+    _run_above(lm, _above.Above(lm, 1), hidden)  # the once-per-model replay check
+    assert _above.uniform_block_arguments(lm) is True
+    above = _above.Above(lm, 1)
+    with torch.no_grad(), above.primed(ids, mask):
+        lm.model(input_ids=ids, attention_mask=mask, use_cache=False)  # the caller's own pass
+
+    def no_base(*args, **kwargs):
+        raise AssertionError("the primed call ran the base")
+
+    monkeypatch.setattr(above, "_run_base", no_base)
+    with torch.no_grad():
+        replayed = above(hidden, ids, mask)
+        base = _base_from(lm, 1, hidden, ids, mask)
+    assert torch.allclose(replayed, base, atol=1e-6)
+
+
+def test_blocks_with_their_own_masks_are_not_primed():
+    lm = tiny_lm(
+        "qwen2",
+        use_sliding_window=True,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        max_window_layers=0,
+    )
+    assert _above.uniform_block_arguments(lm) is False
+    assert _above.uniform_block_arguments(tiny_lm("qwen2")) is True
 
 
 def test_fine_tuning_from_above_the_trained_block_equals_running_it(tiny_gpt2, monkeypatch):

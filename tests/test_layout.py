@@ -7,6 +7,7 @@ and undo bit-exactly on every family. The tiny models and tokenizer built here a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from collections.abc import Iterator
@@ -286,6 +287,19 @@ def test_layout_names_are_composed_from_block_paths() -> None:
     assert layout.attn_name(2) == "m.blocks.2.att"
     assert layout.attn_out_name(2) == "m.blocks.2.att.o"
     assert layout.mlp_name(2) == layout.mlp_out_name(2)
+
+
+def test_encoding_is_the_tokenizers_and_follows_added_tokens() -> None:
+    lm = LM(tiny_model("gpt2"), copy.deepcopy(tiny_tokenizer()))  # its own: tokens are added
+    texts = ["Mira Olsen lives in", " Oslo", "Mira Olsen lives in"]
+    plain = tiny_tokenizer()(texts, add_special_tokens=False)["input_ids"]
+    assert lm.encode_many(texts) == plain
+    assert [lm.encode(text) for text in texts] == plain
+    lm.encode(texts[0]).append(-1)  # a caller's change stays its own
+    assert lm.encode(texts[0]) == plain[0]
+    lm.tokenizer.add_tokens(["Mira Olsen"])
+    assert lm.encode(texts[0]) == lm.tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+    assert lm.encode(texts[0]) != plain[0]
 
 
 def test_model_fingerprint_is_stable_and_sees_one_weight(tmp_path) -> None:

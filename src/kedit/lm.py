@@ -36,6 +36,7 @@ DTYPES = {
     "float64": torch.float64,
 }
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+ENCODED_TEXTS = 2**16  # texts whose token ids an LM keeps
 
 
 @dataclass(eq=False)
@@ -54,6 +55,9 @@ class LM:
     name: str = "model"
     recipe: str | None = None
     cache: dict = field(default_factory=dict, repr=False)
+    # text -> its token ids, for the tokenizer as it is (its identity and size: adding tokens
+    # changes what a text encodes to); an edit encodes each prompt several times.
+    _encoded: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.layout = layout_for(self.model)
@@ -116,7 +120,19 @@ class LM:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a text that continues a sequence (no special tokens)."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.encode_many([text])[0]
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text; those not encoded before in one call of the tokenizer."""
+        tokenizer = (id(self.tokenizer), len(self.tokenizer))
+        missing = list(dict.fromkeys(t for t in texts if (t, *tokenizer) not in self._encoded))
+        if missing:
+            if len(self._encoded) + len(missing) > ENCODED_TEXTS:
+                self._encoded.clear()
+            encoded = self.tokenizer(missing, add_special_tokens=False)["input_ids"]
+            for text, ids in zip(missing, encoded, strict=True):
+                self._encoded[(text, *tokenizer)] = tuple(ids)
+        return [list(self._encoded[(text, *tokenizer)]) for text in texts]
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a text that starts a sequence, with the tokenizer's start tokens."""
@@ -126,12 +142,13 @@ class LM:
         """Right-pad token id lists into `(input_ids, attention_mask)` on the model's device."""
         width = max(len(s) for s in sequences)
         pad_id = self.tokenizer.pad_token_id
-        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
-        return ids.to(self.device), mask.to(self.device)
+        device = self.device
+        ids = [list(s) + [pad_id] * (width - len(s)) for s in sequences]
+        mask = [[1] * len(s) + [0] * (width - len(s)) for s in sequences]
+        return (
+            torch.tensor(ids, dtype=torch.long, device=device),
+            torch.tensor(mask, dtype=torch.long, device=device),
+        )
 
 
 def require_lm(value: object) -> LM:

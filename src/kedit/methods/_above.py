@@ -72,7 +72,7 @@ class _Cache:
 
 class Above:
     """Blocks `first`.. and the final norm of `lm`, run on hidden states that a caller hands to
-    each call (inside `ready()`, which leaves the blocks below `first` out of the model).
+    each call (where the base runs, the blocks below `first` are left out of it meanwhile).
 
     The first call for a set of inputs (the same `ids`, `mask` and `positions` tensor objects,
     which callers do not change in place) runs the model's base and records what it hands each
@@ -86,10 +86,11 @@ class Above:
 
     def __init__(self, lm: LM, first: int) -> None:
         self.lm, self.first = lm, first
-        self.runs_blocks = first < lm.n_layers  # read now: inside `ready()` blocks are left out
+        self.runs_blocks = first < lm.n_layers
         self.base = lm.model.base_model
-        self.cache_argument = cache_argument(self.base)
-        self._hidden: torch.Tensor | None = None
+        if "cache_argument" not in lm.cache:
+            lm.cache["cache_argument"] = cache_argument(self.base)
+        self.cache_argument = lm.cache["cache_argument"]
         blocks = lm.model.get_submodule(lm.layout.blocks)
         self._blocks = list(blocks)[first:]
         self._norm = lm.model.get_submodule(lm.layout.final_norm)
@@ -97,13 +98,25 @@ class Above:
         self._recorded: list[tuple[tuple, list[tuple[tuple, dict]]]] = []
 
     @contextmanager
-    def ready(self) -> Iterator[None]:
-        if not self.runs_blocks:
+    def primed(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """Around a pass of the whole model over `ids` (without a KV cache) that the caller runs
+        anyway: record what it hands block 0, so that the first call on the same inputs replays
+        the blocks instead of running the base. Only where replays are known to match the base
+        on this model and every block gets the same arguments (`uniform_block_arguments`)."""
+        key = ("above_replay", self.first, False)
+        if not self.runs_blocks or self.lm.cache.get(key) is not True:
             yield
             return
-        lm = self.lm
-        with start_at_block(lm.model, lm.layout.blocks, self.first, lambda: self._hidden):
+        if not uniform_block_arguments(self.lm):
             yield
+            return
+        seen: list[tuple[tuple, dict]] = []
+        with _recording_blocks([self.lm.model.get_submodule(self.lm.layout.block(0))], seen):
+            yield
+        if seen:
+            self._recorded.append(((ids, mask, positions), seen[:1] * len(self._blocks)))
 
     def __call__(
         self,
@@ -118,18 +131,17 @@ class Above:
         cached keys and values `cache` if given."""
         if not self.runs_blocks:
             return self._final_norm(hidden)
-        self._hidden = hidden
         inputs = (ids, mask, positions)
         for seen, arguments in self._recorded:
             if all(a is b for a, b in zip(seen, inputs, strict=True)):
                 return self._replay(hidden, arguments, cache)
         key = ("above_replay", self.first, cache is not None)
         if self.lm.cache.get(key) is False:
-            return self._run_base(ids, mask, positions, cache)
+            return self._run_base(hidden, ids, mask, positions, cache)
         if key not in self.lm.cache and cache is not None:
             spare = copy.deepcopy(cache)  # the replay check needs the cache as it was
         with self._recording(cache) as arguments:
-            out = self._run_base(ids, mask, positions, cache)
+            out = self._run_base(hidden, ids, mask, positions, cache)
         if key not in self.lm.cache:
             with torch.no_grad():
                 again = self._replay(hidden, arguments, spare if cache is not None else None)
@@ -143,45 +155,36 @@ class Above:
         return self._norm(hidden.to(self.lm.device_of(self.lm.layout.final_norm)))
 
     def _run_base(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None, cache: Any
+        self,
+        hidden: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor | None,
+        cache: Any,
     ) -> torch.Tensor:
+        """The base without its blocks below `first`, `hidden` fed to block `first`."""
         extra = {} if cache is None else {self.cache_argument: cache}
-        out = self.base(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=cache is not None,
-            **extra,
-        )
+        with start_at_block(self.lm.model, self.lm.layout.blocks, self.first, hidden):
+            out = self.base(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=cache is not None,
+                **extra,
+            )
         return out.last_hidden_state
 
     @contextmanager
     def _recording(self, cache: Any) -> Iterator[list[tuple[tuple, dict]]]:
         """Record each block's arguments but its hidden states, the cache as a stand-in."""
         arguments: list[tuple[tuple, dict]] = []
-
-        def stand_in(value: Any) -> Any:
-            return _Cache if cache is not None and value is cache else value
-
-        def record(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            rest = {key: stand_in(value) for key, value in kwargs.items()}
-            rest.pop("hidden_states", None)
-            arguments.append((tuple(stand_in(value) for value in args[1:]), rest))
-
-        handles = [
-            block.register_forward_pre_hook(record, with_kwargs=True) for block in self._blocks
-        ]
-        try:
+        with _recording_blocks(self._blocks, arguments, cache):
             yield arguments
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _replay(
         self, hidden: torch.Tensor, arguments: list[tuple[tuple, dict]], cache: Any
     ) -> torch.Tensor:
-        """The blocks and the final norm called with recorded arguments (the hook of
-        `ready()` feeds block `first` the caller's hidden states)."""
+        """The blocks and the final norm called with recorded arguments."""
 
         def real(value: Any) -> Any:
             return cache if value is _Cache else value
@@ -194,6 +197,53 @@ class Above:
             )
             hidden = out[0] if isinstance(out, tuple) else out
         return self._final_norm(hidden)
+
+
+@contextmanager
+def _recording_blocks(
+    blocks: list[torch.nn.Module], arguments: list[tuple[tuple, dict]], cache: Any = None
+) -> Iterator[None]:
+    """Append to `arguments` what each of `blocks` is called with but its hidden states (the
+    KV cache `cache` as a stand-in), in call order."""
+
+    def stand_in(value: Any) -> Any:
+        return _Cache if cache is not None and value is cache else value
+
+    def record(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        rest = {key: stand_in(value) for key, value in kwargs.items()}
+        rest.pop("hidden_states", None)
+        arguments.append((tuple(stand_in(value) for value in args[1:]), rest))
+
+    handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def uniform_block_arguments(lm: LM) -> bool:
+    """Whether the model's base hands every block the same arguments besides the hidden states
+    (the same objects: one mask, one set of position embeddings), as GPT-2's and LLaMA's do; a
+    model with per-layer masks (sliding-window layers) does not. Checked once per model on a
+    short text, kept on `lm.cache`."""
+    key = "uniform_block_arguments"
+    if key not in lm.cache:
+        model = lm.model
+        blocks = list(model.get_submodule(lm.layout.blocks))
+        ids = torch.tensor([lm.encode_prompt("The same for every block")], device=lm.device)
+        seen: list[tuple[tuple, dict]] = []
+        with torch.no_grad(), _recording_blocks(blocks, seen):
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        (args, kwargs), rest = seen[0], seen[1:]
+        lm.cache[key] = len(seen) == len(blocks) and all(
+            len(other_args) == len(args)
+            and all(a is b for a, b in zip(other_args, args, strict=True))
+            and other_kwargs.keys() == kwargs.keys()
+            and all(other_kwargs[name] is kwargs[name] for name in kwargs)
+            for other_args, other_kwargs in rest
+        )
+    return lm.cache[key]
 
 
 def read_logits(

@@ -272,7 +272,7 @@ def lookup_indices(lm: LM, texts: list[tuple[str, str, str]], fact_token: str) -
 def encode_prompts(lm: LM, texts: list[str]) -> list[list[int]]:
     """`lm.encode_prompt` of each text, in one call of the tokenizer."""
     start = lm.start_ids
-    return [start + ids for ids in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [start + ids for ids in lm.encode_many(texts)]
 
 
 @torch.no_grad()
@@ -678,7 +678,7 @@ class _ValueBatch:
             texts.append(("", essence, request.subject))
         prompts = encode_prompts(lm, [prefix + text for prefix, text, _ in texts])
         lookups = lookup_indices(lm, texts, fact_token)
-        encoded = lm.tokenizer(target_texts, add_special_tokens=False)["input_ids"]
+        encoded = lm.encode_many(target_texts)
         rows, targets, owners, prefix_of = [], [], [], []
         row = 0
         for index, request in enumerate(requests):
@@ -936,12 +936,12 @@ class _ValueSearch:
     ]:
         """One pass of the unedited model over every row's rest of the context and suffix,
         after the prefixes' shared keys and values. Returns the context's keys and values per
-        layer (None where no row has any context); where the steps start (the suffix's
-        block-`layer` output where the delta adds to it, else its input); each site's unedited
-        output v₀ at the edited token of each request's first (bare) prompt (n_requests ×
-        width, float32); and the keys of `key_layers` at the edited token of each request's
-        prompt rows (n_requests × prefixes × in, float32). Sets `block_inputs` (one
-        `BlockInput` per request, given `input_of`; else empty)."""
+        layer (None where no row has any context or the steps run no block); where the steps
+        start (the suffix's block-`layer` output where the delta adds to it, else its input);
+        each site's unedited output v₀ at the edited token of each request's first (bare)
+        prompt (n_requests × width, float32); and the keys of `key_layers` at the edited token
+        of each request's prompt rows (n_requests × prefixes × in, float32). Sets
+        `block_inputs` (one `BlockInput` per request, given `input_of`; else empty)."""
         layout, batch, model = self.lm.layout, self.batch, self.lm.model
         block = layout.block(self.layer)
         names = [layout.mlp_out_name(layer) for layer in key_layers]
@@ -958,24 +958,25 @@ class _ValueSearch:
             shared = [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in batch.prefixes.kv]
             past = {self.above.cache_argument: _ContextCache(shared).fresh()}
         start = "output" if self.additive else "input"
+        # The steps need the context's keys and values at every block they run; where they
+        # run none (the edited block is the last), nothing above the edited block is needed.
+        keeps_context = n_context > 0 and self.above.runs_blocks
         with torch.no_grad(), capture(model, [block], start) as seen:
             with (
                 capture(model, self.sites) as out,
                 capture(model, names, "input") as inputs,
                 lower as lower_found,
             ):
-                # The context's keys and values are needed at every layer; without a context
-                # nothing above the edited block is.
-                with nullcontext() if n_context else stop_after(model, block):
+                with nullcontext() if keeps_context else stop_after(model, block):
                     result = model.base_model(
                         input_ids=torch.cat([batch.rest_ids, batch.suffix_ids], dim=1),
                         attention_mask=torch.cat([batch.context_mask, batch.suffix_mask], dim=1),
                         position_ids=torch.cat([batch.rest_positions, batch.suffix_positions], 1),
-                        use_cache=n_context > 0,
+                        use_cache=keeps_context or bool(past),
                         **past,
                     )
         context = None
-        if n_context:
+        if keeps_context:
             context = [
                 (k[..., :n_context, :], v[..., :n_context, :]) for k, v in _cache_tensors(result)
             ]
@@ -1101,8 +1102,6 @@ class _ValueSearch:
         each site's delta, where a delta does not simply add to the block's output), and the
         model's parameters take no gradient."""
         model = self.lm.model
-        # Site hooks go in before the blocks below are cut out, which renumbers the blocks: a
-        # module path resolved afterwards would name a deeper block.
         site_hooks = (
             []
             if self.additive
@@ -1111,7 +1110,7 @@ class _ValueSearch:
                 for site, delta in zip(self.sites, self.deltas, strict=True)
             ]
         )
-        with hooks(frozen(model, []), *site_hooks, self.above.ready()):
+        with hooks(frozen(model, []), *site_hooks):
             yield
 
     def _add_delta(self, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -44,9 +45,10 @@ class TargetBatch:
     weights: torch.Tensor
     floors: torch.Tensor
 
-    @property
+    @cached_property
     def reads(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(rows, positions)` of every scored position, row by row."""
+        """`(rows, positions)` of every scored position, row by row (built once: the training
+        loops read them at every step)."""
         rows = torch.arange(len(self.ids), device=self.positions.device)
         return rows.repeat_interleave(self.positions.shape[1]), self.positions.flatten()
 
@@ -80,21 +82,20 @@ def target_rows(lm: LM, requests: list[EditRequest], last_token: bool = False) -
 def batch_rows(lm: LM, rows: list[TargetRow]) -> TargetBatch:
     """The batch of some rows."""
     ids, mask = lm.pad([row.ids for row in rows])
-    positions, targets = [row.positions for row in rows], [row.targets for row in rows]
-    width = max(len(t) for t in targets)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    tgt = torch.zeros((len(rows), width), dtype=torch.long)
-    valid = torch.zeros((len(rows), width), dtype=torch.bool)
-    for row, (p, t) in enumerate(zip(positions, targets, strict=True)):
-        pos[row, : len(p)], tgt[row, : len(t)], valid[row, : len(t)] = (
-            torch.tensor(p),
-            torch.tensor(t),
-            True,
-        )
-    weights = torch.tensor([row.weight for row in rows], device=lm.device)
-    floors = torch.tensor([row.floor for row in rows], device=lm.device)
+    width = max(len(row.targets) for row in rows)
+
+    def padded(values: list[list[int]]) -> list[list[int]]:
+        return [v + [0] * (width - len(v)) for v in values]
+
+    device = lm.device
     return TargetBatch(
-        ids, mask, pos.to(lm.device), tgt.to(lm.device), valid.to(lm.device), weights, floors
+        ids,
+        mask,
+        torch.tensor(padded([row.positions for row in rows]), device=device),
+        torch.tensor(padded([row.targets for row in rows]), device=device),
+        torch.tensor(padded([[1] * len(row.targets) for row in rows]), device=device).bool(),
+        torch.tensor([row.weight for row in rows], device=device),
+        torch.tensor([row.floor for row in rows], device=device),
     )
 
 

@@ -114,6 +114,12 @@ def frozen(model: nn.Module, trained: list[torch.Tensor]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def float32_masters(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors an optimiser steps for `params`: a float32 parameter itself, else a float32
+    copy (`mixed_precision_step` writes it back). The caller keeps the originals to restore."""
+    return [p if p.dtype == torch.float32 else p.detach().float().clone() for p in params]
+
+
 @torch.no_grad()
 def mixed_precision_step(
     params: list[torch.Tensor],
@@ -126,13 +132,15 @@ def mixed_precision_step(
     gradients, each copy kept within `norm_constraint` of its original weight, then written back
     in the model's dtype (so that steps below a bfloat16 weight's resolution add up)."""
     for p, master in zip(params, masters, strict=True):
-        master.grad = p.grad.float()
+        if master is not p:
+            master.grad = p.grad.float()
     optimizer.step()
     for p, master, original in zip(params, masters, originals, strict=True):
         if norm_constraint is not None:
             low, high = original.float() - norm_constraint, original.float() + norm_constraint
             master.copy_(torch.clamp(master, low, high))
-        p.copy_(master)
+        if master is not p:
+            p.copy_(master)
 
 
 def output_gradients(

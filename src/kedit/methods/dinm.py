@@ -29,7 +29,7 @@ import torch
 from kedit.edits import WeightDelta, compute_in_sequence
 from kedit.hooks import capture, start_at_block, stop_after
 from kedit.lm import LM
-from kedit.methods._train import frozen, mixed_precision_step
+from kedit.methods._train import float32_masters, frozen, mixed_precision_step
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 
@@ -200,7 +200,7 @@ def tune_layer(
     name = f"{lm.layout.mlp_out_name(layer)}.weight"
     weight = lm.model.get_parameter(name)
     original = weight.detach().clone()
-    master = original.float().clone()  # Adam in float32: its ε underflows in float16
+    (master,) = float32_masters([weight])  # Adam in float32: its ε underflows in float16
     objective = Objective(lm, request, layer)
     optimizer = torch.optim.Adam([master], lr=hparams.lr, weight_decay=hparams.weight_decay)
     try:

@@ -24,7 +24,7 @@ from kedit.lm import LM
 from kedit.methods._above import Above, adds_to_block_output, read_logits
 from kedit.methods._memory import backward_tokens, token_chunks
 from kedit.methods._rows import TargetBatch, batch_rows, target_nll, target_rows
-from kedit.methods._train import frozen, mixed_precision_step
+from kedit.methods._train import float32_masters, frozen, mixed_precision_step
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 
@@ -71,13 +71,12 @@ class FTHyperParams(HyperParams):
 
 @dataclass
 class _Start:
-    """Where a batch's training steps start: the first trained block's output and its
-    projection's input and output (where the projection's output adds to the block's), or the
-    block's input."""
+    """Where a batch's training steps start: the first trained block's output less its
+    projection's output, and the projection's input (where the projection's output adds to the
+    block's: a step adds the trained projection of that input), or the block's input."""
 
     hidden: torch.Tensor
     keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -91,7 +90,7 @@ def _run_below(lm: LM, batch: TargetBatch, layer: int, additive: bool) -> _Start
                 model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
     if not additive:
         return _Start(seen[block])
-    return _Start(seen[block], keys[projection], values[projection])
+    return _Start(seen[block] - values[projection], keys[projection])
 
 
 def fine_tune(
@@ -111,7 +110,7 @@ def fine_tune(
     names = [f"{layout.mlp_out_name(layer)}.weight" for layer in layers]
     params = [model.get_parameter(name) for name in names]
     originals = [p.detach().clone() for p in params]
-    masters = [p.detach().float().clone() for p in params]
+    masters = float32_masters(params)
     budget = hparams.batch_tokens or backward_tokens(lm, layers[0])
     rows = target_rows(lm, requests, last_token)
     chunks = list(token_chunks(rows, [len(row.ids) for row in rows], budget))
@@ -121,13 +120,16 @@ def fine_tune(
     # block, from its output plus the projection's change. Else they run it, from its input.
     projection = model.get_submodule(layout.mlp_out_name(layers[0]))
     additive = adds_to_block_output(lm, layers[0], layout.mlp_out_name(layers[0]))
-    starts = [_run_below(lm, batch, layers[0], additive) for batch in batches]
     above = Above(lm, layers[0] + 1 if additive else layers[0])
+    starts = []
+    for batch in batches:
+        with above.primed(batch.ids, batch.mask):
+            starts.append(_run_below(lm, batch, layers[0], additive))
 
     optimizer = torch.optim.Adam(masters, lr=hparams.lr, weight_decay=hparams.weight_decay)
     step, worst = 0, float("nan")
     try:
-        with frozen(model, params), above.ready():
+        with frozen(model, params):
             for step in range(hparams.steps + 1):
                 for p in params:
                     p.grad = None
@@ -136,7 +138,7 @@ def fine_tune(
                     start = starts[index]
                     hidden = start.hidden
                     if additive:
-                        hidden = hidden + (projection(start.keys) - start.values)
+                        hidden = hidden + projection(start.keys)
                     normed = above(hidden, batch.ids, batch.mask)
                     nll = target_nll(read_logits(lm, normed, *batch.reads), batch)
                     maxima.append((nll.detach() - batch.floors.to(nll.device)).max())
