@@ -186,6 +186,55 @@ def test_a_spread_too_large_to_keep_the_lowest_blocks_input_runs_the_model_to_th
         assert torch.allclose(one.tensor(), other.tensor(), atol=1e-4 * scale)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_projections_change_added_to_its_output_is_what_writing_it_changes(family):
+    lm = tiny_lm(family)
+    name = lm.layout.mlp_out_name(1)
+    projection = lm.model.get_submodule(name)
+    inputs = torch.randn(2, 5, lm.layout.in_out(projection.weight)[0])
+    generator = torch.Generator().manual_seed(0)
+    out_width = lm.layout.in_out(projection.weight)[1]
+    left, right = torch.randn(out_width, 2, generator=generator), torch.randn(2, inputs.shape[-1])
+    # ΔW = left @ right as (out × in); in the parameter's own orientation for the delta:
+    dense = left @ right if not lm.layout.conv1d else (left @ right).T
+    factors = (left, right) if not lm.layout.conv1d else (right.T, left.T)
+    with torch.no_grad():
+        before = projection(inputs)
+        for change in (
+            WeightDelta.from_dense(f"{name}.weight", dense),
+            WeightDelta.low_rank(f"{name}.weight", *factors),
+        ):
+            projection.weight.add_(dense)
+            expected = projection(inputs) - before
+            projection.weight.sub_(dense)
+            got = _locate.projection_change(lm, change, inputs)
+            assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max())
+
+
+@pytest.mark.parametrize("additive", [True, False])
+def test_a_spread_writes_its_deltas_once_where_each_lookup_adds_the_last_change(
+    tiny_gpt2, additive, monkeypatch
+):
+    import kedit.edits as edits
+    from kedit.methods import _spread
+
+    requests, hparams = _requests(2), {"layers": [1, 2, 3], "prefix_lengths": [[4, 2]]}
+    expected = kedit.edit(tiny_gpt2, requests, method="memit", hparams=hparams)
+    expected.undo()
+    if not additive:  # each lookup starts at the lowest edited block: deltas written between
+        monkeypatch.setattr(_spread, "adds_to_block_output", lambda *args: False)
+        monkeypatch.setattr(_locate, "adds_to_block_output", lambda *args: False)
+    writes = []
+    apply_deltas = edits.apply_deltas
+    monkeypatch.setattr(edits, "apply_deltas", lambda *a: writes.append(1) or apply_deltas(*a))
+    edit = kedit.edit(tiny_gpt2, requests, method="memit", hparams=hparams)
+    edit.undo()
+    assert len(writes) == (1 if additive else 3)  # the edit's own; + two between the lookups
+    for one, other in zip(edit.deltas, expected.deltas, strict=True):
+        scale = other.tensor().abs().max()
+        assert torch.allclose(one.tensor(), other.tensor(), atol=1e-4 * scale)
+
+
 def _run_above(lm, above, hidden):
     """(the replayed output, the base's own output) for `hidden` at Above's first block."""
     ids = torch.tensor([lm.encode("Mira Olsen lives in Oslo")], device=lm.device)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from kedit.edits import weights_version
+from kedit.edits import WeightDelta, weights_version
 from kedit.hooks import capture, hooks, replace_output, start_at_block, stop_after
 from kedit.lm import LM
 from kedit.methods._above import Above, adds_to_block_output, read_logits
@@ -302,7 +302,8 @@ def lookup_activations(
         for chunk in token_chunks(range(len(items)), [len(t) for t in texts], budget):
             ids, mask = lm.pad([texts[i] for i in chunk])
             at = torch.tensor([positions[i] for i in chunk])
-            yield at, partial(lm.model, input_ids=ids, attention_mask=mask, use_cache=False)
+            run = partial(lm.model.base_model, input_ids=ids, attention_mask=mask, use_cache=False)
+            yield at, run
 
     return _read_at_edited_token(lm, key_layers, sites, passes, (len(requests), len(prefixes)))
 
@@ -314,10 +315,13 @@ def lookup_from_block(
     key_layers: list[int],
     sites: list[str] = (),
     keep: int | None = None,
+    change: WeightDelta | None = None,
 ) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor], list[BlockInput] | None]:
     """`lookup_activations` of the same requests and prefixes, each request's prompts run from
     its `BlockInput` on (the model's blocks below that input's block must be those the input
-    was taken with; the blocks from it up may have changed since).
+    was taken with; the blocks from it up may have changed since). Given `change`, the change
+    of the inputs' projection not written into the model, it is added to the projection's
+    output instead (the projection's weights are then those the input was taken with).
 
     Given `keep` (a block the pass runs, below or at the highest read, whose MLP output
     projection's output adds to its own), also returns each request's `BlockInput` above that
@@ -338,8 +342,11 @@ def lookup_from_block(
             hidden = torch.cat([padded(found.hidden) for found in chunk])
             if projection is not None:
                 keys = torch.cat([padded(found.keys) for found in chunk])
-                values = torch.cat([padded(found.values) for found in chunk])
-                hidden = hidden + (lm.model.get_submodule(projection)(keys) - values)
+                if change is not None:
+                    hidden = hidden + projection_change(lm, change, keys).to(hidden.dtype)
+                else:
+                    values = torch.cat([padded(found.values) for found in chunk])
+                    hidden = hidden + (lm.model.get_submodule(projection)(keys) - values)
             mask = torch.cat([padded(found.mask) for found in chunk])
             positions = torch.cat([padded(found.positions) for found in chunk])
 
@@ -350,7 +357,7 @@ def lookup_from_block(
                     if found is not None:
                         pending.append((chunk, found))
                     with start_at_block(lm.model, lm.layout.blocks, layer, hidden):
-                        lm.model(
+                        lm.model.base_model(
                             input_ids=torch.zeros_like(mask),
                             attention_mask=mask,
                             position_ids=positions,
@@ -365,6 +372,18 @@ def lookup_from_block(
         return seen, outputs, None
     kept = [item for chunk, found in pending for item in _kept_inputs(lm, chunk, keep, found())]
     return seen, outputs, kept
+
+
+def projection_change(lm: LM, change: WeightDelta, inputs: torch.Tensor) -> torch.Tensor:
+    """What `change` (of a projection's weight) adds to the projection's output at `inputs`
+    (float32; a low-rank change as two thin products)."""
+    inputs = inputs.float()
+    if change.dense is not None:
+        weight = change.dense.to(inputs.device)
+        return inputs @ (weight if lm.layout.conv1d else weight.T)
+    left, right = change.left.to(inputs.device), change.right.to(inputs.device)
+    # GPT-2's Conv1D stores (in × out), nn.Linear (out × in).
+    return (inputs @ left) @ right if lm.layout.conv1d else (inputs @ right.T) @ left.T
 
 
 def _kept_inputs(
@@ -598,7 +617,7 @@ def prefix_block_input(
         batch = _prefix_batch(lm, states.ids)
         with torch.no_grad(), _capture_start(lm, layer, additive) as found:
             with stop_after(lm.model, lm.layout.block(layer)):
-                lm.model(**batch, use_cache=False)
+                lm.model.base_model(**batch, use_cache=False)
         return {**found(), "positions": batch["position_ids"]}
 
     key = ("prefix_block_input", tuple(map(tuple, states.ids)), layer, additive)

@@ -55,9 +55,12 @@ def _bytes_per_token(lm: LM, first_layer: int) -> int:
 
 def backward_tokens(lm: LM, first_layer: int) -> int:
     """The token budget of one pass with gradients from block `first_layer` to the logits."""
-    layout = lm.layout
-    modules = [layout.block(i) for i in range(first_layer, lm.n_layers)] + [layout.unembed]
-    devices = {lm.device_of(module) for module in modules}
+    key = ("backward_devices", first_layer, lm.device)
+    if key not in lm.cache:
+        layout = lm.layout
+        modules = [layout.block(i) for i in range(first_layer, lm.n_layers)] + [layout.unembed]
+        lm.cache[key] = {lm.device_of(module) for module in modules}
+    devices = lm.cache[key]
     budgets = [
         GPU_FREE_SHARE * torch.cuda.mem_get_info(device)[0]
         if device.type == "cuda"

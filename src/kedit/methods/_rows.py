@@ -52,6 +52,16 @@ class TargetBatch:
         rows = torch.arange(len(self.ids), device=self.positions.device)
         return rows.repeat_interleave(self.positions.shape[1]), self.positions.flatten()
 
+    @cached_property
+    def read_targets(self) -> torch.Tensor:
+        """The target token at each of `reads`."""
+        return self.targets.flatten()
+
+    @cached_property
+    def token_shares(self) -> torch.Tensor:
+        """Each target token's share of its row's mean (0 at padding)."""
+        return self.valid / self.valid.sum(1, keepdim=True)
+
 
 def request_rows(
     lm: LM, request: EditRequest, last_token: bool, n_requests: int
@@ -106,10 +116,10 @@ def target_batch(lm: LM, requests: list[EditRequest], last_token: bool = False) 
 
 def target_nll(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
     """Each row's mean target-token NLL, from the logits at `batch.reads`."""
-    logp = torch.log_softmax(logits, dim=-1).view(*batch.positions.shape, -1)
-    targets, valid = batch.targets.to(logp.device), batch.valid.to(logp.device)
-    token_logp = logp.gather(2, targets[..., None]).squeeze(-1) * valid
-    return -token_logp.sum(1) / valid.sum(1)
+    logp = torch.log_softmax(logits, dim=-1)
+    targets, shares = batch.read_targets, batch.token_shares
+    token_logp = logp.gather(1, targets.to(logp.device)[:, None]).view(shares.shape)
+    return -(token_logp * shares.to(logp.device)).sum(1)
 
 
 def forward_target_nll(model: torch.nn.Module, batch: TargetBatch) -> torch.Tensor:

@@ -187,15 +187,23 @@ def spread_over_layers(
     output, the residual stream) at the edited tokens. Each layer takes what is still missing
     there divided by `divisor(number of layers left)` (MEMIT: the number itself).
     `solve(layer, residuals, keys)` returns the `(left, right)` factors of one layer's update;
-    each layer's update is applied before the next layer's keys and residuals are measured
-    (the lowest layer's come with the targets, from the unedited model; the others' from the
+    the next layer's keys and residuals are measured with each layer's update in place (the
+    lowest layer's come with the targets, from the unedited model; the others' from the
     `BlockInput` the targets carry, passed on from lookup to lookup so that each starts above
-    the block edited last, as no block below it has changed since).
+    the block edited last, as no block below it has changed since, and adds that block's
+    update to its projection's output there).
     """
     layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
     prefixes = context_prefixes(lm, hparams)
     site = site or lm.layout.block(layers[-1])
     inputs = targets.block_inputs
+    # Each lookup starts above the block edited last where every edited projection's output
+    # adds to its block's: the deltas so far reach it only through that projection's change,
+    # added there, and none is written into the model. Else they are written (in sequence).
+    chained = inputs is not None and all(
+        adds_to_block_output(lm, layer, lm.layout.mlp_out_name(layer)) for layer in layers[:-1]
+    )
+    made: list[WeightDelta] = []
 
     def compute(index: int) -> list[WeightDelta]:
         nonlocal inputs
@@ -210,7 +218,12 @@ def spread_over_layers(
                     lm, layer, lm.layout.mlp_out_name(layer)
                 )
                 seen, outputs, after = lookup_from_block(
-                    lm, inputs, [layer], [site], layer if keep else None
+                    lm,
+                    inputs,
+                    [layer],
+                    [site],
+                    layer if keep else None,
+                    made[-1] if chained else None,
                 )
                 inputs = after or inputs
             else:
@@ -220,6 +233,13 @@ def spread_over_layers(
             keys, current = seen[layer].mean(dim=1).double(), outputs[site][:, 0].double()
         residuals = (targets.values.to(current.device) - current) / divisor(len(layers) - index)
         left, right = solve(layer, residuals, keys)
-        return [WeightDelta.low_rank(mlp_out_param(lm, layer), *as_param_factors(lm, left, right))]
+        made.append(
+            WeightDelta.low_rank(mlp_out_param(lm, layer), *as_param_factors(lm, left, right))
+        )
+        return made[-1:]
 
+    if chained:
+        for index in range(len(layers)):
+            compute(index)
+        return made
     return compute_in_sequence(lm.model, range(len(layers)), compute)

@@ -87,7 +87,7 @@ def _run_below(lm: LM, batch: TargetBatch, layer: int, additive: bool) -> _Start
     with capture(model, [block], "output" if additive else "input") as seen:
         with capture(model, [projection], "input") as keys, capture(model, [projection]) as values:
             with stop_after(model, block):
-                model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
+                model.base_model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
     if not additive:
         return _Start(seen[block])
     return _Start(seen[block] - values[projection], keys[projection])
