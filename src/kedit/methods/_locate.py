@@ -806,10 +806,10 @@ class _Rows:
     n_target_reads: int  # the first reads: each prompt row's target positions, then essences
     target_ids: torch.Tensor  # (prompt rows, longest target)
     target_mask: torch.Tensor
-    target_count: torch.Tensor
+    token_shares: torch.Tensor  # each target token's share of its row's mean NLL
     prompt_owner: torch.Tensor
     essence_owner: torch.Tensor
-    prompts_per_request: torch.Tensor
+    row_shares: torch.Tensor  # each prompt row's share of its request's mean NLL
 
     def target_nll(
         self, logp: torch.Tensor, n_requests: int, most_probable: bool
@@ -820,9 +820,9 @@ class _Rows:
         rows, width = self.target_ids.shape
         picked = logp[: self.n_target_reads].view(rows, width, -1)
         token_logp = picked.gather(2, self.target_ids[..., None]).squeeze(-1)
-        nll_rows = -(token_logp * self.target_mask).sum(1) / self.target_count
+        nll_rows = -(token_logp * self.token_shares).sum(1)
         zeros = torch.zeros(n_requests, device=logp.device)
-        nll_mean = zeros.index_add(0, self.prompt_owner, nll_rows) / self.prompts_per_request
+        nll_mean = zeros.index_add(0, self.prompt_owner, nll_rows * self.row_shares)
         nll_max = torch.full_like(zeros, float("-inf")).scatter_reduce(
             0, self.prompt_owner, nll_rows.detach(), "amax"
         )
@@ -906,6 +906,7 @@ class _ValueSearch:
         self.max_norms = [hparams.clamp_norm_factor * start.norm(dim=1) for start in self.initial]
         self.reference: torch.Tensor | None = None  # the unedited essence distributions
         self.active = torch.ones(n_requests, dtype=torch.bool, device=device)
+        self.stop_nll = hparams.v_stop_nll + batch.nll_floor  # per request (`v_stop` 'nll')
         self.lowest = torch.full((n_requests,), float("inf"), device=device)
         self.stale = torch.zeros(n_requests, dtype=torch.long, device=device)
         self.done: list[tuple[int, float] | None] = [None] * n_requests
@@ -1097,10 +1098,10 @@ class _ValueSearch:
             n_target_reads=len(prompt_rows) * width,
             target_ids=take(batch.target_ids)[prompt_rows],
             target_mask=target_mask,
-            target_count=target_mask.sum(1),
+            token_shares=target_mask / target_mask.sum(1, keepdim=True),
             prompt_owner=prompt_owner,
             essence_owner=owner[essence_rows],
-            prompts_per_request=prompts_per_request.clamp(min=1),
+            row_shares=1 / prompts_per_request[prompt_owner],
         )
 
     def _forward(self, rows: _Rows) -> torch.Tensor:
@@ -1157,20 +1158,22 @@ class _ValueSearch:
         if hparams.v_stop == "most_probable":
             reached = most_probable
         else:
-            reached = nll_max < hparams.v_stop_nll + self.batch.nll_floor.to(nll_max.device)
+            reached = nll_max < self.stop_nll.to(nll_max.device)
         if hparams.v_patience:
             lower = nll_max < self.lowest
             self.lowest = torch.where(lower, nll_max, self.lowest)
             self.stale = torch.where(lower, 0, self.stale + 1)
             reached = reached | (self.stale >= hparams.v_patience)
         finished = self.active.clone() if step == hparams.v_steps else self.active & reached
-        index = finished.nonzero().flatten()
-        for r, nll in zip(index.tolist(), nll_mean.detach()[index].tolist(), strict=True):
-            self.done[r] = (step, nll)
-        if len(index):
+        flags = finished.tolist()
+        if any(flags):
+            means = nll_mean.detach().tolist()
+            for r, flag in enumerate(flags):
+                if flag:
+                    self.done[r] = (step, means[r])
             self.active &= ~finished
             self.current = None
-        return not self.active.any()
+        return all(done is not None for done in self.done)
 
     def _loss(
         self, nll_mean: torch.Tensor, essence_logp: torch.Tensor, owners: torch.Tensor
@@ -1178,15 +1181,19 @@ class _ValueSearch:
         """ROME Eq. 4 summed over the active requests (their gradients do not mix): mean target
         NLL + kl_factor · KL(new ‖ old) on the essence prompt (rows of requests `owners`) +
         v_weight_decay · decay."""
-        hparams, active = self.hparams, self.active
+        hparams = self.hparams
+        # While every request is active (one request: always), no term needs the mask.
+        active = None if all(done is None for done in self.done) else self.active
         kl_rows = (essence_logp.exp() * (essence_logp - self.reference[owners])).sum(1)
-        kl = (kl_rows * active[owners]).sum()
-        decay = sum(
-            delta_decay(delta, start, hparams.v_weight_decay_form)[active.to(delta.device)].sum()
+        decays = [
+            delta_decay(delta, start, hparams.v_weight_decay_form)
             for delta, start in zip(self.deltas, self.initial, strict=True)
-        )
-        nll = (nll_mean * active).sum()
-        return nll + hparams.kl_factor * kl + hparams.v_weight_decay * decay.to(nll.device)
+        ]
+        if active is not None:
+            kl_rows, nll_mean = kl_rows * active[owners], nll_mean * active
+            decays = [decay[active.to(decay.device)] for decay in decays]
+        decay = sum(decay.sum().to(nll_mean.device) for decay in decays)
+        return nll_mean.sum() + hparams.kl_factor * kl_rows.sum() + hparams.v_weight_decay * decay
 
     def _descend(self, loss: torch.Tensor, step: int) -> None:
         """One step on the deltas: along the gradient's sign at step 0 with `v_first_step`,
