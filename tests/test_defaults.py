@@ -170,11 +170,11 @@ def test_cli_methods_shows_where_each_value_comes_from(model_folder):
     lines = shown.output.splitlines()
     assert "rome on tiny-gpt2 (the CLI's default model" in shown.output
     row = {line.split("│")[1].strip(): line.split("│")[2:4] for line in lines if "│" in line}
-    assert [cell.strip() for cell in row["layers"]] == ["[0]", "[1]"]
+    assert [cell.strip() for cell in row["layers"]] == ["[0]", "[2]"]
     assert [cell.strip() for cell in row["v_lr"]] == ["0.9", "override"]
     assert [cell.strip() for cell in row["kl_factor"]] == ["0.0625", "default"]
-    assert [cell.strip() for cell in row["mom2_corpus"]] == ['"tinyworld"', "[2]"]
-    assert "[1] model table: tiny-gpt2, matched by name; measured on tinyworld" in shown.output
+    assert [cell.strip() for cell in row["mom2_corpus"]] == ['"tinyworld"', "[1]"]
+    assert "[2] model table: tiny-gpt2, matched by name; measured on tinyworld" in shown.output
 
     shown = runner.invoke(app, ["methods", "memit", "-m", str(model_folder)], env=env)
     assert shown.exit_code == 0, shown.output

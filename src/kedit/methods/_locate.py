@@ -42,7 +42,60 @@ def delta_decay(delta: torch.Tensor, start: torch.Tensor, form: str) -> torch.Te
 
 
 @dataclass
-class LocateHyperParams(HyperParams):
+class StatisticsHyperParams(HyperParams):
+    """The second-moment statistics C = E[k kᵀ] of the MLP output projections' keys that a
+    method reads (`layer_second_moment`): corpus, sample count, length cap, dtype."""
+
+    mom2_corpus: str | None = hp(
+        None,
+        "Corpus of the second moment: None for the model's default (tinyworld for the bundled"
+        " models, Wikitext-103 for others), 'tinyworld', a .txt/.jsonl/.parquet file or folder,"
+        " a dataset saved with save_to_disk, or a hub dataset NAME[:CONFIG].",
+    )
+    mom2_n_samples: int = hp(100000, "Maximum number of corpus documents for the second moment.")
+    mom2_max_length: int = hp(256, "Token cap per document for the second moment.")
+    mom2_dtype: str = hp("float64", "Accumulation dtype of the second moment.")
+
+    ALIASES = {"mom2_dataset": "mom2_corpus"}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], method: str = "") -> HyperParams:
+        """As `HyperParams.from_dict`; EasyEdit's and ROME's corpus name 'wikipedia' (Wikipedia
+        20200501.en through a `datasets` loading script that no longer runs) is read as the
+        model's default corpus, with a notice."""
+        for key in ("mom2_dataset", "mom2_corpus"):
+            if values.get(key) == EASYEDIT_CORPUS:
+                logger.warning(
+                    "kedit: %s %r (EasyEdit's Wikipedia 20200501.en, which `datasets` no longer "
+                    "loads) is read as the model's default corpus (Wikitext-103 for a model "
+                    "that is not bundled); import the exact statistics with `kedit stats import`",
+                    key,
+                    EASYEDIT_CORPUS,
+                )
+                values = {**values, key: None}
+        return super().from_dict(values, method)
+
+    def validate(self) -> None:
+        for name in ("mom2_n_samples", "mom2_max_length"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+    def stats_key(self) -> tuple:
+        return tuple(self.stats_settings().values())
+
+    def stats_settings(self) -> dict[str, Any]:
+        """The statistics these hyper-parameters ask for, as `kedit.stats` takes them."""
+        return {
+            "corpus": self.mom2_corpus,
+            "n_samples": self.mom2_n_samples,
+            "max_length": self.mom2_max_length,
+            "dtype": self.mom2_dtype,
+        }
+
+
+@dataclass
+class LocateHyperParams(StatisticsHyperParams):
     """What ROME, MEMIT and their relatives share: the value optimisation, the statistics and
     the context prefixes."""
 
@@ -81,15 +134,6 @@ class LocateHyperParams(HyperParams):
         " this many steps (0: never). Requests that the decay and KL terms hold above the stop"
         " rule then end where they level off instead of running all v_steps.",
     )
-    mom2_corpus: str | None = hp(
-        None,
-        "Corpus of the second moment: None for the model's default (tinyworld for the bundled"
-        " models, Wikitext-103 for others), 'tinyworld', a .txt/.jsonl/.parquet file or folder,"
-        " a dataset saved with save_to_disk, or a hub dataset NAME[:CONFIG].",
-    )
-    mom2_n_samples: int = hp(100000, "Maximum number of corpus documents for the second moment.")
-    mom2_max_length: int = hp(256, "Token cap per document for the second moment.")
-    mom2_dtype: str = hp("float64", "Accumulation dtype of the second moment.")
     prefix_lengths: list[list[int]] = hp(
         [[5, 10], [10, 10]], "Context prefixes as [length in tokens, count] pairs."
     )
@@ -111,30 +155,14 @@ class LocateHyperParams(HyperParams):
 
     MULTI_LABEL = True
     ALIASES = {
+        **StatisticsHyperParams.ALIASES,
         "v_num_grad_steps": "v_steps",
-        "mom2_dataset": "mom2_corpus",
         "context_template_length_params": "prefix_lengths",
     }
     IGNORED = HyperParams.IGNORED | {"v_loss_layer"}
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], method: str = "") -> HyperParams:
-        """As `HyperParams.from_dict`; EasyEdit's and ROME's corpus name 'wikipedia' (Wikipedia
-        20200501.en through a `datasets` loading script that no longer runs) is read as the
-        model's default corpus, with a notice."""
-        for key in ("mom2_dataset", "mom2_corpus"):
-            if values.get(key) == EASYEDIT_CORPUS:
-                logger.warning(
-                    "kedit: %s %r (EasyEdit's Wikipedia 20200501.en, which `datasets` no longer "
-                    "loads) is read as the model's default corpus (Wikitext-103 for a model "
-                    "that is not bundled); import the exact statistics with `kedit stats import`",
-                    key,
-                    EASYEDIT_CORPUS,
-                )
-                values = {**values, key: None}
-        return super().from_dict(values, method)
-
     def validate(self) -> None:
+        super().validate()
         if not self.layers:
             raise ValueError("layers: expected at least one layer, got []")
         if self.v_weight_decay_form not in DECAY_FORMS:
@@ -152,7 +180,7 @@ class LocateHyperParams(HyperParams):
             )
         if self.v_patience < 0:
             raise ValueError(f"v_patience: expected an integer >= 0, got {self.v_patience!r}")
-        for name in ("v_steps", "mom2_n_samples", "mom2_max_length", "v_batch_tokens"):
+        for name in ("v_steps", "v_batch_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -163,20 +191,8 @@ class LocateHyperParams(HyperParams):
             if not value > 0:
                 raise ValueError(f"{name}: expected a positive number, got {value!r}")
 
-    def stats_key(self) -> tuple:
-        return tuple(self.stats_settings().values())
 
-    def stats_settings(self) -> dict[str, Any]:
-        """The statistics these hyper-parameters ask for, as `kedit.stats` takes them."""
-        return {
-            "corpus": self.mom2_corpus,
-            "n_samples": self.mom2_n_samples,
-            "max_length": self.mom2_max_length,
-            "dtype": self.mom2_dtype,
-        }
-
-
-def layer_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> torch.Tensor:
+def layer_second_moment(lm: LM, hparams: StatisticsHyperParams, layer: int) -> torch.Tensor:
     """C = E[k kᵀ] of a layer's keys in float64 on the layer's device, kept on `lm.cache` after
     the first use."""
     key = ("mom2", layer, hparams.stats_key())
@@ -187,7 +203,7 @@ def layer_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> torch
     return lm.cache[key]
 
 
-def inverse_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> torch.Tensor:
+def inverse_second_moment(lm: LM, hparams: StatisticsHyperParams, layer: int) -> torch.Tensor:
     """C⁻¹ for a layer, computed once per model and statistics and kept on `lm.cache`."""
     key = ("inverse_mom2", layer, hparams.stats_key())
     if key not in lm.cache:
@@ -197,7 +213,9 @@ def inverse_second_moment(lm: LM, hparams: LocateHyperParams, layer: int) -> tor
     return lm.cache[key]
 
 
-def second_moment_cholesky(lm: LM, hparams: LocateHyperParams, layer: int) -> torch.Tensor | None:
+def second_moment_cholesky(
+    lm: LM, hparams: StatisticsHyperParams, layer: int
+) -> torch.Tensor | None:
     """The lower Cholesky factor of a layer's C, computed once per model and statistics and
     kept on `lm.cache` (half the work of one direct solve); None where C is singular."""
     key = ("cholesky_mom2", layer, hparams.stats_key())
@@ -208,7 +226,7 @@ def second_moment_cholesky(lm: LM, hparams: LocateHyperParams, layer: int) -> to
     return lm.cache[key]
 
 
-def note_statistics(lm: LM, hparams: LocateHyperParams, layer: int) -> None:
+def note_statistics(lm: LM, hparams: StatisticsHyperParams, layer: int) -> None:
     """Note that the edit being computed uses this layer's statistics (`kedit.stats.note_use`),
     from a record kept on `lm.cache`. Every helper that hands out C or work derived from it
     calls this, cached or not, so each edit's `info["statistics"]` names what it used."""
