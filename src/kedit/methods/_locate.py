@@ -370,7 +370,7 @@ def lookup_from_block(
 
             def run(hidden=hidden, mask=mask, positions=positions, chunk=chunk) -> None:
                 # Hooks go in before the blocks below `layer` are left out (which renumbers them).
-                kept = nullcontext(None) if keep is None else _capture_start(lm, keep, True)
+                kept = nullcontext(None) if keep is None else capture_start(lm, keep, True)
                 with kept as found:
                     if found is not None:
                         pending.append((chunk, found))
@@ -407,7 +407,7 @@ def projection_change(lm: LM, change: WeightDelta, inputs: torch.Tensor) -> torc
 def _kept_inputs(
     lm: LM, chunk: list[BlockInput], layer: int, found: dict[str, torch.Tensor]
 ) -> list[BlockInput]:
-    """The `BlockInput` above block `layer` of each input of `chunk`, from what `_capture_start`
+    """The `BlockInput` above block `layer` of each input of `chunk`, from what `capture_start`
     `found` over the chunk's rows (padded)."""
     start, kept, projection = 0, [], lm.layout.mlp_out_name(layer)
     for given in chunk:
@@ -633,7 +633,7 @@ def prefix_block_input(
 
     def compute() -> dict[str, torch.Tensor]:
         batch = _prefix_batch(lm, states.ids)
-        with torch.no_grad(), _capture_start(lm, layer, additive) as found:
+        with torch.no_grad(), capture_start(lm, layer, additive) as found:
             with stop_after(lm.model, lm.layout.block(layer)):
                 lm.model.base_model(**batch, use_cache=False)
         return {**found(), "positions": batch["position_ids"]}
@@ -643,7 +643,7 @@ def prefix_block_input(
 
 
 @contextmanager
-def _capture_start(
+def capture_start(
     lm: LM, layer: int, additive: bool
 ) -> Iterator[Callable[[], dict[str, torch.Tensor]]]:
     """Record, over the forward passes inside, what a lookup that starts from block `layer`
@@ -988,7 +988,7 @@ class _ValueSearch:
             additive = adds_to_block_output(
                 self.lm, self.input_of, layout.mlp_out_name(self.input_of)
             )
-            lower = _capture_start(self.lm, self.input_of, additive)
+            lower = capture_start(self.lm, self.input_of, additive)
         n_rest, n_context = batch.rest_ids.shape[1], batch.context_mask.shape[1]
         past = {}
         if batch.prefixes is not None:

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from kedit.edits import WeightDelta
-from kedit.hooks import capture, stop_after
+from kedit.hooks import stop_after
 from kedit.lm import LM
 from kedit.methods._above import Above, adds_to_block_output, read_logits
+from kedit.methods._locate import capture_start
 from kedit.methods._memory import backward_tokens, token_chunks
 from kedit.methods._rows import TargetBatch, batch_rows, target_nll, target_rows
 from kedit.methods._train import float32_masters, frozen, mixed_precision_step
@@ -82,15 +83,13 @@ class _Start:
 @torch.no_grad()
 def _run_below(lm: LM, batch: TargetBatch, layer: int, additive: bool) -> _Start:
     """Run the blocks that the training does not change, once."""
-    model, layout = lm.model, lm.layout
-    block, projection = layout.block(layer), layout.mlp_out_name(layer)
-    with capture(model, [block], "output" if additive else "input") as seen:
-        with capture(model, [projection], "input") as keys, capture(model, [projection]) as values:
-            with stop_after(model, block):
-                model.base_model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
+    model = lm.model
+    with capture_start(lm, layer, additive) as found, stop_after(model, lm.layout.block(layer)):
+        model.base_model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
+    start = found()
     if not additive:
-        return _Start(seen[block])
-    return _Start(seen[block] - values[projection], keys[projection])
+        return _Start(start["hidden"])
+    return _Start(start["hidden"] - start["values"], start["keys"])
 
 
 def fine_tune(
