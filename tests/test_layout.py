@@ -300,6 +300,8 @@ def test_encoding_is_the_tokenizers_and_follows_added_tokens() -> None:
     lm.tokenizer.add_tokens(["Mira Olsen"])
     assert lm.encode(texts[0]) == lm.tokenizer(texts[0], add_special_tokens=False)["input_ids"]
     assert lm.encode(texts[0]) != plain[0]
+    lm.tokenizer = copy.deepcopy(tiny_tokenizer())  # another tokenizer, without the token
+    assert lm.encode(texts[0]) == plain[0]
 
 
 def test_model_fingerprint_is_stable_and_sees_one_weight(tmp_path) -> None:

@@ -55,9 +55,10 @@ class LM:
     name: str = "model"
     recipe: str | None = None
     cache: dict = field(default_factory=dict, repr=False)
-    # text -> its token ids, for the tokenizer as it is (its identity and size: adding tokens
-    # changes what a text encodes to); an edit encodes each prompt several times.
+    # text -> its token ids, for the tokenizer and vocabulary size in `_encoded_by` (adding
+    # tokens changes what a text encodes to); an edit encodes each prompt several times.
     _encoded: dict = field(default_factory=dict, init=False, repr=False)
+    _encoded_by: tuple = field(default=(None, 0), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.layout = layout_for(self.model)
@@ -124,15 +125,17 @@ class LM:
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         """`encode` of each text; those not encoded before in one call of the tokenizer."""
-        tokenizer = (id(self.tokenizer), len(self.tokenizer))
-        missing = list(dict.fromkeys(t for t in texts if (t, *tokenizer) not in self._encoded))
+        by, size = self._encoded_by
+        if by is not self.tokenizer or size != len(self.tokenizer):
+            self._encoded.clear()
+            self._encoded_by = (self.tokenizer, len(self.tokenizer))
+        missing = list(dict.fromkeys(text for text in texts if text not in self._encoded))
         if missing:
             if len(self._encoded) + len(missing) > ENCODED_TEXTS:
                 self._encoded.clear()
             encoded = self.tokenizer(missing, add_special_tokens=False)["input_ids"]
-            for text, ids in zip(missing, encoded, strict=True):
-                self._encoded[(text, *tokenizer)] = tuple(ids)
-        return [list(self._encoded[(text, *tokenizer)]) for text in texts]
+            self._encoded.update(zip(missing, map(tuple, encoded), strict=True))
+        return [list(self._encoded[text]) for text in texts]
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a text that starts a sequence, with the tokenizer's start tokens."""
