@@ -306,11 +306,12 @@ def test_a_primed_first_call_replays_what_the_base_computes_without_running_it(f
     assert torch.allclose(replayed, base, atol=1e-6)
 
 
-def test_blocks_with_their_own_masks_are_not_primed():
+@pytest.mark.parametrize("window", [4, 4096])  # shorter than the check's texts, and longer
+def test_blocks_with_their_own_masks_are_not_primed(window):
     lm = tiny_lm(
         "qwen2",
         use_sliding_window=True,
-        sliding_window=4,
+        sliding_window=window,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         max_window_layers=0,
     )

@@ -225,23 +225,31 @@ def _recording_blocks(
 def uniform_block_arguments(lm: LM) -> bool:
     """Whether the model's base hands every block the same arguments besides the hidden states
     (the same objects: one mask, one set of position embeddings), as GPT-2's and LLaMA's do; a
-    model with per-layer masks (sliding-window layers) does not. Checked once per model on a
-    short text, kept on `lm.cache`."""
+    model with layers of several kinds (sliding-window and full attention: `layer_types`) does
+    not. Checked once per model on a padded batch of two short texts (so that masks are built,
+    not left out), kept on `lm.cache`."""
     key = "uniform_block_arguments"
     if key not in lm.cache:
         model = lm.model
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        kinds = getattr(text_config, "layer_types", None)
         blocks = list(model.get_submodule(lm.layout.blocks))
-        ids = torch.tensor([lm.encode_prompt("The same for every block")], device=lm.device)
+        ids, mask = lm.pad([lm.encode_prompt("The same for every block"), lm.encode_prompt("A")])
         seen: list[tuple[tuple, dict]] = []
         with torch.no_grad(), _recording_blocks(blocks, seen):
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
         (args, kwargs), rest = seen[0], seen[1:]
-        lm.cache[key] = len(seen) == len(blocks) and all(
-            len(other_args) == len(args)
-            and all(a is b for a, b in zip(other_args, args, strict=True))
-            and other_kwargs.keys() == kwargs.keys()
-            and all(other_kwargs[name] is kwargs[name] for name in kwargs)
-            for other_args, other_kwargs in rest
+        lm.cache[key] = (
+            not (isinstance(kinds, list) and len(set(kinds)) > 1)
+            and len(seen) == len(blocks)
+            and all(
+                len(other_args) == len(args)
+                and all(a is b for a, b in zip(other_args, args, strict=True))
+                and other_kwargs.keys() == kwargs.keys()
+                and all(other_kwargs[name] is kwargs[name] for name in kwargs)
+                for other_args, other_kwargs in rest
+            )
         )
     return lm.cache[key]
 
