@@ -83,8 +83,10 @@ def _normalised(values: list[float], name: str) -> list[float]:
     return [v / total for v in values]
 
 
-def _kl(p: Sequence[float], q: Sequence[float]) -> float:
-    return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True) if a > 0)
+def _kl_to_middle(p: Sequence[float], q: Sequence[float]) -> float:
+    """KL(p ‖ (p + q) / 2), each term's ratio a / m written as 2a / (a + b): the middle of a
+    subnormal probability and 0 underflows to 0, the ratio does not."""
+    return sum(a * math.log(2 * a / (a + b)) for a, b in zip(p, q, strict=True) if a > 0)
 
 
 def distortion(before: Sequence[float], after: Sequence[float]) -> float:
@@ -92,8 +94,7 @@ def distortion(before: Sequence[float], after: Sequence[float]) -> float:
     `after` of the same objects: 0 when the shape is unchanged, at most log 2."""
     before, after = _paired(before, after)
     p, q = _normalised(before, "before"), _normalised(after, "after")
-    middle = [(a + b) / 2 for a, b in zip(p, q, strict=True)]
-    return (_kl(p, middle) + _kl(q, middle)) / 2
+    return (_kl_to_middle(p, q) + _kl_to_middle(q, p)) / 2
 
 
 def ignore_rate(before: Sequence[float], after: Sequence[float]) -> float:
