@@ -1,4 +1,5 @@
-"""ROME, MEMIT and AlphaEdit timed on randomly initialised models of real sizes; prints JSON.
+"""ROME, MEMIT, AlphaEdit, WISE and UltraEdit timed on randomly initialised models of real
+sizes; prints JSON.
 
 Configs: GPT-2 XL (1.5B parameters: 48 layers, width 1600, vocabulary 50257) and a 7B LLaMA
 (32 layers, width 4096, MLP 11008, vocabulary 32000), built from their configs with random
@@ -19,6 +20,10 @@ Per method: the settings of the papers' GPT-2 XL / LLaMA-7B hparams (layers, pre
 of C: once per model) timed apart, then the timed edits: seconds per edit, value-optimisation
 seconds, and peak GPU memory (max allocated) or peak RSS on the CPU. Prompts and targets are
 tinyworld's, tokenised by the bundled tiny-gpt2 tokenizer (a random model has no tokenizer).
+
+WISE (single edits, 70 steps: EasyEdit's n_iter; its irrelevant texts from the bundled
+tinyworld corpus, so nothing is fetched) and UltraEdit (batches of 100, no steps) run on the 7B
+config only, at the layers of EasyEdit's LLaMA-2-7B settings.
 
 `--small` scales both configs down (width, MLP and vocabulary / 8, depth / 4) and the edit
 counts, so that a CPU run takes a few minutes; results/scale_real/cpu_small.json is one. On an
@@ -63,9 +68,12 @@ CONFIGS = {
             "max_position_embeddings": 2048,
         },
         "vocab": 32000,
-        # ROME: layer 5; MEMIT and AlphaEdit: 4-8 (EasyEdit's LLaMA-2-7B hparams).
+        # ROME: layer 5; MEMIT and AlphaEdit: 4-8 (EasyEdit's LLaMA-2-7B hparams); WISE's side
+        # memory at layer 27 and UltraEdit's layers 29-30 (kedit's defaults, EasyEdit's 7B ones).
         "rome_layers": [5],
         "memit_layers": [4, 5, 6, 7, 8],
+        "wise_layers": [27],
+        "ultraedit_layers": [29, 30],
     },
 }
 # (method, config, edits timed, batch size, value steps): the full plan and the small one.
@@ -76,6 +84,8 @@ PLAN = [
     ("rome", "llama-7b", 10, 1, 20),
     ("memit", "llama-7b", 10000, 1000, 20),
     ("alphaedit", "llama-7b", 1000, 100, 20),
+    ("wise", "llama-7b", 10, 1, 70),
+    ("ultraedit", "llama-7b", 1000, 100, 0),
 ]
 SMALL_PLAN = [
     ("rome", "gpt2-xl", 3, 1, 20),
@@ -84,6 +94,8 @@ SMALL_PLAN = [
     ("rome", "llama-7b", 3, 1, 20),
     ("memit", "llama-7b", 8, 8, 20),
     ("alphaedit", "llama-7b", 8, 8, 20),
+    ("wise", "llama-7b", 3, 1, 70),
+    ("ultraedit", "llama-7b", 16, 8, 0),
 ]
 
 
@@ -110,9 +122,28 @@ def scaled(spec: dict, small: bool) -> dict:
         **spec,
         "config": config,
         "vocab": spec["vocab"] // 8,
-        "rome_layers": layers(spec["rome_layers"]),
+        **{key: layers(value) for key, value in spec.items() if key.endswith("_layers")},
         "memit_layers": memit_layers,
     }
+
+
+def method_hparams(method: str, spec: dict, steps: int) -> dict:
+    """The method's settings on `spec`, with a fixed number of optimisation steps (the
+    stopping rules set out of reach); WISE's irrelevant texts from the bundled corpus (offline)."""
+    if method == "wise":
+        return {
+            "layers": spec["wise_layers"],
+            "steps": steps,
+            "stop_nll": 0.0,
+            "irrelevant_corpus": "tinyworld",
+        }
+    if method == "ultraedit":
+        return {"layers": spec["ultraedit_layers"]}
+    layers = spec["rome_layers"] if method == "rome" else spec["memit_layers"]
+    hparams = {"layers": layers, "v_steps": steps, "prefix_lengths": PREFIXES, **FIXED_STEPS}
+    if method != "rome":
+        hparams["fact_token"] = "subject_last"
+    return hparams
 
 
 def build(spec: dict, device: str, dtype):
@@ -209,10 +240,8 @@ def run(method: str, name: str, spec: dict, n: int, batch: int, steps: int, devi
     lm = build(spec, device, dtype)
     sync()
     build_seconds = time.perf_counter() - started
-    layers = spec["rome_layers"] if method == "rome" else spec["memit_layers"]
-    hparams = {"layers": layers, "v_steps": steps, "prefix_lengths": PREFIXES, **FIXED_STEPS}
-    if method != "rome":
-        hparams["fact_token"] = "subject_last"
+    hparams = method_hparams(method, spec, steps)
+    layers = hparams["layers"]
     requests = _requests(n + batch)
     with ExitStack() as stack:
         _patched_statistics(stack)
@@ -235,7 +264,7 @@ def run(method: str, name: str, spec: dict, n: int, batch: int, steps: int, devi
             edit = kedit.edit(lm, chunk, method=method, hparams=hparams, batch_size=batch)
             sync()
             times.append(time.perf_counter() - started)
-            steps_taken = edit.info["value_steps"]
+            steps_taken = edit.info.get("value_steps", [edit.info.get("steps", steps)])
             edit.undo()
     total = sum(times)
     result = {
@@ -251,12 +280,13 @@ def run(method: str, name: str, spec: dict, n: int, batch: int, steps: int, devi
         "batch_size": batch,
         "value_steps": steps,
         "value_steps_taken": sorted(set(steps_taken)),
-        "prefixes": 1 + sum(count for _, count in PREFIXES),
+        "prefixes": 1 + sum(count for _, count in PREFIXES) if "prefix_lengths" in hparams else 1,
         "build_seconds": round(build_seconds, 2),
         "warmup_seconds": round(warmup, 3),
         "total_seconds": round(total, 3),
         "seconds_per_edit": round(total / n, 4),
         "median_seconds_per_call": round(statistics.median(times), 4),
+        # the locate methods' value optimisation (WISE and UltraEdit have none)
         "value_optimisation_seconds": round(values.seconds + values_alias.seconds, 3),
     }
     if device.startswith("cuda"):
@@ -272,7 +302,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bfloat16 weights there)")
     parser.add_argument("--small", action="store_true", help="scaled-down configs for a CPU")
-    parser.add_argument("--methods", nargs="+", default=["rome", "memit", "alphaedit"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["rome", "memit", "alphaedit", "wise", "ultraedit"]
+    )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--edits", type=int, help="edits per method (default: the plan's)")
     parser.add_argument("--batch", type=int, help="batch size of MEMIT/AlphaEdit (plan's)")
@@ -285,7 +317,7 @@ def main() -> None:
     for method, name, n, batch, steps in SMALL_PLAN if args.small else PLAN:
         if method not in args.methods or name not in args.configs:
             continue
-        batch = 1 if method == "rome" else (args.batch or batch)
+        batch = 1 if method in ("rome", "wise") else (args.batch or batch)
         n = args.edits or n
         n = batch * math.ceil(n / batch)
         spec = scaled(CONFIGS[name], args.small)
