@@ -94,6 +94,7 @@ class Above:
         blocks = lm.model.get_submodule(lm.layout.blocks)
         self._blocks = list(blocks)[first:]
         self._norm = lm.model.get_submodule(lm.layout.final_norm)
+        self._norm_device = lm.device_of(lm.layout.final_norm)
         # (ids, mask, positions) -> each block's recorded (args, kwargs) but the hidden states
         self._recorded: list[tuple[tuple, list[tuple[tuple, dict]]]] = []
 
@@ -152,7 +153,7 @@ class Above:
         return out
 
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._norm(hidden.to(self.lm.device_of(self.lm.layout.final_norm)))
+        return self._norm(hidden.to(self._norm_device))
 
     def _run_base(
         self,

@@ -98,11 +98,11 @@ def fine_tune(
     """Train the chosen projections; return their change as dense deltas (model unchanged).
 
     The loss is the mean over requests of each one's mean target NLL (a Multi-Label Edit's: the
-    mean over its targets). The weights train as
-    float32 copies (mixed precision: the model runs in its own dtype, each step updates the
-    float32 copy with the model's gradient and writes it back), so that steps smaller than a
-    bfloat16 or float16 weight's resolution add up. Requests run in batches of about
-    `batch_tokens` tokens whose gradients add up to the whole batch's.
+    mean over its targets). A float32 weight trains in place; a lower-precision one as a float32
+    copy (mixed precision: the model runs in its own dtype, each step updates the float32 copy
+    with the model's gradient and writes it back), so that steps smaller than a bfloat16 or
+    float16 weight's resolution add up. Requests run in batches of about `batch_tokens` tokens
+    whose gradients add up to the whole batch's.
     """
     model, layout = lm.model, lm.layout
     layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
@@ -146,7 +146,8 @@ def fine_tune(
                     # their activations now.
                     if index + 1 < len(batches) and step < hparams.steps:
                         last.backward()
-                worst = float(torch.stack(maxima).max())  # a NaN stays NaN: it never stops
+                # A NaN stays NaN: it never stops.
+                worst = float(maxima[0] if len(maxima) == 1 else torch.stack(maxima).max())
                 if step == hparams.steps or worst < hparams.stop_nll:
                     break
                 last.backward()
