@@ -211,15 +211,17 @@ def test_a_projections_change_added_to_its_output_is_what_writing_it_changes(fam
             assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max())
 
 
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])  # Conv1D and Linear
 @pytest.mark.parametrize("additive", [True, False])
 def test_a_spread_writes_its_deltas_once_where_each_lookup_adds_the_last_change(
-    tiny_gpt2, additive, monkeypatch
+    model, additive, request, monkeypatch
 ):
     import kedit.edits as edits
     from kedit.methods import _spread
 
+    lm = request.getfixturevalue(model)
     requests, hparams = _requests(2), {"layers": [1, 2, 3], "prefix_lengths": [[4, 2]]}
-    expected = kedit.edit(tiny_gpt2, requests, method="memit", hparams=hparams)
+    expected = kedit.edit(lm, requests, method="memit", hparams=hparams)
     expected.undo()
     if not additive:  # each lookup starts at the lowest edited block: deltas written between
         monkeypatch.setattr(_spread, "adds_to_block_output", lambda *args: False)
@@ -227,7 +229,7 @@ def test_a_spread_writes_its_deltas_once_where_each_lookup_adds_the_last_change(
     writes = []
     apply_deltas = edits.apply_deltas
     monkeypatch.setattr(edits, "apply_deltas", lambda *a: writes.append(1) or apply_deltas(*a))
-    edit = kedit.edit(tiny_gpt2, requests, method="memit", hparams=hparams)
+    edit = kedit.edit(lm, requests, method="memit", hparams=hparams)
     edit.undo()
     assert len(writes) == (1 if additive else 3)  # the edit's own; + two between the lookups
     for one, other in zip(edit.deltas, expected.deltas, strict=True):
