@@ -490,8 +490,9 @@ class BlockInput:
     With `projection` (the MLP output projection of block `layer - 1`, an edited one, whose
     output adds to its block's), `hidden` is that input as it was before the projection
     changed, and `keys` and `values` the projection's input and output then, over the same
-    tokens: the lookup adds the projection's change, `projection(keys) - values`, and does
-    not run block `layer - 1` again."""
+    tokens: the lookup adds the projection's change (`projection(keys) - values` with the
+    change written into the model, or the change it is given applied to `keys`) and does not
+    run block `layer - 1` again."""
 
     layer: int
     hidden: torch.Tensor

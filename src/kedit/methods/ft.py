@@ -146,8 +146,7 @@ def fine_tune(
                     # their activations now.
                     if index + 1 < len(batches) and step < hparams.steps:
                         last.backward()
-                # A NaN stays NaN: it never stops.
-                worst = float(maxima[0] if len(maxima) == 1 else torch.stack(maxima).max())
+                worst = float(torch.stack(maxima).max())  # a NaN stays NaN: it never stops
                 if step == hparams.steps or worst < hparams.stop_nll:
                     break
                 last.backward()

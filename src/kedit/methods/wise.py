@@ -69,6 +69,12 @@ from kedit.stats import default_corpus, read_corpus
 IRRELEVANT_MAX_TOKENS = 32
 
 
+def shard_changes(inputs: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Each shard's change of the output at each input, `[S, m, out]` for inputs `[m, in]` and
+    shards `[S, in, out]`; its norm is the shard's activation score Δ_act there."""
+    return torch.einsum("mi,sio->smo", inputs, deltas)
+
+
 @register_adaptor
 class SideMemory(Adaptor):
     """WISE's side memory: shards `deltas [S, in, out]` (W' − W, mapping a token's input to the
@@ -80,7 +86,7 @@ class SideMemory(Adaptor):
 
     def adapt(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         flat = inputs.reshape(-1, inputs.shape[-1]).to(self.deltas.dtype)
-        changes = torch.einsum("mi,sio->smo", flat, self.deltas)
+        changes = shard_changes(flat, self.deltas)
         best, shard = changes.norm(dim=-1).max(0)
         routed = best > self.thresholds[shard]
         if not routed.any():
@@ -303,8 +309,7 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
     # ... and this shard's edits must outscore, by γ, every other shard on their own tokens.
     rivals = None
     if hparams.negatives and shards > (0 if new_shard else 1):
-        changes = torch.einsum("mi,sio->smo", edit_inputs, after["deltas"].to(device))
-        shard_scores = changes.norm(dim=-1)
+        shard_scores = shard_changes(edit_inputs, after["deltas"].to(device)).norm(dim=-1)
         if not new_shard:
             shard_scores[shard] = -math.inf
         rivals = shard_scores.max(0).values
