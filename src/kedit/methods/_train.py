@@ -263,11 +263,14 @@ def train_at_module(
 def memory_tensors(
     memory: Adaptor | None, empty: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """A memory's buffers named as in `empty`, copied to the CPU; `empty` where there is no
-    memory yet."""
+    """A memory's buffers named as in `empty`, copied to the CPU; `empty`'s where there is no
+    memory yet, or the memory lacks the buffer (made before the method kept it)."""
     if memory is None:
         return empty
-    return {name: getattr(memory, name).cpu().clone() for name in empty}
+    held = {name: getattr(memory, name, None) for name in empty}
+    return {
+        name: empty[name] if value is None else value.cpu().clone() for name, value in held.items()
+    }
 
 
 EditOne = Callable[[LM, EditRequest, HyperParams], tuple[list[Change], dict]]

@@ -32,6 +32,13 @@ and the margin loss adds max(0, γ + s_other − Δ_act(x_e)) at each of the sha
 s_other the highest score another shard gives there; training stops only once they outscore
 it. Without it a newer shard takes over an earlier edit's tokens, or an older one a newer's
 (docs/tuning.md#wise).
+
+With `near_misses` (kedit's too), that many near misses of the edit prompt count as irrelevant
+texts: the prompt about a name one token away from the subject, that token taken from an
+earlier edit's subject at the same position ("Sofia Bramnik" for "Sofia Bramez" after an edit of
+"Kira Kelnik"). A model that reads a name token by token gives such a prompt nearly the edit's
+activation, and without them the router takes it (docs/tuning.md#wise). The memory keeps the
+subjects it has edited for that.
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ from kedit.methods._train import (
     train_at_module,
 )
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
-from kedit.requests import EditRequest
+from kedit.requests import EditRequest, fill_subject
 from kedit.stats import default_corpus, read_corpus
 
 IRRELEVANT_MAX_TOKENS = 32
@@ -116,6 +123,13 @@ class WISEHyperParams(HyperParams):
         " positions), and the edit's tokens must outscore every other shard by γ: so that"
         " retrieval hands each edit's tokens to its own shard (0: the paper's WISE).",
     )
+    near_misses: int = hp(
+        0,
+        "Near misses of the edit prompt per edit that count as irrelevant texts: its subject"
+        " with one token swapped for an earlier edited subject's token at that position, so"
+        " that a name that merely shares tokens with the subject is not routed (0: the paper's"
+        " WISE).",
+    )
     irrelevant_corpus: str | None = hp(None, "Their corpus (None: the model's default corpus).")
     replay: bool = hp(False, "Train each edit with the earlier edits of its shard (replay).")
     seed: int = hp(0, "Seed of the shards' masks and of the irrelevant texts.")
@@ -149,8 +163,9 @@ class WISEHyperParams(HyperParams):
                     f"{name}: expected a number in (0, 1], got {getattr(self, name)!r}"
                 )
         check_positive(self, ("steps", "shard_size", "irrelevant"), ("lr", "norm_constraint"))
-        if self.negatives < 0:
-            raise ValueError(f"negatives: expected an integer >= 0, got {self.negatives!r}")
+        for name in ("negatives", "near_misses"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected an integer >= 0, got {getattr(self, name)!r}")
         if self.merge_every < 0:
             raise ValueError(f"merge_every: expected 0 (never) or more, got {self.merge_every!r}")
 
@@ -194,6 +209,44 @@ def irrelevant_texts(lm: LM, hparams: WISEHyperParams, request: EditRequest) -> 
             if len(picked) == hparams.irrelevant:
                 break
     return picked
+
+
+def one_token_away(subject: list[int], pool: list[list[int]]) -> list[list[int]]:
+    """Token ids one token away from `subject`: each of its tokens replaced by the token at the
+    same position of a `pool` subject as long as it, each variant once, in pool order."""
+    seen = {tuple(subject)}
+    variants = []
+    for other in pool:
+        if len(other) != len(subject):
+            continue
+        for position, token in enumerate(other):
+            variant = (*subject[:position], token, *subject[position + 1 :])
+            if variant not in seen:
+                seen.add(variant)
+                variants.append(list(variant))
+    return variants
+
+
+def near_miss_texts(
+    lm: LM, hparams: WISEHyperParams, request: EditRequest, subjects: list[str]
+) -> list[str]:
+    """`near_misses` of the request's prompt about names one token away from its subject, the
+    tokens taken from the edited `subjects` (the same for a request at every call)."""
+    if not hparams.near_misses:
+        return []
+    mine, *pool = lm.encode_many([request.subject, *subjects])
+    names = [lm.tokenizer.decode(ids) for ids in one_token_away(mine, pool)]
+    names = [name for name in dict.fromkeys(names) if name != request.subject]
+    rng = random.Random(f"{hparams.seed}|near|{request.text}")
+    picked = rng.sample(names, min(hparams.near_misses, len(names)))
+    return [fill_subject(request.template, name) for name in picked]
+
+
+def held_subjects(buffers: dict[str, torch.Tensor]) -> list[str]:
+    """The subjects a memory has edited, oldest first (UTF-8 bytes one after the other)."""
+    data = bytes(buffers["subject_bytes"].tolist())
+    ends = buffers["subject_sizes"].cumsum(0).tolist()
+    return [data[start:end].decode() for start, end in zip([0, *ends][:-1], ends, strict=True)]
 
 
 def margin_loss(
@@ -262,6 +315,8 @@ def _empty(shape: tuple[int, int]) -> dict[str, torch.Tensor]:
         "counts": torch.zeros(0, dtype=torch.long),
         "tokens": torch.zeros(0, dtype=torch.long),
         "edits": torch.zeros((0, 3), dtype=torch.long),
+        "subject_bytes": torch.zeros(0, dtype=torch.uint8),
+        "subject_sizes": torch.zeros(0, dtype=torch.long),
     }
 
 
@@ -284,11 +339,13 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
 
     row = request_row(lm, request)
     held = memory_rows(memory)
+    subjects = held_subjects(after)
     replayed = shard_rows(held, shard) if hparams.replay and not new_shard else []
     edit_rows = [row, *replayed]
+    near = near_miss_texts(lm, hparams, request, subjects)
     texts = [
         lm.encode_prompt(text)[:IRRELEVANT_MAX_TOKENS]
-        for text in irrelevant_texts(lm, hparams, request)
+        for text in irrelevant_texts(lm, hparams, request) + near
     ]
     # Other shards' edits, scored where they predict their targets, count as irrelevant texts:
     # so that retrieval does not hand their tokens to this shard.
@@ -366,6 +423,7 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
     info: dict[str, Any] = {
         "shard": shard,
         "replayed": len(replayed),
+        "near_misses": len(near),
         "steps": result.steps,
         "final_nll": result.nll,
         "edit_score": score,
@@ -384,6 +442,10 @@ def edit_one(lm: LM, request: EditRequest, hparams: WISEHyperParams) -> tuple[li
     prompt, target = len(row[0]) - len(row[2]) + 1, len(row[2])
     after["tokens"] = torch.cat([after["tokens"], torch.tensor(row[0] + row[2][-1:])])
     after["edits"] = torch.cat([after["edits"], torch.tensor([[shard, prompt, target]])])
+    if request.subject not in subjects:
+        name = torch.tensor(list(request.subject.encode()), dtype=torch.uint8)
+        after["subject_bytes"] = torch.cat([after["subject_bytes"], name])
+        after["subject_sizes"] = torch.cat([after["subject_sizes"], torch.tensor([len(name)])])
     if hparams.merge_every and len(after["edits"]) % hparams.merge_every == 0:
         info["merged_shards"] = merge_shards(after, hparams.merge_density)
     return [MemoryDelta.to_reach(path, SideMemory.kind, {}, memory, after)], info
