@@ -87,7 +87,9 @@ class SideMemory(Adaptor):
     """WISE's side memory: shards `deltas [S, in, out]` (W' − W, mapping a token's input to the
     change of its output), their thresholds `[S]` and edit counts `[S]`; and the edits it holds
     (for replay): their token ids, one after the other (`tokens [T]`), and for each its shard,
-    prompt length and target length (`edits [n, 3]`)."""
+    prompt length and target length (`edits [n, 3]`); and each subject it has edited, once (for
+    near misses): UTF-8 bytes one after the other (`subject_bytes`) and their sizes
+    (`subject_sizes`)."""
 
     kind = "wise"
 
