@@ -70,18 +70,24 @@ def request_rows(
     requests of each request's mean over its targets."""
     prompt_ids = lm.encode_prompt(request.text)
     count = len(request.targets)
-    rows = []
-    for target in request.targets:
-        target_ids = lm.encode(target)
-        if last_token:
-            ids, positions = prompt_ids, [len(prompt_ids) - 1] * len(target_ids)
-        else:
-            ids = prompt_ids + target_ids[:-1]
-            positions = list(range(len(prompt_ids) - 1, len(ids)))
-        rows.append(
-            TargetRow(ids, positions, target_ids, 1 / (n_requests * count), math.log(count))
+    return [
+        target_row(lm, prompt_ids, target, last_token, 1 / (n_requests * count), math.log(count))
+        for target in request.targets
+    ]
+
+
+def target_row(
+    lm: LM, prompt_ids: list[int], target: str, last_token: bool, weight: float, floor: float
+) -> TargetRow:
+    """The row that scores `target` after the prompt: teacher-forced (the prompt and the target
+    but its last token), or with `last_token` every target token at the prompt's last token."""
+    target_ids = lm.encode(target)
+    if last_token:
+        return TargetRow(
+            prompt_ids, [len(prompt_ids) - 1] * len(target_ids), target_ids, weight, floor
         )
-    return rows
+    ids = prompt_ids + target_ids[:-1]
+    return TargetRow(ids, list(range(len(prompt_ids) - 1, len(ids))), target_ids, weight, floor)
 
 
 def target_rows(lm: LM, requests: list[EditRequest], last_token: bool = False) -> list[TargetRow]:
@@ -114,12 +120,17 @@ def target_batch(lm: LM, requests: list[EditRequest], last_token: bool = False) 
     return batch_rows(lm, target_rows(lm, requests, last_token))
 
 
+def token_logp(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """Each target token's log-probability `[rows, width]` (0 at padding), from the logits at
+    `batch.reads`."""
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(1, batch.read_targets.to(logp.device)[:, None]).view(batch.valid.shape)
+    return picked * batch.valid.to(logp.device)
+
+
 def target_nll(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
     """Each row's mean target-token NLL, from the logits at `batch.reads`."""
-    logp = torch.log_softmax(logits, dim=-1)
-    targets, shares = batch.read_targets, batch.token_shares
-    token_logp = logp.gather(1, targets.to(logp.device)[:, None]).view(shares.shape)
-    return -(token_logp * shares.to(logp.device)).sum(1)
+    return -(token_logp(logits, batch) * batch.token_shares.to(logits.device)).sum(1)
 
 
 def forward_target_nll(model: torch.nn.Module, batch: TargetBatch) -> torch.Tensor:

@@ -6,10 +6,10 @@ Both train one layer's MLP output projection on the edit prompts.
   weight within ε of its original value.
 - FT-M: the target tokens are scored teacher-forced after the prompt, the prompt masked out.
 The blocks below the edited layer run once, and so does the edited block up to the trained
-projection where its output adds to the block's (`kedit.methods._above`); logits are computed
-only where a target token is scored; training stops once every target is reached. A request
-with `extra_targets` (Multi-Label Edit) trains towards all its targets, its loss the mean over
-them.
+projection where its output adds to the block's (`kedit.methods._tune`, which DPO shares);
+logits are computed only where a target token is scored; training stops once every target is
+reached. A request with `extra_targets` (Multi-Label Edit) trains towards all its targets, its
+loss the mean over them.
 """
 
 from __future__ import annotations
@@ -18,14 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kedit.edits import WeightDelta
-from kedit.hooks import stop_after
 from kedit.lm import LM
-from kedit.methods._above import Above, adds_to_block_output, read_logits
-from kedit.methods._locate import capture_start
-from kedit.methods._memory import backward_tokens, token_chunks
-from kedit.methods._rows import TargetBatch, batch_rows, target_nll, target_rows
-from kedit.methods._train import float32_masters, frozen, mixed_precision_step
+from kedit.methods._rows import target_nll, target_rows
+from kedit.methods._tune import ProjectionTuning, Scored
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 
@@ -70,96 +65,32 @@ class FTHyperParams(HyperParams):
             )
 
 
-@dataclass
-class _Start:
-    """Where a batch's training steps start: the first trained block's output less its
-    projection's output, and the projection's input (where the projection's output adds to the
-    block's: a step adds the trained projection of that input), or the block's input."""
-
-    hidden: torch.Tensor
-    keys: torch.Tensor | None = None
-
-
-@torch.no_grad()
-def _run_below(lm: LM, batch: TargetBatch, layer: int, additive: bool) -> _Start:
-    """Run the blocks that the training does not change, once."""
-    model = lm.model
-    with capture_start(lm, layer, additive) as found, stop_after(model, lm.layout.block(layer)):
-        model.base_model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
-    start = found()
-    if not additive:
-        return _Start(start["hidden"])
-    return _Start(start["hidden"] - start["values"], start["keys"])
-
-
 def fine_tune(
     lm: LM, requests: list[EditRequest], hparams: FTHyperParams, last_token: bool
 ) -> MethodResult:
-    """Train the chosen projections; return their change as dense deltas (model unchanged).
+    """Train the chosen projections (`kedit.methods._tune`); return their change as dense
+    deltas (model unchanged).
 
     The loss is the mean over requests of each one's mean target NLL (a Multi-Label Edit's: the
-    mean over its targets). A float32 weight trains in place; a lower-precision one as a float32
-    copy (mixed precision: the model runs in its own dtype, each step updates the float32 copy
-    with the model's gradient and writes it back), so that steps smaller than a bfloat16 or
-    float16 weight's resolution add up. Requests run in batches of about `batch_tokens` tokens
-    whose gradients add up to the whole batch's.
+    mean over its targets). Requests run in batches of about `batch_tokens` tokens whose
+    gradients add up to the whole batch's.
     """
-    model, layout = lm.model, lm.layout
-    layers = sorted(lm.check_layer(layer) for layer in hparams.layers)
-    names = [f"{layout.mlp_out_name(layer)}.weight" for layer in layers]
-    params = [model.get_parameter(name) for name in names]
-    originals = [p.detach().clone() for p in params]
-    masters = float32_masters(params)
-    budget = hparams.batch_tokens or backward_tokens(lm, layers[0])
     rows = target_rows(lm, requests, last_token)
-    chunks = list(token_chunks(rows, [len(row.ids) for row in rows], budget))
-    batches = [batch_rows(lm, chunk) for chunk in chunks]
+    tuning = ProjectionTuning(lm, hparams.layers, [[row] for row in rows], hparams.batch_tokens)
 
-    # The first trained projection's output adds to its block's: the steps start above that
-    # block, from its output plus the projection's change. Else they run it, from its input.
-    projection = model.get_submodule(layout.mlp_out_name(layers[0]))
-    additive = adds_to_block_output(lm, layers[0], layout.mlp_out_name(layers[0]))
-    above = Above(lm, layers[0] + 1 if additive else layers[0])
-    starts = []
-    for batch in batches:
-        with above.primed(batch.ids, batch.mask):
-            starts.append(_run_below(lm, batch, layers[0], additive))
+    def objective(logits: torch.Tensor, index: int) -> Scored:
+        batch = tuning.batches[index]
+        nll = target_nll(logits, batch)
+        excess = nll.detach() - batch.floors.to(nll.device)  # a NaN never meets the rule
+        loss = (nll * batch.weights.to(nll.device)).sum()
+        return Scored(loss, excess < hparams.stop_nll, {"excess": excess})
 
-    optimizer = torch.optim.Adam(masters, lr=hparams.lr, weight_decay=hparams.weight_decay)
-    step, worst = 0, float("nan")
-    try:
-        with frozen(model, params):
-            for step in range(hparams.steps + 1):
-                for p in params:
-                    p.grad = None
-                maxima, last = [], None
-                for index, batch in enumerate(batches):
-                    start = starts[index]
-                    hidden = start.hidden
-                    if additive:
-                        hidden = hidden + projection(start.keys)
-                    normed = above(hidden, batch.ids, batch.mask)
-                    nll = target_nll(read_logits(lm, normed, *batch.reads), batch)
-                    maxima.append((nll.detach() - batch.floors.to(nll.device)).max())
-                    last = (nll * batch.weights.to(nll.device)).sum()
-                    # The last batch's backward waits for the stopping rule; earlier ones free
-                    # their activations now.
-                    if index + 1 < len(batches) and step < hparams.steps:
-                        last.backward()
-                worst = float(torch.stack(maxima).max())  # a NaN stays NaN: it never stops
-                if step == hparams.steps or worst < hparams.stop_nll:
-                    break
-                last.backward()
-                mixed_precision_step(params, masters, originals, optimizer, hparams.norm_constraint)
-        deltas = [
-            WeightDelta.from_dense(name, master - original.float())
-            for name, master, original in zip(names, masters, originals, strict=True)
-        ]
-    finally:
-        with torch.no_grad():
-            for p, original in zip(params, originals, strict=True):
-                p.copy_(original)
-    return MethodResult(deltas, {"steps": step, "final_nll": worst})
+    tuned = tuning.train(
+        objective, hparams.steps, hparams.lr, hparams.weight_decay, hparams.norm_constraint
+    )
+    return MethodResult(
+        tuned.deltas, {"steps": tuned.steps, "final_nll": float(tuned.values["excess"].max())}
+    )
 
 
 @register(
