@@ -1,5 +1,5 @@
-"""SafeEdit on a chat model (tiny-chat's targets): DINM beside FT-L and DINM without its KL term;
-prints JSON (and writes it with --out).
+"""SafeEdit on a chat model (tiny-chat's targets): DINM beside FT-L, DPO and DINM without its KL
+term; prints JSON (and writes it with --out).
 
 Each case is edited on its own, measured and undone: DS and DG_* (greedy replies judged by the
 model's bundled safety judge, or --judge with --judge-labels), fluency, knowledge-constraint
@@ -24,6 +24,7 @@ RUNS = {
     "dinm-located": ("dinm", {"layers": [], "stop_nll": 0.003}),
     "dinm-no-kl": ("dinm", {"kl_factor": 0.0}),
     "ft-l": ("ft-l", {"layers": [7], "lr": 1e-2}),
+    "dpo": ("dpo", {}),
 }
 
 

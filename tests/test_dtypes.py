@@ -47,6 +47,7 @@ HPARAMS = {
     "melo": {"layers": [1], "steps": 5},
     "ike": {"k": 2},
     "dinm": {"steps": 5},
+    "dpo": {"layers": [1], "steps": 5},
 }
 
 

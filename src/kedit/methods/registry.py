@@ -255,6 +255,7 @@ def _load_builtin_methods() -> None:
     from kedit.methods import (  # noqa: F401  (registration happens on import)
         alphaedit,
         dinm,
+        dpo,
         emmet,
         ft,
         grace,
