@@ -10,7 +10,7 @@ from test_layout import tiny_lm
 import kedit
 from kedit.edits import WeightDelta, all_finite, compute_in_sequence, weights_version
 from kedit.hooks import start_at_block
-from kedit.methods import _above, _locate, ft
+from kedit.methods import _above, _locate, _tune
 from kedit.methods._locate import context_prefixes, optimize_values, prefix_states
 from kedit.methods.registry import resolve_hparams
 
@@ -326,7 +326,7 @@ def test_fine_tuning_from_above_the_trained_block_equals_running_it(tiny_gpt2, m
     hparams = {"layers": [4], "steps": 6}
     above = kedit.edit(tiny_gpt2, requests, method="ft-m", hparams=hparams)
     above.undo()
-    monkeypatch.setattr(ft, "adds_to_block_output", lambda *args: False)
+    monkeypatch.setattr(_tune, "adds_to_block_output", lambda *args: False)
     through = kedit.edit(tiny_gpt2, requests, method="ft-m", hparams=hparams)
     through.undo()
     assert above.info["steps"] == through.info["steps"]
