@@ -134,18 +134,27 @@ def test_the_edit_makes_the_chosen_answer_the_argmax_and_undoes_bit_exactly(tiny
     assert all(torch.equal(before[name], value) for name, value in lm.model.state_dict().items())
 
 
-def test_batches_that_split_the_requests_give_the_same_update(tiny_gpt2, cases):
+def test_batches_that_split_the_requests_give_the_same_gradient(tiny_gpt2, cases):
     """A budget of one token puts each request (its chosen and rejected rows together) in a
-    batch of its own; the gradients add up to the one batch's."""
-    lm = tiny_gpt2
-    hparams = {"layers": [LAYER], "lr": 1e-2, "steps": 3, "stop_loss": 0.0}
-    deltas = {}
+    batch of its own; the batches' gradients add up to the one batch's."""
+    lm, weight = tiny_gpt2, _weight(tiny_gpt2)
+    original = weight.detach().clone()
+    noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
+    gradients = {}
     for budget in (None, 1):
-        edit = kedit.edit(lm, cases[:3], "dpo", hparams={**hparams, "batch_tokens": budget})
-        deltas[budget] = edit.deltas[0].tensor()
-        edit.undo()
-    assert deltas[None].abs().sum() > 0
-    torch.testing.assert_close(deltas[1], deltas[None], atol=1e-6, rtol=1e-4)
+        objective = PreferenceObjective(lm, cases[:3], _hparams(batch_tokens=budget))
+        try:
+            with torch.no_grad():
+                weight.add_(0.05 * noise)  # away from the reference, where the margins are 0
+            batches = range(len(objective.tuning.batches))
+            loss = sum(objective(objective.tuning.logits(index), index).loss for index in batches)
+            gradients[budget] = torch.autograd.grad(loss, weight)[0]
+        finally:
+            with torch.no_grad():
+                weight.copy_(original)
+        assert len(batches) == (1 if budget is None else 3)
+    assert gradients[None].abs().sum() > 0
+    torch.testing.assert_close(gradients[1], gradients[None], atol=1e-7, rtol=1e-4)
 
 
 def test_a_request_without_a_rejected_answer_is_refused(tiny_gpt2):
