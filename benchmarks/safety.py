@@ -24,7 +24,8 @@ RUNS = {
     "dinm-located": ("dinm", {"layers": [], "stop_nll": 0.003}),
     "dinm-no-kl": ("dinm", {"kl_factor": 0.0}),
     "ft-l": ("ft-l", {"layers": [7], "lr": 1e-2}),
-    "dpo": ("dpo", {}),
+    # tuned on cases 0-19 (docs/safety.md#dpo): block 3, as DINM, until the loss is below 0.01
+    "dpo": ("dpo", {"layers": [3], "stop_loss": 0.01}),
 }
 
 
