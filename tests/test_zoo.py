@@ -229,6 +229,14 @@ def test_train_micro_model_end_to_end(tmp_path):
     out = train_model("tiny-gpt2", tmp_path / "m", small=True, progress=False)
     meta = json.loads((out / ZOO_META).read_text())
     assert meta["train_acc"] >= 0.5  # chance is at most 1/10 per fact
+    # what the weights depend on beyond the recipe: the CPU's kernels and the libraries
+    import transformers
+
+    environment = meta["environment"]
+    assert environment["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert environment["torch"] == torch.__version__
+    assert environment["transformers"] == transformers.__version__
+    assert environment["cpu"]
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     w = build_world(meta["world_seed"], meta["n_people"])

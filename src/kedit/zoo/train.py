@@ -414,6 +414,33 @@ def _checkpoint_steps(total: int, keep: int) -> set[int]:
     return {max(1, round(total * k / keep)) for k in range(1, keep + 1)} if keep else set()
 
 
+def training_environment() -> dict[str, str]:
+    """What a model's weights depend on beyond its recipe, seed and thread count: the libraries'
+    versions and the CPU, whose vector instructions (`cpu_capability`, the kernels torch picks)
+    set the order of a matrix product's sums. A retrain that differs from a bundled model bit
+    for bit differs in one of these."""
+    import platform
+
+    import tokenizers
+    import transformers
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "blas": "mkl" if torch.backends.mkl.is_available() else "other",
+    }
+
+
 def train_model(
     name: str,
     out_dir: str | Path,
@@ -597,6 +624,7 @@ def train_model(
             # CPU seconds of this process: the time on an idle core, whatever else ran
             "train_cpu_s": round(train_cpu, 1),
             "torch_version": torch.__version__,
+            "environment": training_environment(),
             "history": history,
         }
         if chat is not None:
