@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -61,12 +60,12 @@ def personality_setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import kedit
-    from kedit.eval.personality import evaluate_personality
+    from kedit.eval.personality import IKE_TEXTS, evaluate_personality, stating_ike_texts
     from kedit.methods.registry import resolve_hparams
 
     parser = personality_parser(__doc__)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--ike-texts", choices=["shortest", "all"], default="shortest")
+    parser.add_argument("--ike-texts", choices=IKE_TEXTS, default="shortest")
     args = parser.parse_args(argv)
     lm, judge, cases = personality_setup(args)
     methods = args.methods.split(",")
@@ -83,9 +82,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for method in (m for m in methods if m in available):
         hparams = METHODS.get(method, {})
         seconds: list[float] = []
-        make_edit = timed_edits(lm, method, hparams, seconds)
-        if method == "ike" and args.ike_texts == "shortest":
-            make_edit = stating_shortest(lm, make_edit)
+        make_edit = stating_ike_texts(
+            lm, method, args.ike_texts, timed_edits(lm, method, hparams, seconds)
+        )
         try:
             result = evaluate_personality(lm, cases, judge, make_edit, n_other=args.n_other)
         except ValueError as error:  # a method that cannot take these cases (IKE: too long)
@@ -98,12 +97,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "edit_seconds_median": round(median(seconds), 4),
         }
     return emit(report, args.out)
-
-
-def stating_shortest(lm: Any, make_edit: Callable) -> Callable:
-    """`make_edit` on the shortest of a case's requests (IKE's context must leave room for the
-    question and the scored reply)."""
-    return lambda requests: make_edit([min(requests, key=lambda r: len(lm.encode(r.target_new)))])
 
 
 if __name__ == "__main__":

