@@ -147,6 +147,9 @@ def test_bench_refused_for_bad_input_leaves_out_as_it_was(tmp_path):
         assert result.exit_code == 2 and message in result.output, result.output
         assert not out.exists() or not any(out.rglob("*.json")), bad
     assert run(*args, "--method", "ft-m").exit_code == 0
+    result = run("bench", "--method", "ft-m", "--out", str(out))
+    assert result.exit_code == 2 and "give a benchmark file" in result.output
+    assert "tinyworld_knowedit.json" in result.output.replace("\n", "")
 
 
 def test_save_to_a_folder_and_out_on_a_file_are_one_line(tmp_path):

@@ -361,7 +361,12 @@ def bench(
         plan = load_plan(config)
     else:
         if data is None:
-            raise ValueError("--data: give a benchmark file, or a plan with --config")
+            from kedit.zoo import DATA_DIR
+
+            raise ValueError(
+                "--data: give a benchmark file, or a plan with --config (the bundled tinyworld "
+                f"benchmark: {DATA_DIR / 'tinyworld_knowedit.json'})"
+            )
         if not data.is_file():
             raise FileNotFoundError(f"--data: {str(data)!r} does not exist")
         if format is not None:
