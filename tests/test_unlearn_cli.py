@@ -134,3 +134,10 @@ def test_retrain_without_passes_the_forget_facts_and_reports(task_files, tmp_pat
     assert seen["name"] == "tiny-gpt2" and seen["out"] == tmp_path / "r"
     assert seen["pairs"] == [(row["prompt"], row["answer"]) for row in rows]
     assert "without 2 facts (9 training sentences)" in result.output
+
+
+def test_the_help_names_every_registered_unlearning_method():
+    from kedit.cli import UNLEARNING_METHODS
+    from kedit.unlearn.registry import list_unlearning_methods
+
+    assert sorted(UNLEARNING_METHODS.split(", ")) == list_unlearning_methods()

@@ -124,7 +124,7 @@ def _pairs(lora_methods: tuple[str, ...] | None = None) -> list:
     return [pytest.param(m, model, id=f"{m}-{model}") for m in methods for model in MODELS]
 
 
-LORA_METHODS = ("grad_diff", "npo", "memflex")
+LORA_METHODS = ("grad_diff", "npo", "memflex", "rmu")
 
 
 @pytest.mark.parametrize(("method", "model"), _pairs())
@@ -191,19 +191,27 @@ def test_a_failure_leaves_the_model_as_it_was(lms, task, monkeypatch, method, mo
     before = _snapshot(lm)
     forget, retain = task
     hparams = {**(LORA if lora else {}), "stop_forget_acc": None, "steps": 4}
-    logprobs = _train.Step.logprobs
+    # Every loss reads the model through the step's log-probabilities or activations.
+    originals = {name: getattr(_train.Step, name) for name in ("logprobs", "activations")}
 
-    def failing(self, which):
-        if self.number == 2:
-            raise InjectedFailure("inside the optimisation")
-        return logprobs(self, which)
+    def failing(original):
+        def patched(self, *args):
+            if self.number == 2:
+                raise InjectedFailure("inside the optimisation")
+            return original(self, *args)
 
-    def not_finite(self, which):
-        value = logprobs(self, which)
-        return value * float("nan") if self.number == 2 else value
+        return patched
+
+    def not_finite(original):
+        def patched(self, *args):
+            value = original(self, *args)
+            return value * float("nan") if self.number == 2 else value
+
+        return patched
 
     for patch, error in ((failing, InjectedFailure), (not_finite, FloatingPointError)):
-        monkeypatch.setattr(_train.Step, "logprobs", patch)
+        for name, original in originals.items():
+            monkeypatch.setattr(_train.Step, name, patch(original))
         with pytest.raises(error):
             kedit.unlearn(lm, forget, retain, method, hparams=hparams)
         _assert_as_before(lm, before)

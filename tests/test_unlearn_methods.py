@@ -278,3 +278,102 @@ def test_defaults_are_the_dataclass_s_then_the_model_table_s_then_the_overrides(
     assert (untuned.lr, untuned.steps) == (1e-5, 100)  # the dataclass's: no entry for this model
     notices = [r.getMessage() for r in caplog.records]
     assert any("no tuned ga settings" in n and "docs/unlearning.md#tuning" in n for n in notices)
+
+
+def _block_states(lm, items: list[UnlearnItem], layer: int, answer_only: bool) -> torch.Tensor:
+    """The residual stream after block `layer` `[tokens, width]` at every token of each item's
+    teacher-forced row (prompt, answer but its last token), or only at the positions that
+    predict the answer; each item run alone, read from `output_hidden_states`."""
+    states = []
+    for item in items:
+        prompt, answer = lm.encode_prompt(item.prompt), lm.encode(item.answer)
+        row = torch.tensor([prompt + answer[:-1]])
+        hidden = lm.model(input_ids=row, output_hidden_states=True).hidden_states[layer + 1][0]
+        states.append(hidden[len(prompt) - 1 :] if answer_only else hidden)
+    return torch.cat(states).float()
+
+
+def _control(width: int, steering: float, seed: int) -> torch.Tensor:
+    direction = torch.rand(width, generator=torch.Generator().manual_seed(seed))
+    return steering * direction / direction.norm()
+
+
+@pytest.mark.parametrize("tokens", ["all", "answer"])
+def test_rmu_loss_is_its_formula_and_its_retain_term_starts_at_zero(tiny_gpt2, world, tokens):
+    from kedit.unlearn.rmu import RMUHyperParams, rmu_loss, steering_vector
+
+    lm, layer = tiny_gpt2, 3
+    retain = _facts(world, world.people[20], "profession")
+    hparams = RMUHyperParams(layers=[2, 3], steering=40.0, retain_weight=300.0, tokens=tokens)
+    block = lm.layout.block(layer)
+    reference = {RETAIN: lambda model, batch: _rmu_reference(model, batch, block, tokens)}
+    step = _rmu_step(lm, FORGET_ITEMS, retain, reference)
+    loss = rmu_loss(block, hparams)(step)
+    with torch.no_grad():
+        forget = _block_states(lm, FORGET_ITEMS, layer, tokens == "answer")
+        control = _control(forget.shape[1], 40.0, hparams.seed)
+        by_hand = (forget - control).pow(2).mean()
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert torch.allclose(steering_vector(forget.shape[1], 40.0, 0), control)
+    assert steering_vector(forget.shape[1], 40.0, 1).sub(control).abs().max() > 1
+    # θ = θ_ref: the retain term is 0 and so is its gradient; the loss's is the forget term's.
+    name = f"{lm.layout.mlp_out_name(2)}.weight"
+    forget_only = RMUHyperParams(layers=[2, 3], steering=40.0, retain_weight=0.0, tokens=tokens)
+    with_retain = _gradient(
+        lm, rmu_loss(block, hparams)(_rmu_step(lm, FORGET_ITEMS, retain, reference)), name
+    )
+    without = _gradient(lm, rmu_loss(block, forget_only)(_rmu_step(lm, FORGET_ITEMS)), name)
+    assert torch.allclose(with_retain, without, atol=1e-6)
+
+
+def _rmu_reference(model, batch, block: str, tokens: str) -> torch.Tensor:
+    from kedit.unlearn._train import block_output
+    from kedit.unlearn.rmu import counted
+
+    return counted(block_output(model, batch, block), batch, tokens)[0]
+
+
+def _rmu_step(lm, forget, retain=None, reference=None) -> Step:
+    batches = {
+        FORGET: batches_of(lm, item_rows(lm, forget, "forget"), 64, None)[0],
+        RETAIN: batches_of(lm, item_rows(lm, retain, "retain"), 64, None)[0] if retain else None,
+    }
+    with torch.no_grad():
+        refs = {which: fn(lm.model, batches[which]) for which, fn in (reference or {}).items()}
+    return Step(lm.model, batches, refs, 0)
+
+
+def test_rmu_trains_the_mlp_outputs_and_steers_only_the_forget_set(tiny_gpt2, world):
+    lm, layers = tiny_gpt2, [1, 2, 3]
+    person = world.people[7]
+    forget = _facts(world, person, "lives_in") + _facts(world, person, "employer")
+    retain = _facts(world, person, "profession") + _facts(world, world.people[8], "language")
+    with torch.no_grad():
+        forget_before = _block_states(lm, forget, 3, False)
+        retain_before = _block_states(lm, retain, 3, False)
+    control = _control(forget_before.shape[1], 200.0, 0)
+    hparams = {"layers": layers, "steering": 200.0, "tokens": "all", "stop_forget_acc": None}
+    edit = kedit.unlearn(lm, forget, retain, "rmu", hparams={**hparams, "steps": 40})
+    assert [d.param for d in edit.deltas] == [f"{lm.layout.mlp_out_name(x)}.weight" for x in layers]
+    with torch.no_grad():
+        forget_after = _block_states(lm, forget, 3, False)
+        retain_after = _block_states(lm, retain, 3, False)
+    edit.undo()
+    # The forget states moved towards c·u (the move's cosine with the way there is over 0.5,
+    # where a random move's would be near 0), and the retain states, held by the α term,
+    # hardly at all.
+    moved, towards = forget_after - forget_before, control - forget_before
+    assert (forget_after - control).pow(2).mean() < towards.pow(2).mean()
+    assert torch.cosine_similarity(moved.flatten(), towards.flatten(), dim=0) > 0.5
+    assert (retain_after - retain_before).pow(2).mean() < moved.pow(2).mean() / 100
+
+
+def test_rmu_refuses_bad_settings_with_the_field_named(tiny_gpt2):
+    for bad, message in [
+        ({"steering": 0.0}, "steering: expected a positive number, got 0.0"),
+        ({"tokens": "prompt"}, "tokens: expected one of"),
+        ({"layers": None}, r"rmu.layers: expected list\[int\], got None"),
+        ({"layers": [2, 9]}, "layers: layer 9 is out of range"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            kedit.unlearn(tiny_gpt2, FORGET_ITEMS, FORGET_ITEMS, "rmu", hparams=bad)

@@ -976,7 +976,7 @@ def circuit_command(
     _written(result.save(out))
 
 
-UNLEARNING_METHODS = "ga, grad_diff, ga_kl, random_label, npo, simnpo, memflex"
+UNLEARNING_METHODS = "ga, grad_diff, ga_kl, random_label, npo, simnpo, memflex, rmu"
 
 
 def _unlearning_sets(data: str, retain: Path | None, data_dir: Path | None, n: int | None):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,7 @@ from torch import nn
 
 from kedit.data.unlearn_items import UnlearnItem
 from kedit.edits import WeightDelta
+from kedit.hooks import capture, stop_after
 from kedit.lm import LM
 from kedit.methods._rows import TargetBatch, TargetRow, batch_rows
 from kedit.methods._train import mixed_precision_step
@@ -89,6 +90,14 @@ def answer_logprobs(model: nn.Module, batch: TargetBatch) -> torch.Tensor:
     return torch.log_softmax(logits[rows, batch.positions.to(logits.device)].float(), dim=-1)
 
 
+def block_output(model: nn.Module, batch: TargetBatch, block: str) -> torch.Tensor:
+    """The residual stream after `block` `[rows, positions, width]` in float32, the forward
+    pass stopped there (with gradients where the model has them)."""
+    with capture(model, [block], detach=False) as seen, stop_after(model, block):
+        model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
+    return seen[block].float()
+
+
 def token_logp(logprobs: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
     """`[rows, answer tokens]` log-probability of each answer token, 0 past a row's answer."""
     targets = batch.targets.to(logprobs.device)
@@ -123,6 +132,7 @@ class Step:
         self.references = references
         self.number = number
         self._logprobs: dict[str, torch.Tensor] = {}
+        self._activations: dict[str, torch.Tensor] = {}
 
     def batch(self, which: str) -> TargetBatch:
         batch = self.batches.get(which)
@@ -135,6 +145,13 @@ class Step:
         if which not in self._logprobs:
             self._logprobs[which] = answer_logprobs(self.model, self.batch(which))
         return self._logprobs[which]
+
+    def activations(self, which: str, block: str) -> torch.Tensor:
+        """`block_output` of the set's batch (with gradients)."""
+        key = f"{which} after {block}"
+        if key not in self._activations:
+            self._activations[key] = block_output(self.model, self.batch(which), block)
+        return self._activations[key]
 
     def logp_sum(self, which: str) -> torch.Tensor:
         """Each row's log-probability of its whole answer, log π(y|x)."""
@@ -171,7 +188,8 @@ def _answer_logp(model: nn.Module, batch: TargetBatch) -> torch.Tensor:
     return token_logp(answer_logprobs(model, batch), batch).sum(1)
 
 
-REFERENCES = {FORGET: _answer_logp, RETAIN: answer_logprobs}
+Reference = Callable[[nn.Module, TargetBatch], torch.Tensor]
+REFERENCES: dict[str, Reference] = {FORGET: _answer_logp, RETAIN: answer_logprobs}
 
 
 def weight_modules(lm: LM, parts: str, layers: list[int] | None) -> list[str]:
@@ -312,7 +330,7 @@ def run_unlearning(
     hparams: UnlearnHyperParams,
     loss: LossFn,
     *,
-    references: Collection[str] = (),
+    references: Collection[str] | Mapping[str, Reference] = (),
     modules: list[str] | None = None,
     forget_answers: list[list[int]] | None = None,
     progress: bool = False,
@@ -320,6 +338,8 @@ def run_unlearning(
 ) -> UnlearnResult:
     """Minimise `loss` over the forget (and retain) batches; return the change, model unchanged.
 
+    `references` names the sets whose `REFERENCES` value the loss reads (`Step.reference`), or
+    maps a set to the function that computes it on the unedited model, batch by batch.
     `modules` are the weight matrices to train (default: `weight_modules` of `hparams.parts`
     and `hparams.layers`); `forget_answers` replaces the forget items' answer token ids in
     training (random labels), while the curves and the early stop still score the true answers.
@@ -342,10 +362,12 @@ def run_unlearning(
         FORGET: batches_of(lm, forget_rows, size, None),
         RETAIN: batches_of(lm, retain_rows[:CURVE_RETAIN_ITEMS], size, None) if retain else [],
     }
+    if not isinstance(references, Mapping):
+        references = {which: REFERENCES[which] for which in references}
     with torch.no_grad():
         refs = {
-            which: [REFERENCES[which](lm.model, batch) for batch in train[which]]
-            for which in references
+            which: [reference(lm.model, batch) for batch in train[which]]
+            for which, reference in references.items()
         }
     modules = modules if modules is not None else weight_modules(lm, hparams.parts, hparams.layers)
     if not modules:

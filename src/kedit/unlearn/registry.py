@@ -104,6 +104,7 @@ def _load_builtin_methods() -> None:
         memflex,
         npo,
         random_label,
+        rmu,
         simnpo,
     )
 
