@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-METHODS = ["ga", "grad_diff", "ga_kl", "random_label", "npo", "simnpo", "memflex"]
+METHODS = ["ga", "grad_diff", "ga_kl", "random_label", "npo", "simnpo", "memflex", "rmu"]
 BASELINE_RUN = "retrain (exact baseline)"
 
 
