@@ -319,3 +319,44 @@ def test_load_refuses_a_model_whose_weights_were_offloaded(monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offloading)
     with pytest.raises(ValueError, match="device_map: 'auto' offloads 2 weights .* in place"):
         kedit.load("tiny-gpt2", device_map="auto")
+
+
+# Small settings for the 2-layer random models (every unlearning method says its own).
+UNLEARN_HPARAMS = {
+    "ga": {},
+    "grad_diff": {},
+    "ga_kl": {},
+    "random_label": {},
+    "npo": {},
+    "simnpo": {},
+    "memflex": {"sim_threshold": 1.0, "grad_threshold": 0.0},
+    "rmu": {"layers": [0, 1], "steering": 5.0},
+}
+
+
+def test_every_unlearning_method_has_settings_here():
+    from kedit.unlearn.registry import list_unlearning_methods
+
+    assert sorted(UNLEARN_HPARAMS) == list_unlearning_methods()
+
+
+@pytest.mark.parametrize("method", sorted(UNLEARN_HPARAMS))
+def test_every_unlearning_method_unlearns_a_half_precision_model(half_model, method):
+    lm = half_model
+    dtype = lm.model.dtype
+    forget = [("Mira Olsen lives in", " Oslo"), ("Mira Olsen works for", " Corvex")]
+    retain = [("Wim Dunmont lives in", " Lisbon"), ("Wim Dunmont works for", " Rudd")]
+    hparams = {**UNLEARN_HPARAMS[method], "steps": 3, "lr": 1e-3, "stop_forget_acc": None}
+    before = {name: value.clone() for name, value in lm.model.state_dict().items()}
+    edit = kedit.unlearn(lm, forget, retain, method, hparams=hparams)
+    assert edit.deltas and {p.dtype for p in lm.model.parameters()} == {dtype}
+    now = lm.model.state_dict()
+    for delta in edit.deltas:
+        change = delta.tensor()
+        assert change.dtype == torch.float32 and bool(torch.isfinite(change).all())
+        # W ← float32(W) + ΔW, written back in the model's dtype
+        assert torch.equal(now[delta.param], (before[delta.param].float() + change).to(dtype))
+    assert any(not torch.equal(now[d.param], before[d.param]) for d in edit.deltas)
+    edit.undo()
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
