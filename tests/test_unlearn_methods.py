@@ -377,3 +377,25 @@ def test_rmu_refuses_bad_settings_with_the_field_named(tiny_gpt2):
     ]:
         with pytest.raises(ValueError, match=message):
             kedit.unlearn(tiny_gpt2, FORGET_ITEMS, FORGET_ITEMS, "rmu", hparams=bad)
+
+
+def test_rmu_activations_stop_the_forward_pass_after_the_steered_block(tiny_gpt2):
+    from kedit.unlearn._train import block_output
+
+    lm = tiny_gpt2
+    batch = batches_of(lm, item_rows(lm, FORGET_ITEMS, "forget"), 8, None)[0]
+    ran = []
+    handles = [
+        lm.model.get_submodule(lm.layout.block(i)).register_forward_hook(
+            lambda *_, i=i: ran.append(i)
+        )
+        for i in range(lm.n_layers)
+    ]
+    try:
+        hidden = block_output(lm.model, batch, lm.layout.block(2))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == [0, 1, 2]
+    full = lm.model(input_ids=batch.ids, attention_mask=batch.mask, output_hidden_states=True)
+    assert torch.allclose(hidden, full.hidden_states[3].float())
