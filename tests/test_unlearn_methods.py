@@ -399,3 +399,20 @@ def test_rmu_activations_stop_the_forward_pass_after_the_steered_block(tiny_gpt2
     assert ran == [0, 1, 2]
     full = lm.model(input_ids=batch.ids, attention_mask=batch.mask, output_hidden_states=True)
     assert torch.allclose(hidden, full.hidden_states[3].float())
+
+
+def test_rmu_counts_no_padding_and_no_start_token(tiny_gpt2):
+    from kedit.unlearn.rmu import counted
+
+    lm = tiny_gpt2
+    items = [UnlearnItem("Umar Falley lives in", " Nantes"), UnlearnItem("Umar is", " a cook")]
+    rows = item_rows(lm, items, "forget")
+    batch = batches_of(lm, rows, 8, None)[0]
+    hidden = torch.zeros(*batch.ids.shape, 4)
+    assert counted(hidden, batch, "all")[1].sum(1).tolist() == [len(r.ids) for r in rows]
+    # one start token (LLaMA's BOS, where the tokenizer adds it) never counts
+    _, every = counted(hidden, batch, "all", skip=1)
+    assert every.sum(1).tolist() == [len(row.ids) - 1 for row in rows]
+    assert not every[:, 0].any()
+    _, answers = counted(hidden, batch, "answer", skip=1)
+    assert answers.sum(1).tolist() == [len(lm.encode(item.answer)) for item in items]

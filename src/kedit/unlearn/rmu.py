@@ -13,9 +13,10 @@ their α = 1200 and c = 6.5 for Zephyr-7B refer to). Only the MLP output project
 train: for Zephyr-7B the paper's blocks 5, 6 and 7, steered at 7. The forward pass stops after
 block ℓ, so a step costs ℓ + 1 blocks, not the whole model.
 
-`tokens` picks the positions: `all` (the paper's: every token of the text) or `answer` (those
-that predict the answer's tokens), which leaves a question's own tokens, and so the other facts
-asked about the same subject, to the retain term.
+`tokens` picks the positions: `all` (the paper's: every token of the text, not the tokenizer's
+start tokens such as LLaMA's BOS) or `answer` (those that predict the answer's tokens), which
+leaves a question's own tokens, and so the other facts asked about the same subject, to the
+retain term.
 """
 
 from __future__ import annotations
@@ -54,12 +55,16 @@ class RMUHyperParams(UnlearnHyperParams):
 
 
 def counted(
-    hidden: torch.Tensor, batch: TargetBatch, tokens: str
+    hidden: torch.Tensor, batch: TargetBatch, tokens: str, skip: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The activations `[rows, positions, width]` at the positions `tokens` picks and which of
-    them count (`[rows, positions]`: padding never)."""
+    them count (`[rows, positions]`): never padding, nor with `all` the first `skip` positions
+    (the tokenizer's start tokens, whose activations are the same whatever the text, so that
+    the forget term would push what the retain term holds)."""
     if tokens == "all":
-        return hidden, batch.mask.bool().to(hidden.device)
+        mask = batch.mask.bool().to(hidden.device)
+        mask[:, :skip] = False
+        return hidden, mask
     rows = torch.arange(len(batch.ids), device=hidden.device)[:, None]
     return hidden[rows, batch.positions.to(hidden.device)], batch.valid.to(hidden.device)
 
@@ -77,14 +82,17 @@ def steering_vector(width: int, steering: float, seed: int) -> torch.Tensor:
     return steering * direction / direction.norm()
 
 
-def rmu_loss(block: str, hparams: RMUHyperParams):
+def rmu_loss(block: str, hparams: RMUHyperParams, skip: int = 0):
+    """L of the module docstring at `block`; `skip` start tokens never count."""
+
     def loss(step: Step) -> torch.Tensor:
-        hidden, mask = counted(step.activations(FORGET, block), step.batch(FORGET), hparams.tokens)
+        batch = step.batch(FORGET)
+        hidden, mask = counted(step.activations(FORGET, block), batch, hparams.tokens, skip)
         control = steering_vector(hidden.shape[-1], hparams.steering, hparams.seed)
         value = masked_mse(hidden, control.to(hidden.device), mask)
         if hparams.retain_weight and step.batches.get(RETAIN) is not None:
             batch = step.batch(RETAIN)
-            hidden, mask = counted(step.activations(RETAIN, block), batch, hparams.tokens)
+            hidden, mask = counted(step.activations(RETAIN, block), batch, hparams.tokens, skip)
             value = value + hparams.retain_weight * masked_mse(hidden, step.reference(RETAIN), mask)
         return value
 
@@ -105,8 +113,10 @@ def rmu(
     layer = max(hparams.layers)
     block = lm.layout.block(layer)
 
+    skip = len(lm.start_ids)
+
     def retain_reference(model: nn.Module, batch: TargetBatch) -> torch.Tensor:
-        return counted(block_output(model, batch, block), batch, hparams.tokens)[0]
+        return counted(block_output(model, batch, block), batch, hparams.tokens, skip)[0]
 
     return run_unlearning(
         lm,
@@ -114,7 +124,7 @@ def rmu(
         forget,
         retain,
         hparams,
-        rmu_loss(block, hparams),
+        rmu_loss(block, hparams, skip),
         references={RETAIN: retain_reference},
         modules=modules,
         progress=progress,
