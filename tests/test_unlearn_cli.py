@@ -43,6 +43,23 @@ def test_unlearn_writes_the_edit_scores_and_curves(task_files, tmp_path):
     assert edit.method == "grad_diff" and edit.info["unlearning"]["forget_items"] == 8
 
 
+def test_unlearn_scores_against_each_baseline_given(task_files, tmp_path):
+    out = tmp_path / "run"
+    args = ["unlearn", "--out", str(out), "--data", str(task_files / "forget.jsonl")]
+    args += ["--retain", str(task_files / "retain.jsonl"), "--n", "8"]
+    args += "--method grad_diff -p steps=1 -p stop_forget_acc=null".split()
+    args += ["--baseline", "tiny-gpt2", "--baseline", "tiny-gpt2-wide"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "results.json").read_text())
+    for stage in ("before", "after"):
+        assert len(record[stage]["vs_baselines"]) == 2
+        low, high = record[stage]["forget_quality_range"]
+        assert low <= high
+    # before unlearning, against itself as the first baseline: indistinguishable
+    assert record["before"]["vs_baselines"][0]["forget_quality"] == 1.0
+
+
 def _long_context_model(folder: Path) -> Path:
     """A random one-block GPT-2 with the bundled tokenizer and a context for TOFU's answers."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel

@@ -101,6 +101,31 @@ def test_the_model_against_itself_is_indistinguishable(tiny_gpt2, sets):
     assert again["vs_baseline"] == versus
 
 
+def test_several_baselines_are_each_compared_and_their_forget_quality_spread_reported(
+    tiny_gpt2, sets
+):
+    from kedit.bench.unlearning import unlearning_rows
+
+    forget, retain = sets
+    other = kedit.load("tiny-gpt2-wide")
+    alone = {
+        lm.name: kedit.evaluate_unlearning(tiny_gpt2, forget, retain, baseline=lm, generation=False)
+        for lm in (tiny_gpt2, other)
+    }
+    both = kedit.evaluate_unlearning(
+        tiny_gpt2, forget, retain, baseline=[tiny_gpt2, other], generation=False
+    )
+    assert both["vs_baselines"] == [alone[lm.name]["vs_baseline"] for lm in (tiny_gpt2, other)]
+    assert both["vs_baseline"] == alone["tiny-gpt2"]["vs_baseline"]  # the first's, as before
+    qualities = [alone[name]["vs_baseline"]["forget_quality"] for name in alone]
+    assert both["forget_quality_range"] == [min(qualities), max(qualities)]
+    header, rows = unlearning_rows([("run", both)])
+    cell = rows[0][header.index("forget quality")]
+    assert cell == f"{min(qualities):.4f}–{max(qualities):.4f}"
+    with pytest.raises(ValueError, match=r"baseline: expected a retrained model or a list"):
+        kedit.evaluate_unlearning(tiny_gpt2, forget, retain, baseline=[])
+
+
 def test_generation_scores_and_model_utility(tiny_gpt2, sets):
     forget, retain = sets
     result = kedit.evaluate_unlearning(tiny_gpt2, forget[:2], retain)

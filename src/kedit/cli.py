@@ -1017,9 +1017,10 @@ def unlearn_command(
         typer.Option(help="Local copy of the hub files of a knowundo:/tofu: --data (no download)."),
     ] = None,
     baseline: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
-            help="The model retrained without the forget set (kedit zoo retrain-without)."
+            help="The model retrained without the forget set (kedit zoo retrain-without); "
+            "repeat it to score against several retrains."
         ),
     ] = None,
     general: Annotated[
@@ -1040,11 +1041,13 @@ def unlearn_command(
     texts = None if general is None else read_text(general, "--general").splitlines()
     out.mkdir(parents=True, exist_ok=True)
     lm = kedit.load(model)
-    reference = kedit.load(baseline) if baseline else None
+    references = [kedit.load(folder) for folder in baseline or []]
     sets = {"forget": forget, "retain": retain_items, "general": texts}
-    before = kedit.evaluate_unlearning(lm, **sets, baseline=reference)
+    given = references if len(references) > 1 else (references or [None])[0]
+    before = kedit.evaluate_unlearning(lm, **sets, baseline=given)
     edit = kedit.unlearn(lm, forget, retain_items, method, hparams=hparams, progress=True)
-    after = kedit.evaluate_unlearning(lm, **sets, baseline=before.get("baseline"))
+    scored = before.get("baselines", before.get("baseline"))  # evaluated once, reused
+    after = kedit.evaluate_unlearning(lm, **sets, baseline=scored)
     after.update({key: edit.info[key] for key in ("steps", "seconds", "cpu_seconds")})
     saved = edit.save(out / "unlearning.kedit")
     runs = [("before", before), (edit.method, after)]

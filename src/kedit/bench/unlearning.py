@@ -11,12 +11,20 @@ from kedit.eval.protocols import PROBABILITY, TEACHER_FORCED
 PROTOCOLS = (
     "acc: mean token accuracy (teacher_forced); general ppl and truth ratio: probability; "
     "utility: TOFU's model utility (probability and generation); forget quality: TOFU's KS-test "
-    "p-value against the retrained model"
+    "p-value against the retrained model (lowest–highest against several)"
 )
 
 
 def _number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _forget_quality(result: dict[str, Any]) -> str:
+    """The forget quality, or its lowest and highest against several baselines."""
+    spread = result.get("forget_quality_range")
+    if spread:
+        return f"{spread[0]:.4f}–{spread[1]:.4f}"
+    return _number(result.get("vs_baseline", {}).get("forget_quality"), 4)
 
 
 def unlearning_rows(
@@ -43,7 +51,7 @@ def unlearning_rows(
             _number(result.get("general", {}).get(PROBABILITY, {}).get("perplexity")),
             _number(truth),
             _number(result.get("model_utility")),
-            _number(result.get("vs_baseline", {}).get("forget_quality"), 4),
+            _forget_quality(result),
             str(result.get("steps", "–")),
             _number(result.get("seconds"), 1),
             _number(result.get("cpu_seconds"), 1),

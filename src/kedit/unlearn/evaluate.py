@@ -152,7 +152,7 @@ def evaluate_unlearning(
     forget: Iterable[Any] | Mapping[str, Iterable[Any]],
     retain: Iterable[Any] | Mapping[str, Iterable[Any]] | None = None,
     *,
-    baseline: LM | dict[str, Any] | None = None,
+    baseline: LM | dict[str, Any] | Sequence[LM | dict[str, Any]] | None = None,
     general: Sequence[str] | None = None,
     generation: bool = True,
     batch_size: int = 64,
@@ -166,6 +166,11 @@ def evaluate_unlearning(
     it (to score many methods against one baseline). With it: each set's token-accuracy gap
     (lm − baseline) and, where the first forget set's items have wrong answers, TOFU's
     `forget_quality` (KS-test p-value of the two models' truth-ratio statistics on it).
+
+    A list of baselines (retrains with other seeds, or made on other machines: a retrain's own
+    numerics move forget quality, docs/unlearning.md) scores against each: `vs_baselines`, one
+    comparison per baseline in order, and `forget_quality_range` (lowest, highest); `baseline`
+    and `vs_baseline` stay those of the first.
     """
     require_lm(lm)
     forget_sets = _named_sets(forget, FORGET)
@@ -179,31 +184,51 @@ def evaluate_unlearning(
     result = _evaluate_model(lm, forget_sets, retain_sets, texts, generation, batch_size)
     if baseline is None:
         return result
-    if isinstance(baseline, LM):
-        baseline = _evaluate_model(
-            baseline, forget_sets, retain_sets, texts, generation, batch_size
-        )
-    return compare_with_baseline(result, baseline)
+    several = isinstance(baseline, Sequence)
+    if several and not baseline:
+        raise ValueError("baseline: expected a retrained model or a list of them, got []")
+    baselines = [
+        _evaluate_model(b, forget_sets, retain_sets, texts, generation, batch_size)
+        if isinstance(b, LM)
+        else b
+        for b in (baseline if several else [baseline])
+    ]
+    return compare_with_baseline(result, baselines if several else baselines[0])
 
 
 def compare_with_baseline(result: dict[str, Any], baseline: Any) -> dict[str, Any]:
     """`result` (of `evaluate_unlearning`) with the baseline's result on the same sets added,
     each set's token-accuracy gap (model − baseline) and, where both have truth-ratio
-    statistics, TOFU's forget quality (KS-test p-value) and the KS statistic."""
+    statistics, TOFU's forget quality (KS-test p-value) and the KS statistic. A list of
+    baseline results gives `vs_baselines` and `forget_quality_range` too (see
+    `evaluate_unlearning`)."""
+    baselines = baseline if isinstance(baseline, list) else [baseline]
+    comparisons = [_versus(result, each) for each in baselines]
+    result["baseline"], result["vs_baseline"] = baselines[0], comparisons[0]
+    if isinstance(baseline, list):
+        result["baselines"], result["vs_baselines"] = baselines, comparisons
+        qualities = [c["forget_quality"] for c in comparisons if "forget_quality" in c]
+        if qualities:
+            result["forget_quality_range"] = [min(qualities), max(qualities)]
+    return result
+
+
+def _versus(result: dict[str, Any], baseline: Any) -> dict[str, Any]:
+    """Each set's token-accuracy gap (model − baseline) and, where both have truth-ratio
+    statistics, the forget quality and KS statistic."""
     if not isinstance(baseline, dict) or set(result["sets"]) - set(baseline.get("sets", {})):
         raise ValueError(
             "baseline: expected the retrained LM, or evaluate_unlearning's result on it for the "
             f"same sets ({sorted(result['sets'])})"
         )
-    result["baseline"] = baseline
     gaps = {
         name: scores[TEACHER_FORCED]["token_accuracy"]
         - baseline["sets"][name][TEACHER_FORCED]["token_accuracy"]
         for name, scores in result["sets"].items()
     }
-    result["vs_baseline"] = {"token_accuracy_gap": gaps}
+    versus: dict[str, Any] = {"token_accuracy_gap": gaps}
     ours, theirs = result.get("truth_ratio_statistics"), baseline.get("truth_ratio_statistics")
     if ours and theirs:
         statistic, pvalue = ks_2samp(ours, theirs)
-        result["vs_baseline"].update(forget_quality=pvalue, ks_statistic=statistic)
-    return result
+        versus.update(forget_quality=pvalue, ks_statistic=statistic)
+    return versus
