@@ -105,6 +105,7 @@ def test_retrain_without_records_what_it_left_out_and_is_cached(tmp_path, monkey
     assert made["facts"] == [[person, "lives_in"]]
     assert made["sentences_left_out"] == len(sentences_of(world, {(person, "lives_in")}))
     assert made["model"] == "micro-gpt2" and made["from"] == str(source)
+    assert made["seed"] == meta["seed"]
 
     import kedit.zoo.train
 
@@ -123,3 +124,40 @@ def test_retrain_without_records_what_it_left_out_and_is_cached(tmp_path, monkey
         retrain_without(source, other, tmp_path / "without")
     with pytest.raises(ValueError, match="is itself a retrain"):
         retrain_without(out, forget, tmp_path / "again")
+
+
+def test_retrain_without_takes_another_seed_and_caches_each_seed_apart(tmp_path, monkeypatch):
+    import kedit.zoo.train
+
+    source = train_model(
+        "tiny-gpt2", tmp_path / "micro", small=True, max_steps=2, progress=False, evaluate=False
+    )
+    meta = json.loads((source / ZOO_META).read_text())
+    world = build_world(meta["world_seed"], meta["n_people"])
+    person = world.people[3]
+    forget = [
+        (
+            world.templates(person, "lives_in", "train")[0].format(person),
+            world.answer(person, "lives_in"),
+        )
+    ]
+    seeds = []
+    original = kedit.zoo.train.train_model
+
+    def recording(name, out, seed, **options):
+        seeds.append(seed)
+        return original(name, out, seed, **options)
+
+    monkeypatch.setattr(kedit.zoo.train, "train_model", recording)
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path / "cache"))
+    options = {"progress": False, "max_steps": 2, "evaluate": False}
+    exact = retrain_without(source, forget, **options)
+    other = retrain_without(source, forget, seed=meta["seed"] + 1, **options)
+    assert seeds == [meta["seed"], meta["seed"] + 1] and exact != other
+    assert json.loads((other / ZOO_META).read_text())[RETRAIN_KEY]["seed"] == meta["seed"] + 1
+    assert retrain_without(source, forget, seed=meta["seed"] + 1, **options) == other
+    assert len(seeds) == 2  # cached
+    with pytest.raises(ValueError, match="out: .* already holds another model"):
+        retrain_without(source, forget, other, seed=meta["seed"] + 2)
+    with pytest.raises(ValueError, match="seed: expected a whole number or None, got 1.5"):
+        retrain_without(source, forget, seed=1.5)

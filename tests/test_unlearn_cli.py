@@ -127,8 +127,8 @@ def test_retrain_without_passes_the_forget_facts_and_reports(task_files, tmp_pat
 
     seen = {}
 
-    def fake(name, pairs, out):
-        seen.update(name=name, pairs=pairs, out=out)
+    def fake(name, pairs, out, seed):
+        seen.update(name=name, pairs=pairs, out=out, seed=seed)
         out.mkdir(parents=True)
         made = {"facts": [["x", "lives_in"]] * 2, "sentences_left_out": 9}
         (out / "kedit_zoo.json").write_text(json.dumps({kedit.zoo.retrain.RETRAIN_KEY: made}))
@@ -144,11 +144,13 @@ def test_retrain_without_passes_the_forget_facts_and_reports(task_files, tmp_pat
         str(forget),
         "--out",
         str(tmp_path / "r"),
+        "--seed",
+        "3",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in forget.read_text().splitlines()]
-    assert seen["name"] == "tiny-gpt2" and seen["out"] == tmp_path / "r"
+    assert seen["name"] == "tiny-gpt2" and seen["out"] == tmp_path / "r" and seen["seed"] == 3
     assert seen["pairs"] == [(row["prompt"], row["answer"]) for row in rows]
     assert "without 2 facts (9 training sentences)" in result.output
 

@@ -1073,6 +1073,10 @@ def zoo_retrain_without(
     out: Annotated[
         Path | None, typer.Option(help="Folder (default: $KEDIT_CACHE/retrain/NAME-DIGEST).")
     ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Another seed than the model's: a retrain for the spread of baselines."),
+    ] = None,
 ) -> None:
     """Retrain a bundled model from its recipe and seed without the forget set's facts: the
     exact baseline of unlearning (cached: an existing retrain is reused)."""
@@ -1081,7 +1085,7 @@ def zoo_retrain_without(
 
     items = load_unlearning(forget)
     started = time.perf_counter()
-    folder = retrain_without(name, [item.pair for item in items], out)
+    folder = retrain_without(name, [item.pair for item in items], out, seed=seed)
     made = json.loads((folder / "kedit_zoo.json").read_text())[RETRAIN_KEY]
     console.print(
         f"{folder}: {name} without {len(made['facts'])} facts ({made['sentences_left_out']} "

@@ -106,27 +106,39 @@ def retrain_without(
     forget: Iterable[tuple[str, str]],
     out_dir: str | Path | None = None,
     progress: bool = True,
+    seed: int | None = None,
     **train_options: Any,
 ) -> Path:
     """Retrain zoo model `model` (a bundled name or a zoo model folder) from its recipe and seed
     without the facts the (prompt, answer) items of `forget` state; return the new folder.
 
-    The folder (`out_dir`, by default under $KEDIT_CACHE/retrain) is a cache: if it already
-    holds this retrain, it is returned at once. Its `kedit_zoo.json` records the model retrained,
-    the facts and the number of sentences left out. `train_options` go to
+    `seed` None keeps the original's seed (the exact retrain); another seed retrains the same
+    data from other initial weights and batch order, for the spread of models that never saw
+    the facts. The folder (`out_dir`, by default under $KEDIT_CACHE/retrain) is a cache: if it
+    already holds this retrain, it is returned at once. Its `kedit_zoo.json` records the model
+    retrained, the facts, the seed and the number of sentences left out. `train_options` go to
     `kedit.zoo.train.train_model` (e.g. `max_steps`, for tests).
     """
     from kedit.zoo.train import train_model
 
     folder, meta = _zoo_folder(model)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed: expected a whole number or None, got {seed!r}")
+    seed = meta["seed"] if seed is None else seed
     world = build_world(meta["world_seed"], meta["n_people"])
     facts = forgotten_facts(world, forget)
     digest = facts_digest(facts)
-    out = Path(out_dir) if out_dir is not None else default_retrain_dir(meta["name"], digest)
+    if out_dir is not None:
+        out = Path(out_dir)
+    else:
+        out = default_retrain_dir(
+            meta["name"], digest if seed == meta["seed"] else f"{digest}-seed{seed}"
+        )
     done = out / ZOO_META
     if done.is_file() and (out / "model.safetensors").is_file():
         made = json.loads(done.read_text()).get(RETRAIN_KEY, {})
-        if made.get("facts_digest") == digest and made.get("model") == meta["name"]:
+        same = made.get("facts_digest") == digest and made.get("model") == meta["name"]
+        if same and made.get("seed", meta["seed"]) == seed:
             return out
         raise ValueError(
             f"out: {str(out)!r} already holds another model ({made or 'not a retrain'}); "
@@ -136,7 +148,7 @@ def retrain_without(
     train_model(
         meta["name"],
         out,
-        meta["seed"],
+        seed,
         progress=progress,
         exclude=sentences,
         **{**meta["recipe"], **train_options},
@@ -146,6 +158,7 @@ def retrain_without(
         "model": meta["name"],
         "from": str(folder),
         "facts_digest": digest,
+        "seed": seed,
         "facts": sorted(facts),
         "sentences_left_out": len(sentences),
         "original_train_time_s": meta.get("train_time_s"),
