@@ -6,8 +6,10 @@ profession and language (in-domain) and every fact of other people must stay, an
 general text (`kedit.zoo.forget_task`). The baseline is the model retrained from its recipe
 without the forgotten facts' sentences (`kedit zoo retrain-without`): it is read from
 `--baseline-dir/<model>-<share>` and trained there first with `--retrain` (the time of the
-original training: tiny-gpt2 about 18 min at one thread). `--rescore` scores the runs of an
-earlier results.json against a baseline trained since. Timings are at one thread.
+original training: tiny-gpt2 about 18 min at one thread). Several `--baseline-dir`s (other
+seeds, other machines) score every run against each, and the table gives the lowest and highest
+forget quality. `--rescore` scores the runs of an earlier results.json against the baselines
+there now. Timings are at one thread.
 """
 
 from __future__ import annotations
@@ -70,7 +72,14 @@ def main() -> None:
         default={},
         help='JSON {"method": {"key": value}} overriding the defaults',
     )
-    parser.add_argument("--baseline-dir", type=Path, default=Path("runs/retrain"))
+    parser.add_argument(
+        "--baseline-dir",
+        type=Path,
+        nargs="+",
+        default=[Path("runs/retrain")],
+        help="where <model>-<share> retrains are; several: score against each (--retrain trains "
+        "the first's)",
+    )
     parser.add_argument("--retrain", action="store_true", help="train a missing baseline")
     parser.add_argument("--out", type=Path, default=Path("runs/unlearning"))
     parser.add_argument(
@@ -98,26 +107,30 @@ def main() -> None:
         sets = dict(forget=forget, retain=retain, general=task.general)
         out = args.out / f"{args.model}-{share:g}"
         out.mkdir(parents=True, exist_ok=True)
-        folder = args.baseline_dir / f"{args.model}-{share:g}"
-        baseline = None
-        if args.retrain or (folder / ZOO_META).is_file():
-            pairs = [item.pair for item in forget["forget"]]
-            folder = retrain_without(args.model, pairs, folder, progress=args.retrain)
-            trained = json.loads((folder / ZOO_META).read_text())
-            baseline = kedit.evaluate_unlearning(kedit.load(str(folder)), **sets)
-            baseline["seconds"] = trained["train_time_s"]
-        elif args.rescore:
-            raise SystemExit(f"--rescore: no baseline in {folder}")
+        baselines = []
+        for index, where in enumerate(args.baseline_dir):
+            folder = where / f"{args.model}-{share:g}"
+            if (args.retrain and index == 0) or (folder / ZOO_META).is_file():
+                pairs = [item.pair for item in forget["forget"]]
+                folder = retrain_without(args.model, pairs, folder, progress=args.retrain)
+                trained = json.loads((folder / ZOO_META).read_text())
+                scored = kedit.evaluate_unlearning(kedit.load(str(folder)), **sets)
+                scored["seconds"] = trained["train_time_s"]
+                baselines.append(scored)
+            elif args.rescore:
+                raise SystemExit(f"--rescore: no baseline in {folder}")
+        baseline = baselines if len(baselines) > 1 else (baselines or [None])[0]
         if args.rescore:
             earlier = json.loads((out / "results.json").read_text())["runs"]
-            runs = [(r.pop("run"), r) for r in earlier if r["run"] != BASELINE_RUN]
+            runs = [(r.pop("run"), r) for r in earlier if not r["run"].startswith(BASELINE_RUN)]
             for _, result in runs:
                 compare_with_baseline(result, baseline)
         else:
             runs = [("original", kedit.evaluate_unlearning(lm, **sets, baseline=baseline))]
             runs += run_methods(lm, args, forget, train_retain, sets, baseline, share, out)
-        if baseline is not None:
-            runs.insert(1, (BASELINE_RUN, baseline))
+        for index, scored in enumerate(baselines):
+            label = BASELINE_RUN if len(baselines) == 1 else f"{BASELINE_RUN} {index + 1}"
+            runs.insert(1 + index, (label, scored))
         title = (
             f"{args.model}, forget {len(task.people)} people's home city and employer "
             f"({share:.0%}, {len(forget['forget'])} prompts)"
@@ -148,6 +161,7 @@ def main() -> None:
                     },
                     "general_ppl": round(run["general"]["probability"]["perplexity"], 4),
                     "forget_quality": run.get("vs_baseline", {}).get("forget_quality"),
+                    "forget_quality_range": run.get("forget_quality_range"),
                     "seconds": run.get("seconds"),
                     "cpu_seconds": run.get("cpu_seconds"),
                 }
