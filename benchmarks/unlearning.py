@@ -60,7 +60,7 @@ def main() -> None:
     from kedit.unlearn.evaluate import compare_with_baseline
     from kedit.zoo import ZOO_META, build_world, model_info
     from kedit.zoo.forget_task import build_forget_task, perturbed_answers
-    from kedit.zoo.retrain import retrain_without
+    from kedit.zoo.retrain import RETRAIN_KEY, retrain_without
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="tiny-gpt2")
@@ -112,7 +112,9 @@ def main() -> None:
             folder = where / f"{args.model}-{share:g}"
             if (args.retrain and index == 0) or (folder / ZOO_META).is_file():
                 pairs = [item.pair for item in forget["forget"]]
-                folder = retrain_without(args.model, pairs, folder, progress=args.retrain)
+                made = (folder / ZOO_META).is_file() and json.loads((folder / ZOO_META).read_text())
+                seed = (made or {}).get(RETRAIN_KEY, {}).get("seed")  # a retrain of another seed
+                folder = retrain_without(args.model, pairs, folder, args.retrain, seed=seed)
                 trained = json.loads((folder / ZOO_META).read_text())
                 scored = kedit.evaluate_unlearning(kedit.load(str(folder)), **sets)
                 scored["seconds"] = trained["train_time_s"]
