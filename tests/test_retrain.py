@@ -87,13 +87,20 @@ def test_excluding_nothing_trains_bit_identical_weights(tmp_path):
     assert all(torch.equal(plain[k], hooked[k]) for k in plain)
 
 
-def test_retrain_without_records_what_it_left_out_and_is_cached(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """A micro zoo model (two steps), its metadata, world and a person of it."""
+    folder = tmp_path_factory.mktemp("micro") / "model"
     source = train_model(
-        "tiny-gpt2", tmp_path / "micro", small=True, max_steps=2, progress=False, evaluate=False
+        "tiny-gpt2", folder, small=True, max_steps=2, progress=False, evaluate=False
     )
     meta = json.loads((source / ZOO_META).read_text())
     world = build_world(meta["world_seed"], meta["n_people"])
-    person = world.people[3]
+    return source, meta, world, world.people[3]
+
+
+def test_retrain_without_records_what_it_left_out_and_is_cached(micro, tmp_path, monkeypatch):
+    source, meta, world, person = micro
     forget = [
         (t.format(person), world.answer(person, "lives_in"))
         for t in world.templates(person, "lives_in", "train")
@@ -126,15 +133,12 @@ def test_retrain_without_records_what_it_left_out_and_is_cached(tmp_path, monkey
         retrain_without(out, forget, tmp_path / "again")
 
 
-def test_retrain_without_takes_another_seed_and_caches_each_seed_apart(tmp_path, monkeypatch):
+def test_retrain_without_takes_another_seed_and_caches_each_seed_apart(
+    micro, tmp_path, monkeypatch
+):
     import kedit.zoo.train
 
-    source = train_model(
-        "tiny-gpt2", tmp_path / "micro", small=True, max_steps=2, progress=False, evaluate=False
-    )
-    meta = json.loads((source / ZOO_META).read_text())
-    world = build_world(meta["world_seed"], meta["n_people"])
-    person = world.people[3]
+    source, meta, world, person = micro
     forget = [
         (
             world.templates(person, "lives_in", "train")[0].format(person),
