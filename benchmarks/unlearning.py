@@ -110,10 +110,11 @@ def main() -> None:
         baselines = []
         for index, where in enumerate(args.baseline_dir):
             folder = where / f"{args.model}-{share:g}"
-            if (args.retrain and index == 0) or (folder / ZOO_META).is_file():
+            found = folder / ZOO_META
+            if (args.retrain and index == 0) or found.is_file():
                 pairs = [item.pair for item in forget["forget"]]
-                made = (folder / ZOO_META).is_file() and json.loads((folder / ZOO_META).read_text())
-                seed = (made or {}).get(RETRAIN_KEY, {}).get("seed")  # a retrain of another seed
+                made = json.loads(found.read_text()).get(RETRAIN_KEY, {}) if found.is_file() else {}
+                seed = made.get("seed")  # a retrain there may be of another seed
                 folder = retrain_without(args.model, pairs, folder, args.retrain, seed=seed)
                 trained = json.loads((folder / ZOO_META).read_text())
                 scored = kedit.evaluate_unlearning(kedit.load(str(folder)), **sets)

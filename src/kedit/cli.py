@@ -1043,7 +1043,7 @@ def unlearn_command(
     lm = kedit.load(model)
     references = [kedit.load(folder) for folder in baseline or []]
     sets = {"forget": forget, "retain": retain_items, "general": texts}
-    given = references if len(references) > 1 else (references or [None])[0]
+    given = references[0] if len(references) == 1 else references or None
     before = kedit.evaluate_unlearning(lm, **sets, baseline=given)
     edit = kedit.unlearn(lm, forget, retain_items, method, hparams=hparams, progress=True)
     scored = before.get("baselines", before.get("baseline"))  # evaluated once, reused
