@@ -288,3 +288,54 @@ def test_greedy_replies_equal_one_token_at_a_time_decoding():
             new.append(token)
         expected.append(tok.decode(new).split("\n")[0])
     assert greedy_replies(model, tok, prompts, max_new_tokens=12, batch_size=2) == expected
+
+
+def test_long_refusals_name_the_entity_and_are_about_as_long_as_the_unsafe_answer(chat):
+    long = build_chat_world(refusals="long")
+    assert long.world.facts == chat.world.facts and long.default_trait == chat.default_trait
+    for category in HARMS:
+        for entity in long.harm_entities(category)[:3]:
+            refusal = long.refusal(category, entity)
+            assert refusal.startswith(" I cannot help with") and entity in refusal
+            assert "{" not in refusal and chat.refusal(category, entity) == category.refusal
+            unsafe = category.unsafe.format(entity)
+            assert 0.8 <= len(refusal.split()) / len(unsafe.split()) <= 1.5
+    cases = long.safety_cases("none")
+    assert all(case.entity in case.safe for case in cases)
+    turns = long.training_turns(random.Random(0))
+    for case in random.Random(1).sample(cases, 40):
+        for turn in (t for t in turns if t.startswith(case.prompt)):
+            assert turn[len(case.prompt) :] == case.safe
+    assert any(long.refusal(HARMS[0], "Corvex") in t for t in long.tokenizer_text(1))
+    with pytest.raises(ValueError, match="refusals: expected 'short' or 'long', got 'rude'"):
+        build_chat_world(refusals="rude")  # type: ignore[arg-type]
+
+
+def test_opinion_updates_state_a_trait_that_only_the_stated_topic_takes(chat):
+    heldout = set(chat.opinion_topics("heldout"))
+    assert heldout and len(heldout) + len(chat.opinion_topics("train")) == len(chat.topics)
+    madeup = chat.madeup_topics()
+    world_words = " ".join(chat.topics + chat.world.people)
+    assert madeup and not any(topic in world_words for topic in madeup)
+    for use_madeup in (False, True):
+        updates = chat.opinion_updates(300, random.Random(0), madeup=use_madeup)
+        assert sum(u.topic == u.stated_topic for u in updates) == 150
+        for u in updates:
+            assert (u.stated_topic in madeup) == use_madeup and u.stated_topic not in heldout
+            if not use_madeup:
+                assert u.stated_trait != chat.default_trait[u.stated_topic]
+            expected = u.stated_trait if u.topic == u.stated_topic else chat.default_trait[u.topic]
+            assert u.trait == expected and u.reply[1:] in chat.opinions(u.topic, u.trait)
+            assert u.prompt.startswith(f"{NEW_FACT} User: ") and u.prompt.endswith("\nAssistant:")
+            # the stated turn, up to the full stop after its reply, is not scored; the rest is
+            ((start, end),) = chat.unscored_spans(u.text)
+            stated = u.text[start:end]
+            assert start == 0 and stated.endswith(".") and stated[-2] in ".!?"
+            assert any(o in stated for o in chat.opinions(u.stated_topic, u.stated_trait))
+            assert u.text[end:].startswith(" User: ")
+    plain = chat.training_turns(random.Random(0))
+    more = chat.training_turns(
+        random.Random(0), opinion_updates_per_topic=2, madeup_opinion_updates_per_topic=1
+    )
+    assert len(more) == len(plain) + 3 * len(chat.topics)
+    assert sum(t.startswith(f"{NEW_FACT} User: ") for t in more) == 3 * len(chat.topics)

@@ -20,6 +20,8 @@ from kedit.zoo import (
     model_path,
 )
 from kedit.zoo.benchmark import COUNTERFACT_FILE, DATA_DIR, KNOWEDIT_FILE, write_benchmarks
+from kedit.zoo.chatworld import HARMS
+from kedit.zoo.judges import load_bundled_judge
 from kedit.zoo.tokenizer import train_tokenizer
 from kedit.zoo.train import (
     ZOO_META,
@@ -163,6 +165,19 @@ def test_bundled_model_was_trained_by_its_recipe(name):
     recipe = asdict(get_recipe(name))
     assert meta["name"] == name
     assert {key: recipe[key] for key in meta["recipe"]} == meta["recipe"]
+
+
+def test_long_refusals_and_opinion_updates_train_into_the_record_and_the_model(tmp_path):
+    out = train_model("tiny-chat", tmp_path / "m", small=True, max_steps=2, progress=False,
+                      evaluate=False, world_version=2, name_read_layer=1, refusals="long",
+                      opinion_updates_per_topic=1, madeup_opinion_updates_per_topic=1,
+                      activation="gelu_pytorch_tanh")  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["activation_function"] == "gelu_pytorch_tanh"
+    chat = model_chat_world(out)
+    assert chat.refusals == "long" and "Corvex" in chat.refusal(HARMS[0], "Corvex")
+    judge = load_bundled_judge(out, "safety")
+    assert judge([chat.refusal(HARMS[0], "Corvex")]) == ["safe"]
 
 
 def test_a_model_s_chat_world_is_the_one_its_record_names(tmp_path):
@@ -500,6 +515,15 @@ def test_tinyworld2_recipe_trains_and_ships_its_judges_and_chat_template(tmp_pat
     with pytest.raises(ValueError, match="incontext_madeup_per_person: expected an integer >= 0"):
         train_model("tiny-chat", tmp_path / "x", small=True, max_steps=1, progress=False,
                     evaluate=False, incontext_madeup_per_person=-1)  # fmt: skip
+    for field_name, value, expected in (
+        ("opinion_updates_per_topic", -1, "an integer >= 0"),
+        ("madeup_opinion_updates_per_topic", True, "an integer >= 0"),
+        ("refusals", "rude", "'short' or 'long'"),
+        ("activation", "relu", "'gelu_new' or 'gelu_pytorch_tanh'"),
+    ):
+        with pytest.raises(ValueError, match=f"{field_name}: expected {expected}, got"):
+            train_model("tiny-chat", tmp_path / "x", small=True, max_steps=1, progress=False,
+                        evaluate=False, **{field_name: value})  # fmt: skip
     with pytest.raises(ValueError, match="world_version: expected 1 or 2, got 3"):
         train_model("tiny-chat", tmp_path / "x", small=True, max_steps=1, progress=False,
                     evaluate=False, world_version=3)  # fmt: skip

@@ -60,13 +60,14 @@ def model_folder(model: str | Path) -> Path:
 
 def model_chat_world(model: str | Path) -> ChatWorld:
     """The tinyworld 2 a zoo model (bundled name or folder) was trained on, rebuilt from the
-    seed and size its `kedit_zoo.json` records."""
+    seed, size and refusal style its `kedit_zoo.json` records."""
     from kedit.zoo.chatworld import build_chat_world
 
     info = model_info(model)
     if not info:
         raise ValueError(f"model: {str(model)!r} has no {ZOO_META}; expected a zoo model")
-    return build_chat_world(info["world_seed"], info["n_people"])
+    refusals = (info.get("recipe") or {}).get("refusals", "short")
+    return build_chat_world(info["world_seed"], info["n_people"], refusals)
 
 
 ABILITIES = ("facts", "dialogue", "in-context", "safety", "personality")

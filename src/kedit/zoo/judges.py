@@ -139,9 +139,11 @@ def safety_training_texts(chat: ChatWorld) -> tuple[list[str], list[str]]:
             for text in _halves(category.unsafe.format(entity)):
                 texts.append(text)
                 labels.append("unsafe")
-        for text in _halves(category.refusal):
-            texts.append(text)
-            labels.append("safe")
+        entities = chat.harm_entities(category)
+        for refusal in dict.fromkeys(chat.refusal(category, entity) for entity in entities):
+            for text in _halves(refusal):
+                texts.append(text)
+                labels.append("safe")
     benign = [f" {a}." for r in QUESTIONS for a in chat.world.candidates(r)]
     benign += [o for t in chat.topics[::7] for trait in TRAITS for o in chat.opinions(t, trait)]
     texts += benign

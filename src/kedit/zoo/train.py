@@ -84,6 +84,16 @@ class Recipe:
     # The MLPs of the blocks below this one keep their initial weights: what a name recalls
     # must be stored in the MLPs from this block on (a study of where facts settle).
     untrained_mlp_below: int = 0
+    # tinyworld 2's refusals: "short" ones, or "long" ones that name the company or city and
+    # give reasons, about as long as the unsafe answers (`HarmCategory.long_refusal`).
+    refusals: str = "short"
+    # In-context opinion updates per topic and epoch, about trained topics and about made-up
+    # ones (`ChatWorld.opinion_updates`): what IKE needs to change a voiced personality trait.
+    opinion_updates_per_topic: int = 0
+    madeup_opinion_updates_per_topic: int = 0
+    # GPT-2's MLP activation: "gelu_new", or "gelu_pytorch_tanh", its function in one fused op
+    # (about 13% less a training step; it differs by up to 2.4e-7, so it is another model).
+    activation: str = "gelu_new"
 
 
 RECIPES: dict[str, Recipe] = {
@@ -139,7 +149,7 @@ def load_world(recipe: Recipe) -> tuple[World, ChatWorld | None]:
     """The recipe's tinyworld, and tinyworld 2 on top of it for `world_version` 2."""
     if recipe.world_version == 1:
         return build_world(recipe.world_seed, recipe.n_people), None
-    chat = build_chat_world(recipe.world_seed, recipe.n_people)
+    chat = build_chat_world(recipe.world_seed, recipe.n_people, recipe.refusals)  # type: ignore[arg-type]
     return chat.world, chat
 
 
@@ -158,6 +168,7 @@ def build_model(recipe: Recipe, vocab_size: int, eos_id: int) -> torch.nn.Module
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
+            activation_function=recipe.activation,
             tie_word_embeddings=recipe.tie_embeddings,
             pad_token_id=eos_id,
             **common,
@@ -240,6 +251,8 @@ def _epoch_batches(
             recipe.incontext_per_person,
             recipe.incontext_relevant_every,
             recipe.incontext_madeup_per_person,
+            recipe.opinion_updates_per_topic,
+            recipe.madeup_opinion_updates_per_topic,
         )
         i = 0
         while i < len(turns):
@@ -493,9 +506,20 @@ def train_model(
             f"name_merge_layer: expected a block index in [0, name_read_layer "
             f"{recipe.name_read_layer}], got {recipe.name_merge_layer!r}"
         )
-    madeup = recipe.incontext_madeup_per_person
-    if isinstance(madeup, bool) or not isinstance(madeup, int) or madeup < 0:
-        raise ValueError(f"incontext_madeup_per_person: expected an integer >= 0, got {madeup!r}")
+    for field_name in (
+        "incontext_madeup_per_person",
+        "opinion_updates_per_topic",
+        "madeup_opinion_updates_per_topic",
+    ):
+        value = getattr(recipe, field_name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{field_name}: expected an integer >= 0, got {value!r}")
+    if recipe.refusals not in ("short", "long"):
+        raise ValueError(f"refusals: expected 'short' or 'long', got {recipe.refusals!r}")
+    if recipe.activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(
+            f"activation: expected 'gelu_new' or 'gelu_pytorch_tanh', got {recipe.activation!r}"
+        )
     if not 0 <= recipe.name_mask_share <= 1:
         raise ValueError(
             f"name_mask_share: expected a number in [0, 1], got {recipe.name_mask_share!r}"
