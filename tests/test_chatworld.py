@@ -317,12 +317,13 @@ def test_opinion_updates_state_a_trait_that_only_the_stated_topic_takes(chat):
     madeup = chat.madeup_topics()
     world_words = " ".join(chat.topics + chat.world.people)
     assert madeup and not any(topic in world_words for topic in madeup)
-    for use_madeup in (False, True):
-        updates = chat.opinion_updates(300, random.Random(0), madeup=use_madeup)
+    for topics in ("train", "heldout", "madeup"):
+        updates = chat.opinion_updates(300, random.Random(0), topics)
         assert sum(u.topic == u.stated_topic for u in updates) == 150
         for u in updates:
-            assert (u.stated_topic in madeup) == use_madeup and u.stated_topic not in heldout
-            if not use_madeup:
+            assert (u.stated_topic in madeup) == (topics == "madeup")
+            assert (u.stated_topic in heldout) == (topics == "heldout")
+            if topics != "madeup":
                 assert u.stated_trait != chat.default_trait[u.stated_topic]
             expected = u.stated_trait if u.topic == u.stated_topic else chat.default_trait[u.topic]
             assert u.trait == expected and u.reply[1:] in chat.opinions(u.topic, u.trait)
@@ -333,9 +334,36 @@ def test_opinion_updates_state_a_trait_that_only_the_stated_topic_takes(chat):
             assert start == 0 and stated.endswith(".") and stated[-2] in ".!?"
             assert any(o in stated for o in chat.opinions(u.stated_topic, u.stated_trait))
             assert u.text[end:].startswith(" User: ")
+    with pytest.raises(ValueError, match="topics: expected 'train', 'heldout' or 'madeup'"):
+        chat.opinion_updates(1, random.Random(0), "all")  # type: ignore[arg-type]
     plain = chat.training_turns(random.Random(0))
     more = chat.training_turns(
         random.Random(0), opinion_updates_per_topic=2, madeup_opinion_updates_per_topic=1
     )
     assert len(more) == len(plain) + 3 * len(chat.topics)
     assert sum(t.startswith(f"{NEW_FACT} User: ") for t in more) == 3 * len(chat.topics)
+
+
+def test_opinion_incontext_scores_tell_a_context_follower_from_a_memory(chat, monkeypatch):
+    from kedit.zoo import skills
+
+    updates = chat.opinion_updates(40, random.Random("opinion-eval-0"), "heldout")
+    by_prompt = {u.prompt: u for u in updates}
+    classify = list  # the stub replies below are trait names already
+
+    def scores(reply_trait):
+        monkeypatch.setattr(
+            skills,
+            "greedy_replies",
+            lambda m, t, prompts: [reply_trait(by_prompt[p]) for p in prompts],
+        )
+        return skills.opinion_incontext_scores(None, None, chat, classify, n=40)
+
+    follower = scores(lambda u: u.stated_trait)  # voices whatever was stated
+    memory = scores(lambda u: chat.default_trait[u.topic])  # ignores the context
+    others = [u for u in updates if u.topic != u.stated_topic]
+    same_default = sum(chat.default_trait[u.topic] == u.stated_trait for u in others)
+    assert follower["opinion_stated_followed"] == 1.0
+    assert follower["opinion_other_topic_kept"] == same_default / len(others) < 0.6
+    assert memory["opinion_stated_followed"] == 0.0 and memory["opinion_other_topic_kept"] == 1.0
+    assert memory["opinion_cases"] == 40

@@ -494,12 +494,19 @@ class ChatWorld:
         return [head + tail for head in MADEUP_TOPIC_HEADS for tail in MADEUP_TOPIC_TAILS]
 
     def opinion_updates(
-        self, n: int, rng: random.Random, madeup: bool = False
+        self,
+        n: int,
+        rng: random.Random,
+        topics: Literal["train", "heldout", "madeup"] = "train",
     ) -> list[OpinionUpdate]:
-        """`n` in-context opinion updates: an opinion stated about a trained topic in a trait
-        other than its default (`madeup`: about a made-up topic, in any trait), then an opinion
-        question, every other one about the stated topic and the rest about another topic."""
-        stated_topics = self.madeup_topics() if madeup else self.opinion_topics("train")
+        """`n` in-context opinion updates: an opinion stated about a topic of `topics` (see
+        `opinion_topics`, `madeup_topics`) in a trait other than its default (any trait for a
+        made-up topic), then an opinion question, every other one about the stated topic and
+        the rest about another topic."""
+        if topics not in ("train", "heldout", "madeup"):
+            raise ValueError(f"topics: expected 'train', 'heldout' or 'madeup', got {topics!r}")
+        madeup = topics == "madeup"
+        stated_topics = self.madeup_topics() if madeup else self.opinion_topics(topics)
         updates = []
         for k in range(n):
             stated_topic = rng.choice(stated_topics)
@@ -624,13 +631,13 @@ class ChatWorld:
                 question = rng.choice(OPINION_QUESTIONS).format(topic)
                 opinion = rng.choice(self.opinions(topic, self.default_trait[topic]))
                 turns.append(chat_prompt(question) + " " + opinion)
-        for per_topic, madeup in (
-            (opinion_updates_per_topic, False),
-            (madeup_opinion_updates_per_topic, True),
+        for per_topic, topics in (
+            (opinion_updates_per_topic, "train"),
+            (madeup_opinion_updates_per_topic, "madeup"),
         ):
             if per_topic:
                 updates_n = len(self.topics) * per_topic
-                turns += [u.text for u in self.opinion_updates(updates_n, rng, madeup)]
+                turns += [u.text for u in self.opinion_updates(updates_n, rng, topics)]  # type: ignore[arg-type]
         rng.shuffle(turns)
         return turns
 

@@ -227,12 +227,39 @@ def personality_scores(
     return {"default_trait_expressed": _share(hits), "opinions": len(hits)}
 
 
+def opinion_incontext_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    chat: ChatWorld,
+    classify: Callable[[list[str]], list[str]],
+    n: int = 200,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """On topics held out of the opinion updates: how often the greedy opinion after an opinion
+    stated in the context (as IKE states one) voices the stated trait, and how often, asked
+    about another topic instead, it keeps that topic's default trait."""
+    updates = chat.opinion_updates(n, random.Random(f"opinion-eval-{seed}"), "heldout")
+    traits = classify(greedy_replies(model, tokenizer, [u.prompt for u in updates]))
+    hits = [trait == u.trait for u, trait in zip(updates, traits, strict=True)]
+    asked_stated = [u.topic == u.stated_topic for u in updates]
+    return {
+        "opinion_stated_followed": _share(
+            [hit for hit, same in zip(hits, asked_stated, strict=True) if same]
+        ),
+        "opinion_other_topic_kept": _share(
+            [hit for hit, same in zip(hits, asked_stated, strict=True) if not same]
+        ),
+        "opinion_cases": len(updates),
+    }
+
+
 __all__ = [
     "ASSISTANT",
     "Probe",
     "fact_scores",
     "greedy_replies",
     "incontext_scores",
+    "opinion_incontext_scores",
     "personality_scores",
     "reply_label",
     "safety_scores",

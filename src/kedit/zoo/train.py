@@ -27,6 +27,7 @@ from kedit.zoo.skills import (
     encoder,
     fact_scores,
     incontext_scores,
+    opinion_incontext_scores,
     personality_scores,
     safety_scores,
     teacher_forced_correct,
@@ -413,12 +414,14 @@ def _accuracies(
 def chat_abilities(model: torch.nn.Module, tok: Any, chat: ChatWorld, judges_dir: Path) -> dict:
     """In-context updates, safety and personality of a tinyworld 2 model, judged by the judges
     in `judges_dir`'s parent folder."""
+    personality = load_bundled_judge(judges_dir, "personality")
     return {
         "incontext": incontext_scores(model, tok, chat),
         "safety": safety_scores(model, tok, chat, load_bundled_judge(judges_dir, "safety")),
-        "personality": personality_scores(
-            model, tok, chat, load_bundled_judge(judges_dir, "personality")
-        ),
+        "personality": {
+            **personality_scores(model, tok, chat, personality),
+            **opinion_incontext_scores(model, tok, chat, personality),
+        },
     }
 
 
