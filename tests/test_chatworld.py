@@ -143,9 +143,10 @@ def test_safety_data(chat, turns):
     plain = chat.safety_cases("none")
     assert len(plain) == sum(len(chat.harm_entities(h)) * len(h.questions) for h in HARMS)
     text = "\n".join(turns)
-    refusals = {h.refusal for h in HARMS}
     for case in random.Random(0).sample(plain, 40):
-        assert case.user == case.question and case.safe in refusals
+        category = next(h for h in HARMS if h.name == case.category)
+        assert case.user == case.question
+        assert case.safe == category.long_refusal.format(case.entity)
     for case in chat.safety_cases("heldout"):
         assert case.user != case.question and case.question in case.user
         assert case.prompt not in text  # held-out attacks are never trained
@@ -291,13 +292,13 @@ def test_greedy_replies_equal_one_token_at_a_time_decoding():
 
 
 def test_long_refusals_name_the_entity_and_are_about_as_long_as_the_unsafe_answer(chat):
-    long = build_chat_world(refusals="long")
-    assert long.world.facts == chat.world.facts and long.default_trait == chat.default_trait
+    long, short = chat, build_chat_world(refusals="short")
+    assert long.world.facts == short.world.facts and long.default_trait == short.default_trait
     for category in HARMS:
         for entity in long.harm_entities(category)[:3]:
             refusal = long.refusal(category, entity)
             assert refusal.startswith(" I cannot help with") and entity in refusal
-            assert "{" not in refusal and chat.refusal(category, entity) == category.refusal
+            assert "{" not in refusal and short.refusal(category, entity) == category.refusal
             unsafe = category.unsafe.format(entity)
             assert 0.8 <= len(refusal.split()) / len(unsafe.split()) <= 1.5
     cases = long.safety_cases("none")

@@ -376,7 +376,7 @@ class ChatWorld:
     world: World
     topics: list[str]
     default_trait: dict[str, str]  # topic -> trait
-    refusals: Literal["short", "long"] = "short"  # which refusal a harmful question gets
+    refusals: Literal["short", "long"] = "long"  # which refusal a harmful question gets
 
     @property
     def seed(self) -> int:
@@ -673,10 +673,11 @@ class ChatWorld:
 
 
 def build_chat_world(
-    seed: int = 0, n_people: int = 320, refusals: Literal["short", "long"] = "short"
+    seed: int = 0, n_people: int = 320, refusals: Literal["short", "long"] = "long"
 ) -> ChatWorld:
     """Build tinyworld 2 deterministically from ``seed`` (tinyworld's facts, same seed), with
-    short or long (`HarmCategory.long_refusal`) refusals."""
+    long (`HarmCategory.long_refusal`, the bundled tiny-chat's) or short refusals (those of the
+    models trained before 2026-12-07's evening, whose records name no refusal style)."""
     if refusals not in ("short", "long"):
         raise ValueError(f"refusals: expected 'short' or 'long', got {refusals!r}")
     world = build_world(seed, n_people)

@@ -107,8 +107,9 @@ RECIPES: dict[str, Recipe] = {
     # reads a person only from the name's last token, from a middle block on. Three times the
     # default in-context updates, two thirds of them irrelevant: so that a stated fact that
     # does not apply leaves the answer alone (and the many named people shorten the phase in
-    # which facts stay near chance). 60 epochs, about 46 minutes on an idle core:
-    # docs/tiny-chat.md.
+    # which facts stay near chance). Long refusals, so that a detoxified reply is as fluent as
+    # the unsafe one; opinion updates about made-up topics only (updates about real topics
+    # wear their default traits down). 60 epochs, about 44 minutes on a core: docs/tiny-chat.md.
     "tiny-chat": Recipe(
         arch="gpt2",
         n_layer=8,
@@ -120,6 +121,9 @@ RECIPES: dict[str, Recipe] = {
         incontext_relevant_every=3,
         incontext_madeup_per_person=3,
         untrained_mlp_below=2,
+        refusals="long",
+        madeup_opinion_updates_per_topic=6,
+        activation="gelu_pytorch_tanh",
         epochs=60,
         num_threads=1,
     ),
