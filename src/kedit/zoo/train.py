@@ -491,17 +491,27 @@ def train_model(
     recipe = replace(get_recipe("micro-gpt2" if small else name), **overrides)
     if recipe.world_version not in (1, 2):
         raise ValueError(f"world_version: expected 1 or 2, got {recipe.world_version!r}")
-    for field_name in (
-        "epochs",
-        "d_ff",
-        "num_threads",
-        "max_turns",
-        "incontext_per_person",
-        "incontext_relevant_every",
-    ):
+    counts = {
+        name: 1
+        for name in (
+            "epochs",
+            "d_ff",
+            "num_threads",
+            "max_turns",
+            "incontext_per_person",
+            "incontext_relevant_every",
+        )
+    }
+    counts.update(
+        incontext_madeup_per_person=0,
+        opinion_updates_per_topic=0,
+        madeup_opinion_updates_per_topic=0,
+    )
+    for field_name, least in counts.items():
         value = getattr(recipe, field_name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{field_name}: expected a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            expected = "a positive integer" if least else "an integer >= 0"
+            raise ValueError(f"{field_name}: expected {expected}, got {value!r}")
     for field_name in ("name_read_layer", "untrained_mlp_below"):
         value = getattr(recipe, field_name)
         if not 0 <= value < recipe.n_layer:
@@ -513,14 +523,6 @@ def train_model(
             f"name_merge_layer: expected a block index in [0, name_read_layer "
             f"{recipe.name_read_layer}], got {recipe.name_merge_layer!r}"
         )
-    for field_name in (
-        "incontext_madeup_per_person",
-        "opinion_updates_per_topic",
-        "madeup_opinion_updates_per_topic",
-    ):
-        value = getattr(recipe, field_name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{field_name}: expected an integer >= 0, got {value!r}")
     if recipe.refusals not in ("short", "long"):
         raise ValueError(f"refusals: expected 'short' or 'long', got {recipe.refusals!r}")
     if recipe.activation not in ("gelu_new", "gelu_pytorch_tanh"):
