@@ -491,6 +491,7 @@ class ChatWorld:
         return [t for i, t in enumerate(self.topics) if (i % 5 == 4) == (split == "heldout")]
 
     def madeup_topics(self) -> list[str]:
+        """The 48 made-up topic names, which only a stated opinion can say anything about."""
         return [head + tail for head in MADEUP_TOPIC_HEADS for tail in MADEUP_TOPIC_TAILS]
 
     def opinion_updates(
