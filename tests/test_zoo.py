@@ -190,6 +190,12 @@ def test_a_model_s_chat_world_is_the_one_its_record_names(tmp_path):
     world = model_chat_world(tmp_path).world
     assert world.people == build_world(3, 24).people
     assert model_chat_world("tiny-chat").world.people == build_world(0, 320).people
+    assert model_chat_world("tiny-chat").refusals == "long"
+    older = tmp_path / "older"  # a record from before refusal styles: short refusals
+    older.mkdir()
+    recipe = {k: v for k, v in meta["recipe"].items() if k != "refusals"}
+    (older / ZOO_META).write_text(json.dumps({**meta, "recipe": recipe}))
+    assert model_chat_world(older).refusals == "short"
     plain = tmp_path / "plain"
     plain.mkdir()
     with pytest.raises(ValueError, match=r"has no kedit_zoo.json; expected a zoo model"):
