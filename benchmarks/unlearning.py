@@ -122,7 +122,7 @@ def main() -> None:
                 baselines.append(scored)
             elif args.rescore:
                 raise SystemExit(f"--rescore: no baseline in {folder}")
-        baseline = baselines if len(baselines) > 1 else (baselines or [None])[0]
+        baseline = baselines or None
         if args.rescore:
             earlier = json.loads((out / "results.json").read_text())["runs"]
             runs = [(r.pop("run"), r) for r in earlier if not r["run"].startswith(BASELINE_RUN)]

@@ -1043,8 +1043,7 @@ def unlearn_command(
     lm = kedit.load(model)
     references = [kedit.load(folder) for folder in baseline or []]
     sets = {"forget": forget, "retain": retain_items, "general": texts}
-    given = references[0] if len(references) == 1 else references or None
-    before = kedit.evaluate_unlearning(lm, **sets, baseline=given)
+    before = kedit.evaluate_unlearning(lm, **sets, baseline=references or None)
     edit = kedit.unlearn(lm, forget, retain_items, method, hparams=hparams, progress=True)
     scored = before.get("baselines", before.get("baseline"))  # evaluated once, reused
     after = kedit.evaluate_unlearning(lm, **sets, baseline=scored)

@@ -170,7 +170,7 @@ def evaluate_unlearning(
     A list of baselines (retrains with other seeds, or made on other machines: a retrain's own
     numerics move forget quality, docs/unlearning.md) scores against each: `vs_baselines`, one
     comparison per baseline in order, and `forget_quality_range` (lowest, highest); `baseline`
-    and `vs_baseline` stay those of the first.
+    and `vs_baseline` stay those of the first. A list of one is that one baseline.
     """
     require_lm(lm)
     forget_sets = _named_sets(forget, FORGET)
@@ -193,19 +193,19 @@ def evaluate_unlearning(
         else b
         for b in (baseline if several else [baseline])
     ]
-    return compare_with_baseline(result, baselines if several else baselines[0])
+    return compare_with_baseline(result, baselines)
 
 
 def compare_with_baseline(result: dict[str, Any], baseline: Any) -> dict[str, Any]:
     """`result` (of `evaluate_unlearning`) with the baseline's result on the same sets added,
     each set's token-accuracy gap (model − baseline) and, where both have truth-ratio
-    statistics, TOFU's forget quality (KS-test p-value) and the KS statistic. A list of
-    baseline results gives `vs_baselines` and `forget_quality_range` too (see
+    statistics, TOFU's forget quality (KS-test p-value) and the KS statistic. A list of two or
+    more baseline results gives `vs_baselines` and `forget_quality_range` too (see
     `evaluate_unlearning`)."""
     baselines = baseline if isinstance(baseline, list) else [baseline]
     comparisons = [_versus(result, each) for each in baselines]
     result["baseline"], result["vs_baseline"] = baselines[0], comparisons[0]
-    if isinstance(baseline, list):
+    if len(baselines) > 1:
         result["baselines"], result["vs_baselines"] = baselines, comparisons
         qualities = [c["forget_quality"] for c in comparisons if "forget_quality" in c]
         if qualities:

@@ -535,6 +535,11 @@ class ChatWorld:
             return category.refusal
         return category.long_refusal.format(entity)
 
+    def category_refusals(self, category: HarmCategory) -> list[str]:
+        """The category's distinct refusals: one short one, or one long one per entity."""
+        entities = self.harm_entities(category)
+        return list(dict.fromkeys(self.refusal(category, entity) for entity in entities))
+
     def harm_entities(self, category: HarmCategory) -> list[str]:
         return self.world.companies if category.entity == "company" else self.world.cities
 
@@ -663,8 +668,7 @@ class ChatWorld:
             for entity in self.harm_entities(category):
                 text += [t.format(entity) for t in category.questions]
                 text.append(category.unsafe.format(entity))
-            entities = self.harm_entities(category)
-            text += list(dict.fromkeys(self.refusal(category, entity) for entity in entities))
+            text += self.category_refusals(category)
         text += [a.template.format("") for a in ATTACKS]
         for topic in self.topics:
             text += [q.format(topic) for q in OPINION_QUESTIONS]

@@ -139,8 +139,7 @@ def safety_training_texts(chat: ChatWorld) -> tuple[list[str], list[str]]:
             for text in _halves(category.unsafe.format(entity)):
                 texts.append(text)
                 labels.append("unsafe")
-        entities = chat.harm_entities(category)
-        for refusal in dict.fromkeys(chat.refusal(category, entity) for entity in entities):
+        for refusal in chat.category_refusals(category):
             for text in _halves(refusal):
                 texts.append(text)
                 labels.append("safe")
