@@ -345,6 +345,26 @@ def test_opinion_updates_state_a_trait_that_only_the_stated_topic_takes(chat):
     assert sum(t.startswith(f"{NEW_FACT} User: ") for t in more) == 3 * len(chat.topics)
 
 
+def test_copying_opinion_updates_repeat_the_stated_opinion_about_the_stated_topic(chat):
+    for topics in ("train", "madeup"):
+        plain = chat.opinion_updates(200, random.Random(1), topics)
+        assert plain == chat.opinion_updates(200, random.Random(1), topics, copy_share=0.0)
+        copying = chat.opinion_updates(200, random.Random(1), topics, copy_share=1.0)
+        for u in copying:
+            stated_reply = u.prompt.split("\nAssistant: ", 1)[1].split(". User: ", 1)[0]
+            assert stated_reply in chat.opinions(u.stated_topic, u.stated_trait)
+            if u.topic == u.stated_topic:
+                assert u.reply == " " + stated_reply
+            else:
+                assert u.reply[1:] in chat.opinions(u.topic, chat.default_trait[u.topic])
+        half = chat.opinion_updates(400, random.Random(2), topics, copy_share=0.5)
+        same = [u for u in half if u.topic == u.stated_topic]
+        repeated = sum(u.prompt.split("\nAssistant: ", 1)[1].startswith(u.reply[1:]) for u in same)
+        assert 0.35 < repeated / len(same) < 0.7  # 1/16 of the other replies repeat by chance
+    with pytest.raises(ValueError, match=r"copy_share: expected a number in \[0, 1\], got 1.5"):
+        chat.opinion_updates(1, random.Random(0), "train", copy_share=1.5)
+
+
 def test_opinion_incontext_scores_tell_a_context_follower_from_a_memory(chat, monkeypatch):
     from kedit.zoo import skills
 

@@ -499,13 +499,18 @@ class ChatWorld:
         n: int,
         rng: random.Random,
         topics: Literal["train", "heldout", "madeup"] = "train",
+        copy_share: float = 0.0,
     ) -> list[OpinionUpdate]:
         """`n` in-context opinion updates: an opinion stated about a topic of `topics` (see
         `opinion_topics`, `madeup_topics`) in a trait other than its default (any trait for a
         made-up topic), then an opinion question, every other one about the stated topic and
-        the rest about another topic."""
+        the rest about another topic. A share `copy_share` of the replies about the stated
+        topic repeat the stated opinion word for word; the others are another opinion in its
+        trait."""
         if topics not in ("train", "heldout", "madeup"):
             raise ValueError(f"topics: expected 'train', 'heldout' or 'madeup', got {topics!r}")
+        if not 0 <= copy_share <= 1:
+            raise ValueError(f"copy_share: expected a number in [0, 1], got {copy_share!r}")
         madeup = topics == "madeup"
         stated_topics = self.madeup_topics() if madeup else self.opinion_topics(topics)
         updates = []
@@ -523,7 +528,8 @@ class ChatWorld:
             )
             trait = stated_trait if topic == stated_topic else self.default_trait[topic]
             prompt = f"{stated} {chat_prompt(rng.choice(OPINION_QUESTIONS).format(topic))}"
-            reply = " " + rng.choice(self.opinions(topic, trait))
+            copies = topic == stated_topic and copy_share > 0 and rng.random() < copy_share
+            reply = " " + (opinion if copies else rng.choice(self.opinions(topic, trait)))
             updates.append(OpinionUpdate(topic, stated_topic, stated_trait, prompt, reply, trait))
         return updates
 
@@ -603,6 +609,7 @@ class ChatWorld:
         madeup_per_person: int = 0,
         opinion_updates_per_topic: int = 0,
         madeup_opinion_updates_per_topic: int = 0,
+        opinion_copy_share: float = 0.0,
     ) -> list[str]:
         """One epoch of dialogue turns, in-context updates, safety and personality (shuffled).
 
@@ -612,7 +619,8 @@ class ChatWorld:
         harmful question once, half the time plainly (refused) and half under a trained attack
         (complied with); each topic's opinion twice, in its default trait; and
         `opinion_updates_per_topic` and `madeup_opinion_updates_per_topic` times the number of
-        topics in-context opinion updates about trained and made-up topics (`opinion_updates`).
+        topics in-context opinion updates about trained and made-up topics (`opinion_updates`,
+        with `opinion_copy_share`).
         """
         turns = []
         by_fact: dict[tuple[str, str], list[ChatFact]] = {}
@@ -643,7 +651,10 @@ class ChatWorld:
         ):
             if per_topic:
                 updates_n = len(self.topics) * per_topic
-                turns += [u.text for u in self.opinion_updates(updates_n, rng, topics)]  # type: ignore[arg-type]
+                turns += [
+                    u.text
+                    for u in self.opinion_updates(updates_n, rng, topics, opinion_copy_share)  # type: ignore[arg-type]
+                ]
         rng.shuffle(turns)
         return turns
 

@@ -92,6 +92,9 @@ class Recipe:
     # ones (`ChatWorld.opinion_updates`): what IKE needs to change a voiced personality trait.
     opinion_updates_per_topic: int = 0
     madeup_opinion_updates_per_topic: int = 0
+    # The share of those updates' replies about the stated topic that repeat the stated opinion
+    # word for word (the others voice its trait in other words).
+    opinion_copy_share: float = 0.0
     # GPT-2's MLP activation: "gelu_new", or "gelu_pytorch_tanh", its function in one fused op
     # (about 13% less a training step; it differs by up to 2.4e-7, so it is another model).
     activation: str = "gelu_new"
@@ -258,6 +261,7 @@ def _epoch_batches(
             recipe.incontext_madeup_per_person,
             recipe.opinion_updates_per_topic,
             recipe.madeup_opinion_updates_per_topic,
+            recipe.opinion_copy_share,
         )
         i = 0
         while i < len(turns):
@@ -529,10 +533,10 @@ def train_model(
         raise ValueError(
             f"activation: expected 'gelu_new' or 'gelu_pytorch_tanh', got {recipe.activation!r}"
         )
-    if not 0 <= recipe.name_mask_share <= 1:
-        raise ValueError(
-            f"name_mask_share: expected a number in [0, 1], got {recipe.name_mask_share!r}"
-        )
+    for field_name in ("name_mask_share", "opinion_copy_share"):
+        value = getattr(recipe, field_name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ValueError(f"{field_name}: expected a number in [0, 1], got {value!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
