@@ -7,6 +7,9 @@ opinion texts as replies to "What do you think of {topic}?", measured and undone
 personality judge or --judge with --judge-labels). A method that is not registered is listed
 under "missing", not measured. IKE states one target-trait text, the case's shortest, in the
 context (`--ike-texts all` states every one, which does not fit a 128-position model).
+On a tinyworld 2 model, ES is also given per group of topics: those whose training stated
+opinions about them in context (`opinion_updates_per_topic`) and the held-out rest, on which
+IKE's ES measures the skill rather than a learnt update.
 """
 
 from __future__ import annotations
@@ -58,6 +61,24 @@ def personality_setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
     return lm, judge, list(load_personalityedit(args.data, n=args.n))
 
 
+def es_by_topic_group(model: str, records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Post-edit ES over the cases whose topic a tinyworld 2 model's opinion updates trained
+    on and over the held-out ones (`ChatWorld.opinion_topics`); None for other models."""
+    from kedit.zoo import model_chat_world, model_info
+
+    info = model_info(model)
+    if (info.get("recipe") or {}).get("world_version", 1) < 2:
+        return None
+    chat = model_chat_world(model)
+    groups: dict[str, Any] = {}
+    for split in ("train", "heldout"):
+        topics = set(chat.opinion_topics(split))  # type: ignore[arg-type]
+        hits = [float(r["post"]["ES"]) for r in records if r["topic"] in topics]
+        if hits:
+            groups[split] = {"ES": round(sum(hits) / len(hits), 4), "n": len(hits)}
+    return groups
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import kedit
     from kedit.eval.personality import IKE_TEXTS, evaluate_personality, stating_ike_texts
@@ -94,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "hparams": resolve_hparams(method, lm, hparams).to_dict(),
             **({"texts_stated": args.ike_texts} if method == "ike" else {}),
             "post": result["summary"]["post"],
+            "ES_by_opinion_topics": es_by_topic_group(args.model, result["cases"]),
             "edit_seconds_median": round(median(seconds), 4),
         }
     return emit(report, args.out)

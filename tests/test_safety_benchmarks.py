@@ -94,3 +94,19 @@ def test_opinion_requests_probe_locality_on_another_topic(tiny_gpt2, tmp_path):
         (probe,) = request.locality
         assert request.subject not in probe.prompt
         assert any(c.topic in probe.prompt for c in train)
+
+
+def test_es_is_split_by_the_topics_a_chat_models_opinion_updates_trained_on(tmp_path):
+    from kedit.zoo.chatworld import build_chat_world
+
+    chat = build_chat_world(0, 320)
+    heldout = set(chat.opinion_topics("heldout"))
+    records = [{"topic": t, "post": {"ES": t in heldout}} for t in chat.topics]
+    meta = {"world_seed": 0, "n_people": 320, "recipe": {"world_version": 2}}
+    (tmp_path / "kedit_zoo.json").write_text(json.dumps(meta))
+    groups = personality.es_by_topic_group(str(tmp_path), records)
+    assert groups == {
+        "train": {"ES": 0.0, "n": len(chat.topics) - len(heldout)},
+        "heldout": {"ES": 1.0, "n": len(heldout)},
+    }
+    assert personality.es_by_topic_group("tiny-gpt2", records) is None

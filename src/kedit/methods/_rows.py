@@ -123,9 +123,15 @@ def target_batch(lm: LM, requests: list[EditRequest], last_token: bool = False) 
 def token_logp(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
     """Each target token's log-probability `[rows, width]` (0 at padding), from the logits at
     `batch.reads`."""
-    logp = torch.log_softmax(logits, dim=-1)
-    picked = logp.gather(1, batch.read_targets.to(logp.device)[:, None]).view(batch.valid.shape)
-    return picked * batch.valid.to(logp.device)
+    return target_logp(torch.log_softmax(logits, dim=-1), batch)
+
+
+def target_logp(logprobs: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """Each target token's log-probability `[rows, width]` (0 at padding), picked from the
+    log-probabilities at `batch.reads`: flat `[reads, vocab]` or `[rows, width, vocab]`."""
+    flat = logprobs.reshape(-1, logprobs.shape[-1])
+    picked = flat.gather(1, batch.read_targets.to(flat.device)[:, None]).view(batch.valid.shape)
+    return picked * batch.valid.to(flat.device)
 
 
 def target_nll(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:

@@ -26,7 +26,7 @@ from kedit.data.unlearn_items import UnlearnItem
 from kedit.edits import WeightDelta
 from kedit.hooks import capture, stop_after
 from kedit.lm import LM
-from kedit.methods._rows import TargetBatch, TargetRow, batch_rows
+from kedit.methods._rows import TargetBatch, TargetRow, batch_rows, target_logp
 from kedit.methods._train import mixed_precision_step
 from kedit.unlearn.registry import UnlearnHyperParams, UnlearnResult
 
@@ -98,12 +98,6 @@ def block_output(model: nn.Module, batch: TargetBatch, block: str) -> torch.Tens
     return seen[block].float()
 
 
-def token_logp(logprobs: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
-    """`[rows, answer tokens]` log-probability of each answer token, 0 past a row's answer."""
-    targets = batch.targets.to(logprobs.device)
-    return logprobs.gather(2, targets[..., None]).squeeze(-1) * batch.valid.to(logprobs.device)
-
-
 @torch.no_grad()
 def mean_token_accuracy(model: nn.Module, batches: list[TargetBatch]) -> float:
     """The mean over rows of each row's share of answer tokens that are the argmax."""
@@ -155,7 +149,7 @@ class Step:
 
     def logp_sum(self, which: str) -> torch.Tensor:
         """Each row's log-probability of its whole answer, log π(y|x)."""
-        return token_logp(self.logprobs(which), self.batch(which)).sum(1)
+        return target_logp(self.logprobs(which), self.batch(which)).sum(1)
 
     def lengths(self, which: str) -> torch.Tensor:
         """Each row's number of answer tokens, |y|."""
@@ -185,7 +179,7 @@ LossFn = Callable[[Step], torch.Tensor]
 # What a method may ask to be computed on the unedited model, for each batch: the forget rows'
 # answer log-probability ("forget": NPO) or the retain rows' full distributions ("retain": KL).
 def _answer_logp(model: nn.Module, batch: TargetBatch) -> torch.Tensor:
-    return token_logp(answer_logprobs(model, batch), batch).sum(1)
+    return target_logp(answer_logprobs(model, batch), batch).sum(1)
 
 
 Reference = Callable[[nn.Module, TargetBatch], torch.Tensor]

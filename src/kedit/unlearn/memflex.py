@@ -28,6 +28,7 @@ import torch
 
 from kedit.data.unlearn_items import UnlearnItem
 from kedit.lm import LM
+from kedit.methods._rows import target_logp
 from kedit.methods.registry import hp
 from kedit.unlearn._train import (
     FORGET,
@@ -39,7 +40,6 @@ from kedit.unlearn._train import (
     item_rows,
     keep_requires_grad,
     run_unlearning,
-    token_logp,
     weight_modules,
 )
 from kedit.unlearn.registry import UnlearnHyperParams, UnlearnResult, register_unlearning
@@ -94,7 +94,7 @@ def set_gradients(
             p.requires_grad_(id(p) in chosen)
             p.grad = None
         for batch in batches_of(lm, rows, batch_size, None):
-            logp = token_logp(answer_logprobs(lm.model, batch), batch).sum(1)
+            logp = target_logp(answer_logprobs(lm.model, batch), batch).sum(1)
             nll = -logp / batch.valid.sum(1).to(logp.device)
             (nll.sum() / len(rows)).backward()
         grads = {module: p.grad.detach().float().clone() for module, p in params.items()}
