@@ -1041,12 +1041,12 @@ def unlearn_command(
     texts = None if general is None else read_text(general, "--general").splitlines()
     out.mkdir(parents=True, exist_ok=True)
     lm = kedit.load(model)
-    references = [kedit.load(folder) for folder in baseline or []]
     sets = {"forget": forget, "retain": retain_items, "general": texts}
-    before = kedit.evaluate_unlearning(lm, **sets, baseline=references or None)
+    # each baseline is evaluated once and scored against before and after
+    scored = [kedit.evaluate_unlearning(kedit.load(folder), **sets) for folder in baseline or []]
+    before = kedit.evaluate_unlearning(lm, **sets, baseline=scored or None)
     edit = kedit.unlearn(lm, forget, retain_items, method, hparams=hparams, progress=True)
-    scored = before.get("baselines", before.get("baseline"))  # evaluated once, reused
-    after = kedit.evaluate_unlearning(lm, **sets, baseline=scored)
+    after = kedit.evaluate_unlearning(lm, **sets, baseline=scored or None)
     after.update({key: edit.info[key] for key in ("steps", "seconds", "cpu_seconds")})
     saved = edit.save(out / "unlearning.kedit")
     runs = [("before", before), (edit.method, after)]
