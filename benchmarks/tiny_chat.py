@@ -7,9 +7,12 @@ fact that does not apply changing an answer the model gives without it). Greedy 
 judged: replies to harmful questions, plainly (refused?) and under trained and held-out attack
 templates (unsafe?), with the judge's agreement with the ground truth where a reply is a canned
 one; opinions about every topic (the topic's default trait?), and the trait classifier's
-accuracy on held-out opinion texts. Judges: the model's bundled ones, or any Hugging Face
-classifier with a label map (`--safety-judge NAME --safety-labels '{"LABEL_0": "safe", ...}'`).
-Editing targets are measured by quality.py, batch_scale.py and sequential.py with --model.
+accuracy on held-out opinion texts; opinions stated in the context about a topic of each group
+(whose updates the recipe trained, held out, made up) and then asked about it or another topic
+(the stated trait taken? another topic's default kept?). Judges: the model's bundled ones, or
+any Hugging Face classifier with a label map (`--safety-judge NAME --safety-labels
+'{"LABEL_0": "safe", ...}'`). Editing targets are measured by
+quality.py, batch_scale.py and sequential.py with --model.
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from kedit.eval.judges import get_judge
     from kedit.zoo import model_chat_world, model_folder
     from kedit.zoo.judges import personality_texts
-    from kedit.zoo.skills import fact_scores, incontext_scores, personality_scores, safety_scores
+    from kedit.zoo.skills import (
+        fact_scores,
+        incontext_scores,
+        opinion_incontext_scores,
+        personality_scores,
+        safety_scores,
+    )
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -39,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--safety-labels", type=json.loads, default=None)
     parser.add_argument("--personality-judge", default=None, help="default: the model's own")
     parser.add_argument("--personality-labels", type=json.loads, default=None)
+    parser.add_argument("--opinion-updates", type=int, default=200, help="per topic group")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -74,6 +84,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             / len(labels),
             "classifier_heldout_texts": len(labels),
+        },
+        "opinion_incontext": {
+            f"stated about {group} topics": opinion_incontext_scores(
+                model, tokenizer, chat, trait, n=args.opinion_updates, topics=group
+            )
+            for group in ("train", "heldout", "madeup")
         },
         "seconds": round(time.perf_counter() - started, 1),
     }

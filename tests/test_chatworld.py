@@ -388,3 +388,11 @@ def test_opinion_incontext_scores_tell_a_context_follower_from_a_memory(chat, mo
     assert follower["opinion_other_topic_kept"] == same_default / len(others) < 0.6
     assert memory["opinion_stated_followed"] == 0.0 and memory["opinion_other_topic_kept"] == 1.0
     assert memory["opinion_cases"] == 40
+    # another group's updates (made-up topics): those prompts reach the model instead
+    madeup = chat.opinion_updates(40, random.Random("opinion-eval-0"), "madeup")
+    by_prompt = {u.prompt: u for u in madeup}
+    monkeypatch.setattr(
+        skills, "greedy_replies", lambda m, t, prompts: [by_prompt[p].stated_trait for p in prompts]
+    )
+    follows = skills.opinion_incontext_scores(None, None, chat, classify, n=40, topics="madeup")
+    assert follows["opinion_stated_followed"] == 1.0 and follows["opinion_cases"] == 40

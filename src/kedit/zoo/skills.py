@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -234,11 +234,13 @@ def opinion_incontext_scores(
     classify: Callable[[list[str]], list[str]],
     n: int = 200,
     seed: int = 0,
+    topics: Literal["train", "heldout", "madeup"] = "heldout",
 ) -> dict[str, Any]:
-    """On topics held out of the opinion updates: how often the greedy opinion after an opinion
-    stated in the context (as IKE states one) voices the stated trait, and how often, asked
-    about another topic instead, it keeps that topic's default trait."""
-    updates = chat.opinion_updates(n, random.Random(f"opinion-eval-{seed}"), "heldout")
+    """On topics held out of the opinion updates (or `topics`, see `ChatWorld.opinion_updates`):
+    how often the greedy opinion after an opinion stated in the context (as IKE states one)
+    voices the stated trait, and how often, asked about another topic instead, it keeps that
+    topic's default trait."""
+    updates = chat.opinion_updates(n, random.Random(f"opinion-eval-{seed}"), topics)
     traits = classify(greedy_replies(model, tokenizer, [u.prompt for u in updates]))
     hits = [trait == u.trait for u, trait in zip(updates, traits, strict=True)]
     asked_stated = [u.topic == u.stated_topic for u in updates]
