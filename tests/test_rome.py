@@ -283,3 +283,25 @@ def test_patience_stops_a_request_once_its_nll_has_set_no_new_low_for_that_many_
     assert found.steps == expected and len(worst) == expected + 1
     with pytest.raises(ValueError, match="v_patience: expected an integer >= 0, got -1"):
         resolve_hparams("rome", lm, {"v_patience": -1})
+
+
+def test_a_one_token_subject_that_starts_the_prompt_is_edited(mean_target_nll):
+    # tiny-chat's tokenizer has "Rudd" as one token: its key is read at the prompt's first
+    # position, so no row has context before the subject (an empty block of context ids)
+    lm = kedit.load("tiny-chat")
+    request = kedit.EditRequest(
+        prompt="{} is the employer of", subject="Rudd", target_new=" Emil Kelmont"
+    )
+    assert len(lm.tokenizer.tokenize("Rudd")) == 1
+    before = mean_target_nll(lm, request.text, request.target_new)
+    for method in ("rome", "r-rome"):
+        edit = kedit.edit(lm, request, method)
+        try:
+            after = mean_target_nll(lm, request.text, request.target_new)
+        finally:
+            edit.undo()
+        if method == "rome":
+            # measured 4.50 -> 1.84: a first position reached from later ones only through
+            # attention takes the edit partly (r-ROME's bare-prompt key: 5.30, worse)
+            assert after < before - 1.0
+        assert torch.isfinite(torch.tensor(after))

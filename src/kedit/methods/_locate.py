@@ -782,7 +782,13 @@ class _ValueBatch:
                 [min(first - cut + j, suffix_len - 1) if target else 0 for j in range(longest)]
             )
         device = lm.device
-        tensors = {name: torch.tensor(values, device=device) for name, values in fields.items()}
+        # typed: a field can be empty (no context rows when every subject starts its prompt)
+        tensors = {
+            name: torch.tensor(
+                values, device=device, dtype=torch.float if name == "target_mask" else torch.long
+            )
+            for name, values in fields.items()
+        }
         cut_t = torch.tensor(cuts)
         return cls(
             owner=torch.tensor(owners, device=device),
