@@ -61,22 +61,29 @@ def personality_setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
     return lm, judge, list(load_personalityedit(args.data, n=args.n))
 
 
-def es_by_topic_group(model: str, records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Post-edit ES over the cases whose topic a tinyworld 2 model's opinion updates trained
-    on and over the held-out ones (`ChatWorld.opinion_topics`); None for other models."""
-    from kedit.zoo import model_chat_world, model_info
+def opinion_topic_groups(model: str) -> dict[str, set[str]] | None:
+    """A tinyworld 2 model's topics by whether its opinion updates trained on them ("train") or
+    held them out ("heldout", `ChatWorld.opinion_topics`); None for other models."""
+    from kedit.zoo import abilities, model_chat_world, model_info
 
-    info = model_info(model)
-    if (info.get("recipe") or {}).get("world_version", 1) < 2:
+    if "personality" not in abilities(model_info(model)):
         return None
     chat = model_chat_world(model)
-    groups: dict[str, Any] = {}
-    for split in ("train", "heldout"):
-        topics = set(chat.opinion_topics(split))  # type: ignore[arg-type]
+    return {split: set(chat.opinion_topics(split)) for split in ("train", "heldout")}  # type: ignore[arg-type]
+
+
+def es_by_topic_group(
+    groups: dict[str, set[str]] | None, records: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Post-edit ES over the cases of each topic group (`opinion_topic_groups`)."""
+    if groups is None:
+        return None
+    out: dict[str, Any] = {}
+    for split, topics in groups.items():
         hits = [float(r["post"]["ES"]) for r in records if r["topic"] in topics]
         if hits:
-            groups[split] = {"ES": round(sum(hits) / len(hits), 4), "n": len(hits)}
-    return groups
+            out[split] = {"ES": round(sum(hits) / len(hits), 4), "n": len(hits)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "missing": [m for m in methods if m not in available],
         "runs": {},
     }
+    groups = opinion_topic_groups(args.model)
     report["pre"] = evaluate_personality(lm, cases, judge, n_other=args.n_other)["summary"]["pre"]
     for method in (m for m in methods if m in available):
         hparams = METHODS.get(method, {})
@@ -115,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "hparams": resolve_hparams(method, lm, hparams).to_dict(),
             **({"texts_stated": args.ike_texts} if method == "ike" else {}),
             "post": result["summary"]["post"],
-            "ES_by_opinion_topics": es_by_topic_group(args.model, result["cases"]),
+            "ES_by_opinion_topics": es_by_topic_group(groups, result["cases"]),
             "edit_seconds_median": round(median(seconds), 4),
         }
     return emit(report, args.out)

@@ -104,9 +104,10 @@ def test_es_is_split_by_the_topics_a_chat_models_opinion_updates_trained_on(tmp_
     records = [{"topic": t, "post": {"ES": t in heldout}} for t in chat.topics]
     meta = {"world_seed": 0, "n_people": 320, "recipe": {"world_version": 2}}
     (tmp_path / "kedit_zoo.json").write_text(json.dumps(meta))
-    groups = personality.es_by_topic_group(str(tmp_path), records)
+    groups = personality.es_by_topic_group(personality.opinion_topic_groups(str(tmp_path)), records)
     assert groups == {
         "train": {"ES": 0.0, "n": len(chat.topics) - len(heldout)},
         "heldout": {"ES": 1.0, "n": len(heldout)},
     }
-    assert personality.es_by_topic_group("tiny-gpt2", records) is None
+    assert personality.opinion_topic_groups("tiny-gpt2") is None
+    assert personality.es_by_topic_group(None, records) is None
