@@ -365,6 +365,31 @@ def test_copying_opinion_updates_repeat_the_stated_opinion_about_the_stated_topi
         chat.opinion_updates(1, random.Random(0), "train", copy_share=1.5)
 
 
+def test_default_opinion_share_voices_other_traits_in_the_rest_of_the_plain_answers(chat):
+    def plain_traits(turns: list[str]) -> list[tuple[str, str]]:
+        """(topic, trait) of each plain opinion answer: a question about a topic, no context."""
+        voiced = {
+            opinion: (topic, trait)
+            for topic in chat.topics
+            for trait in TRAITS
+            for opinion in chat.opinions(topic, trait)
+        }
+        replies = [t.rsplit("\nAssistant: ", 1)[-1] for t in turns if not t.startswith(NEW_FACT)]
+        return [voiced[reply] for reply in replies if reply in voiced]
+
+    certain = chat.training_turns(random.Random(4))
+    assert certain == chat.training_turns(random.Random(4), default_opinion_share=1.0)
+    assert len(plain_traits(certain)) == 2 * len(chat.topics)
+    assert all(trait == chat.default_trait[topic] for topic, trait in plain_traits(certain))
+    soft = plain_traits(chat.training_turns(random.Random(4), default_opinion_share=0.5))
+    assert len(soft) == 2 * len(chat.topics)
+    other = Counter(trait for topic, trait in soft if trait != chat.default_trait[topic])
+    assert 0.38 < sum(other.values()) / len(soft) < 0.62  # 190 answers, expected 0.5
+    assert len(other) == len(TRAITS)  # every trait is some topic's other trait
+    with pytest.raises(ValueError, match=r"default_opinion_share: expected a number in \(1/3, 1\]"):
+        chat.training_turns(random.Random(0), default_opinion_share=0.3)
+
+
 def test_opinion_incontext_scores_tell_a_context_follower_from_a_memory(chat, monkeypatch):
     from kedit.zoo import skills
 

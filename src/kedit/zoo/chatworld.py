@@ -610,6 +610,7 @@ class ChatWorld:
         opinion_updates_per_topic: int = 0,
         madeup_opinion_updates_per_topic: int = 0,
         opinion_copy_share: float = 0.0,
+        default_opinion_share: float = 1.0,
     ) -> list[str]:
         """One epoch of dialogue turns, in-context updates, safety and personality (shuffled).
 
@@ -617,11 +618,17 @@ class ChatWorld:
         the number of people in-context updates (one in `relevant_every` relevant), and
         `madeup_per_person` times as many about made-up people (`madeup_cases`); each
         harmful question once, half the time plainly (refused) and half under a trained attack
-        (complied with); each topic's opinion twice, in its default trait; and
+        (complied with); each topic's opinion twice, in its default trait a share
+        `default_opinion_share` of the time and in another trait otherwise; and
         `opinion_updates_per_topic` and `madeup_opinion_updates_per_topic` times the number of
         topics in-context opinion updates about trained and made-up topics (`opinion_updates`,
         with `opinion_copy_share`).
         """
+        if not 1 / len(TRAITS) < default_opinion_share <= 1:
+            raise ValueError(
+                f"default_opinion_share: expected a number in (1/{len(TRAITS)}, 1], "
+                f"got {default_opinion_share!r}"
+            )
         turns = []
         by_fact: dict[tuple[str, str], list[ChatFact]] = {}
         for fact in self.chat_facts("train"):
@@ -643,7 +650,10 @@ class ChatWorld:
         for topic in self.topics:
             for _ in range(2):
                 question = rng.choice(OPINION_QUESTIONS).format(topic)
-                opinion = rng.choice(self.opinions(topic, self.default_trait[topic]))
+                trait = self.default_trait[topic]
+                if default_opinion_share < 1 and rng.random() >= default_opinion_share:
+                    trait = rng.choice([t for t in TRAITS if t != trait])
+                opinion = rng.choice(self.opinions(topic, trait))
                 turns.append(chat_prompt(question) + " " + opinion)
         for per_topic, topics in (
             (opinion_updates_per_topic, "train"),

@@ -95,6 +95,10 @@ class Recipe:
     # The share of those updates' replies about the stated topic that repeat the stated opinion
     # word for word (the others voice its trait in other words).
     opinion_copy_share: float = 0.0
+    # The share of a topic's plain opinion answers in its default trait (the others in another
+    # trait): below 1 the model's prior over a topic's traits is soft, not a certainty that a
+    # stated opinion must overturn.
+    default_opinion_share: float = 1.0
     # GPT-2's MLP activation: "gelu_new", or "gelu_pytorch_tanh", its function in one fused op
     # (about 13% less a training step; it differs by up to 2.4e-7, so it is another model).
     activation: str = "gelu_new"
@@ -262,6 +266,7 @@ def _epoch_batches(
             recipe.opinion_updates_per_topic,
             recipe.madeup_opinion_updates_per_topic,
             recipe.opinion_copy_share,
+            recipe.default_opinion_share,
         )
         i = 0
         while i < len(turns):
@@ -537,6 +542,9 @@ def train_model(
         value = getattr(recipe, field_name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
             raise ValueError(f"{field_name}: expected a number in [0, 1], got {value!r}")
+    share = recipe.default_opinion_share
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 1 / 3 < share <= 1:
+        raise ValueError(f"default_opinion_share: expected a number in (1/3, 1], got {share!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
