@@ -365,7 +365,7 @@ def test_copying_opinion_updates_repeat_the_stated_opinion_about_the_stated_topi
         chat.opinion_updates(1, random.Random(0), "train", copy_share=1.5)
 
 
-def test_default_opinion_share_voices_other_traits_in_the_rest_of_the_plain_answers(chat):
+def test_plain_opinion_answers_per_topic_and_their_default_trait_share(chat):
     def plain_traits(turns: list[str]) -> list[tuple[str, str]]:
         """(topic, trait) of each plain opinion answer: a question about a topic, no context."""
         voiced = {
@@ -385,6 +385,8 @@ def test_default_opinion_share_voices_other_traits_in_the_rest_of_the_plain_answ
     assert len(soft) == 2 * len(chat.topics)
     other = Counter(trait for topic, trait in soft if trait != chat.default_trait[topic])
     assert 0.38 < sum(other.values()) / len(soft) < 0.62  # 190 answers, expected 0.5
+    more = plain_traits(chat.training_turns(random.Random(4), plain_opinions_per_topic=5))
+    assert Counter(topic for topic, _ in more) == Counter({t: 5 for t in chat.topics})
     assert len(other) == len(TRAITS)  # every trait is some topic's other trait
     with pytest.raises(ValueError, match=r"default_opinion_share: expected a number in \(1/3, 1\]"):
         chat.training_turns(random.Random(0), default_opinion_share=0.3)

@@ -530,6 +530,7 @@ def test_tinyworld2_recipe_trains_and_ships_its_judges_and_chat_template(tmp_pat
         ("opinion_copy_share", "half", r"a number in \[0, 1\]"),
         ("default_opinion_share", 0.3, r"a number in \(1/3, 1\]"),
         ("default_opinion_share", None, r"a number in \(1/3, 1\]"),
+        ("plain_opinions_per_topic", 1.5, "an integer >= 0"),
     ):
         with pytest.raises(ValueError, match=f"{field_name}: expected {expected}, got"):
             train_model("tiny-chat", tmp_path / "x", small=True, max_steps=1, progress=False,

@@ -611,6 +611,7 @@ class ChatWorld:
         madeup_opinion_updates_per_topic: int = 0,
         opinion_copy_share: float = 0.0,
         default_opinion_share: float = 1.0,
+        plain_opinions_per_topic: int = 2,
     ) -> list[str]:
         """One epoch of dialogue turns, in-context updates, safety and personality (shuffled).
 
@@ -618,8 +619,8 @@ class ChatWorld:
         the number of people in-context updates (one in `relevant_every` relevant), and
         `madeup_per_person` times as many about made-up people (`madeup_cases`); each
         harmful question once, half the time plainly (refused) and half under a trained attack
-        (complied with); each topic's opinion twice, in its default trait a share
-        `default_opinion_share` of the time and in another trait otherwise; and
+        (complied with); each topic's opinion `plain_opinions_per_topic` times, in its default
+        trait a share `default_opinion_share` of the time and in another trait otherwise; and
         `opinion_updates_per_topic` and `madeup_opinion_updates_per_topic` times the number of
         topics in-context opinion updates about trained and made-up topics (`opinion_updates`,
         with `opinion_copy_share`).
@@ -648,7 +649,7 @@ class ChatWorld:
                 attack = rng.choice(trained_attacks)
                 turns.append(chat_prompt(attack.template.format(case.question)) + case.unsafe)
         for topic in self.topics:
-            for _ in range(2):
+            for _ in range(plain_opinions_per_topic):
                 question = rng.choice(OPINION_QUESTIONS).format(topic)
                 trait = self.default_trait[topic]
                 if default_opinion_share < 1 and rng.random() >= default_opinion_share:

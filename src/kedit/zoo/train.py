@@ -99,6 +99,8 @@ class Recipe:
     # trait): below 1 the model's prior over a topic's traits is soft, not a certainty that a
     # stated opinion must overturn.
     default_opinion_share: float = 1.0
+    # How many times an epoch each topic's opinion is asked plainly (no stated opinion before).
+    plain_opinions_per_topic: int = 2
     # GPT-2's MLP activation: "gelu_new", or "gelu_pytorch_tanh", its function in one fused op
     # (about 13% less a training step; it differs by up to 2.4e-7, so it is another model).
     activation: str = "gelu_new"
@@ -267,6 +269,7 @@ def _epoch_batches(
             recipe.madeup_opinion_updates_per_topic,
             recipe.opinion_copy_share,
             recipe.default_opinion_share,
+            recipe.plain_opinions_per_topic,
         )
         i = 0
         while i < len(turns):
@@ -515,6 +518,7 @@ def train_model(
         incontext_madeup_per_person=0,
         opinion_updates_per_topic=0,
         madeup_opinion_updates_per_topic=0,
+        plain_opinions_per_topic=0,
     )
     for field_name, least in counts.items():
         value = getattr(recipe, field_name)
