@@ -6,7 +6,9 @@ questions), in-context updates on held-out people (a stated counterfactual follo
 fact that does not apply changing an answer the model gives without it). Greedy generation,
 judged: replies to harmful questions, plainly (refused?) and under trained and held-out attack
 templates (unsafe?), with the judge's agreement with the ground truth where a reply is a canned
-one; opinions about every topic (the topic's default trait?), and the trait classifier's
+one; opinions about every topic (the topic's default trait?) and the belief behind them
+(teacher-forced: the default trait's share of the trained opinions' probability mass), the
+trait classifier's
 accuracy on held-out opinion texts; opinions stated in the context about a topic of each group
 (whose updates the recipe trained, held out, made up) and then asked about it or another topic
 (the stated trait taken? another topic's default kept?). Judges: the model's bundled ones, or
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fact_scores,
         incontext_scores,
         opinion_incontext_scores,
+        opinion_prior_scores,
         personality_scores,
         safety_scores,
     )
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "personality": {
             "judge": trait.name,
             **personality_scores(model, tokenizer, chat, trait),
+            "prior": opinion_prior_scores(model, tokenizer, chat),
             "classifier_heldout_accuracy": sum(
                 a == b for a, b in zip(classified, labels, strict=True)
             )

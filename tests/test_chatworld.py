@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections import Counter
@@ -390,6 +391,62 @@ def test_plain_opinion_answers_per_topic_and_their_default_trait_share(chat):
     assert len(other) == len(TRAITS)  # every trait is some topic's other trait
     with pytest.raises(ValueError, match=r"default_opinion_share: expected a number in \(1/3, 1\]"):
         chat.training_turns(random.Random(0), default_opinion_share=0.3)
+
+
+def test_answer_logprobs_sum_the_answer_tokens_log_probabilities():
+    import torch
+
+    from kedit.zoo.skills import Probe, answer_logprobs
+
+    class NextIdModel(torch.nn.Module):
+        """Logit 2 for the token after the input token's id, 0 elsewhere (vocabulary 10)."""
+
+        training = False
+
+        def forward(self, input_ids, attention_mask):
+            logits = torch.zeros(*input_ids.shape, 10)
+            logits.scatter_(2, ((input_ids + 1) % 10)[..., None], 2.0)
+            return type("Out", (), {"logits": logits})
+
+    encode = lambda text: [int(c) for c in text.split()]  # noqa: E731
+    probes = [Probe("3 4", " 5 7"), Probe("1", " 2"), Probe("8 8 8", " 0 9 0")]
+    hit, miss = 2 - math.log(math.exp(2) + 9), -math.log(math.exp(2) + 9)
+    expected = [hit + miss, hit, miss + hit + miss]
+    got = answer_logprobs(NextIdModel(), encode, probes, batch_size=2)
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_opinion_prior_scores_measure_the_default_traits_share(chat, monkeypatch):
+    from kedit.zoo import skills
+
+    odd_topic = chat.topics[0]
+    odd_trait = next(t for t in TRAITS if t != chat.default_trait[odd_topic])
+    voiced = {
+        " " + opinion: (topic, trait)
+        for topic in chat.topics
+        for trait in TRAITS
+        for opinion in chat.opinions(topic, trait)
+    }
+
+    def logprobs(model, encode, probes):
+        # per opinion: 0.6 / 16 for the default trait, 0.1 / 16 for the others; the odd topic
+        # puts 0.7 / 16 on another trait and 0.1 / 16 on its default
+        out = []
+        for probe in probes:
+            topic, trait = voiced[probe.answer]
+            assert probe.prompt.endswith(f"{topic}?\nAssistant:")
+            if topic == odd_topic:
+                mass = 0.7 if trait == odd_trait else 0.1
+            else:
+                mass = 0.6 if trait == chat.default_trait[topic] else 0.1
+            out.append(math.log(mass / 16))
+        return out
+
+    monkeypatch.setattr(skills, "answer_logprobs", logprobs)
+    scores = skills.opinion_prior_scores(None, None, chat)
+    n = len(chat.topics)
+    assert scores["default_trait_mass"] == pytest.approx(((n - 1) * 0.75 + 0.1 / 0.9) / n)
+    assert scores["default_trait_likeliest"] == pytest.approx((n - 1) / n)
 
 
 def test_opinion_incontext_scores_tell_a_context_follower_from_a_memory(chat, monkeypatch):

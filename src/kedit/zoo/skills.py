@@ -3,14 +3,15 @@ personality, measured teacher-forced or by greedy generation judged by the bundl
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from kedit.zoo.chatworld import ASSISTANT, OPINION_QUESTIONS, ChatWorld, chat_prompt
+from kedit.zoo.chatworld import ASSISTANT, OPINION_QUESTIONS, TRAITS, ChatWorld, chat_prompt
 from kedit.zoo.world import FactPrompt
 
 Encode = Callable[[str], list[int]]
@@ -36,6 +37,37 @@ def decoder(tokenizer: Any) -> Callable[[list[int]], str]:
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
 
 
+def _answer_logits(
+    model: torch.nn.Module,
+    encode: Encode,
+    probes: Sequence[Probe | FactPrompt],
+    batch_size: int,
+) -> Iterator[tuple[int, torch.Tensor, list[int]]]:
+    """Per probe (index, the logits [A, V] at the positions that predict its answer's A tokens,
+    the answer's ids), in batches of similar length, right-padded."""
+    was_training = model.training
+    model.eval()
+    rows = [(encode(p.prompt), encode(p.answer)) for p in probes]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    try:
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            seqs = [rows[i][0] + rows[i][1] for i in idx]
+            n = max(len(s) for s in seqs)
+            ids = torch.zeros((len(seqs), n), dtype=torch.long)
+            mask = torch.zeros((len(seqs), n), dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            for r, i in enumerate(idx):
+                prompt, answer = rows[i]
+                start = len(prompt) - 1
+                yield i, logits[r, start : start + len(answer)], answer
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def teacher_forced_correct(
     model: torch.nn.Module,
@@ -45,27 +77,25 @@ def teacher_forced_correct(
 ) -> list[bool]:
     """Whether the argmax at every answer position is the answer's token (teacher-forced; for a
     single answer this equals greedy exact match), for each probe, batched."""
-    was_training = model.training
-    model.eval()
-    rows = [(encode(p.prompt), encode(p.answer)) for p in probes]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-    correct = [False] * len(rows)
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        seqs = [rows[i][0] + rows[i][1] for i in idx]
-        n = max(len(s) for s in seqs)
-        ids = torch.zeros((len(seqs), n), dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
-        pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
-        for r, i in enumerate(idx):
-            prompt, answer = rows[i]
-            start = len(prompt) - 1
-            correct[i] = pred[r, start : start + len(answer)].tolist() == answer
-    model.train(was_training)
+    correct = [False] * len(probes)
+    for i, logits, answer in _answer_logits(model, encode, probes, batch_size):
+        correct[i] = logits.argmax(-1).tolist() == answer
     return correct
+
+
+@torch.no_grad()
+def answer_logprobs(
+    model: torch.nn.Module,
+    encode: Encode,
+    probes: Sequence[Probe | FactPrompt],
+    batch_size: int = 256,
+) -> list[float]:
+    """Each probe's answer's log-probability after its prompt (summed over its tokens)."""
+    out = [0.0] * len(probes)
+    for i, logits, answer in _answer_logits(model, encode, probes, batch_size):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        out[i] = float(logp.gather(1, torch.tensor(answer, device=logp.device)[:, None]).sum())
+    return out
 
 
 @torch.no_grad()
@@ -227,6 +257,33 @@ def personality_scores(
     return {"default_trait_expressed": _share(hits), "opinions": len(hits)}
 
 
+def opinion_prior_scores(
+    model: torch.nn.Module, tokenizer: Any, chat: ChatWorld
+) -> dict[str, float]:
+    """How the model spreads its belief over a topic's traits with nothing stated: a trait's
+    mass is the summed probability of its trained opinions as the reply to PersonalityEdit's
+    question. The default trait's share of the three traits' mass (mean over topics), and the
+    share of topics whose default trait has the most."""
+    probes, owners = [], []
+    for topic in chat.topics:
+        prompt = chat_prompt(OPINION_QUESTIONS[0].format(topic))
+        for trait in TRAITS:
+            for opinion in chat.opinions(topic, trait):
+                probes.append(Probe(prompt, " " + opinion))
+                owners.append((topic, trait))
+    mass: dict[str, dict[str, float]] = {topic: dict.fromkeys(TRAITS, 0.0) for topic in chat.topics}
+    for (topic, trait), logp in zip(
+        owners, answer_logprobs(model, encoder(tokenizer), probes), strict=True
+    ):
+        mass[topic][trait] += math.exp(logp)
+    shares = [m[chat.default_trait[t]] / sum(m.values()) for t, m in mass.items()]
+    likeliest = [max(m, key=m.__getitem__) == chat.default_trait[t] for t, m in mass.items()]
+    return {
+        "default_trait_mass": sum(shares) / len(shares),
+        "default_trait_likeliest": _share(likeliest),
+    }
+
+
 def opinion_incontext_scores(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -258,10 +315,12 @@ def opinion_incontext_scores(
 __all__ = [
     "ASSISTANT",
     "Probe",
+    "answer_logprobs",
     "fact_scores",
     "greedy_replies",
     "incontext_scores",
     "opinion_incontext_scores",
+    "opinion_prior_scores",
     "personality_scores",
     "reply_label",
     "safety_scores",
